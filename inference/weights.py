@@ -1,0 +1,273 @@
+"""The style registry and the resolution of a style to converted, ready-to-load weights.
+
+Resolution order for a style (first that works wins):
+
+1. the **converted cache** ``<cache_dir>/converted/<style>/`` (``head.safetensors``,
+   ``bg.safetensors``, ``alpha.jpg``), when its format is current and, if the source graphs are
+   known, it was converted from exactly those bytes;
+2. a **local ModelScope directory**: ``<model_dir>/<style>/``, ``<model_dir>/<model id>/`` (for
+   example ``<model_dir>/damo/cv_unet_person-image-cartoon_compound-models/``) or an earlier
+   download in ``<cache_dir>/models/<style>/``; converted once into the cache;
+3. a **download** with ModelScope's ``snapshot_download`` into ``<cache_dir>/models/<style>/``
+   (only the files serving needs, unless ``everything=True``), then converted.
+
+If none works, :class:`WeightsUnavailableError` says what was tried and how to place the files by
+hand. Model files are never unpickled: generators come from protobuf and safetensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from inference.convert import FORMAT_VERSION, Role, convert_pb, read_metadata
+from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Style:
+    """A DCT-Net compound model on ModelScope. ``revision=None`` means the hub's default branch."""
+
+    name: str
+    model_id: str
+    revision: str | None
+    description: str
+
+
+def _style(name: str, suffix: str, description: str, revision: str | None = None) -> Style:
+    return Style(name, f"damo/cv_unet_person-image-cartoon{suffix}_compound-models", revision, description)
+
+
+#: The seven official styles. design and illustration only exist at revision v1.0.0 (dctnet.md §1).
+STYLES: Final[dict[str, Style]] = {
+    s.name: s
+    for s in (
+        _style("anime", "", "Japanese anime look; its head network got extra training"),
+        _style("3d", "-3d", "3D-render look"),
+        _style("handdrawn", "-handdrawn", "hand-drawn illustration"),
+        _style("sketch", "-sketch", "pencil sketch"),
+        _style("artstyle", "-artstyle", "painterly art style"),
+        _style("design", "-sd-design", "Stable-Diffusion-distilled design style", "v1.0.0"),
+        _style("illustration", "-sd-illustration", "Stable-Diffusion-distilled illustration", "v1.0.0"),
+    )
+}
+
+#: Generator graph names in a ModelScope directory, current first, then the anime-only legacy names.
+GRAPH_NAMES: Final[dict[Role, tuple[str, ...]]] = {
+    "head": ("cartoon_h.pb", "cartoon_anime_h.pb"),
+    "bg": ("cartoon_bg.pb", "cartoon_anime_bg.pb"),
+}
+MASK_NAME: Final = "alpha.jpg"
+#: What serving needs from a model directory (the detector/landmark graphs, TF checkpoints and the
+#: 550 MB vgg19.npy are skipped unless everything is asked for).
+SERVING_FILES: Final[tuple[str, ...]] = (
+    *GRAPH_NAMES["head"],
+    *GRAPH_NAMES["bg"],
+    MASK_NAME,
+    "configuration.json",
+)
+CONVERTED_NAMES: Final[dict[Role, str]] = {"head": "head.safetensors", "bg": "bg.safetensors"}
+
+
+def get_style(name: str) -> Style:
+    """The registry entry for ``name``; :class:`UnknownStyleError` lists the valid names."""
+    try:
+        return STYLES[name]
+    except KeyError:
+        raise UnknownStyleError(f"unknown style {name!r}; choose one of: {', '.join(STYLES)}") from None
+
+
+@dataclass(frozen=True)
+class SourceDir:
+    """A ModelScope model directory with the files serving needs."""
+
+    path: Path
+    head: Path
+    bg: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class StyleWeights:
+    """Converted weights of one style, ready for :func:`inference.dctnet.load_generator`."""
+
+    style: str
+    head: Path
+    bg: Path
+    mask: Path
+    #: Where they came from, for logs and ``GET /styles``.
+    source: str
+
+
+def find_source_dir(path: Path) -> SourceDir | None:
+    """``path`` as a ModelScope directory, or None when it lacks a generator graph or the mask."""
+    if not path.is_dir():
+        return None
+    found: dict[Role, Path] = {}
+    for role, names in GRAPH_NAMES.items():
+        for name in names:
+            if (path / name).is_file():
+                found[role] = path / name
+                break
+    mask = path / MASK_NAME
+    if len(found) != 2 or not mask.is_file():
+        return None
+    return SourceDir(path, found["head"], found["bg"], mask)
+
+
+def _describe_missing(path: Path) -> str:
+    if not path.exists():
+        return "does not exist"
+    if not path.is_dir():
+        return "is not a directory"
+    missing = [
+        " or ".join(names) for names in GRAPH_NAMES.values() if not any((path / n).is_file() for n in names)
+    ]
+    if not (path / MASK_NAME).is_file():
+        missing.append(MASK_NAME)
+    return "lacks " + ", ".join(missing)
+
+
+def candidate_dirs(style: Style, cache_dir: Path, model_dir: Path | None) -> list[Path]:
+    """The local directories searched for ``style``'s ModelScope files, in order."""
+    dirs = []
+    if model_dir is not None:
+        dirs += [model_dir / style.name, model_dir / style.model_id]
+    dirs.append(cache_dir / "models" / style.name)
+    return dirs
+
+
+def converted_dir(style: Style, cache_dir: Path) -> Path:
+    return cache_dir / "converted" / style.name
+
+
+def _converted(style: Style, cache_dir: Path, source: SourceDir | None) -> StyleWeights | None:
+    """The converted cache when it is complete, current and (if ``source`` is given) from it."""
+    out = converted_dir(style, cache_dir)
+    paths = {role: out / name for role, name in CONVERTED_NAMES.items()}
+    mask = out / MASK_NAME
+    if not (all(p.is_file() for p in paths.values()) and mask.is_file()):
+        return None
+    for role, p in paths.items():
+        meta = read_metadata(p)
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("role") != role:
+            return None
+        if source is not None:
+            from hashlib import sha256
+
+            src = source.head if role == "head" else source.bg
+            if meta.get("source_sha256") != sha256(src.read_bytes()).hexdigest():
+                return None
+    return StyleWeights(style.name, paths["head"], paths["bg"], mask, f"converted cache {out}")
+
+
+def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWeights:
+    """Convert a ModelScope directory's two graphs (and copy its mask) into the converted cache."""
+    out = converted_dir(style, cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for role, name in CONVERTED_NAMES.items():
+        convert_pb(source.head if role == "head" else source.bg, out / name, style.name, role)
+    tmp = out / f".{MASK_NAME}.tmp"
+    shutil.copyfile(source.mask, tmp)
+    tmp.replace(out / MASK_NAME)
+    log.info("converted style %s from %s into %s", style.name, source.path, out)
+    return StyleWeights(
+        style.name,
+        out / CONVERTED_NAMES["head"],
+        out / CONVERTED_NAMES["bg"],
+        out / MASK_NAME,
+        f"converted from {source.path}",
+    )
+
+
+def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
+    """Fetch ``style``'s model directory from ModelScope into ``<cache_dir>/models/<style>``.
+
+    Only the files serving needs unless ``everything``. Raises :class:`WeightsUnavailableError`
+    (with the hub's reason) when the hub cannot be reached or refuses.
+    """
+    target = cache_dir / "models" / style.name
+    try:
+        from modelscope.hub.snapshot_download import snapshot_download
+    except ImportError as exc:  # pragma: no cover - modelscope is a runtime dependency
+        raise WeightsUnavailableError(f"modelscope is not installed ({exc}); pip install modelscope") from exc
+    try:
+        path = snapshot_download(
+            style.model_id,
+            revision=style.revision,
+            local_dir=str(target),
+            allow_patterns=None if everything else list(SERVING_FILES),
+        )
+    except Exception as exc:  # the hub client raises many types (network, auth, HTTP, its own)
+        reason = " ".join(str(exc).split())[:300]
+        raise WeightsUnavailableError(
+            f"download of {style.model_id}"
+            f"{'@' + style.revision if style.revision else ''} from ModelScope failed: "
+            f"{type(exc).__name__}: {reason}"
+        ) from exc
+    return Path(path)
+
+
+def resolve(
+    style_name: str, cache_dir: Path, model_dir: Path | None = None, allow_download: bool = True
+) -> StyleWeights:
+    """Converted weights for ``style_name``, converting or downloading as needed (module docstring).
+
+    Raises :class:`UnknownStyleError`, :class:`ConversionError` (a source file is not a valid
+    generator), or :class:`WeightsUnavailableError` with everything tried and how to fix it.
+    """
+    style = get_style(style_name)
+    tried: list[str] = []
+    for path in candidate_dirs(style, cache_dir, model_dir):
+        source = find_source_dir(path)
+        if source is None:
+            tried.append(f"local directory {path} ({_describe_missing(path)})")
+            continue
+        cached = _converted(style, cache_dir, source)
+        return cached if cached is not None else convert_source(style, source, cache_dir)
+    # No source on disk: a converted cache on its own (e.g. copied from another machine) is fine.
+    cached = _converted(style, cache_dir, None)
+    if cached is not None:
+        return cached
+    tried.insert(0, f"converted cache {converted_dir(style, cache_dir)} (missing or incomplete)")
+    if allow_download:
+        try:
+            path = download(style, cache_dir)
+        except WeightsUnavailableError as exc:
+            tried.append(str(exc))
+        else:
+            source = find_source_dir(path)
+            if source is not None:
+                return convert_source(style, source, cache_dir)
+            tried.append(f"downloaded directory {path} ({_describe_missing(path)})")
+    else:
+        tried.append("download from ModelScope (disabled)")
+    raise WeightsUnavailableError(_unavailable_message(style, cache_dir, model_dir, tried))
+
+
+def _unavailable_message(style: Style, cache_dir: Path, model_dir: Path | None, tried: list[str]) -> str:
+    place = model_dir / style.name if model_dir is not None else cache_dir / "models" / style.name
+    revision = f" --revision {style.revision}" if style.revision else ""
+    return (
+        f"no weights for style '{style.name}' ({style.model_id}). Tried: " + "; ".join(tried) + ". "
+        f"To fix: on a machine with internet run `toonserve download {style.name} --cache-dir DIR` and copy "
+        f"DIR to this machine's cache directory ({cache_dir}), or place the ModelScope directory "
+        f"(cartoon_h.pb, cartoon_bg.pb, alpha.jpg; e.g. from `modelscope download {style.model_id}{revision} "
+        f"--local-dir {place} cartoon_h.pb cartoon_bg.pb alpha.jpg configuration.json`) at {place}."
+    )
+
+
+def ensure_converted(style_name: str, source_dir: Path, cache_dir: Path) -> StyleWeights:
+    """Convert an explicit ModelScope directory for ``style_name`` (the ``convert`` CLI command)."""
+    style = get_style(style_name)
+    source = find_source_dir(source_dir)
+    if source is None:
+        raise ConversionError(
+            f"{source_dir} is not a DCT-Net model directory: it {_describe_missing(source_dir)}"
+        )
+    return convert_source(style, source, cache_dir)

@@ -1,0 +1,112 @@
+"""Style registry and weight resolution: converted cache → local directory → ModelScope download."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
+from inference.weights import STYLES, ensure_converted, get_style, resolve
+from tests.reference_graphs import ReferenceModelDir, write_model_dir
+
+
+def test_registry_has_the_seven_styles() -> None:
+    assert list(STYLES) == ["anime", "3d", "handdrawn", "sketch", "artstyle", "design", "illustration"]
+    assert get_style("anime").model_id == "damo/cv_unet_person-image-cartoon_compound-models"
+    assert get_style("3d").model_id == "damo/cv_unet_person-image-cartoon-3d_compound-models"
+    assert get_style("design").model_id == "damo/cv_unet_person-image-cartoon-sd-design_compound-models"
+    assert get_style("design").revision == get_style("illustration").revision == "v1.0.0"
+    with pytest.raises(UnknownStyleError, match="unknown style 'pixar'; choose one of: anime, 3d"):
+        get_style("pixar")
+
+
+def _copy_dir(src: ReferenceModelDir, dst: Path) -> Path:
+    shutil.copytree(src.path, dst)
+    return dst
+
+
+def test_local_directory_is_converted_once(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    _copy_dir(model_dir, models / "anime")
+    cache = tmp_path / "cache"
+    first = resolve("anime", cache, models, allow_download=False)
+    assert first.source.startswith("converted from")
+    assert first.head.parent == cache / "converted" / "anime"
+    assert first.mask.read_bytes() == (models / "anime" / "alpha.jpg").read_bytes()
+    mtime = first.head.stat().st_mtime_ns
+    second = resolve("anime", cache, models, allow_download=False)
+    assert second.source.startswith("converted cache")
+    assert second.head.stat().st_mtime_ns == mtime
+
+
+def test_changed_source_is_converted_again(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    src = _copy_dir(model_dir, models / "anime")
+    cache = tmp_path / "cache"
+    resolve("anime", cache, models, allow_download=False)
+    (src / "cartoon_h.pb").write_bytes(model_dir.bg_pb.read_bytes())  # a different graph
+    again = resolve("anime", cache, models, allow_download=False)
+    assert again.source.startswith("converted from")
+
+
+def test_legacy_anime_names_and_model_id_layout(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    legacy = write_model_dir(
+        models / "damo" / "cv_unet_person-image-cartoon_compound-models",
+        legacy_names=True,
+        head_pb=model_dir.head_pb.read_bytes(),
+        bg_pb=model_dir.bg_pb.read_bytes(),
+    )
+    assert legacy.head_pb.name == "cartoon_anime_h.pb"
+    weights = resolve("anime", tmp_path / "cache", models, allow_download=False)
+    assert str(legacy.path) in weights.source
+
+
+def test_converted_cache_alone_is_enough(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    """Converted files copied from another machine serve without the source graphs."""
+    cache = tmp_path / "cache"
+    ensure_converted("sketch", model_dir.path, cache)
+    weights = resolve("sketch", cache, tmp_path / "nothing-here", allow_download=False)
+    assert weights.source.startswith("converted cache")
+
+
+def test_convert_command_refuses_a_directory_without_graphs(tmp_path: Path) -> None:
+    (tmp_path / "alpha.jpg").write_bytes(b"")
+    with pytest.raises(ConversionError, match=r"lacks cartoon_h\.pb or cartoon_anime_h\.pb"):
+        ensure_converted("anime", tmp_path, tmp_path / "cache")
+
+
+def test_bad_graph_in_local_directory_is_named(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    src = _copy_dir(model_dir, models / "3d")
+    (src / "cartoon_bg.pb").write_bytes(model_dir.bg_pb.read_bytes()[:1000])
+    with pytest.raises(ConversionError, match=r"3d/cartoon_bg\.pb"):
+        resolve("3d", tmp_path / "cache", models, allow_download=False)
+
+
+def test_download_disabled_says_what_was_tried(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        resolve("handdrawn", tmp_path / "cache", tmp_path / "models", allow_download=False)
+    msg = str(info.value)
+    assert "no weights for style 'handdrawn'" in msg
+    assert f"local directory {tmp_path / 'models' / 'handdrawn'} (does not exist)" in msg
+    assert "download from ModelScope (disabled)" in msg
+    assert "toonserve download handdrawn" in msg
+
+
+def test_offline_hub_gives_one_actionable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real download path with the hub unreachable (a closed port on loopback)."""
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(WeightsUnavailableError) as info:
+        resolve("3d", tmp_path / "cache", None, allow_download=True)
+    msg = str(info.value)
+    assert "download of damo/cv_unet_person-image-cartoon-3d_compound-models from ModelScope failed" in msg
+    assert "toonserve download 3d --cache-dir DIR" in msg
+    assert "Traceback" not in msg
+
+
+def test_fixture_graphs_are_distinct(model_dir: ReferenceModelDir) -> None:
+    # Guards the fixture itself: head and background graphs must be distinguishable.
+    assert model_dir.head_pb.read_bytes() != model_dir.bg_pb.read_bytes()
