@@ -1,0 +1,150 @@
+"""Resident models: each configured style's two generators and its mask, loaded once on a device.
+
+The service builds one :class:`ModelStore` at start-up (in its lifespan), loads the configured styles
+into it and warms each generator up; requests then only read from it. Loading a style resolves its
+weights (:mod:`inference.weights`), builds a :class:`~inference.dctnet.GeneratorRunner` for the head
+and the background network, and decodes ``alpha.jpg`` into the 288×288 float mask upstream uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import torch
+from PIL import Image
+
+from inference.dctnet import Backend, GeneratorRunner, load_generator
+from inference.errors import ToonserveError
+from inference.weights import StyleWeights, get_style, resolve
+
+log = logging.getLogger(__name__)
+
+#: Side of the aligned head crop and of the blending mask (dctnet.md §4).
+HEAD_CROP: Final = 288
+#: Size of the warm-up input: big enough to create the kernels, small enough to be quick.
+_WARMUP_SIZE: Final = 64
+
+
+def load_mask(path: Path, size: int = HEAD_CROP) -> np.ndarray:
+    """``alpha.jpg`` as upstream reads it: resized to size×size (area filter), grey, float32 in [0, 1]."""
+    with Image.open(path) as im:
+        grey = im.convert("L")
+        if grey.size != (size, size):
+            grey = grey.resize((size, size), Image.Resampling.BOX)
+        return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class LoadedStyle:
+    """One style resident on a device."""
+
+    name: str
+    head: GeneratorRunner
+    bg: GeneratorRunner
+    #: (288, 288) float32 in [0, 1] on the device.
+    mask: torch.Tensor
+    weights: StyleWeights
+    load_ms: float
+
+
+def parse_device(spec: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when available) → a device, checked to exist."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ToonserveError(f"invalid device {spec!r}: use cpu, cuda, cuda:N or auto") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ToonserveError(f"device {spec!r} requested but CUDA is not available in this build/machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ToonserveError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    elif device.type != "cpu":
+        raise ToonserveError(f"unsupported device {spec!r}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+DTYPES: Final[dict[str, torch.dtype]] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ToonserveError(f"invalid dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class ModelStore:
+    """The styles loaded on one device, and why the others are not."""
+
+    device: torch.device
+    dtype: torch.dtype
+    cache_dir: Path
+    model_dir: Path | None = None
+    allow_download: bool = True
+    backend: Backend = "auto"
+    styles: dict[str, LoadedStyle] = field(default_factory=dict)
+    #: style → the actionable message of the error that kept it from loading.
+    failures: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self, name: str) -> LoadedStyle:
+        """Resolve, load and warm up ``name`` (idempotent). Raises the domain error on failure."""
+        get_style(name)
+        with self._lock:
+            if name in self.styles:
+                return self.styles[name]
+            start = time.perf_counter()
+            try:
+                weights = resolve(name, self.cache_dir, self.model_dir, self.allow_download)
+                head = GeneratorRunner(load_generator(weights.head, self.device, self.dtype), self.backend)
+                bg = GeneratorRunner(load_generator(weights.bg, self.device, self.dtype), self.backend)
+                mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
+                for runner in (head, bg):
+                    runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
+            except ToonserveError as exc:
+                self.failures[name] = str(exc)
+                raise
+            loaded = LoadedStyle(name, head, bg, mask, weights, (time.perf_counter() - start) * 1000)
+            self.styles[name] = loaded
+            self.failures.pop(name, None)
+            log.info(
+                "style %s loaded on %s (%s, %s backend) from %s in %.0f ms",
+                name, self.device, str(self.dtype).removeprefix("torch."), head.backend, weights.source,
+                loaded.load_ms,
+            )  # fmt: skip
+            return loaded
+
+    def get(self, name: str) -> LoadedStyle:
+        """A loaded style; :class:`UnknownStyleError` for unknown names, ToonserveError if not loaded."""
+        get_style(name)
+        try:
+            return self.styles[name]
+        except KeyError:
+            reason = self.failures.get(name, "it is not in the configured styles")
+            raise StyleNotLoadedError(f"style {name!r} is not loaded: {reason}") from None
+
+    def release(self) -> None:
+        """Drop every model (shutdown); frees device memory once nothing else holds them."""
+        with self._lock:
+            self.styles.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class StyleNotLoadedError(ToonserveError):
+    """A known style that this process has not loaded (not configured, or its weights failed)."""

@@ -1,0 +1,87 @@
+"""Service settings, read from the environment (prefix ``TOONSERVE_``) or a ``.env`` file.
+
+Every field is documented in the README's settings table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from inference.weights import STYLES
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "toonserve"
+
+
+class Settings(BaseSettings):
+    """All knobs of the service. Build with :func:`get_settings` (cached), never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="TOONSERVE_", env_file=".env", extra="ignore")
+
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Generator precision: float32 is exact to the official model; bf16/fp16 are faster.",
+    )
+    backend: Literal["auto", "onednn", "eager"] = Field(
+        "auto", description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), or auto."
+    )
+    styles: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["anime"], description="Styles to load at start-up (comma-separated)."
+    )
+    default_style: str = Field("anime", description="Style used when a request names none.")
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir, description="Downloads and converted weights."
+    )
+    model_dir: Path | None = Field(
+        None,
+        description="Optional directory of ModelScope model folders (<dir>/<style>/ or <dir>/<model id>/).",
+    )
+    allow_download: bool = Field(True, description="Fetch missing weights from ModelScope at start-up.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _split_styles(cls, value: object) -> object:
+        # TOONSERVE_STYLES=anime,3d
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("styles")
+    @classmethod
+    def _known_styles(cls, value: list[str]) -> list[str]:
+        unknown = [s for s in value if s not in STYLES]
+        if unknown:
+            raise ValueError(f"unknown style(s) {unknown}; choose from {', '.join(STYLES)}")
+        if not value:
+            raise ValueError("at least one style must be loaded")
+        return list(dict.fromkeys(value))
+
+    @field_validator("default_style")
+    @classmethod
+    def _known_default(cls, value: str) -> str:
+        if value not in STYLES:
+            raise ValueError(f"unknown style {value!r}; choose from {', '.join(STYLES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_is_loaded(self) -> Settings:
+        if self.default_style not in self.styles:
+            raise ValueError(
+                f"default_style {self.default_style!r} is not among the loaded styles {self.styles}"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,67 @@
+"""The app factory and lifespan: probes, readiness after warm-up, the styles listing, error shape."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.reference_graphs import ReferenceModelDir
+
+
+def wait_ready(client: TestClient, timeout: float = 60.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/readyz")
+        if r.status_code == 200:
+            body: dict[str, object] = r.json()
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
+
+
+def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    settings = Settings(
+        model_dir=model_dir.path.parent, cache_dir=tmp_path, allow_download=False, device="cpu"
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = wait_ready(client)
+        assert ready == {"status": "ready", "styles": ["anime"], "device": "cpu", "dtype": "float32"}
+        styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
+        assert len(styles) == 7
+        assert styles["anime"]["loaded"] and styles["anime"]["default"]
+        assert styles["anime"]["weights_source"].startswith("converted from")
+        assert not styles["3d"]["loaded"] and not styles["3d"]["configured"]
+
+
+def test_not_ready_says_why(tmp_path: Path) -> None:
+    settings = Settings(model_dir=tmp_path / "models", cache_dir=tmp_path, allow_download=False, device="cpu")
+    with TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = client.get("/readyz")
+            if "no weights" in r.text:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+        err = r.json()["error"]
+        assert err["code"] == "not_ready"
+        assert (
+            "no weights for style 'anime'" in err["message"] and "toonserve download anime" in err["message"]
+        )
+        assert client.get("/healthz").status_code == 200
+        styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
+        assert "no weights" in styles["anime"]["error"]
+
+
+def test_unknown_route_uses_the_error_shape(tmp_path: Path) -> None:
+    settings = Settings(model_dir=tmp_path, cache_dir=tmp_path, allow_download=False, device="cpu")
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/nope")
+        assert r.status_code == 404
+        assert r.json() == {"error": {"code": "not_found", "message": "Not Found"}}

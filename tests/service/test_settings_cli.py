@@ -1,0 +1,52 @@
+"""Settings from the environment, and the download/convert/styles commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.cli import main
+from service.settings import Settings
+from tests.reference_graphs import ReferenceModelDir
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TOONSERVE_STYLES", "anime, 3d")
+    monkeypatch.setenv("TOONSERVE_DTYPE", "bfloat16")
+    monkeypatch.setenv("TOONSERVE_CACHE_DIR", str(tmp_path))
+    s = Settings()
+    assert s.styles == ["anime", "3d"] and s.dtype == "bfloat16" and s.cache_dir == tmp_path
+
+
+def test_settings_reject_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOONSERVE_STYLES", "anime,pixar")
+    with pytest.raises(ValidationError, match="pixar"):
+        Settings()
+    monkeypatch.setenv("TOONSERVE_STYLES", "3d")
+    with pytest.raises(ValidationError, match="default_style 'anime' is not among the loaded styles"):
+        Settings()
+
+
+def test_convert_then_styles(
+    model_dir: ReferenceModelDir, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["convert", "sketch", str(model_dir.path), "--cache-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "converted" / "sketch" / "head.safetensors").is_file()
+    assert main(["styles", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sketch" in out and "converted cache" in out and "not on this machine" in out
+
+
+def test_download_offline_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    assert main(["download", "sketch", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    # The hub client logs its retries; our verdict is the last line, one actionable message.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no weights") or last.startswith("error: download of"), last
+    assert "damo/cv_unet_person-image-cartoon-sketch_compound-models from ModelScope failed" in last
+    assert "Traceback" not in err
