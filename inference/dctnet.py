@@ -153,9 +153,29 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 def box_mean(x: Tensor) -> Tensor:
     """3×3 mean over the valid (in-image) neighbours: TF's zero-padded box filter divided by N.
 
-    ``avg_pool2d(count_include_pad=False)`` is exactly ``box(x) / box(ones)`` of the official graph.
+    ``box(x)`` is a depthwise 3×3 convolution with weights 1/9 and zero padding, exactly as in the
+    exporter graph; ``N = box(ones)`` is 1 inside, 6/9 on edges and 4/9 in corners, built directly.
+    x: (N, C, H, W) float, any memory format (channels-last is much faster on CPU).
     """
-    return F.avg_pool2d(x, 2 * GUIDED_FILTER_RADIUS + 1, 1, GUIDED_FILTER_RADIUS, count_include_pad=False)
+    c, (h, w) = x.shape[1], x.shape[-2:]
+    k = 2 * GUIDED_FILTER_RADIUS + 1
+    kernel = torch.full((c, 1, k, k), 1.0 / (k * k), dtype=x.dtype, device=x.device)
+    summed = F.conv2d(
+        x, kernel.contiguous(memory_format=_memory_format(x)), padding=GUIDED_FILTER_RADIUS, groups=c
+    )
+    return summed / _valid_fraction(h, w, x)
+
+
+def _valid_fraction(h: int, w: int, like: Tensor) -> Tensor:
+    """``box(ones)``: the fraction of each pixel's 3×3 window that lies inside the image, (H, W)."""
+    r = GUIDED_FILTER_RADIUS
+    k = 2 * r + 1
+
+    def counts(n: int) -> Tensor:  # window cells inside [0, n) along one axis
+        idx = torch.arange(n, device=like.device)
+        return idx.clamp(max=r) + (n - 1 - idx).clamp(max=r) + 1
+
+    return (counts(h)[:, None] * counts(w)[None, :]).to(like.dtype) / (k * k)
 
 
 def guided_filter(x: Tensor, y: Tensor, eps: float) -> Tensor:
@@ -257,8 +277,9 @@ def filtered(unet: Callable[[Tensor], Tensor], bgr: Tensor, conv_dtype: torch.dt
     """
     check_size(bgr)
     x = bgr.float() / 127.5 - 1.0
-    y = unet(x.to(conv_dtype).contiguous(memory_format=torch.channels_last))
-    return guided_filter(x, y.float().contiguous(), eps)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = unet(x.to(conv_dtype))
+    return guided_filter(x, y.float().contiguous(memory_format=torch.channels_last), eps)
 
 
 class _OneDNNUnet:

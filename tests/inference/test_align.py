@@ -14,8 +14,6 @@ mean 0.03-0.12 inside the footprint, max 4.1 (4.14) / 0.02 (5.0). We assert mean
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import types
 from typing import Any
 
@@ -40,6 +38,7 @@ from inference.align import (
 )
 from inference.errors import InputShapeError, ToonserveError
 from tests.photos import astronaut
+from tests.upstream import load_upstream_align
 
 #: Hand-placed landmarks of the astronaut photo (512x512): eyes, nose tip, mouth corners.
 ASTRONAUT_FIVE_POINTS = np.array(
@@ -57,21 +56,7 @@ def cv2() -> Any:
 @pytest.fixture(scope="module")
 def upstream(cv2: Any) -> types.SimpleNamespace:
     """ModelScope's ``align_trans`` and ``matlab_cp2tform`` modules, loaded from their files."""
-    spec = importlib.util.find_spec("modelscope")
-    assert spec is not None and spec.submodule_search_locations
-    src = f"{spec.submodule_search_locations[0]}/models/cv/cartoon/mtcnn_pytorch/src"
-    package = types.ModuleType("_upstream_align")
-    package.__path__ = [src]
-    sys.modules[package.__name__] = package
-    modules = {}
-    for name in ("matlab_cp2tform", "align_trans"):  # align_trans imports .matlab_cp2tform
-        module_spec = importlib.util.spec_from_file_location(f"{package.__name__}.{name}", f"{src}/{name}.py")
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_spec.name] = module
-        module_spec.loader.exec_module(module)
-        modules[name] = module
-    return types.SimpleNamespace(align=modules["align_trans"], cp2tform=modules["matlab_cp2tform"])
+    return load_upstream_align()
 
 
 def _upstream_crop_reference(upstream: types.SimpleNamespace) -> np.ndarray:
