@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from inference.dctnet import DCTNetGenerator, GeneratorRunner, load_generator
+from inference.faces import FaceDetector, create_detector
+from inference.models import ModelStore
+from inference.pipeline import Cartoonizer
 from inference.weights import StyleWeights, resolve
 from tests import photos
 from tests.reference_graphs import ReferenceModelDir, TFGenerator, build_generator_pb, write_model_dir
@@ -59,6 +62,26 @@ def tf_head(head_pb: bytes) -> Iterator[TFGenerator]:
 @pytest.fixture(scope="session")
 def portrait_rgb() -> np.ndarray:
     return photos.astronaut()
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory, model_dir: ReferenceModelDir) -> ModelStore:
+    """The synthetic anime style (head seed 1, background seed 2) resident on the CPU, float32."""
+    store = ModelStore(
+        torch.device("cpu"), torch.float32, tmp_path_factory.mktemp("store"), model_dir.path.parent, False
+    )
+    store.load("anime")
+    return store
+
+
+@pytest.fixture(scope="session")
+def detector() -> FaceDetector:
+    return create_detector("mtcnn", "cpu")
+
+
+@pytest.fixture(scope="session")
+def cartoonizer(model_store: ModelStore, detector: FaceDetector) -> Cartoonizer:
+    return Cartoonizer(model_store.get("anime"), detector)
 
 
 @pytest.fixture(autouse=True, scope="session")

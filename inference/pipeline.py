@@ -1,0 +1,430 @@
+"""The DCT-Net portrait pipeline: background pass, every face aligned and stylised, blended back.
+
+What upstream's ``ImageCartoonPipeline`` does (dctnet.md §4), with its silent cases made explicit:
+
+1. ``resize``: the short side is brought down to the processing size (default 720, as upstream; up to
+   2048 for more detail) with an area filter; smaller photos are not enlarged.
+2. ``background``: the whole image through the background generator, in BGR, padded with white as
+   upstream's ``padTo16x`` does (if either side is not a multiple of 16, *both* grow to the next
+   multiple of 16 — a side that already fits grows by 16), the padding cropped off afterwards.
+3. ``detect``: faces on the RGB processing image (:mod:`inference.faces`), then the policy: faces below
+   ``min_face_score`` are skipped as ``below_threshold``, faces whose box is smaller than
+   ``min_face_size`` as ``too_small``, and beyond the ``max_faces`` largest as ``over_limit``. Upstream
+   drops faces of 60 px or less without a word; we stylise them down to ``min_face_size`` and report
+   every skip.
+4. ``align``: each face's 5 points → the official 288×288 crop (:mod:`inference.align`), white border,
+   all crops in one batch.
+5. ``head``: all crops through the head generator in **one** call (BGR in and out).
+6. ``blend``: each head and the style's ``alpha.jpg`` mask warped back inside the face's footprint and
+   blended ``m·head + (1-m)·result``, largest face first so smaller faces land on top (upstream order).
+7. ``strength``: ``s·cartoon + (1-s)·photo`` (1 = the model's output, 0 = the photo).
+8. ``resize_out``: to the requested output size, by default the input's size, always (upstream does
+   not resize back when no face is found).
+
+RGB at the boundary; inside, the colour order of dctnet.md §4's table. Every stage is a method, timed
+with the device synchronised, so the timings are what the stage cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from inference.align import CROP_SIZE, crop_matrices, paste_back_regions, warp_crops
+from inference.errors import ToonserveError
+from inference.faces import DetectedFace, FaceDetector
+from inference.models import LoadedStyle
+
+#: Upstream's processing size (short side), and the range we accept.
+DEFAULT_PROCESSING_SIZE: Final = 720
+MIN_PROCESSING_SIZE: Final = 64
+MAX_PROCESSING_SIZE: Final = 2048
+#: Upstream pads the background image to a multiple of this.
+BACKGROUND_MULTIPLE: Final = 16
+#: Upstream keeps the 10 largest detections.
+DEFAULT_MAX_FACES: Final = 10
+#: Smallest face box side (processing-image pixels) we stylise. Upstream: > 60 px in width or height.
+DEFAULT_MIN_FACE_SIZE: Final = 24.0
+#: Smallest detector score we stylise (the detector itself keeps faces above its own threshold).
+DEFAULT_MIN_FACE_SCORE: Final = 0.9
+#: Most images (background) or crops (head) per generator call.
+DEFAULT_MAX_BATCH: Final = 8
+#: Names of the timed stages, in order.
+STAGES: Final = ("resize", "background", "detect", "align", "head", "blend", "strength", "resize_out")
+
+NoFacePolicy = Literal["background", "error", "passthrough"]
+NO_FACE_POLICIES: Final[tuple[NoFacePolicy, ...]] = ("background", "error", "passthrough")
+SkipReason = Literal["below_threshold", "too_small", "over_limit"]
+
+
+class CancelledError(ToonserveError):
+    """The image's request was abandoned (deadline passed or client gone) before it was finished."""
+
+
+class NoFaceError(ToonserveError):
+    """No face to stylise and the caller asked for ``no_face="error"``."""
+
+
+class OptionsError(ToonserveError):
+    """A pipeline option out of range."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request knobs. ``output_size`` is (height, width); None keeps the input's size."""
+
+    processing_size: int = DEFAULT_PROCESSING_SIZE
+    strength: float = 1.0
+    output_size: tuple[int, int] | None = None
+    no_face: NoFacePolicy = "background"
+    min_face_size: float = DEFAULT_MIN_FACE_SIZE
+    min_face_score: float = DEFAULT_MIN_FACE_SCORE
+    max_faces: int = DEFAULT_MAX_FACES
+
+    def __post_init__(self) -> None:
+        if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
+            raise OptionsError(
+                f"processing_size must be in [{MIN_PROCESSING_SIZE}, {MAX_PROCESSING_SIZE}], "
+                f"got {self.processing_size}"
+            )
+        if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
+            raise OptionsError(f"strength must be in [0, 1], got {self.strength}")
+        if self.output_size is not None and not all(0 < v <= 16384 for v in self.output_size):
+            raise OptionsError(f"output_size must be positive and at most 16384, got {self.output_size}")
+        if self.no_face not in NO_FACE_POLICIES:
+            raise OptionsError(f"no_face must be one of {', '.join(NO_FACE_POLICIES)}, got {self.no_face!r}")
+        if not (math.isfinite(self.min_face_size) and self.min_face_size >= 0):
+            raise OptionsError(f"min_face_size must be a non-negative number, got {self.min_face_size}")
+        if not 0.0 <= self.min_face_score <= 1.0:
+            raise OptionsError(f"min_face_score must be in [0, 1], got {self.min_face_score}")
+        if self.max_faces < 0:
+            raise OptionsError(f"max_faces must be non-negative, got {self.max_faces}")
+
+
+@dataclass(frozen=True)
+class FaceReport:
+    """A detected face, in input-image pixels. ``reason`` is None when it was stylised."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+    stylized: bool
+    reason: SkipReason | None = None
+
+
+@dataclass
+class Result:
+    """The cartoon (H, W, 3) uint8 RGB and what happened on the way."""
+
+    image: np.ndarray
+    style: str
+    faces: list[FaceReport]
+    input_size: tuple[int, int]
+    processing_size: tuple[int, int]
+    output_size: tuple[int, int]
+    device: str
+    dtype: str
+    #: What was returned when no face was stylised: "background" | "passthrough" | None (faces found).
+    no_face: NoFacePolicy | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def faces_stylized(self) -> int:
+        return sum(f.stylized for f in self.faces)
+
+
+def box_area(box: tuple[float, float, float, float]) -> float:
+    """Area of an ``(x1, y1, x2, y2)`` box; faces are ordered by it, largest first, as upstream does."""
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
+def to_rgb_array(image: np.ndarray) -> np.ndarray:
+    """Any uint8 image array → (H, W, 3) uint8 RGB.
+
+    (H, W) and (H, W, 1) grey are repeated to three channels; (H, W, 2) grey+alpha and (H, W, 4) RGBA
+    are composited over white, so transparent areas come out white rather than black.
+    """
+    if image.dtype != np.uint8:
+        raise OptionsError(f"image must be uint8, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 2, 3, 4) or min(image.shape[:2]) < 1:
+        raise OptionsError(f"image must be (H, W), (H, W, 1|2|3|4), got {image.shape}")
+    channels = image.shape[2]
+    if channels in (2, 4):
+        colour = image[:, :, :-1].astype(np.float32)
+        alpha = image[:, :, -1:].astype(np.float32) / 255.0
+        image = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        channels -= 1
+    if channels == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def processing_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """Upstream's ``resize_size``: short side → ``size`` if larger, the long side scaled and truncated."""
+    short = min(height, width)
+    if short <= size:
+        return height, width
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def _resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Area filter when shrinking (cv2 INTER_AREA's averaging), bilinear when enlarging."""
+    if rgb.shape[:2] == (height, width):
+        return rgb
+    shrink = height <= rgb.shape[0] and width <= rgb.shape[1]
+    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.array(Image.fromarray(rgb).resize((width, height), resample))
+
+
+def upstream_pad16(height: int, width: int) -> tuple[int, int]:
+    """The padded size of upstream's ``padTo16x`` (both sides grow if either is not a multiple of 16)."""
+    m = BACKGROUND_MULTIPLE
+    if height % m or width % m:
+        return (height // m + 1) * m, (width // m + 1) * m
+    return height, width
+
+
+@dataclass
+class _Job:
+    """The state one image carries through the stages."""
+
+    rgb: np.ndarray  # input, (H, W, 3) uint8 RGB
+    options: Options
+    timings: dict[str, float] = field(default_factory=dict)
+    photo: np.ndarray | None = None  # processing image, (h, w, 3) uint8 RGB
+    photo_t: Tensor | None = None  # (3, h, w) uint8 RGB on the device
+    result_t: Tensor | None = None  # (3, h, w) float32 BGR 0..255 on the device
+    faces: list[FaceReport] = field(default_factory=list)
+    chosen: list[DetectedFace] = field(default_factory=list)
+    crops: Tensor | None = None
+    inverses: np.ndarray | None = None
+    heads: Tensor | None = None
+
+
+class Cartoonizer:
+    """Runs one style's compound model on its device. Stage methods are public for tests/benchmarks.
+
+    :meth:`run_many` processes several images stage by stage, so the generator sees batches: every
+    head crop of every image in one call (up to ``max_batch`` crops a call), and the background
+    passes of images of the same padded size together. A batched stage's time is charged in full to
+    each image in the batch (it is the time each of them waited for it).
+    """
+
+    def __init__(
+        self, style: LoadedStyle, detector: FaceDetector, max_batch: int = DEFAULT_MAX_BATCH
+    ) -> None:
+        if max_batch < 1:
+            raise OptionsError(f"max_batch must be at least 1, got {max_batch}")
+        self.style = style
+        self.detector = detector
+        self.max_batch = max_batch
+        self.device = style.bg.device
+        self.dtype = style.bg.dtype
+
+    @contextmanager
+    def _timed(self, jobs: Sequence[_Job], stage: str) -> Iterator[None]:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        if sync:
+            sync(self.device)
+        start = time.perf_counter()
+        yield
+        if sync:
+            sync(self.device)
+        elapsed = (time.perf_counter() - start) * 1000
+        for job in jobs:
+            job.timings[stage] = job.timings.get(stage, 0.0) + elapsed
+
+    def run(self, image: np.ndarray, options: Options | None = None) -> Result:
+        """(H, W[, C]) uint8 image (RGB, grey or with alpha) → :class:`Result`; raises domain errors."""
+        outcome = self.run_many([(image, options or Options())])[0]
+        if isinstance(outcome, ToonserveError):
+            raise outcome
+        return outcome
+
+    def run_many(
+        self, items: Sequence[tuple[np.ndarray, Options]], alive: Callable[[int], bool] = lambda _: True
+    ) -> list[Result | ToonserveError]:
+        """Several images, batched stage by stage. Each outcome is a Result or the domain error of
+        that image alone. ``alive(i)`` is asked between stages; an image that is no longer wanted
+        (deadline passed, client gone) stops there and gets a :class:`CancelledError`.
+        """
+        outcomes: dict[int, Result | ToonserveError] = {}
+        jobs: dict[int, _Job] = {}
+        for i, (image, options) in enumerate(items):
+            try:
+                jobs[i] = _Job(to_rgb_array(image), options)
+            except ToonserveError as exc:
+                outcomes[i] = exc
+
+        def live() -> list[_Job]:
+            for i in list(jobs):
+                if not alive(i):
+                    outcomes[i] = CancelledError("the request was cancelled before its image was finished")
+                    del jobs[i]
+            return list(jobs.values())
+
+        with torch.inference_mode():
+            for job in live():
+                self.resize(job)
+                self.detect(job)
+            # Without a face to stylise, "error" and "passthrough" need no background pass.
+            self.background([j for j in live() if j.chosen or j.options.no_face == "background"])
+            with_faces = [j for j in live() if j.chosen]
+            for job in with_faces:
+                self.align(job)
+            self.head(with_faces)
+            for job in with_faces:
+                self.blend(job)
+            for i, job in list(jobs.items()):
+                try:
+                    outcomes[i] = self.finish(job)
+                except ToonserveError as exc:
+                    outcomes[i] = exc
+        return [outcomes[i] for i in range(len(items))]
+
+    # -- stages ------------------------------------------------------------------------------------
+
+    def resize(self, job: _Job) -> None:
+        with self._timed([job], "resize"):
+            h, w = processing_shape(job.rgb.shape[0], job.rgb.shape[1], job.options.processing_size)
+            job.photo = _resize(job.rgb, h, w)
+            job.photo_t = torch.from_numpy(job.photo).permute(2, 0, 1).to(self.device)
+
+    def background(self, jobs: Sequence[_Job]) -> None:
+        """The background pass; images of the same padded size share generator calls."""
+        groups: dict[tuple[int, int], list[_Job]] = {}
+        for job in jobs:
+            assert job.photo_t is not None
+            groups.setdefault(upstream_pad16(*job.photo_t.shape[1:]), []).append(job)
+        for (ph, pw), group in groups.items():
+            for start in range(0, len(group), self.max_batch):
+                chunk = group[start : start + self.max_batch]
+                with self._timed(chunk, "background"):
+                    bgr = torch.full((len(chunk), 3, ph, pw), 255, dtype=torch.uint8, device=self.device)
+                    for k, job in enumerate(chunk):
+                        assert job.photo_t is not None
+                        _, h, w = job.photo_t.shape
+                        bgr[k, :, :h, :w] = job.photo_t.flip(0)  # RGB → BGR
+                    out = self.style.bg(bgr)
+                    for k, job in enumerate(chunk):
+                        assert job.photo_t is not None
+                        _, h, w = job.photo_t.shape
+                        job.result_t = out[k, :, :h, :w].float()
+
+    def detect(self, job: _Job) -> None:
+        assert job.photo_t is not None
+        with self._timed([job], "detect"):
+            found = self.detector.detect(job.photo_t)
+        opts = job.options
+        scale_y = job.rgb.shape[0] / job.photo_t.shape[1]
+        scale_x = job.rgb.shape[1] / job.photo_t.shape[2]
+        eligible: list[DetectedFace] = []
+        reasons: dict[int, SkipReason] = {}
+        for i, face in enumerate(found):
+            x1, y1, x2, y2 = face.box
+            if face.score < opts.min_face_score:
+                reasons[i] = "below_threshold"
+            elif max(x2 - x1, y2 - y1) < opts.min_face_size:
+                reasons[i] = "too_small"
+            else:
+                eligible.append(face)
+        # Upstream keeps the largest faces and pastes the largest first.
+        eligible.sort(key=lambda f: box_area(f.box), reverse=True)
+        job.chosen = eligible[: opts.max_faces]
+        for face in eligible[opts.max_faces :]:
+            reasons[next(i for i, f in enumerate(found) if f is face)] = "over_limit"
+        for i, face in enumerate(found):
+            x1, y1, x2, y2 = face.box
+            job.faces.append(
+                FaceReport(
+                    box=(x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y),
+                    score=float(face.score),
+                    landmarks=tuple((float(x) * scale_x, float(y) * scale_y) for x, y in face.landmarks),
+                    stylized=i not in reasons,
+                    reason=reasons.get(i),
+                )
+            )
+
+    def align(self, job: _Job) -> None:
+        assert job.photo_t is not None
+        with self._timed([job], "align"):
+            forward, inverse = zip(*(crop_matrices(f.landmarks) for f in job.chosen), strict=True)
+            job.inverses = np.stack(inverse)
+            # cv2.warpAffine on uint8 rounds; so do we, to feed the head network what upstream fed it.
+            job.crops = warp_crops(job.photo_t, np.stack(forward)).round_().clamp_(0, 255)
+
+    def head(self, jobs: Sequence[_Job]) -> None:
+        """Every aligned crop of every image through the head network, ``max_batch`` crops a call."""
+        if not jobs:
+            return
+        with self._timed(jobs, "head"):
+            crops = torch.cat([j.crops for j in jobs if j.crops is not None]).flip(1)  # RGB → BGR
+            heads = torch.cat(
+                [self.style.head(crops[k : k + self.max_batch]) for k in range(0, len(crops), self.max_batch)]
+            )
+            for job, part in zip(jobs, torch.split(heads, [len(j.chosen) for j in jobs]), strict=True):
+                job.heads = part  # uint8 BGR
+
+    def blend(self, job: _Job) -> None:
+        assert job.heads is not None and job.result_t is not None and job.inverses is not None
+        with self._timed([job], "blend"):
+            result = job.result_t
+            mask = self.style.mask.to(torch.float32).expand(len(job.chosen), 1, CROP_SIZE, CROP_SIZE)
+            layers = torch.cat([job.heads.float(), mask], dim=1)
+            for patch in paste_back_regions(layers, job.inverses, (result.shape[1], result.shape[2])):
+                if patch.box.is_empty:
+                    continue
+                region = result[(slice(None), *patch.box.slices)]
+                head, m = patch.values[:3], patch.values[3:]
+                region.mul_(1.0 - m).add_(head * m)
+
+    def finish(self, job: _Job) -> Result:
+        """Apply the no-face policy and strength, resize out, and report."""
+        assert job.photo is not None and job.photo_t is not None
+        opts = job.options
+        policy: NoFacePolicy | None = None
+        if not job.chosen:
+            if opts.no_face == "error":
+                found = len(job.faces)
+                detail = f"{found} face(s) found but none stylisable" if found else "no face found"
+                raise NoFaceError(f"{detail} and no_face='error' was requested")
+            policy = opts.no_face
+        with self._timed([job], "strength"):
+            if policy == "passthrough" or opts.strength == 0.0:
+                out_t = job.photo_t.float()
+            else:
+                assert job.result_t is not None
+                out_t = job.result_t.flip(0)  # BGR → RGB
+                if opts.strength < 1.0:
+                    out_t = torch.lerp(job.photo_t.float(), out_t, opts.strength)
+            out = out_t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        with self._timed([job], "resize_out"):
+            oh, ow = opts.output_size or job.rgb.shape[:2]
+            out = np.ascontiguousarray(_resize(out, oh, ow))
+        for stage in STAGES:
+            job.timings.setdefault(stage, 0.0)
+        return Result(
+            image=out,
+            style=self.style.name,
+            faces=job.faces,
+            input_size=(job.rgb.shape[0], job.rgb.shape[1]),
+            processing_size=(job.photo.shape[0], job.photo.shape[1]),
+            output_size=(oh, ow),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            no_face=policy,
+            timings_ms={s: round(job.timings[s], 3) for s in STAGES},
+        )
