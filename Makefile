@@ -18,6 +18,7 @@ lint:
 	$(BIN)/ruff check service api inference tests bench
 	$(BIN)/ruff format --check service api inference tests bench
 	$(BIN)/mypy --strict service api inference
+	$(BIN)/hadolint Dockerfile
 
 test: venv
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
