@@ -20,14 +20,28 @@ from inference.errors import (
     UnknownStyleError,
     WeightsUnavailableError,
 )
+from inference.images import CorruptImageError, EncodeOptionsError, ImageTooLargeError, UnsupportedImageError
 from inference.models import StyleNotLoadedError
+from inference.pipeline import CancelledError, NoFaceError, OptionsError
+from inference.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger(__name__)
 
 #: Domain exception → (HTTP status, error code). Most specific classes first.
 STATUS: Final[list[tuple[type[ToonserveError], int, str]]] = [
     (UnknownStyleError, 422, "unknown_style"),
-    (StyleNotLoadedError, 503, "style_not_loaded"),
+    (StyleNotLoadedError, 422, "style_not_loaded"),
+    (NoFaceError, 422, "no_face"),
+    (OptionsError, 422, "invalid_request"),
+    (UnsupportedImageError, 415, "unsupported_image"),
+    (ImageTooLargeError, 413, "image_too_large"),
+    (CorruptImageError, 400, "corrupt_image"),
+    (EncodeOptionsError, 422, "invalid_request"),
+    (QueueFullError, 503, "queue_full"),
+    (DeadlineExceededError, 504, "deadline_exceeded"),
+    (SchedulerClosedError, 503, "shutting_down"),
+    # The client is gone; nobody reads this, but the access log should say what happened.
+    (CancelledError, 499, "client_closed_request"),
     (WeightsUnavailableError, 503, "weights_unavailable"),
     (ConversionError, 503, "weights_invalid"),
     (InputShapeError, 422, "bad_input_shape"),
@@ -74,7 +88,8 @@ def install(app: FastAPI) -> None:
         status, code = status_for(exc)
         if status >= 500:
             log.error("%s: %s", code, exc)
-        return error_response(status, code, str(exc))
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+        return error_response(status, code, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,19 +7,29 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import numpy as np
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
-from api import errors, health, styles
-from api.state import ServiceState
+from api import cartoonize, errors, health, middleware, styles
+from api import metrics as metrics_api
+from api.metrics import Metrics
+from api.state import Limits, RequestDefaults, ServiceState
 from inference.errors import ToonserveError
+from inference.faces import create_detector
 from inference.models import ModelStore, parse_device, parse_dtype
+from inference.pipeline import Cartoonizer, Options
+from inference.scheduler import Scheduler
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("toonserve")
 
+#: Side of the blank image pushed through each style's whole pipeline before readiness.
+_WARMUP_SIDE = 128
 
-def _load_all(state: ServiceState) -> None:
-    """Load and warm up every configured style; readiness flips only if all of them succeed."""
+
+def _load_all(state: ServiceState, settings: Settings, metrics: Metrics) -> None:
+    """Load every configured style, build the device's pipelines and worker, warm them up, flip ready."""
     state.loading.set()
     try:
         for name in state.styles:
@@ -27,9 +37,33 @@ def _load_all(state: ServiceState) -> None:
                 state.store.load(name)
             except ToonserveError as exc:
                 log.error("style %s not loaded: %s", name, exc)
-        if all(name in state.store.styles for name in state.styles):
-            state.ready.set()
-            log.info("ready: %s on %s", ", ".join(state.styles), state.store.device)
+        if not all(name in state.store.styles for name in state.styles):
+            return
+        try:
+            detector = create_detector("mtcnn", state.store.device)
+        except ToonserveError as exc:
+            state.store.failures["face detector"] = str(exc)
+            log.error("face detector not loaded: %s", exc)
+            return
+        cartoonizers = {
+            name: Cartoonizer(state.store.get(name), detector, max_batch=settings.max_batch)
+            for name in state.styles
+        }
+        blank = np.full((_WARMUP_SIDE, _WARMUP_SIDE, 3), 128, dtype=np.uint8)
+        for c in cartoonizers.values():
+            c.run(blank, Options(no_face="background"))
+        scheduler = Scheduler(
+            cartoonizers,
+            queue_size=settings.queue_size,
+            max_batch=settings.max_batch,
+            batch_wait=settings.batch_wait_ms / 1000,
+            name=str(state.store.device),
+            on_batch=lambda n, _s: metrics.images.labels(outcome="processed").inc(n),
+        )
+        scheduler.start()
+        state.scheduler = scheduler
+        state.ready.set()
+        log.info("ready: %s on %s", ", ".join(state.styles), state.store.device)
     finally:
         state.loading.clear()
 
@@ -43,24 +77,45 @@ def build_state(settings: Settings) -> ServiceState:
         allow_download=settings.allow_download,
         backend=settings.backend,
     )
-    return ServiceState(store=store, styles=list(settings.styles), default_style=settings.default_style)
+    return ServiceState(
+        store=store,
+        styles=list(settings.styles),
+        default_style=settings.default_style,
+        defaults=RequestDefaults(
+            processing_size=settings.processing_size,
+            output_format=settings.output_format,
+            quality=settings.quality,
+            min_face_size=settings.min_face_size,
+            max_faces=settings.max_faces,
+        ),
+        limits=Limits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_pixels,
+            max_batch_files=settings.max_batch_files,
+            request_timeout_s=settings.request_timeout_s,
+        ),
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. Models load in the background after start-up; ``/readyz`` says when they're in."""
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(settings)
         app.state.toonserve = state
-        loader = asyncio.create_task(asyncio.to_thread(_load_all, state))
+        loader = asyncio.create_task(asyncio.to_thread(_load_all, state, settings, metrics))
         try:
             yield
         finally:
-            # The loading thread cannot be interrupted; wait for it so memory is released cleanly.
+            # Uvicorn has stopped accepting and finished in-flight requests; finish queued work too.
             await asyncio.shield(loader)
+            if state.scheduler is not None:
+                await asyncio.to_thread(state.scheduler.close, True, settings.request_timeout_s)
             state.store.release()
+            log.info("stopped")
 
     app = FastAPI(
         title="toonserve",
@@ -68,7 +123,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Portrait photos to cartoons with DCT-Net, exact to the official models.",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics
     errors.install(app)
-    app.include_router(health.router)
+    middleware.install(app, metrics, settings.api_key)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After"],
+        )
+    app.add_middleware(middleware.BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.include_router(cartoonize.router)
     app.include_router(styles.router)
+    app.include_router(health.router)
+    app.include_router(metrics_api.router)
     return app

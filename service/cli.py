@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -15,15 +14,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure
     from service.settings import get_settings
 
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    configure(settings.log_level, settings.log_format)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,  # our middleware logs every request, with its request id
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level)
     return 0
 
 

@@ -47,11 +47,42 @@ class Settings(BaseSettings):
     )
     allow_download: bool = Field(True, description="Fetch missing weights from ModelScope at start-up.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field(
+        "json", description="Log lines as JSON objects or plain text."
+    )
 
-    @field_validator("styles", mode="before")
+    # Processing defaults (each request may override them).
+    processing_size: int = Field(720, ge=64, le=2048, description="Short side the photo is processed at.")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Default response image format.")
+    quality: int = Field(90, ge=1, le=100, description="Default JPEG/WebP quality.")
+    min_face_size: float = Field(
+        24.0, ge=0, description="Smallest face box side (processing pixels) stylised."
+    )
+    max_faces: int = Field(10, ge=0, le=100, description="Most faces stylised per photo (largest first).")
+
+    # Limits.
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body (bytes).")
+    max_pixels: int = Field(40_000_000, ge=10_000, description="Largest decoded image (width × height).")
+    max_batch_files: int = Field(
+        16, ge=1, le=256, description="Most images in one /cartoonize/batch request."
+    )
+    queue_size: int = Field(32, ge=1, description="Images that may wait for the worker; beyond it: 503.")
+    max_batch: int = Field(4, ge=1, le=64, description="Most images the worker batches together.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long the worker waits to fill a batch.")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline per image, queue wait included; then 504."
+    )
+
+    # Access.
+    api_key: str | None = Field(None, description="If set, requests must send it (X-API-Key or Bearer).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)."
+    )
+
+    @field_validator("styles", "cors_origins", mode="before")
     @classmethod
-    def _split_styles(cls, value: object) -> object:
-        # TOONSERVE_STYLES=anime,3d
+    def _split_commas(cls, value: object) -> object:
+        # TOONSERVE_STYLES=anime,3d and TOONSERVE_CORS_ORIGINS=https://a.example,https://b.example
         if isinstance(value, str):
             return [s.strip() for s in value.split(",") if s.strip()]
         return value

@@ -1,0 +1,73 @@
+"""Prometheus metrics: requests by route and status, latency, queue, in-flight, stages, faces.
+
+One registry per app (not the process-global default), so several apps in one process (tests) do
+not collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from api.state import ServiceState, get_state
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "toonserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "toonserve_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("toonserve_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.queue_depth = Gauge(
+            "toonserve_queue_depth", "Images waiting for the worker", ["device"], registry=r
+        )
+        self.stage = Histogram(
+            "toonserve_stage_duration_seconds",
+            "Pipeline stage durations",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.faces = Histogram(
+            "toonserve_faces_per_image",
+            "Faces stylised per image",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 10, 20),
+            registry=r,
+        )
+        self.images = Counter("toonserve_images", "Images processed by outcome", ["outcome"], registry=r)
+
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> Response:
+    m: Metrics = request.app.state.metrics
+    if state.scheduler is not None:
+        m.queue_depth.labels(device=state.scheduler.name).set(state.scheduler.depth)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,197 @@
+"""HTTP load benchmark (not named http.py: that would shadow the standard library's ``http`` for every
+script in this folder): latency and throughput of POST /cartoonize against the pipeline's own rate.
+
+    python bench/http_load.py [--dtype bfloat16] [--requests 24] [--concurrency 1,4,16] [--json ...]
+
+Starts ``toonserve serve`` on a free loopback port with the synthetic model (the real weights cannot
+be downloaded here), then in one run:
+
+1. the pipeline alone, in this process, on the same photo and settings: images/s (the reference);
+2. for each concurrency: ``--requests`` POSTs of a 1024×768 one-face JPEG from that many client
+   threads: p50/p95/p99 latency, throughput, and the status codes seen (503s must carry Retry-After);
+3. while the service is saturated (16 clients), ``/healthz`` latency from a separate client.
+
+Bounded in requests and time; talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.pipeline import one_face_1024x768
+from inference.faces import create_detector
+from inference.models import ModelStore, parse_dtype
+from inference.pipeline import Cartoonizer
+from tests.reference_graphs import write_model_dir
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pipeline_rate(models: Path, cache: Path, dtype: str, rgb: np.ndarray, n: int) -> float:
+    store = ModelStore(torch.device("cpu"), parse_dtype(dtype), cache, models, allow_download=False)
+    c = Cartoonizer(store.load("anime"), create_detector("mtcnn", "cpu"))
+    c.run(rgb)
+    start = time.perf_counter()
+    for _ in range(n):
+        c.run(rgb)
+    rate = n / (time.perf_counter() - start)
+    store.release()
+    return rate
+
+
+def load(url: str, body: bytes, concurrency: int, requests: int, timeout_s: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    stop_at = time.monotonic() + timeout_s
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < stop_at:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t = time.perf_counter()
+                r = http.post(url + "/cartoonize", files={"image": ("me.jpg", body, "image/jpeg")})
+                elapsed = time.perf_counter() - t
+                with lock:
+                    key = str(r.status_code)
+                    if r.status_code == 503 and "retry-after" not in r.headers:
+                        key += " without Retry-After"
+                    statuses[key] += 1
+                    if r.status_code == 200:
+                        latencies.append(elapsed * 1000)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return dict(
+        concurrency=concurrency,
+        ok=len(latencies),
+        statuses=dict(statuses),
+        p50_ms=percentile(latencies, 50),
+        p95_ms=percentile(latencies, 95),
+        p99_ms=percentile(latencies, 99),
+        images_per_s=len(latencies) / wall,
+    )
+
+
+def healthz_while_saturated(url: str, body: bytes, requests: int) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def saturate() -> None:
+        result.update(load(url, body, 16, requests, 300))
+        done.set()
+
+    threading.Thread(target=saturate).start()
+    time.sleep(1.0)
+    probes: list[float] = []
+    with httpx.Client(timeout=10) as http:
+        while not done.is_set() and len(probes) < 500:
+            t = time.perf_counter()
+            http.get(url + "/healthz").raise_for_status()
+            probes.append((time.perf_counter() - t) * 1000)
+            time.sleep(0.02)
+    done.wait(300)
+    return dict(probes=len(probes), p50_ms=percentile(probes, 50), p99_ms=percentile(probes, 99),
+                max_ms=max(probes) if probes else float("nan"), load=result)  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/http.json"))
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="toonserve-bench-"))
+    write_model_dir(tmp / "models" / "anime")
+    rgb = one_face_1024x768()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=92)
+    body = buf.getvalue()
+
+    reference = pipeline_rate(tmp / "models", tmp / "cache", args.dtype, rgb, max(4, args.requests // 4))
+
+    port = free_port()
+    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1", TOONSERVE_DTYPE=args.dtype,
+               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
+               TOONSERVE_ALLOW_DOWNLOAD="false", TOONSERVE_DEVICE="cpu", TOONSERVE_LOG_LEVEL="warning",
+               TOONSERVE_QUEUE_SIZE="8")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise SystemExit("server did not become ready")
+        rows = [load(url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
+        health = healthz_while_saturated(url, body, args.requests)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+    print(f"# http benchmark: dtype={args.dtype}, photo 1024x768 JPEG ({len(body)} bytes), torch threads "
+          f"{torch.get_num_threads()}, queue size 8")  # fmt: skip
+    print(f"pipeline alone (same process, no HTTP): {reference:.2f} images/s")
+    print(
+        f"{'clients':>7} {'ok':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'img/s':>6} "
+        f"{'vs pipeline':>11}  statuses"
+    )
+    for r in rows:
+        print(f"{r['concurrency']:>7} {r['ok']:>4} {r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['p99_ms']:8.0f} "
+              f"{r['images_per_s']:6.2f} {r['images_per_s'] / reference:10.0%}  {r['statuses']}")  # fmt: skip
+    print(f"/healthz while 16 clients saturate: {health['probes']} probes, p50 {health['p50_ms']:.1f} ms, "
+          f"p99 {health['p99_ms']:.1f} ms, max {health['max_ms']:.1f} ms")  # fmt: skip
+    print(f"  saturating load statuses: {health['load']['statuses']}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps(dict(pipeline_images_per_s=reference, rows=rows, healthz=health), indent=2)
+    )
+    print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

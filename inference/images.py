@@ -1,0 +1,506 @@
+"""Image bytes in and out at the service boundary: decode and validate uploads, encode results.
+
+Uploads come from anyone, so :func:`decode` treats every byte as hostile and never lets a Pillow
+exception escape: the format is decided by the file's content (never its name or content type) and
+restricted to :data:`ALLOWED_FORMATS`; the declared size is checked against the pixel limit before
+any pixel is decoded; truncated and damaged files are refused rather than half-decoded. Everything it
+refuses raises an :class:`ImageError`:
+
+- :class:`UnsupportedImageError`: not one of the allowed formats (or a pixel format we cannot read);
+- :class:`ImageTooLargeError`: over the byte or pixel limit, or a decompression bomb;
+- :class:`CorruptImageError`: empty, truncated or damaged.
+
+The result is what the pipeline wants: (H, W, 3) uint8 RGB, or (H, W, 4) uint8 RGBA when the image is
+really transparent, upright (EXIF orientation applied), in sRGB (an embedded ICC profile is converted),
+8 bits a channel (16-bit samples are scaled, not clipped).
+
+:func:`encode` builds a fresh image from the array, so nothing of the upload's metadata (EXIF, GPS,
+XMP, ICC, text chunks) can leak into the response.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final, Literal
+
+import numpy as np
+from PIL import Image, ImageCms, UnidentifiedImageError
+
+from inference.errors import ToonserveError
+
+InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff", "gif"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+#: Formats :func:`decode` accepts (decided by content), and those :func:`encode` writes.
+ALLOWED_FORMATS: Final[tuple[InputFormat, ...]] = ("jpeg", "png", "webp", "bmp", "tiff", "gif")
+OUTPUT_FORMATS: Final[tuple[OutputFormat, ...]] = ("png", "jpeg", "webp")
+MEDIA_TYPES: Final[Mapping[OutputFormat, str]] = MappingProxyType(
+    {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+)
+
+#: Default limits for uploads: 40 MP decodes to 160 MB as RGBA; 25 MiB holds any sane photo.
+DEFAULT_MAX_PIXELS: Final = 40_000_000
+DEFAULT_MAX_BYTES: Final = 25 * 1024 * 1024
+#: TIFF pages are counted up to this many (see :func:`_count_frames`); only the first is decoded.
+MAX_COUNTED_PAGES: Final = 100
+#: Default encoder quality (JPEG, WebP) and its range.
+DEFAULT_QUALITY: Final = 90
+MIN_QUALITY: Final = 1
+MAX_QUALITY: Final = 100
+#: zlib level for PNG, the knee of size against time. Measured on a 1024×768 photo and a cartoon-like
+#: image with Pillow's zlib-ng: levels 1→3 save 2–4 % for +30 % time; 3→4 (zlib-ng switches from its
+#: "fast" to its "medium" strategy) saves another 3–5 % for +15–35 %; 4→6 saves only 1–3 % for
+#: +60–115 %, and 9 costs 3–14× level 4.
+PNG_COMPRESS_LEVEL: Final = 4
+#: libwebp effort (0 fast … 6 small), libwebp's own default and the knee. Measured on the same images
+#: at quality 90: methods 0–2 take half the time of 3–4, but need 3–5 % more bytes for the same PSNR
+#: (methods ≥ 3 turn on rate-distortion optimisation); 3 and 4 cost the same; 5 saves 1–2 % for +15 %;
+#: 6 saves 2–4 % for 2.5×.
+WEBP_METHOD: Final = 4
+
+# Our format names ↔ Pillow's. Pillow opens a JPEG with an MPO (multi-picture) index, as phones write
+# them, as "MPO"; it is a JPEG whose first picture is the photo.
+_PILLOW_NAMES: Final[Mapping[InputFormat, str]] = MappingProxyType(
+    {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+)
+_FROM_PILLOW: Final[Mapping[str, InputFormat]] = MappingProxyType(
+    {**{pil: ours for ours, pil in _PILLOW_NAMES.items()}, "MPO": "jpeg"}
+)
+_DISPLAY_NAMES: Final[Mapping[InputFormat, str]] = MappingProxyType(
+    {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "bmp": "BMP", "tiff": "TIFF", "gif": "GIF"}
+)
+_ALLOWED_TEXT: Final = "JPEG, PNG, WebP, BMP, TIFF or GIF"
+
+# Signatures of the allowed formats, at offset 0 (WebP: RIFF....WEBP, checked apart).
+_SIGNATURES: Final[tuple[tuple[bytes, InputFormat], ...]] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),  # BigTIFF
+    (b"MM\x00+", "tiff"),
+)
+# Signatures of formats people do send but we refuse, only to name them in the message.
+_KNOWN_REFUSED: Final[tuple[tuple[bytes, str], ...]] = (
+    (b"%PDF", "a PDF file"),
+    (b"%!PS", "a PostScript file"),
+    (b"\x00\x00\x01\x00", "an ICO icon"),
+    (b"8BPS", "a Photoshop (PSD) file"),
+    (b"icns", "an ICNS icon"),
+    (b"qoif", "a QOI image"),
+    (b"DDS ", "a DDS texture"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image"),
+    (b"\xffO\xffQ", "a JPEG 2000 image"),
+    (b"\xff\x0a", "a JPEG XL image"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL image"),
+)
+_HEIF_BRANDS: Final[Mapping[bytes, str]] = MappingProxyType(
+    {
+        **dict.fromkeys((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"), "a HEIC image"),
+        **dict.fromkeys((b"mif1", b"msf1"), "a HEIF image"),
+        **dict.fromkeys((b"avif", b"avis"), "an AVIF image"),
+    }
+)
+
+# What Pillow raises on damaged input, besides its DecompressionBomb* (handled apart). Pillow's own
+# format probing treats SyntaxError, IndexError, TypeError and struct.error as "not this format"; the
+# rest come out of decoders (OSError: truncated, decoder error), header parsers and zlib. Warning: on
+# damaged metadata Pillow warns ("Corrupt EXIF data"); where warnings are errors (pytest -W error,
+# python -W error) that warning is raised, and must still not become a 500.
+_DECODE_FAILURES: Final[tuple[type[Exception], ...]] = (
+    Warning,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+)
+
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Modes Pillow converts to RGB/RGBA itself, correctly (alpha and palette transparency included).
+_CONVERTIBLE_MODES: Final = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "YCbCr"})
+# Modes whose embedded ICC profile (an RGB one) we convert to sRGB after the RGB(A) conversion.
+_RGB_FAMILY: Final = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "YCbCr"})
+_TRANSPOSE_FOR_ORIENTATION: Final[Mapping[int, Image.Transpose]] = MappingProxyType(
+    {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90,
+    }
+)
+_EXIF_ORIENTATION: Final = 0x0112
+
+# warnings.catch_warnings() swaps the process-wide filter list; two threads doing it at once can leave
+# our filter installed for good. Decodes run on worker threads, so they take turns (only Image.open,
+# which reads headers, runs under it).
+_WARNINGS_LOCK: Final = threading.Lock()
+
+
+class ImageError(ToonserveError):
+    """An uploaded image that :func:`decode` refuses."""
+
+
+class UnsupportedImageError(ImageError):
+    """Not one of the allowed formats (decided by content), or a pixel format we cannot convert."""
+
+
+class ImageTooLargeError(ImageError):
+    """Over the byte or pixel limit, or a decompression bomb."""
+
+
+class CorruptImageError(ImageError):
+    """Empty, truncated or damaged: the format is recognised but the file does not decode."""
+
+
+class EncodeOptionsError(ToonserveError, ValueError):
+    """An output format or quality out of range (a request option, not a programming error)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded upload.
+
+    ``pixels``: (H, W, 3) uint8 RGB, or (H, W, 4) uint8 RGBA (straight alpha) when the image has
+    pixels that are not fully opaque; sRGB, upright, C-contiguous and writable.
+    ``format``: the format found in the content (one of :data:`ALLOWED_FORMATS`).
+    ``original_size``: (height, width) after the EXIF orientation, i.e. ``pixels.shape[:2]``.
+    ``mode``: Pillow's mode of the file as stored (e.g. "P", "CMYK", "I;16").
+    ``frames``: frames (pages) in the file, TIFF pages counted up to :data:`MAX_COUNTED_PAGES`; only
+    the first is decoded.
+    """
+
+    pixels: np.ndarray
+    format: InputFormat
+    original_size: tuple[int, int]
+    mode: str
+    frames: int
+
+
+def decode(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> DecodedImage:
+    """Decode an uploaded image (first frame) to uint8 RGB or RGBA; see :class:`DecodedImage`.
+
+    Raises :class:`UnsupportedImageError`, :class:`ImageTooLargeError` or :class:`CorruptImageError`,
+    never a Pillow exception. The pixel limit is checked against the size declared in the header,
+    before any pixel is decoded. Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
+    89.5 MP by default) also applies, so a ``max_pixels`` above it is capped there.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    if not data:
+        raise CorruptImageError("the file is empty")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(
+            f"the file is {_bytes_text(len(data))}; the limit is {_bytes_text(max_bytes)}"
+        )
+    fmt = _sniff(data)
+    name = _DISPLAY_NAMES[fmt]
+    if fmt == "webp":
+        # libwebp allocates its canvas when Pillow opens the file: check the declared size first.
+        declared = _webp_declared_size(data)
+        if declared is not None:
+            _check_pixels(*declared, max_pixels)
+    im = _open(data, fmt, max_pixels)
+    try:
+        _check_pixels(im.width, im.height, max_pixels)
+        detected = _FROM_PILLOW.get(im.format or "")
+        if detected is None:  # cannot happen with `formats=` restricted, but never trust it blindly
+            raise UnsupportedImageError(f"{im.format} images are not supported; send {_ALLOWED_TEXT}")
+        mode = im.mode
+        try:
+            frames = _count_frames(im)
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(f"the {name} image is too large to decode safely") from exc
+        except _DECODE_FAILURES as exc:
+            raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
+        upright = _apply_orientation(im)
+        try:
+            pixels = _to_pixels(upright)
+        except _DECODE_FAILURES as exc:
+            raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
+    finally:
+        im.close()
+    return DecodedImage(
+        pixels=pixels,
+        format=detected,
+        original_size=(pixels.shape[0], pixels.shape[1]),
+        mode=mode,
+        frames=frames,
+    )
+
+
+def encode(rgb: np.ndarray, fmt: OutputFormat, quality: int = DEFAULT_QUALITY) -> bytes:
+    """(H, W, 3) uint8 RGB → the bytes of a PNG, JPEG or WebP file, with no metadata at all.
+
+    ``quality`` (1–100) applies to JPEG and WebP; PNG is lossless and ignores it (it is still
+    validated, so a bad request fails the same way whatever the format).
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise EncodeOptionsError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    # bool is an int; a quality of True is a bug upstream, not 1.
+    if isinstance(quality, bool) or not isinstance(quality, int) or not MIN_QUALITY <= quality <= MAX_QUALITY:
+        raise EncodeOptionsError(
+            f"quality must be an integer in [{MIN_QUALITY}, {MAX_QUALITY}], got {quality!r}"
+        )
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise ValueError(f"encode needs an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
+    # A fresh image has an empty `info`, so the encoders write no EXIF, XMP, ICC or text.
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    out = io.BytesIO()
+    if fmt == "png":
+        im.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+    elif fmt == "jpeg":
+        im.save(out, "JPEG", quality=quality, optimize=False)
+    else:
+        im.save(out, "WEBP", quality=quality, method=WEBP_METHOD)
+    return out.getvalue()
+
+
+# -- decoding steps ---------------------------------------------------------------------------------
+
+
+def _sniff(data: bytes) -> InputFormat:
+    """The allowed format the content starts like, or :class:`UnsupportedImageError` naming it."""
+    for signature, fmt in _SIGNATURES:
+        if data.startswith(signature):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise UnsupportedImageError(f"{_describe_refused(data)} is not supported; send {_ALLOWED_TEXT}")
+
+
+def _describe_refused(data: bytes) -> str:
+    for signature, what in _KNOWN_REFUSED:
+        if data.startswith(signature):
+            return what
+    if data[4:8] == b"ftyp" and (brand := _HEIF_BRANDS.get(data[8:12])):
+        return brand
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(b"<") and b"<svg" in head:
+        return "an SVG file"
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page"
+    return "this type of file"
+
+
+def _webp_declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a WebP's first chunk header (VP8X canvas, VP8 frame or VP8L), if readable."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        return (
+            int.from_bytes(data[26:28], "little") & 0x3FFF,
+            int.from_bytes(data[28:30], "little") & 0x3FFF,
+        )
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _open(data: bytes, fmt: InputFormat, max_pixels: int) -> Image.Image:
+    """Image.open restricted to the sniffed format: reads the header only (size, mode, metadata)."""
+    name = _DISPLAY_NAMES[fmt]
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings():
+            # Over Image.MAX_IMAGE_PIXELS Pillow only warns; refuse instead (the image is over our limit
+            # too unless max_pixels was set above Pillow's).
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=[_PILLOW_NAMES[fmt]])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow checked the declared size before we could; its threshold is all we know of the size.
+        over = Image.MAX_IMAGE_PIXELS or 0
+        if isinstance(exc, Image.DecompressionBombError):
+            over *= 2
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ImageTooLargeError(
+            f"the {name} image declares more than {_pixels_text(over)}; the limit is {_pixels_text(limit)}"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        # The content starts like `fmt` (we sniffed it), so Pillow failing to read its header is damage.
+        raise CorruptImageError(f"the file starts like a {name} image but its header is damaged") from exc
+    except _DECODE_FAILURES as exc:
+        raise CorruptImageError(
+            f"the file starts like a {name} image but cannot be read: {_reason(exc)}"
+        ) from exc
+
+
+def _count_frames(im: Image.Image) -> int:
+    """Frames (pages) in the file, from their headers; leaves the image on frame 0.
+
+    GIF frames are counted by a linear walk over their headers, the other formats declare the count.
+    TIFF pages are counted up to :data:`MAX_COUNTED_PAGES` only: Pillow's ``n_frames`` walks every
+    page in quadratic time (50 000 tiny pages, 4 MB, take 10 s).
+    """
+    if im.format != "TIFF":
+        return int(getattr(im, "n_frames", 1))
+    count = 1
+    try:
+        while count < MAX_COUNTED_PAGES:
+            im.seek(count)
+            count += 1
+    except EOFError:
+        pass
+    im.seek(0)
+    return count
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"the image declares an empty size ({width}×{height})")
+    if width * height > max_pixels:
+        size = f"{width}×{height} = {_pixels_text(width * height)}"
+        raise ImageTooLargeError(f"image is {size}; the limit is {_pixels_text(max_pixels)}")
+
+
+def _apply_orientation(im: Image.Image) -> Image.Image:
+    """The loaded image turned upright by its EXIF (or XMP, or TIFF tag) orientation.
+
+    Unreadable EXIF is ignored rather than refused: it is metadata, the pixels are fine.
+    """
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    except _DECODE_FAILURES:
+        return im
+    method = _TRANSPOSE_FOR_ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return im if method is None else im.transpose(method)  # transpose keeps `info` (ICC, transparency)
+
+
+def _to_pixels(im: Image.Image) -> np.ndarray:
+    """A loaded image of any mode → (H, W, 3|4) uint8 sRGB, writable; RGBA only if not all opaque."""
+    mode = im.mode
+    icc = im.info.get("icc_profile")
+    if mode in _SIXTEEN_BIT_MODES:
+        return _grey16_to_pixels(im)
+    if mode == "F":
+        return _float_to_pixels(im)
+    if mode == "CMYK":
+        transform = _srgb_transform(icc, "CMYK") if isinstance(icc, bytes) and icc else None
+        rgb = ImageCms.applyTransform(im, transform) if transform is not None else im.convert("RGB")
+        assert rgb is not None  # applyTransform returns an image unless inPlace=True
+        return np.array(rgb)
+    if mode == "LAB":
+        # (TIFF CIELab.) Pillow's own LAB → RGB conversion does not convert the colours; littleCMS does.
+        rgb = ImageCms.applyTransform(im, _lab_transform())
+        assert rgb is not None
+        return np.array(rgb)
+    if mode not in _CONVERTIBLE_MODES:
+        try:
+            im = im.convert("RGB")
+        except ValueError as exc:
+            raise UnsupportedImageError(f"images with {mode} pixels are not supported") from exc
+    out = im.convert("RGBA") if im.has_transparency_data else im
+    if out.mode not in ("RGB", "RGBA"):
+        out = out.convert("RGB")
+    if mode in _RGB_FAMILY and isinstance(icc, bytes) and icc:
+        transform = _srgb_transform(icc, out.mode)
+        if transform is not None:
+            converted = ImageCms.applyTransform(out, transform)
+            assert converted is not None
+            out = converted
+    return _drop_opaque_alpha(np.array(out))
+
+
+def _drop_opaque_alpha(pixels: np.ndarray) -> np.ndarray:
+    if pixels.shape[2] == 4 and bool((pixels[:, :, 3] == 255).all()):
+        return np.ascontiguousarray(pixels[:, :, :3])
+    return pixels
+
+
+def _grey16_to_pixels(im: Image.Image) -> np.ndarray:
+    """16-bit grey (Pillow's I;16* and I, which it also uses for 16-bit PNG) → RGB(A), scaled.
+
+    Pillow's own ``convert`` clips at 255; we map 0..65535 onto 0..255 with rounding (65535 → 255,
+    32768 → 128). Values outside 0..65535 (32-bit "I" files) are clipped to that range first.
+    """
+    values = np.asarray(im).astype(np.int64)
+    np.clip(values, 0, 65535, out=values)
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    channels = [grey, grey, grey]
+    transparent = im.info.get("transparency")
+    if isinstance(transparent, int) and not isinstance(transparent, bool):
+        # A 16-bit PNG's tRNS: one grey value (in file units) that is fully transparent.
+        channels.append(np.where(np.asarray(im) == transparent, 0, 255).astype(np.uint8))
+    return _drop_opaque_alpha(np.stack(channels, axis=2))
+
+
+def _float_to_pixels(im: Image.Image) -> np.ndarray:
+    """32-bit float grey ("F", from TIFF): 0..1 if that is its range, else 0..255; NaN → 0."""
+    values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if values.size and float(values.max()) <= 1.0:
+        values = values * 255.0
+    grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+@functools.lru_cache(maxsize=16)
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A cached transform from an embedded ICC profile to sRGB for `mode` images ("RGB", "RGBA", or
+    "CMYK" → "RGB"), or None when there is nothing to do: the profile is an sRGB one (most cameras
+    embed one; converting would cost ~10 ms a megapixel for ±1 level), or it is unreadable or not for
+    that colour space (an ICC profile is a hint about colours, never a reason to refuse an image).
+    """
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        expected = "CMYK" if mode == "CMYK" else "RGB"
+        if source.profile.xcolor_space.strip() != expected:
+            return None
+        if "srgb" in (source.profile.profile_description or "").lower():
+            return None
+        return ImageCms.buildTransform(
+            source, _srgb_profile(), mode, "RGB" if mode == "CMYK" else mode, ImageCms.Intent.PERCEPTUAL
+        )
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.cache
+def _lab_transform() -> ImageCms.ImageCmsTransform:
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
+    return ImageCms.buildTransform(lab, _srgb_profile(), "LAB", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC)
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+
+def _pixels_text(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels} pixels"
+
+
+def _bytes_text(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MiB"
+    if size >= 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size} bytes"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,247 @@
+"""One worker per device, fed by a bounded queue, batching concurrent requests through the pipeline.
+
+Every model computation of a device (detection, background and head generators, warps) runs on
+that device's single worker thread, so concurrent requests never oversubscribe the CPU cores or
+interleave GPU work; what runs elsewhere (decode, encode, HTTP) does not touch the models.
+
+The worker takes the oldest waiting ticket, then gathers more for up to ``batch_wait`` seconds or
+until ``max_batch`` tickets, and hands each style's tickets to :meth:`Cartoonizer.run_many`, which
+batches head crops across all of them and background passes across images of the same size.
+
+Admission: at most ``queue_size`` tickets wait. When full, :class:`QueueFullError` carries a
+``retry_after`` estimated from the queue depth and the measured time per image. A ticket whose
+deadline passes, or whose client went away (``cancel()``), is dropped from the queue, or stops
+between stages if already running; its future gets :class:`DeadlineExceededError` or
+:class:`~inference.pipeline.CancelledError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+
+from inference.errors import ToonserveError
+from inference.pipeline import CancelledError, Cartoonizer, Options, Result
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_SIZE: Final = 32
+DEFAULT_BATCH_WAIT_S: Final = 0.005
+#: Starting estimate of the time per image, before anything was measured (seconds).
+_INITIAL_SERVICE_S: Final = 1.0
+#: Weight of the newest measurement in the moving average of the time per image.
+_EMA_WEIGHT: Final = 0.2
+
+
+class QueueFullError(ToonserveError):
+    """Too many requests are waiting; ``retry_after`` (seconds) says when to come back."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceededError(ToonserveError):
+    """The request's deadline passed before its image was finished."""
+
+
+class SchedulerClosedError(ToonserveError):
+    """The scheduler is shutting down and takes no new work."""
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One image waiting for, or going through, the worker."""
+
+    style: str
+    image: np.ndarray
+    options: Options
+    deadline: float  # time.monotonic() seconds
+    future: Future[Result] = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """The client is gone: drop the work (now if queued, between stages if running)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.monotonic()) >= self.deadline
+
+    @property
+    def queue_wait_ms(self) -> float:
+        end = self.started if self.started is not None else time.monotonic()
+        return (end - self.enqueued) * 1000
+
+
+class Scheduler:
+    """The worker of one device. ``cartoonizers`` maps a style name to its pipeline on that device."""
+
+    def __init__(
+        self,
+        cartoonizers: dict[str, Cartoonizer],
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_batch: int = 4,
+        batch_wait: float = DEFAULT_BATCH_WAIT_S,
+        name: str = "cpu",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if queue_size < 1 or max_batch < 1 or batch_wait < 0:
+            raise ValueError("queue_size and max_batch must be >= 1 and batch_wait >= 0")
+        self.cartoonizers = cartoonizers
+        self.queue_size = queue_size
+        self.max_batch = max_batch
+        self.batch_wait = batch_wait
+        self.name = name
+        self._on_batch = on_batch
+        self._queue: deque[Ticket] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running = 0
+        self._service_s = _INITIAL_SERVICE_S
+        self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
+
+    # -- client side -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Tickets waiting (not yet started)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Tickets waiting or being processed."""
+        return len(self._queue) + self._running
+
+    @property
+    def seconds_per_image(self) -> float:
+        """Moving average of the worker's time per image (batch time / batch size)."""
+        return self._service_s
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained enough to take one more, at least 1."""
+        return max(1, math.ceil((self.in_flight + 1) * self._service_s))
+
+    def submit(self, style: str, image: np.ndarray, options: Options, deadline: float) -> Ticket:
+        """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once."""
+        if style not in self.cartoonizers:
+            raise ToonserveError(f"style {style!r} is not loaded on {self.name}")
+        ticket = Ticket(style, image, options, deadline)
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosedError("the service is shutting down")
+            if len(self._queue) >= self.queue_size:
+                wait = self.retry_after()
+                raise QueueFullError(
+                    f"{len(self._queue)} images are already waiting on {self.name} (queue size "
+                    f"{self.queue_size}); retry in about {wait} s",
+                    wait,
+                )
+            self._queue.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work; with ``drain``, finish what was accepted first (graceful shutdown)."""
+        with self._cond:
+            self._closed = True
+            if not drain:
+                while self._queue:
+                    self._queue.popleft().future.set_exception(
+                        SchedulerClosedError("the service is shutting down")
+                    )
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Ticket] | None:
+        """Block for the next tickets; None when closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            gather_until = time.monotonic() + self.batch_wait
+            while len(batch) < self.max_batch:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = gather_until - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._running = len(batch)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            except Exception as exc:  # a bug must not kill the worker: fail this batch, keep serving
+                log.exception("worker %s: batch failed", self.name)
+                for t in batch:
+                    if not t.future.done():
+                        t.future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._running = 0
+
+    def _process(self, batch: list[Ticket]) -> None:
+        now = time.monotonic()
+        live: list[Ticket] = []
+        for t in batch:
+            t.started = now
+            if t.cancelled:
+                t.future.set_exception(CancelledError("the client went away before processing started"))
+            elif t.expired(now):
+                t.future.set_exception(
+                    DeadlineExceededError(f"deadline passed after {t.queue_wait_ms:.0f} ms in the queue")
+                )
+            else:
+                live.append(t)
+        if not live:
+            return
+        start = time.perf_counter()
+        by_style: dict[str, list[Ticket]] = {}
+        for t in live:
+            by_style.setdefault(t.style, []).append(t)
+        for style, tickets in by_style.items():
+            outcomes = self.cartoonizers[style].run_many(
+                [(t.image, t.options) for t in tickets],
+                alive=lambda i, tickets=tickets: not (tickets[i].cancelled or tickets[i].expired()),  # type: ignore[misc]
+            )
+            for t, outcome in zip(tickets, outcomes, strict=True):
+                if isinstance(outcome, CancelledError) and t.expired() and not t.cancelled:
+                    outcome = DeadlineExceededError("deadline passed while the image was being processed")
+                if isinstance(outcome, Exception):
+                    t.future.set_exception(outcome)
+                else:
+                    t.future.set_result(outcome)
+        elapsed = time.perf_counter() - start
+        per_image = elapsed / len(live)
+        self._service_s = (1 - _EMA_WEIGHT) * self._service_s + _EMA_WEIGHT * per_image
+        if self._on_batch is not None:
+            self._on_batch(len(live), elapsed)

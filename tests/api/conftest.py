@@ -1,0 +1,77 @@
+"""An app serving the synthetic anime style, ready, shared by the API tests of a module."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.state import ServiceState
+from service.app import create_app
+from service.settings import Settings
+from tests import photos
+from tests.reference_graphs import ReferenceModelDir
+
+
+def wait_ready(client: TestClient, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not ready: {client.get('/readyz').json()}")
+
+
+def make_settings(model_dir: ReferenceModelDir, cache: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(
+        model_dir=model_dir.path.parent,
+        cache_dir=cache,
+        allow_download=False,
+        device="cpu",
+        log_format="text",
+    )
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def client(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    settings = make_settings(
+        model_dir, tmp_path_factory.mktemp("cache"), max_upload_bytes=3_000_000, max_pixels=4_000_000
+    )
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        yield c
+
+
+def service_state(client: TestClient) -> ServiceState:
+    state: ServiceState = client.app.state.toonserve  # type: ignore[attr-defined]
+    return state
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def portrait_jpeg() -> bytes:
+    return jpeg_bytes(photos.astronaut())
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg() -> bytes:
+    return jpeg_bytes(photos.coffee())

@@ -1,0 +1,218 @@
+"""POST /cartoonize and /cartoonize/batch through the app, with the synthetic model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from inference.pipeline import Options
+from inference.scheduler import Scheduler
+from tests.api.conftest import png_bytes, service_state
+
+
+def _stages(server_timing: str) -> dict[str, float]:
+    out = {}
+    for part in server_timing.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def test_image_response(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-faces-stylized"] == "1"
+    assert len(r.headers["x-request-id"]) == 32
+    timing = _stages(r.headers["server-timing"])
+    stages = ["resize", "background", "detect", "align", "head", "blend", "strength", "resize_out"]
+    assert list(timing) == ["decode", "queue", *stages, "encode"]
+    assert timing["background"] > 0 and timing["head"] > 0
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.format == "PNG" and im.size == (512, 512) and im.mode == "RGB"
+
+
+def test_json_response_and_fields(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post(
+        "/cartoonize",
+        files={"image": ("me.jpg", portrait_jpeg, "image/jpeg")},
+        data={"response": "json", "format": "webp", "quality": "80", "output_size": "256", "strength": "0.7"},
+        headers={"X-Request-ID": "abc-123"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "abc-123"
+    body = r.json()
+    assert body["format"] == "webp" and body["media_type"] == "image/webp"
+    assert body["output_size"] == {"width": 256, "height": 256}
+    assert body["input_size"] == {"width": 512, "height": 512}
+    assert body["faces_stylized"] == 1 and body["faces"][0]["stylized"] is True
+    assert len(body["faces"][0]["landmarks"]) == 5
+    assert body["style"] == "anime" and body["device"] == "cpu" and body["dtype"] == "float32"
+    assert set(body["timings_ms"]) >= {"decode", "queue", "background", "head", "encode"}
+    with Image.open(io.BytesIO(base64.b64decode(body["image"]))) as im:
+        assert im.format == "WEBP" and im.size == (256, 256)
+
+
+def test_no_face_policies(client: TestClient, coffee_jpeg: bytes) -> None:
+    files = {"image": ("coffee.jpg", coffee_jpeg, "image/jpeg")}
+    r = client.post("/cartoonize", files=files, data={"no_face": "error"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "no_face"
+    r = client.post("/cartoonize", files=files, data={"response": "json"})
+    assert r.status_code == 200 and r.json()["no_face"] == "background" and r.json()["faces"] == []
+    r = client.post("/cartoonize", files=files, data={"response": "json", "no_face": "passthrough"})
+    assert r.json()["no_face"] == "passthrough" and r.json()["output_size"] == {"width": 600, "height": 400}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"strength": "1.5"}, "strength"),
+        ({"processing_size": "10"}, "processing_size"),
+        ({"format": "gif"}, "format"),
+        ({"quality": "0"}, "quality"),
+        ({"no_face": "maybe"}, "no_face"),
+        ({"response": "xml"}, "response"),
+        ({"output_size": "abc"}, "output_size"),
+    ],
+)
+def test_bad_fields_are_422(
+    client: TestClient, portrait_jpeg: bytes, data: dict[str, str], fragment: str
+) -> None:
+    r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg, "image/jpeg")}, data=data)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["code"] == "invalid_request" and fragment in err["message"]
+
+
+def test_missing_image_and_unknown_style(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post("/cartoonize", data={"style": "anime"})
+    assert r.status_code == 422 and "image" in r.json()["error"]["message"]
+    r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)}, data={"style": "pixar"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_style"
+    r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)}, data={"style": "3d"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "style_not_loaded"
+
+
+def test_bad_images(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post("/cartoonize", files={"image": ("me.jpg", b"hello, world", "image/jpeg")})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_image"
+    r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg[: len(portrait_jpeg) // 2])})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "corrupt_image"
+    big = png_bytes(np.zeros((2100, 2100, 3), np.uint8))  # 4.4 MP > the 4 MP limit, small file
+    r = client.post("/cartoonize", files={"image": ("big.png", big)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    r = client.post("/cartoonize", files={"image": ("huge.bin", b"\xff" * 3_100_000)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_output_has_no_input_metadata(client: TestClient) -> None:
+    from tests import photos
+
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    exif[0x8825] = {1: "N", 2: (1.0, 2.0, 3.0)}  # GPS IFD
+    buf = io.BytesIO()
+    Image.fromarray(photos.astronaut()).save(buf, "JPEG", exif=exif.tobytes())
+    r = client.post("/cartoonize", files={"image": ("gps.jpg", buf.getvalue())}, data={"format": "jpeg"})
+    assert r.status_code == 200
+    assert b"SecretCam" not in r.content
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert len(im.getexif()) == 0
+
+
+def test_batch_zip_with_one_bad_file(client: TestClient, portrait_jpeg: bytes, coffee_jpeg: bytes) -> None:
+    files = [
+        ("images", ("me.jpg", portrait_jpeg, "image/jpeg")),
+        ("images", ("notes.txt", b"not an image", "text/plain")),
+        ("images", ("coffee.jpg", coffee_jpeg, "image/jpeg")),
+    ]
+    r = client.post("/cartoonize/batch", files=files, data={"format": "jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        names = zf.namelist()
+        manifest = json.loads(zf.read("results.json"))
+        assert names == ["001-me.jpg", "003-coffee.jpg", "results.json"]
+        with Image.open(io.BytesIO(zf.read("001-me.jpg"))) as im:
+            assert im.format == "JPEG" and im.size == (512, 512)
+    statuses = [(i["filename"], i["status"]) for i in manifest["results"]]
+    assert statuses == [("me.jpg", 200), ("notes.txt", 415), ("coffee.jpg", 200)]
+    assert manifest["results"][1]["error"]["code"] == "unsupported_image"
+    assert manifest["results"][0]["result"]["faces_stylized"] == 1
+
+
+def test_batch_json(client: TestClient, portrait_jpeg: bytes) -> None:
+    files = [("images", ("a.jpg", portrait_jpeg)), ("images", ("b.jpg", portrait_jpeg))]
+    r = client.post("/cartoonize/batch", files=files, data={"response": "json", "no_face": "error"})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 200]
+    assert all(base64.b64decode(x["result"]["image"])[:4] == b"\x89PNG" for x in results)
+
+
+def test_batch_file_limit(client: TestClient, portrait_jpeg: bytes) -> None:
+    files = [("images", (f"{i}.jpg", portrait_jpeg)) for i in range(17)]
+    r = client.post("/cartoonize/batch", files=files)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files"
+
+
+def test_full_queue_is_503_with_retry_after(client: TestClient, portrait_jpeg: bytes) -> None:
+    state = service_state(client)
+    real = state.scheduler
+    assert real is not None
+    stalled = Scheduler(real.cartoonizers, queue_size=1, name="stalled")  # never started: nothing drains
+    state.scheduler = stalled
+    try:
+        stalled.submit("anime", np.zeros((8, 8, 3), np.uint8), Options(), time.monotonic() + 60)
+        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        state.scheduler = real
+
+
+def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: bytes) -> None:
+    state = service_state(client)
+    real, limits = state.scheduler, state.limits
+    assert real is not None
+    stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled")
+    state.scheduler = stalled
+    state.limits = type(limits)(**{**limits.__dict__, "request_timeout_s": 0.3})
+    try:
+        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        assert stalled.depth == 1
+        ticket = stalled._queue[0]
+        assert ticket.cancelled  # dropped: the worker will not process it
+    finally:
+        state.scheduler, state.limits = real, limits
+
+
+def test_metrics(client: TestClient, portrait_jpeg: bytes) -> None:
+    client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+    text = client.get("/metrics").text
+    assert 'toonserve_requests_total{route="/cartoonize",status="200"}' in text
+    assert 'toonserve_request_duration_seconds_bucket{le="0.5",route="/cartoonize"}' in text
+    assert 'toonserve_stage_duration_seconds_count{stage="background"}' in text
+    assert "toonserve_faces_per_image_count" in text
+    assert 'toonserve_queue_depth{device="cpu"}' in text
+    assert "toonserve_in_flight_requests" in text
+
+
+def test_openapi_documents_the_endpoints(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/cartoonize", "/cartoonize/batch", "/styles", "/healthz", "/readyz", "/metrics"} <= set(
+        spec["paths"]
+    )
+    form = spec["paths"]["/cartoonize"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["$ref"].startswith("#/components/schemas/")

@@ -1,0 +1,118 @@
+"""The per-device worker: batching across requests, bounded queue, deadlines, cancellation, drain."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+
+from inference.errors import ToonserveError
+from inference.pipeline import CancelledError, Cartoonizer, Options, Result
+from inference.scheduler import DeadlineExceededError, QueueFullError, Scheduler, SchedulerClosedError
+from tests import photos
+
+
+class _Recorder:
+    """Stands in for a Cartoonizer: records each run_many call, optionally blocking until released."""
+
+    def __init__(self, real: Cartoonizer, gate: threading.Event | None = None) -> None:
+        self.real = real
+        self.calls: list[int] = []
+        self.gate = gate
+
+    def run_many(
+        self, items: Sequence[tuple[np.ndarray, Options]], alive: Callable[[int], bool] = lambda _: True
+    ) -> list[Result | ToonserveError]:
+        self.calls.append(len(items))
+        if self.gate is not None:
+            self.gate.wait(10)
+        return self.real.run_many(items, alive)
+
+
+def _scheduler(
+    cartoonizer: Cartoonizer, gate: threading.Event | None = None, **kw: object
+) -> tuple[Scheduler, _Recorder]:
+    rec = _Recorder(cartoonizer, gate)
+    return Scheduler({"anime": rec}, name="test", **kw), rec  # type: ignore[dict-item, arg-type]
+
+
+def test_concurrent_requests_share_a_batch(cartoonizer: Cartoonizer) -> None:
+    sched, rec = _scheduler(cartoonizer, max_batch=4, batch_wait=0.5)
+    img = photos.astronaut()
+    tickets = [sched.submit("anime", img, Options(), time.monotonic() + 60) for _ in range(3)]
+    sched.start()
+    results = [t.future.result(60) for t in tickets]
+    sched.close()
+    assert rec.calls == [3]
+    assert all(r.faces_stylized == 1 for r in results)
+    assert sched.seconds_per_image < 1.0 or sched.seconds_per_image > 0
+
+
+def test_full_queue_refuses_with_retry_after(cartoonizer: Cartoonizer) -> None:
+    sched, _ = _scheduler(cartoonizer, queue_size=2)
+    img = np.zeros((16, 16, 3), np.uint8)
+    for _ in range(2):
+        sched.submit("anime", img, Options(), time.monotonic() + 60)
+    with pytest.raises(QueueFullError) as info:
+        sched.submit("anime", img, Options(), time.monotonic() + 60)
+    assert info.value.retry_after >= 1
+    assert "queue size 2" in str(info.value)
+    sched.close(drain=False)
+
+
+def test_expired_and_cancelled_tickets_are_dropped(cartoonizer: Cartoonizer) -> None:
+    sched, rec = _scheduler(cartoonizer)
+    img = photos.coffee()
+    expired = sched.submit("anime", img, Options(), time.monotonic() - 1)
+    gone = sched.submit("anime", img, Options(), time.monotonic() + 60)
+    gone.cancel()
+    kept = sched.submit("anime", img, Options(), time.monotonic() + 60)
+    sched.start()
+    assert kept.future.result(60).no_face == "background"
+    with pytest.raises(DeadlineExceededError):
+        expired.future.result(1)
+    with pytest.raises(CancelledError):
+        gone.future.result(1)
+    assert rec.calls == [1]  # only the live ticket reached the pipeline
+    sched.close()
+
+
+def test_close_drains_accepted_work_then_refuses(cartoonizer: Cartoonizer) -> None:
+    gate = threading.Event()
+    sched, _ = _scheduler(cartoonizer, gate=gate, max_batch=1)
+    img = photos.coffee()
+    sched.start()
+    first = sched.submit("anime", img, Options(no_face="passthrough"), time.monotonic() + 60)
+    second = sched.submit("anime", img, Options(no_face="passthrough"), time.monotonic() + 60)
+    closer = threading.Thread(target=sched.close)
+    closer.start()
+    time.sleep(0.1)
+    with pytest.raises(SchedulerClosedError):
+        sched.submit("anime", img, Options(), time.monotonic() + 60)
+    gate.set()
+    closer.join(30)
+    assert first.future.result(1).no_face == "passthrough"
+    assert second.future.result(1).no_face == "passthrough"
+
+
+def test_a_failing_batch_does_not_kill_the_worker(cartoonizer: Cartoonizer) -> None:
+    class Boom(_Recorder):
+        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
+            self.calls.append(len(items))
+            if len(self.calls) == 1:
+                raise RuntimeError("bug")
+            return self.real.run_many(items, alive)
+
+    rec = Boom(cartoonizer)
+    sched = Scheduler({"anime": rec}, max_batch=1, name="test")  # type: ignore[dict-item]
+    sched.start()
+    img = photos.coffee()
+    bad = sched.submit("anime", img, Options(), time.monotonic() + 60)
+    with pytest.raises(RuntimeError):
+        bad.future.result(30)
+    good = sched.submit("anime", img, Options(no_face="passthrough"), time.monotonic() + 60)
+    assert good.future.result(30).no_face == "passthrough"
+    sched.close()

@@ -1,0 +1,168 @@
+"""A real uvicorn process: the README's curl examples verbatim, probes under load, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests import photos
+from tests.reference_graphs import ReferenceModelDir
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def readme_curl_examples() -> list[str]:
+    """The ``curl`` lines of the README's Examples section."""
+    text = README.read_text()
+    section = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    return [
+        line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("curl ")
+    ]
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.port, self.proc, self.log = port, proc, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return int(r.status), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = _free_port()
+    tmp = tmp_path_factory.mktemp("live")
+    env = dict(os.environ)
+    env.update(
+        TOONSERVE_PORT=str(port),
+        TOONSERVE_HOST="127.0.0.1",
+        TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
+        TOONSERVE_CACHE_DIR=str(tmp / "cache"),
+        TOONSERVE_ALLOW_DOWNLOAD="false",
+        TOONSERVE_DEVICE="cpu",
+        TOONSERVE_LOG_FORMAT="json",
+    )
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out
+        )
+    srv = Server(port, proc, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if srv.get("/readyz", timeout=2)[0] == 200:
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
+    yield srv
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_readme_curl_examples_run_verbatim(server: Server, tmp_path: Path) -> None:
+    Image.fromarray(photos.astronaut()).save(tmp_path / "me.jpg", quality=92)
+    Image.fromarray(photos.grace_hopper()).save(tmp_path / "friends.jpg", quality=92)
+    examples = readme_curl_examples()
+    assert len(examples) >= 5
+    for line in examples:
+        args = shlex.split(line.replace("localhost:8000", f"127.0.0.1:{server.port}"))
+        done = subprocess.run(
+            [*args, "-sS", "-w", "%{http_code}"], cwd=tmp_path, capture_output=True, timeout=120
+        )
+        assert done.returncode == 0, (line, done.stderr)
+        status = done.stdout[-3:].decode()
+        assert status == "200", (line, done.stdout[-500:])
+    with Image.open(tmp_path / "toon.png") as im:
+        assert im.format == "PNG" and im.size == (512, 512)
+    with Image.open(tmp_path / "toon.jpg") as im:
+        assert im.format == "JPEG" and max(im.size) == 1024
+    report = json.loads((tmp_path / "toon.json").read_text())
+    assert report["faces_stylized"] == 1 and report["format"] == "png"
+    with zipfile.ZipFile(tmp_path / "toons.zip") as zf:
+        assert zf.namelist() == ["001-me.png", "002-friends.png", "results.json"]
+
+
+def test_logs_are_json_with_request_ids(server: Server) -> None:
+    req = urllib.request.Request(server.url + "/healthz", headers={"X-Request-ID": "trace-42"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.headers["X-Request-ID"] == "trace-42"
+    time.sleep(0.2)
+    lines = [json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")]
+    access = [x for x in lines if x.get("request_id") == "trace-42"]
+    assert access and access[-1]["path"] == "/healthz" and access[-1]["status"] == 200
+
+
+def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: Server, tmp_path: Path) -> None:
+    body = tmp_path / "big.jpg"
+    Image.fromarray(photos.group(4)).save(body, quality=90)
+    results: list[int] = []
+
+    def post() -> None:
+        done = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-F",
+                f"image=@{body}",
+                server.url + "/cartoonize",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        results.append(int(done.stdout or b"0"))
+
+    workers = [threading.Thread(target=post) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)  # the worker is now busy with the first images
+    status, payload = server.get("/healthz", timeout=5)
+    assert status == 200 and json.loads(payload) == {"status": "ok"}
+    server.proc.send_signal(signal.SIGTERM)  # graceful: accepted requests still complete
+    for w in workers:
+        w.join(120)
+    assert results == [200, 200, 200]
+    # Uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM";
+    # the lifespan's last log line proves the shutdown ran to its end.
+    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    messages = [json.loads(x)["message"] for x in server.log.read_text().splitlines() if x.startswith("{")]
+    assert "stopped" in messages
