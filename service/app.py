@@ -45,8 +45,13 @@ def _load_all(state: ServiceState, settings: Settings, metrics: Metrics) -> None
             state.store.failures["face detector"] = str(exc)
             log.error("face detector not loaded: %s", exc)
             return
+        # On CPU, batching large images is slower per image than one at a time (memory-bound; see
+        # inference.pipeline.DEFAULT_BG_BATCH), so the worker takes one image at a time there by default.
+        max_batch = settings.max_batch or (8 if state.store.device.type == "cuda" else 1)
         cartoonizers = {
-            name: Cartoonizer(state.store.get(name), detector, max_batch=settings.max_batch)
+            name: Cartoonizer(
+                state.store.get(name), detector, bg_batch=max_batch, head_batch=settings.head_batch
+            )
             for name in state.styles
         }
         blank = np.full((_WARMUP_SIDE, _WARMUP_SIDE, 3), 128, dtype=np.uint8)
@@ -55,7 +60,7 @@ def _load_all(state: ServiceState, settings: Settings, metrics: Metrics) -> None
         scheduler = Scheduler(
             cartoonizers,
             queue_size=settings.queue_size,
-            max_batch=settings.max_batch,
+            max_batch=max_batch,
             batch_wait=settings.batch_wait_ms / 1000,
             name=str(state.store.device),
             on_batch=lambda n, _s: metrics.images.labels(outcome="processed").inc(n),

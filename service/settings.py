@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         16, ge=1, le=256, description="Most images in one /cartoonize/batch request."
     )
     queue_size: int = Field(32, ge=1, description="Images that may wait for the worker; beyond it: 503.")
-    max_batch: int = Field(4, ge=1, le=64, description="Most images the worker batches together.")
+    max_batch: int | None = Field(
+        None, ge=1, le=64, description="Most images the worker takes together; unset: 1 on CPU, 8 on CUDA."
+    )
+    head_batch: int = Field(16, ge=1, le=256, description="Most face crops per head-network call.")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long the worker waits to fill a batch.")
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline per image, queue wait included; then 504."

@@ -255,7 +255,7 @@ def test_matches_upstream_flow(cartoonizer: Cartoonizer, upstream_flow: Upstream
 def test_run_many_batches_across_images(cartoonizer: Cartoonizer) -> None:
     head = _CountingRunner(cartoonizer.style.head)
     bg = _CountingRunner(cartoonizer.style.bg)
-    c = Cartoonizer(replace(cartoonizer.style, head=head, bg=bg), cartoonizer.detector)  # type: ignore[arg-type]
+    c = Cartoonizer(replace(cartoonizer.style, head=head, bg=bg), cartoonizer.detector, bg_batch=4)  # type: ignore[arg-type]
     astro, group = photos.astronaut(), photos.group(4)
     items = [
         (astro, Options()),
@@ -278,3 +278,13 @@ def test_run_many_drops_cancelled_images(cartoonizer: Cartoonizer) -> None:
     outcomes = cartoonizer.run_many(items, alive=lambda i: i == 0)
     assert not isinstance(outcomes[0], Exception) and outcomes[0].faces_stylized == 1
     assert isinstance(outcomes[1], CancelledError)
+
+
+def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:
+    bg = _CountingRunner(cartoonizer.style.bg)
+    c = Cartoonizer(replace(cartoonizer.style, bg=bg), cartoonizer.detector, bg_batch=1)  # type: ignore[arg-type]
+    astro = photos.astronaut()
+    c.run_many([(astro, Options()), (astro, Options())])
+    assert bg.batches == [1, 1]
+    with pytest.raises(OptionsError):
+        Cartoonizer(cartoonizer.style, cartoonizer.detector, head_batch=0)
