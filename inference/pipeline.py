@@ -183,8 +183,9 @@ def processing_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * height / width), size
 
 
-def _resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Area filter when shrinking (cv2 INTER_AREA's averaging), bilinear when enlarging."""
+def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (height, width, 3): area filter when shrinking (cv2 INTER_AREA's averaging),
+    bilinear when enlarging."""
     if rgb.shape[:2] == (height, width):
         return rgb
     shrink = height <= rgb.shape[0] and width <= rgb.shape[1]
@@ -308,7 +309,7 @@ class Cartoonizer:
     def resize(self, job: _Job) -> None:
         with self._timed([job], "resize"):
             h, w = processing_shape(job.rgb.shape[0], job.rgb.shape[1], job.options.processing_size)
-            job.photo = _resize(job.rgb, h, w)
+            job.photo = resize_rgb(job.rgb, h, w)
             job.photo_t = torch.from_numpy(job.photo).permute(2, 0, 1).to(self.device)
 
     def background(self, jobs: Sequence[_Job]) -> None:
@@ -424,7 +425,7 @@ class Cartoonizer:
             out = out_t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         with self._timed([job], "resize_out"):
             oh, ow = opts.output_size or job.rgb.shape[:2]
-            out = np.ascontiguousarray(_resize(out, oh, ow))
+            out = np.ascontiguousarray(resize_rgb(out, oh, ow))
         for stage in STAGES:
             job.timings.setdefault(stage, 0.0)
         return Result(

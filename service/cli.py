@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from inference.errors import ToonserveError
@@ -75,6 +76,71 @@ def _cmd_styles(args: argparse.Namespace) -> int:
     return 0
 
 
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _progress(done: int, total: int, name: str, started: float) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    rate = done / max(time.monotonic() - started, 1e-9)
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f} img/s {name[:40]:40}"
+    )
+    sys.stderr.flush()
+
+
+def _cmd_cartoonize(args: argparse.Namespace) -> int:
+    """Cartoonize every photo of a folder into another folder, with the service's own pipeline."""
+    from inference.faces import create_detector
+    from inference.images import decode, encode
+    from inference.models import ModelStore, parse_device, parse_dtype
+    from inference.pipeline import Cartoonizer, Options
+    from service.settings import get_settings
+
+    settings = get_settings()
+    src, dst = Path(args.input), Path(args.output)
+    if not src.is_dir():
+        print(f"error: {src} is not a directory", file=sys.stderr)
+        return 2
+    photos = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _PHOTO_SUFFIXES)
+    if not photos:
+        print(f"error: no photos ({', '.join(_PHOTO_SUFFIXES)}) in {src}", file=sys.stderr)
+        return 2
+    dst.mkdir(parents=True, exist_ok=True)
+    device = parse_device(args.device or settings.device)
+    store = ModelStore(
+        device, parse_dtype(args.dtype or settings.dtype), Path(args.cache_dir or settings.cache_dir),
+        settings.model_dir, settings.allow_download, settings.backend,
+    )  # fmt: skip
+    style = args.style or settings.default_style
+    cartoonizer = Cartoonizer(
+        store.load(style), create_detector("mtcnn", device), head_batch=settings.head_batch
+    )
+    options = Options(
+        processing_size=args.processing_size or settings.processing_size, strength=args.strength
+    )
+    fmt = args.format or settings.output_format
+    failures = 0
+    started = time.monotonic()
+    for i, path in enumerate(photos):
+        _progress(i, len(photos), path.name, started)
+        try:
+            result = cartoonizer.run(
+                decode(path.read_bytes(), max_pixels=settings.max_pixels).pixels, options
+            )
+            suffix = "jpg" if fmt == "jpeg" else fmt
+            (dst / f"{path.stem}.{suffix}").write_bytes(
+                encode(result.image, fmt, args.quality or settings.quality)
+            )
+        except ToonserveError as exc:
+            failures += 1
+            sys.stderr.write(f"\n{path.name}: {exc}\n")
+    _progress(len(photos), len(photos), "done", started)
+    sys.stderr.write("\n")
+    print(f"{len(photos) - failures} of {len(photos)} photos written to {dst}")
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toonserve", description="DCT-Net cartoon service and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="directory with cartoon_h.pb, cartoon_bg.pb and alpha.jpg")
     conv.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     conv.set_defaults(func=_cmd_convert)
+
+    cz = sub.add_parser("cartoonize", help="cartoonize a folder of photos into another folder")
+    cz.add_argument("input", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
+    cz.add_argument("output", help="folder for the results (created)")
+    cz.add_argument("--style", choices=list(STYLES), help="default: TOONSERVE_DEFAULT_STYLE")
+    cz.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: TOONSERVE_OUTPUT_FORMAT")
+    cz.add_argument("--quality", type=int, help="JPEG/WebP quality, default: TOONSERVE_QUALITY")
+    cz.add_argument("--strength", type=float, default=1.0, help="1 = cartoon, 0 = photo")
+    cz.add_argument("--processing-size", type=int, help="default: TOONSERVE_PROCESSING_SIZE")
+    cz.add_argument("--device", help="override TOONSERVE_DEVICE")
+    cz.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override TOONSERVE_DTYPE")
+    cz.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
+    cz.set_defaults(func=_cmd_cartoonize)
 
     st = sub.add_parser("styles", help="list the styles and whether their weights are on this machine")
     st.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")

@@ -50,3 +50,37 @@ def test_download_offline_is_one_clear_line(
     assert last.startswith("error: no weights") or last.startswith("error: download of"), last
     assert "damo/cv_unet_person-image-cartoon-sketch_compound-models from ModelScope failed" in last
     assert "Traceback" not in err
+
+
+def test_cartoonize_a_folder(
+    model_dir: ReferenceModelDir,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    from service.settings import get_settings
+    from tests import photos
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(photos.astronaut()).save(src / "astronaut.jpg")
+    Image.fromarray(photos.coffee()).save(src / "coffee.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    (src / "notes.txt").write_text("ignored")
+    monkeypatch.setenv("TOONSERVE_MODEL_DIR", str(model_dir.path.parent))
+    monkeypatch.setenv("TOONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOONSERVE_ALLOW_DOWNLOAD", "false")
+    get_settings.cache_clear()
+    try:
+        code = main(["cartoonize", str(src), str(tmp_path / "out"), "--format", "jpeg", "--device", "cpu"])
+    finally:
+        get_settings.cache_clear()
+    assert code == 1  # one photo failed, the others were written
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.jpg", "coffee.jpg"]
+    out, err = capsys.readouterr()
+    assert "2 of 3 photos written" in out
+    assert "broken.jpg:" in err and "3/3" in err
+    with Image.open(tmp_path / "out" / "astronaut.jpg") as im:
+        assert im.size == (512, 512)
