@@ -81,11 +81,15 @@ class BatchJSON(BaseModel):
 
 @dataclass
 class _Params:
+    """A request's validated form fields, with the scheduler that will run it."""
+
+    scheduler: Scheduler
     style: str
     options: Options
     long_side: int | None
     fmt: OutputFormat
     quality: int
+    response: ResponseMode
 
 
 def _size(hw: tuple[int, int]) -> Size:
@@ -100,19 +104,49 @@ def _output_hw(input_hw: tuple[int, int], long_side: int | None) -> tuple[int, i
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+# Form fields shared by both endpoints (descriptions and bounds; defaults are on the parameters).
+StyleField = Annotated[
+    str | None,
+    Form(description="anime, 3d, handdrawn, sketch, artstyle, design or illustration; default: configured"),
+]
+StrengthField = Annotated[
+    float, Form(ge=0.0, le=1.0, description="1 = the cartoon, 0 = the photo, between: a blend")
+]
+ProcessingField = Annotated[
+    int | None, Form(ge=64, le=2048, description="short side the photo is processed at (default 720)")
+]
+OutputSizeField = Annotated[
+    int | None, Form(ge=16, le=8192, description="long side of the result (default: input's)")
+]
+FormatField = Annotated[OutputFormat | None, Form(alias="format", description="png, jpeg or webp")]
+QualityField = Annotated[int | None, Form(ge=1, le=100, description="JPEG/WebP quality")]
+NoFaceField = Annotated[
+    NoFacePolicy,
+    Form(
+        description="without a face: background (whole-photo cartoon), error (422) or passthrough (the photo)"
+    ),
+]
+ResponseField = Annotated[
+    ResponseMode, Form(description="image: the encoded bytes; json: base64 plus the report")
+]
+
+
 def _params(
-    state: ServiceState,
-    style: str | None,
-    strength: float,
-    processing_size: int | None,
-    output_size: int | None,
-    fmt: OutputFormat | None,
-    quality: int | None,
-    no_face: NoFacePolicy,
+    state: Annotated[ServiceState, Depends(get_state)],
+    style: StyleField = None,
+    strength: StrengthField = 1.0,
+    processing_size: ProcessingField = None,
+    output_size: OutputSizeField = None,
+    fmt: FormatField = None,
+    quality: QualityField = None,
+    no_face: NoFaceField = "background",
+    response: ResponseField = "image",
 ) -> _Params:
+    """The form fields both endpoints share (a dependency: declared once, validated once)."""
+    scheduler = _scheduler(state)
     d = state.defaults
     style = style or state.default_style
-    state.store.get(style)  # unknown (422) or not loaded (503) before any work
+    state.store.get(style)  # unknown or not loaded: 422 before any work
     try:
         options = Options(
             processing_size=processing_size or d.processing_size,
@@ -123,7 +157,8 @@ def _params(
         )
     except ToonserveError as exc:
         raise APIError(422, "invalid_request", str(exc)) from exc
-    return _Params(style, options, output_size, fmt or d.output_format, quality or d.quality)  # type: ignore[arg-type]
+    out_fmt: OutputFormat = fmt or d.output_format  # type: ignore[assignment]
+    return _Params(scheduler, style, options, output_size, out_fmt, quality or d.quality, response)
 
 
 def _scheduler(state: ServiceState) -> Scheduler:
@@ -222,33 +257,6 @@ def _record(metrics: Metrics, result: Result) -> None:
     metrics.faces.observe(result.faces_stylized)
 
 
-# Form fields shared by both endpoints (descriptions and bounds; defaults are on the parameters).
-StyleField = Annotated[
-    str | None,
-    Form(description="anime, 3d, handdrawn, sketch, artstyle, design or illustration; default: configured"),
-]
-StrengthField = Annotated[
-    float, Form(ge=0.0, le=1.0, description="1 = the cartoon, 0 = the photo, between: a blend")
-]
-ProcessingField = Annotated[
-    int | None, Form(ge=64, le=2048, description="short side the photo is processed at (default 720)")
-]
-OutputSizeField = Annotated[
-    int | None, Form(ge=16, le=8192, description="long side of the result (default: input's)")
-]
-FormatField = Annotated[OutputFormat | None, Form(alias="format", description="png, jpeg or webp")]
-QualityField = Annotated[int | None, Form(ge=1, le=100, description="JPEG/WebP quality")]
-NoFaceField = Annotated[
-    NoFacePolicy,
-    Form(
-        description="without a face: background (whole-photo cartoon), error (422) or passthrough (the photo)"
-    ),
-]
-ResponseField = Annotated[
-    ResponseMode, Form(description="image: the encoded bytes; json: base64 plus the report")
-]
-
-
 @router.post(
     "/cartoonize",
     summary="Cartoonize one photo",
@@ -268,17 +276,9 @@ async def cartoonize(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     image: Annotated[UploadFile, File(description="the photo")],
-    style: StyleField = None,
-    strength: StrengthField = 1.0,
-    processing_size: ProcessingField = None,
-    output_size: OutputSizeField = None,
-    fmt: FormatField = None,
-    quality: QualityField = None,
-    no_face: NoFaceField = "background",
-    response: ResponseField = "image",
+    params: Annotated[_Params, Depends(_params)],
 ) -> Response:
-    scheduler = _scheduler(state)
-    params = _params(state, style, strength, processing_size, output_size, fmt, quality, no_face)
+    scheduler = params.scheduler
     decoded, decode_ms = await _read(image, state)
     timeout = state.limits.request_timeout_s
     try:
@@ -292,7 +292,7 @@ async def cartoonize(
     encoded = await run_in_threadpool(encode, result.image, params.fmt, params.quality)
     timings = _timings(result, decode_ms, ticket.queue_wait_ms, (time.perf_counter() - start) * 1000)
     headers = {"Server-Timing": _server_timing(timings)}
-    if response == "json":
+    if params.response == "json":
         body = _json(result, encoded, params.fmt, timings)
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(result.faces_stylized)
@@ -333,21 +333,14 @@ async def cartoonize_batch(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     images: Annotated[list[UploadFile], File(description="the photos")],
-    style: StyleField = None,
-    strength: StrengthField = 1.0,
-    processing_size: ProcessingField = None,
-    output_size: OutputSizeField = None,
-    fmt: FormatField = None,
-    quality: QualityField = None,
-    no_face: NoFaceField = "background",
-    response: ResponseField = "image",
+    params: Annotated[_Params, Depends(_params)],
 ) -> Response:
-    scheduler = _scheduler(state)
+    scheduler = params.scheduler
+    response = params.response
     if len(images) > state.limits.max_batch_files:
         raise APIError(
             413, "too_many_files", f"{len(images)} files; the limit is {state.limits.max_batch_files}"
         )
-    params = _params(state, style, strength, processing_size, output_size, fmt, quality, no_face)
     names = [u.filename or f"image-{i + 1}" for i, u in enumerate(images)]
     decoded: list[tuple[DecodedImage, float] | Exception] = []
     for upload in images:
