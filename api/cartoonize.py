@@ -16,11 +16,11 @@ import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import APIError, status_for
@@ -51,7 +51,50 @@ class FaceOut(BaseModel):
     reason: str | None = Field(None, description="why it was skipped: below_threshold, too_small, over_limit")
 
 
+_FACE_EXAMPLE: dict[str, Any] = {
+    "box": [201.3, 77.9, 262.5, 160.1],
+    "score": 0.99987,
+    "landmarks": [[216.2, 110.9], [244.8, 110.3], [230.9, 127.0], [219.5, 143.2], [243.1, 142.7]],
+    "stylized": True,
+    "reason": None,
+}
+
+
 class CartoonJSON(BaseModel):
+    model_config: ClassVar[ConfigDict] = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "image": "iVBORw0KGgo...",
+                    "media_type": "image/png",
+                    "format": "png",
+                    "style": "anime",
+                    "faces": [_FACE_EXAMPLE],
+                    "faces_stylized": 1,
+                    "input_size": {"width": 512, "height": 512},
+                    "processing_size": {"width": 512, "height": 512},
+                    "output_size": {"width": 512, "height": 512},
+                    "device": "cpu",
+                    "dtype": "bfloat16",
+                    "no_face": None,
+                    "timings_ms": {
+                        "decode": 3.1,
+                        "queue": 0.4,
+                        "resize": 0.1,
+                        "background": 98.7,
+                        "detect": 18.9,
+                        "align": 1.6,
+                        "head": 18.2,
+                        "blend": 1.4,
+                        "strength": 0.5,
+                        "resize_out": 0.7,
+                        "encode": 41.2,
+                    },
+                }
+            ]
+        }
+    }
+
     image: str = Field(description="the encoded image, base64")
     media_type: str
     format: OutputFormat
@@ -107,19 +150,27 @@ def _output_hw(input_hw: tuple[int, int], long_side: int | None) -> tuple[int, i
 # Form fields shared by both endpoints (descriptions and bounds; defaults are on the parameters).
 StyleField = Annotated[
     str | None,
-    Form(description="anime, 3d, handdrawn, sketch, artstyle, design or illustration; default: configured"),
+    Form(
+        description="anime, 3d, handdrawn, sketch, artstyle, design or illustration; default: configured",
+        examples=["anime"],
+    ),
 ]
 StrengthField = Annotated[
-    float, Form(ge=0.0, le=1.0, description="1 = the cartoon, 0 = the photo, between: a blend")
+    float,
+    Form(ge=0.0, le=1.0, description="1 = the cartoon, 0 = the photo, between: a blend", examples=[0.8]),
 ]
 ProcessingField = Annotated[
-    int | None, Form(ge=64, le=2048, description="short side the photo is processed at (default 720)")
+    int | None,
+    Form(ge=64, le=2048, description="short side the photo is processed at (default 720)", examples=[1024]),
 ]
 OutputSizeField = Annotated[
-    int | None, Form(ge=16, le=8192, description="long side of the result (default: input's)")
+    int | None,
+    Form(ge=16, le=8192, description="long side of the result (default: input's)", examples=[1024]),
 ]
-FormatField = Annotated[OutputFormat | None, Form(alias="format", description="png, jpeg or webp")]
-QualityField = Annotated[int | None, Form(ge=1, le=100, description="JPEG/WebP quality")]
+FormatField = Annotated[
+    OutputFormat | None, Form(alias="format", description="png, jpeg or webp", examples=["jpeg"])
+]
+QualityField = Annotated[int | None, Form(ge=1, le=100, description="JPEG/WebP quality", examples=[85])]
 NoFaceField = Annotated[
     NoFacePolicy,
     Form(

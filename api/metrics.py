@@ -59,7 +59,12 @@ class Metrics:
             buckets=(0, 1, 2, 3, 4, 6, 8, 10, 20),
             registry=r,
         )
-        self.images = Counter("toonserve_images", "Images processed by outcome", ["outcome"], registry=r)
+        self.images = Counter(
+            "toonserve_images",
+            "Images by outcome: ok, no_face, cancelled (client gone), deadline, rejected (queue full), error",
+            ["outcome"],
+            registry=r,
+        )
 
 
 router = APIRouter(tags=["probes"])

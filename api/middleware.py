@@ -1,4 +1,4 @@
-"""Cross-cutting request handling: request id, access log, metrics, API key, body size limit."""
+"""Cross-cutting request handling (plain ASGI): request id, access log, metrics, API key, body limit."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Final
 
-from fastapi import FastAPI, Request, Response
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
@@ -78,66 +77,77 @@ class _TooLarge(Exception):
     pass
 
 
-def _route_label(request: Request) -> str:
-    route = request.scope.get("route")
-    path = getattr(route, "path", None)
+def _route_label(scope: Scope) -> str:
+    path = getattr(scope.get("route"), "path", None)
     return str(path) if path else "unmatched"
 
 
-def install(app: FastAPI, metrics: Metrics, api_key: str | None) -> None:
-    """Request id, API key check, metrics and one access-log line per request."""
+class RequestContextMiddleware:
+    """Request id (kept from ``X-Request-ID`` when sane, else new), API key check, metrics and one
+    access-log line per request. Plain ASGI, so disconnects reach the endpoints unchanged."""
 
-    @app.middleware("http")
-    async def _per_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        incoming = request.headers.get("x-request-id", "")
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        incoming = headers.get("x-request-id", "")
         rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
-        request.state.request_id = rid
+        scope.setdefault("state", {})["request_id"] = rid
         start = time.perf_counter()
-        metrics.in_flight.inc()
         status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started = True
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = rid
+            await send(message)
+
+        self.metrics.in_flight.inc()
         try:
             if (
-                api_key is not None
-                and request.url.path not in OPEN_PATHS
-                and not _authorized(request, api_key)
+                self.api_key is not None
+                and scope["path"] not in OPEN_PATHS
+                and not _authorized(headers, self.api_key)
             ):
-                response: Response = error_response(
+                response = error_response(
                     401, "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
                 )
                 response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send_with_id)
             else:
-                response = await call_next(request)
-            status = response.status_code
-            response.headers["X-Request-ID"] = rid
-            return response
+                await self.app(scope, receive, send_with_id)
         except Exception:
             log.exception("unhandled error")
-            response = error_response(500, "internal_error", "internal error; see the server log")
-            response.headers["X-Request-ID"] = rid
-            return response
+            if not started:
+                await error_response(500, "internal_error", "internal error; see the server log")(
+                    scope, receive, send_with_id
+                )
         finally:
             elapsed = time.perf_counter() - start
-            route = _route_label(request)
-            metrics.in_flight.dec()
-            metrics.requests.labels(route=route, status=str(status)).inc()
-            metrics.latency.labels(route=route).observe(elapsed)
-            log.info(
-                "%s %s %d %.1fms",
-                request.method,
-                request.url.path,
-                status,
-                elapsed * 1000,
-                extra={"method": request.method, "path": request.url.path, "status": status,
-                       "duration_ms": round(elapsed * 1000, 2)},
-            )  # fmt: skip
+            route = _route_label(scope)
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            self.metrics.latency.labels(route=route).observe(elapsed)
+            method, path, ms = scope["method"], scope["path"], round(elapsed * 1000, 2)
+            fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
+            log.info("%s %s %d %.1fms", method, path, status, ms, extra=fields)
             request_id_var.reset(token)
 
 
-def _authorized(request: Request, api_key: str) -> bool:
-    given = request.headers.get("x-api-key")
+def _authorized(headers: Headers, api_key: str) -> bool:
+    given = headers.get("x-api-key")
     if given is None:
-        auth = request.headers.get("authorization", "")
+        auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         given = value.strip() if scheme.lower() == "bearer" else None
     return given is not None and hmac.compare_digest(given.encode(), api_key.encode())

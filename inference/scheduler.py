@@ -30,7 +30,7 @@ from typing import Final
 import numpy as np
 
 from inference.errors import ToonserveError
-from inference.pipeline import CancelledError, Cartoonizer, Options, Result
+from inference.pipeline import CancelledError, Cartoonizer, NoFaceError, Options, Result
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Scheduler:
         max_batch: int = 4,
         batch_wait: float = DEFAULT_BATCH_WAIT_S,
         name: str = "cpu",
-        on_batch: Callable[[int, float], None] | None = None,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         if queue_size < 1 or max_batch < 1 or batch_wait < 0:
             raise ValueError("queue_size and max_batch must be >= 1 and batch_wait >= 0")
@@ -107,7 +107,8 @@ class Scheduler:
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.name = name
-        self._on_batch = on_batch
+        #: Told how each ticket ended: ok, no_face, cancelled, deadline, rejected (queue full), error.
+        self._on_outcome = on_outcome or (lambda _: None)
         self._queue: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -148,6 +149,7 @@ class Scheduler:
             if self._closed:
                 raise SchedulerClosedError("the service is shutting down")
             if len(self._queue) >= self.queue_size:
+                self._on_outcome("rejected")
                 wait = self.retry_after()
                 raise QueueFullError(
                     f"{len(self._queue)} images are already waiting on {self.name} (queue size "
@@ -204,7 +206,7 @@ class Scheduler:
                 log.exception("worker %s: batch failed", self.name)
                 for t in batch:
                     if not t.future.done():
-                        t.future.set_exception(exc)
+                        self._finish(t, exc)
             finally:
                 with self._cond:
                     self._running = 0
@@ -215,10 +217,10 @@ class Scheduler:
         for t in batch:
             t.started = now
             if t.cancelled:
-                t.future.set_exception(CancelledError("the client went away before processing started"))
+                self._finish(t, CancelledError("the client went away before processing started"))
             elif t.expired(now):
-                t.future.set_exception(
-                    DeadlineExceededError(f"deadline passed after {t.queue_wait_ms:.0f} ms in the queue")
+                self._finish(
+                    t, DeadlineExceededError(f"deadline passed after {t.queue_wait_ms:.0f} ms in the queue")
                 )
             else:
                 live.append(t)
@@ -236,12 +238,22 @@ class Scheduler:
             for t, outcome in zip(tickets, outcomes, strict=True):
                 if isinstance(outcome, CancelledError) and t.expired() and not t.cancelled:
                     outcome = DeadlineExceededError("deadline passed while the image was being processed")
-                if isinstance(outcome, Exception):
-                    t.future.set_exception(outcome)
-                else:
-                    t.future.set_result(outcome)
+                self._finish(t, outcome)
         elapsed = time.perf_counter() - start
         per_image = elapsed / len(live)
         self._service_s = (1 - _EMA_WEIGHT) * self._service_s + _EMA_WEIGHT * per_image
-        if self._on_batch is not None:
-            self._on_batch(len(live), elapsed)
+
+    def _finish(self, ticket: Ticket, outcome: Result | BaseException) -> None:
+        if isinstance(outcome, Result):
+            ticket.future.set_result(outcome)
+            self._on_outcome("ok" if outcome.no_face is None else "no_face")
+            return
+        ticket.future.set_exception(outcome)
+        if isinstance(outcome, CancelledError):
+            self._on_outcome("cancelled")
+        elif isinstance(outcome, DeadlineExceededError):
+            self._on_outcome("deadline")
+        elif isinstance(outcome, NoFaceError):
+            self._on_outcome("no_face")
+        else:
+            self._on_outcome("error")

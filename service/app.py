@@ -63,7 +63,7 @@ def _load_all(state: ServiceState, settings: Settings, metrics: Metrics) -> None
             max_batch=max_batch,
             batch_wait=settings.batch_wait_ms / 1000,
             name=str(state.store.device),
-            on_batch=lambda n, _s: metrics.images.labels(outcome="processed").inc(n),
+            on_outcome=lambda outcome: metrics.images.labels(outcome=outcome).inc(),
         )
         scheduler.start()
         state.scheduler = scheduler
@@ -130,7 +130,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.metrics = metrics
     errors.install(app)
-    middleware.install(app, metrics, settings.api_key)
+    # Last added is outermost: CORS (so even 401/413 answers carry its headers), then request ids,
+    # metrics and the API key, then the body limit.
+    app.add_middleware(middleware.BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(middleware.RequestContextMiddleware, metrics=metrics, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -139,7 +142,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After"],
         )
-    app.add_middleware(middleware.BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.include_router(cartoonize.router)
     app.include_router(styles.router)
     app.include_router(health.router)

@@ -7,6 +7,7 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ from PIL import Image
 
 from inference.pipeline import Options
 from inference.scheduler import Scheduler
-from tests.api.conftest import png_bytes, service_state
+from service.app import create_app
+from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
+from tests.reference_graphs import ReferenceModelDir
 
 
 def _stages(server_timing: str) -> dict[str, float]:
@@ -207,6 +210,7 @@ def test_metrics(client: TestClient, portrait_jpeg: bytes) -> None:
     assert "toonserve_faces_per_image_count" in text
     assert 'toonserve_queue_depth{device="cpu"}' in text
     assert "toonserve_in_flight_requests" in text
+    assert 'toonserve_images_total{outcome="ok"}' in text
 
 
 def test_openapi_documents_the_endpoints(client: TestClient) -> None:
@@ -216,3 +220,26 @@ def test_openapi_documents_the_endpoints(client: TestClient) -> None:
     )
     form = spec["paths"]["/cartoonize"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert form["schema"]["$ref"].startswith("#/components/schemas/")
+
+
+def test_api_key_and_cors(model_dir: ReferenceModelDir, tmp_path: Path, portrait_jpeg: bytes) -> None:
+    settings = make_settings(model_dir, tmp_path, api_key="s3cret", cors_origins="https://app.example")
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)  # /readyz stays open
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/metrics").status_code == 200
+        r = c.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/styles", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.get("/styles", headers={"X-API-Key": "s3cret"}).status_code == 200
+        r = c.post(
+            "/cartoonize",
+            files={"image": ("me.jpg", portrait_jpeg)},
+            headers={"Authorization": "Bearer s3cret", "Origin": "https://app.example"},
+        )
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "Server-Timing" in r.headers["access-control-expose-headers"]
+        r = c.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers

@@ -128,6 +128,41 @@ def test_logs_are_json_with_request_ids(server: Server) -> None:
     assert access and access[-1]["path"] == "/healthz" and access[-1]["status"] == 200
 
 
+def _metric(server: Server, name: str) -> float:
+    text = server.get("/metrics")[1].decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp_path: Path) -> None:
+    body = tmp_path / "big.jpg"
+    Image.fromarray(photos.group(4)).save(body, quality=90)
+    cmd = [
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-F",
+        f"image=@{body}",
+        server.url + "/cartoonize",
+    ]
+    cancelled = 'toonserve_images_total{outcome="cancelled"}'
+    before = _metric(server, cancelled)
+    busy = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(2)]
+    time.sleep(0.3)  # both are accepted; the worker is on the first
+    impatient = subprocess.run([*cmd[:-1], "--max-time", "0.5", cmd[-1]], capture_output=True)
+    assert impatient.returncode == 28  # curl: operation timed out, connection closed
+    assert [p.communicate(timeout=120)[0] for p in busy] == [b"200", b"200"]
+    deadline = time.monotonic() + 30
+    while _metric(server, cancelled) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, cancelled) == before + 1
+
+
 def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: Server, tmp_path: Path) -> None:
     body = tmp_path / "big.jpg"
     Image.fromarray(photos.group(4)).save(body, quality=90)
