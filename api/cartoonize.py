@@ -27,13 +27,12 @@ from api.errors import APIError, status_for
 from api.metrics import Metrics
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
-from inference.images import MEDIA_TYPES, DecodedImage, decode, encode
+from inference.images import MEDIA_TYPES, DecodedImage, OutputFormat, decode, encode
 from inference.pipeline import STAGES, NoFacePolicy, Options, Result
 from inference.scheduler import QueueFullError, Scheduler, Ticket
 
 router = APIRouter(tags=["cartoonize"])
 
-OutputFormat = Literal["png", "jpeg", "webp"]
 ResponseMode = Literal["image", "json"]
 _DISCONNECT_POLL_S = 0.1
 
@@ -208,8 +207,9 @@ def _params(
         )
     except ToonserveError as exc:
         raise APIError(422, "invalid_request", str(exc)) from exc
-    out_fmt: OutputFormat = fmt or d.output_format  # type: ignore[assignment]
-    return _Params(scheduler, style, options, output_size, out_fmt, quality or d.quality, response)
+    return _Params(
+        scheduler, style, options, output_size, fmt or d.output_format, quality or d.quality, response
+    )
 
 
 def _scheduler(state: ServiceState) -> Scheduler:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from inference.images import OutputFormat
 from inference.models import ModelStore
 from inference.scheduler import Scheduler
 
@@ -16,7 +17,7 @@ class RequestDefaults:
     """Per-request values used when a request does not give them (from the settings)."""
 
     processing_size: int = 720
-    output_format: str = "png"
+    output_format: OutputFormat = "png"
     quality: int = 90
     min_face_size: float = 24.0
     max_faces: int = 10
@@ -24,7 +25,6 @@ class RequestDefaults:
 
 @dataclass(frozen=True)
 class Limits:
-    max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_batch_files: int = 16
     request_timeout_s: float = 60.0

@@ -94,7 +94,6 @@ def build_state(settings: Settings) -> ServiceState:
             max_faces=settings.max_faces,
         ),
         limits=Limits(
-            max_upload_bytes=settings.max_upload_bytes,
             max_pixels=settings.max_pixels,
             max_batch_files=settings.max_batch_files,
             request_timeout_s=settings.request_timeout_s,
