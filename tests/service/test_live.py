@@ -136,10 +136,11 @@ def _metric(server: Server, name: str) -> float:
     return 0.0
 
 
-def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp_path: Path) -> None:
+def _slow_post(server: Server, tmp_path: Path) -> list[str]:
+    """A curl command posting the four-face composite (the slowest photo) and printing the status."""
     body = tmp_path / "big.jpg"
     Image.fromarray(photos.group(4)).save(body, quality=90)
-    cmd = [
+    return [
         "curl",
         "-sS",
         "-o",
@@ -150,6 +151,10 @@ def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp
         f"image=@{body}",
         server.url + "/cartoonize",
     ]
+
+
+def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp_path: Path) -> None:
+    cmd = _slow_post(server, tmp_path)
     cancelled = 'toonserve_images_total{outcome="cancelled"}'
     before = _metric(server, cancelled)
     busy = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(2)]
@@ -164,26 +169,11 @@ def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp
 
 
 def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: Server, tmp_path: Path) -> None:
-    body = tmp_path / "big.jpg"
-    Image.fromarray(photos.group(4)).save(body, quality=90)
+    cmd = _slow_post(server, tmp_path)
     results: list[int] = []
 
     def post() -> None:
-        done = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-F",
-                f"image=@{body}",
-                server.url + "/cartoonize",
-            ],
-            capture_output=True,
-            timeout=120,
-        )
+        done = subprocess.run(cmd, capture_output=True, timeout=120)
         results.append(int(done.stdout or b"0"))
 
     workers = [threading.Thread(target=post) for _ in range(3)]
