@@ -84,3 +84,12 @@ def test_cartoonize_a_folder(
     assert "broken.jpg:" in err and "3/3" in err
     with Image.open(tmp_path / "out" / "astronaut.jpg") as im:
         assert im.size == (512, 512)
+
+
+def test_every_setting_is_in_the_readme_table() -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `TOONSERVE_([A-Z_]+)` \|", table, flags=re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}
