@@ -340,7 +340,7 @@ class Cartoonizer:
         opts = job.options
         scale_y = job.rgb.shape[0] / job.photo_t.shape[1]
         scale_x = job.rgb.shape[1] / job.photo_t.shape[2]
-        eligible: list[DetectedFace] = []
+        eligible: list[int] = []
         reasons: dict[int, SkipReason] = {}
         for i, face in enumerate(found):
             x1, y1, x2, y2 = face.box
@@ -349,12 +349,11 @@ class Cartoonizer:
             elif max(x2 - x1, y2 - y1) < opts.min_face_size:
                 reasons[i] = "too_small"
             else:
-                eligible.append(face)
+                eligible.append(i)
         # Upstream keeps the largest faces and pastes the largest first.
-        eligible.sort(key=lambda f: box_area(f.box), reverse=True)
-        job.chosen = eligible[: opts.max_faces]
-        for face in eligible[opts.max_faces :]:
-            reasons[next(i for i, f in enumerate(found) if f is face)] = "over_limit"
+        eligible.sort(key=lambda i: box_area(found[i].box), reverse=True)
+        job.chosen = [found[i] for i in eligible[: opts.max_faces]]
+        reasons.update((i, "over_limit") for i in eligible[opts.max_faces :])
         for i, face in enumerate(found):
             x1, y1, x2, y2 = face.box
             job.faces.append(
