@@ -15,7 +15,7 @@ import re
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -229,7 +229,7 @@ def _submit(scheduler: Scheduler, params: _Params, decoded: DecodedImage, timeou
     options = params.options
     out_hw = _output_hw(decoded.pixels.shape[:2], params.long_side)
     if out_hw is not None:
-        options = Options(**{**options.__dict__, "output_size": out_hw})
+        options = replace(options, output_size=out_hw)
     return scheduler.submit(params.style, decoded.pixels, options, time.monotonic() + timeout_s)
 
 
@@ -301,11 +301,18 @@ def _json(result: Result, encoded: bytes, fmt: OutputFormat, timings: dict[str, 
     )
 
 
-def _record(metrics: Metrics, result: Result) -> None:
+async def _encode(
+    request: Request, result: Result, params: _Params, decode_ms: float, ticket: Ticket
+) -> tuple[bytes, dict[str, float]]:
+    """Record the result's metrics, encode it off the loop; the bytes and the full timing breakdown."""
+    metrics: Metrics = request.app.state.metrics
     for stage, ms in result.timings_ms.items():
         if ms > 0:
             metrics.stage.labels(stage=stage).observe(ms / 1000)
     metrics.faces.observe(result.faces_stylized)
+    start = time.perf_counter()
+    encoded = await run_in_threadpool(encode, result.image, params.fmt, params.quality)
+    return encoded, _timings(result, decode_ms, ticket.queue_wait_ms, (time.perf_counter() - start) * 1000)
 
 
 @router.post(
@@ -332,16 +339,10 @@ async def cartoonize(
     scheduler = params.scheduler
     decoded, decode_ms = await _read(image, state)
     timeout = state.limits.request_timeout_s
-    try:
-        ticket = _submit(scheduler, params, decoded, timeout)
-    except QueueFullError as exc:
-        raise APIError(503, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}) from exc
+    # A full queue raises QueueFullError: 503 with Retry-After (api/errors.py).
+    ticket = _submit(scheduler, params, decoded, timeout)
     result = await _wait(request, ticket, timeout)
-    metrics: Metrics = request.app.state.metrics
-    _record(metrics, result)
-    start = time.perf_counter()
-    encoded = await run_in_threadpool(encode, result.image, params.fmt, params.quality)
-    timings = _timings(result, decode_ms, ticket.queue_wait_ms, (time.perf_counter() - start) * 1000)
+    encoded, timings = await _encode(request, result, params, decode_ms, ticket)
     headers = {"Server-Timing": _server_timing(timings)}
     if params.response == "json":
         body = _json(result, encoded, params.fmt, timings)
@@ -415,11 +416,10 @@ async def cartoonize_batch(
             continue
         try:
             tickets.append(_submit(scheduler, params, d[0], timeout))
-        except QueueFullError as exc:
-            tickets.append(APIError(503, "queue_full", str(exc)))
+        except QueueFullError as exc:  # raced with another request for the last slots
+            tickets.append(exc)
     waits = [_wait(request, t, timeout) if isinstance(t, Ticket) else _failed(t) for t in tickets]
     outcomes = await asyncio.gather(*waits, return_exceptions=True)
-    metrics: Metrics = request.app.state.metrics
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
     for i, (name, d, t, outcome) in enumerate(zip(names, decoded, tickets, outcomes, strict=True)):
@@ -429,13 +429,10 @@ async def cartoonize_batch(
             items.append(_error_item(name, outcome))
             continue
         assert isinstance(d, tuple) and isinstance(t, Ticket)
-        _record(metrics, outcome)
-        start = time.perf_counter()
-        encoded = await run_in_threadpool(encode, outcome.image, params.fmt, params.quality)
-        timings = _timings(outcome, d[1], t.queue_wait_ms, (time.perf_counter() - start) * 1000)
+        encoded, timings = await _encode(request, outcome, params, d[1], t)
+        # In the ZIP the image is a file of its own; its report carries no base64 copy.
         report = _json(outcome, encoded if response == "json" else b"", params.fmt, timings)
         if response == "image":
-            report.image = ""
             zip_name = _zip_name(i, name, params.fmt)
             files.append((zip_name, encoded))
             items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
