@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
 
-from inference.dctnet import DCTNetGenerator, GeneratorRunner, load_generator
+from inference.dctnet import DCTNetGenerator, load_generator
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore
 from inference.pipeline import Cartoonizer
 from inference.weights import StyleWeights, resolve
-from tests import photos
 from tests.reference_graphs import ReferenceModelDir, TFGenerator, build_generator_pb, write_model_dir
 
 HEAD_SEED = 1
@@ -48,20 +46,10 @@ def head_model(style_weights: StyleWeights) -> DCTNetGenerator:
 
 
 @pytest.fixture(scope="session")
-def head_runner(style_weights: StyleWeights) -> GeneratorRunner:
-    return GeneratorRunner(load_generator(style_weights.head))
-
-
-@pytest.fixture(scope="session")
 def tf_head(head_pb: bytes) -> Iterator[TFGenerator]:
     gen = TFGenerator(head_pb, prefix="model_anime_head")
     yield gen
     gen.close()
-
-
-@pytest.fixture(scope="session")
-def portrait_rgb() -> np.ndarray:
-    return photos.astronaut()
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def _tf() -> Any:
     return tf
 
 
-# (scope, kernel, out_channels, stride) in graph order, as slim names them.
+# Base channel count of unet_generator (channel=32).
 _CH = 32
 
 
