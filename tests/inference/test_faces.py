@@ -34,6 +34,8 @@ from inference.faces import (
     pyramid_scales,
     read_numpy_pickle,
 )
+from inference.faces.detector import _REGISTRY
+from inference.faces.mtcnn.pyramid import _plan_pyramid, _pyramid_canvas
 from tests import photos
 
 #: Measured on CPU: boxes and landmarks agree to within 5e-3 px, scores to 5e-6 (float32 both sides).
@@ -55,7 +57,11 @@ EDGE_CASES: dict[str, Callable[[], np.ndarray]] = {
 
 Reference = Callable[..., np.ndarray]
 #: MTCNNConfig fields the package spells differently (it ignores unknown keywords silently).
-PACKAGE_OPTION_NAMES = {"nms_pnet_level": "nms_pnet1", "nms_pnet": "nms_pnet2"}
+PACKAGE_OPTION_NAMES = {
+    "pyramid_floor": "min_face_size",
+    "nms_pnet_level": "nms_pnet1",
+    "nms_pnet": "nms_pnet2",
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +113,10 @@ def test_matches_the_mtcnn_package(detector: MTCNNDetector, reference: Reference
 @pytest.mark.parametrize(
     ("image", "options"),
     [
-        (lambda: photos.group(4), {"min_face_size": 15, "scale_factor": 0.6, "threshold_pnet": 0.7}),
+        (lambda: photos.group(4), {"pyramid_floor": 15, "scale_factor": 0.6, "threshold_pnet": 0.7}),
         (lambda: photos.group(4), {"threshold_onet": 0.99, "nms_pnet_level": 0.3, "nms_pnet": 0.5}),
-        # min_face_size below the P-Net window: the pyramid starts above scale 1 (upsampling).
-        (lambda: np.ascontiguousarray(photos.astronaut()[::4, ::4]), {"min_face_size": 8}),
+        # pyramid_floor below the P-Net window: the pyramid starts above scale 1 (upsampling).
+        (lambda: np.ascontiguousarray(photos.astronaut()[::4, ::4]), {"pyramid_floor": 8}),
     ],
 )
 def test_matches_the_package_with_other_parameters(
@@ -210,27 +216,27 @@ def test_bad_input_is_refused(detector: MTCNNDetector, bad: Any) -> None:
 # --- parameters -------------------------------------------------------------------------------------
 
 
-def test_min_face_size_is_the_pyramid_floor(detector: MTCNNDetector, reference: Reference) -> None:
-    """``min_face_size`` sets the first pyramid scale (12 / min_face_size), as in the package; it is not
-    a filter. A face half that size can still be found (P-Net's 12-pixel window and box regression
-    reach it; the package finds it too), one a quarter of it is not."""
+def test_pyramid_floor_is_not_a_filter(detector: MTCNNDetector, reference: Reference) -> None:
+    """``pyramid_floor`` sets the first pyramid scale (12 / pyramid_floor), as the package's
+    ``min_face_size`` does; it is not a filter. A face half that size can still be found (P-Net's
+    12-pixel window and box regression reach it; the package finds it too), one a quarter of it is not."""
     image = np.asarray(Image.fromarray(photos.astronaut()).resize((64, 64), Image.BILINEAR))
     (face,) = detector.detect(image)
-    assert face.box[2] - face.box[0] < 12  # about 10 × 14 px, against min_face_size 20
+    assert face.box[2] - face.box[0] < 12  # about 10 × 14 px, against pyramid_floor 20
     assert len(reference(image)) == 1
-    assert detector.with_config(min_face_size=40).detect(image) == []
+    assert detector.with_config(pyramid_floor=40).detect(image) == []
     assert pyramid_scales(64, 64, 40, 0.709)[0] == pytest.approx(0.3)
 
 
-def test_large_min_face_size_skips_levels_the_package_cannot_run(
+def test_large_pyramid_floor_skips_levels_the_package_cannot_run(
     detector: MTCNNDetector, reference: Reference
 ) -> None:
-    """With min_face_size 60 on a 512² photo the package's last pyramid levels are smaller than
+    """With pyramid_floor 60 on a 512² photo the package's last pyramid levels are smaller than
     P-Net's window; TF then fails inside the package, which returns no face. We skip those levels."""
     image = photos.astronaut()
-    assert len(reference(image, min_face_size=60)) == 0
-    assert len(detector.with_config(min_face_size=60).detect(image)) == 1
-    assert detector.with_config(min_face_size=150).detect(image) == []  # face ~85 px
+    assert len(reference(image, pyramid_floor=60)) == 0
+    assert len(detector.with_config(pyramid_floor=60).detect(image)) == 1
+    assert detector.with_config(pyramid_floor=150).detect(image) == []  # face ~85 px
 
 
 def test_thresholds_are_honoured(detector: MTCNNDetector) -> None:
@@ -246,7 +252,7 @@ def test_thresholds_are_honoured(detector: MTCNNDetector) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        {"min_face_size": 0},
+        {"pyramid_floor": 0},
         {"scale_factor": 1.0},
         {"threshold_rnet": 1.5},
         {"nms_onet": -0.1},
@@ -262,16 +268,16 @@ def test_bad_parameters_are_refused(options: dict[str, float]) -> None:
 
 
 def test_create_detector() -> None:
-    made = create_detector("mtcnn", "cpu", min_face_size=30)
+    made = create_detector("mtcnn", "cpu", pyramid_floor=30)
     assert isinstance(made, FaceDetector) and isinstance(made, MTCNNDetector)
-    assert made.config.min_face_size == 30 and made.device == torch.device("cpu")
+    assert made.config.pyramid_floor == 30 and made.device == torch.device("cpu")
     assert "mtcnn" in faces.available_detectors()
     with pytest.raises(FaceDetectorError, match="unknown face detector"):
         create_detector("retinaface")
     with pytest.raises(FaceDetectorError, match="unknown MTCNN option"):
         create_detector("mtcnn", "cpu", min_size=3)
     with pytest.raises(FaceDetectorError, match="bad MTCNN option"):
-        create_detector("mtcnn", "cpu", min_face_size="big")
+        create_detector("mtcnn", "cpu", pyramid_floor="big")
     assert issubclass(FaceDetectorError, ToonserveError)
 
 
@@ -282,7 +288,7 @@ def test_another_detector_can_be_registered(monkeypatch: pytest.MonkeyPatch) -> 
         def detect(self, image: torch.Tensor | np.ndarray) -> list[DetectedFace]:
             return [DetectedFace((0.0, 0.0, 1.0, 1.0), 1.0, np.zeros((5, 2), np.float32))]
 
-    monkeypatch.setitem(faces._REGISTRY, "fixed", lambda device, dtype, **options: Fixed())
+    monkeypatch.setitem(_REGISTRY, "fixed", lambda device, dtype, **options: Fixed())
     made = create_detector("fixed")
     assert isinstance(made, FaceDetector)
     assert made.detect(np.zeros((1, 1, 3), np.uint8))[0].score == 1.0
@@ -315,10 +321,10 @@ def test_packed_pyramid_matches_tf_area_resize(detector: MTCNNDetector) -> None:
     tf = pytest.importorskip("tensorflow")
     image = photos.grace_hopper()
     height, width = image.shape[:2]
-    plan = faces._plan_pyramid(height, width, MTCNNConfig(), torch.device("cpu"))
+    plan = _plan_pyramid(height, width, MTCNNConfig(), torch.device("cpu"))
     assert plan is not None
     with torch.inference_mode():
-        canvas = faces._pyramid_canvas(detector.prepare(image), plan)[0].permute(1, 2, 0).numpy()
+        canvas = _pyramid_canvas(detector.prepare(image), plan)[0].permute(1, 2, 0).numpy()
     normalised = (image.astype(np.float64) - 127.5) / 128
     for level in plan.levels:
         expected = tf.image.resize(normalised, (level.height, level.width), method="area").numpy()
@@ -329,10 +335,10 @@ def test_packed_pyramid_matches_tf_area_resize(detector: MTCNNDetector) -> None:
 def test_packed_pnet_equals_one_pass_per_level(detector: MTCNNDetector) -> None:
     """The -inf overhang makes each level's cells on the packed canvas equal a separate pass."""
     image = photos.coffee()
-    plan = faces._plan_pyramid(*image.shape[:2], MTCNNConfig(), torch.device("cpu"))
+    plan = _plan_pyramid(*image.shape[:2], MTCNNConfig(), torch.device("cpu"))
     assert plan is not None and any(lv.pool_overhang() for lv in plan.levels)
     with torch.inference_mode():
-        canvas = faces._pyramid_canvas(detector.prepare(image), plan)
+        canvas = _pyramid_canvas(detector.prepare(image), plan)
         reg, logits = detector.pnet(canvas.contiguous(memory_format=torch.channels_last), plan.outside)
         for level in plan.levels:
             alone = canvas[:, :, level.top : level.top + level.height, level.left : level.left + level.width]
