@@ -1,8 +1,8 @@
 """``POST /cartoonize`` and ``POST /cartoonize/batch``: photos in, cartoons out.
 
-Decode and encode run in worker threads (never on the event loop); the model work goes through the
-device's scheduler, whose bounded queue answers 503 + Retry-After when full. Each image has a
-deadline (504 when it passes) and is dropped from the queue if its client disconnects.
+The routes parse the form and shape the response; the work is the one request flow
+(:class:`inference.flow.Flow`: decode → submit → wait → encode). A client that disconnects has its
+work cancelled: queued images are dropped, running ones stop between stages.
 """
 
 from __future__ import annotations
@@ -12,42 +12,57 @@ import base64
 import io
 import json
 import re
-import time
 import zipfile
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Awaitable, Sequence
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import APIError, status_for
-from api.metrics import Metrics
+from api.errors import COMMON_CODES, HEADERS, APIError, responses, status_for
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
-from inference.images import MEDIA_TYPES, DecodedImage, OutputFormat, decode, encode
-from inference.pipeline import STAGES, NoFacePolicy, Options, Result
-from inference.scheduler import QueueFullError, Scheduler, Ticket
+from inference.flow import TIMINGS, Decoded, Outcome, Params
+from inference.images import DEFAULT_OUTPUT_FORMAT, MAX_QUALITY, MIN_QUALITY, OUTPUTS, OutputFormat
+from inference.pipeline import (
+    DEFAULT_NO_FACE,
+    DEFAULT_PROCESSING_SIZE,
+    DEFAULT_STRENGTH,
+    MAX_OUTPUT_SIDE,
+    MAX_PROCESSING_SIZE,
+    MIN_OUTPUT_SIDE,
+    MIN_PROCESSING_SIZE,
+    SKIP_REASONS,
+    CancelledError,
+    NoFacePolicy,
+)
+from inference.scheduler import QueueFullError, Ticket
+from inference.weights import STYLES
 
 router = APIRouter(tags=["cartoonize"])
 
 ResponseMode = Literal["image", "json"]
-_DISCONNECT_POLL_S = 0.1
+_DISCONNECT_POLL_S: Final = 0.1
+_T = TypeVar("_T")
 
 
 class Size(BaseModel):
-    width: int
-    height: int
+    width: int = Field(description="pixels")
+    height: int = Field(description="pixels")
 
 
 class FaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in input-image pixels")
-    score: float
-    landmarks: list[list[float]] = Field(description="eyes (image-left first), nose, mouth corners; x, y")
-    stylized: bool
-    reason: str | None = Field(None, description="why it was skipped: below_threshold, too_small, over_limit")
+    score: float = Field(description="the detector's face probability, 0..1")
+    landmarks: list[list[float]] = Field(
+        description="x, y of the eyes (image-left first), the nose tip and the mouth corners"
+    )
+    stylized: bool = Field(description="whether this face went through the head network")
+    reason: str | None = Field(
+        None, description=f"why it was skipped: {', '.join(SKIP_REASONS)}; null when stylised"
+    )
 
 
 _FACE_EXAMPLE: dict[str, Any] = {
@@ -94,65 +109,40 @@ class CartoonJSON(BaseModel):
         }
     }
 
-    image: str = Field(description="the encoded image, base64")
-    media_type: str
-    format: OutputFormat
-    style: str
-    faces: list[FaceOut]
-    faces_stylized: int
-    input_size: Size
-    processing_size: Size
-    output_size: Size
-    device: str
-    dtype: str
-    no_face: NoFacePolicy | None = Field(None, description="set when no face was stylised: what was returned")
-    timings_ms: dict[str, float] = Field(description="per stage, plus decode, queue and encode")
+    image: str = Field(description="the encoded image, base64 (empty in a batch ZIP's results.json)")
+    media_type: str = Field(description="the image's media type, e.g. image/png")
+    format: OutputFormat = Field(description="the image's format")
+    style: str = Field(description="the style it was drawn in")
+    faces: list[FaceOut] = Field(description="every face found, stylised or skipped, largest first")
+    faces_stylized: int = Field(description="how many faces went through the head network")
+    input_size: Size = Field(description="the photo's size, upright (EXIF orientation applied)")
+    processing_size: Size = Field(description="the size the models ran at")
+    output_size: Size = Field(description="the result's size")
+    device: str = Field(description="where the models ran, e.g. cpu or cuda:0")
+    dtype: str = Field(description="the generators' precision")
+    no_face: NoFacePolicy | None = Field(
+        None, description="set when no face was stylised: which policy produced the image"
+    )
+    timings_ms: dict[str, float] = Field(description=f"milliseconds per stage: {', '.join(TIMINGS)}")
 
 
 class BatchItem(BaseModel):
-    filename: str
+    filename: str = Field(description="the uploaded file's name")
     status: int = Field(description="HTTP status this image alone would have had")
-    error: dict[str, str] | None = None
-    result: CartoonJSON | None = None
+    error: dict[str, str] | None = Field(None, description="code and message when status is not 200")
+    result: CartoonJSON | None = Field(None, description="the report when status is 200")
     file: str | None = Field(None, description="its file in the ZIP (response=image)")
 
 
 class BatchJSON(BaseModel):
-    results: list[BatchItem]
+    results: list[BatchItem] = Field(description="one entry per uploaded file, in upload order")
 
 
-@dataclass
-class _Params:
-    """A request's validated form fields, with the scheduler that will run it."""
-
-    scheduler: Scheduler
-    style: str
-    options: Options
-    long_side: int | None
-    fmt: OutputFormat
-    quality: int
-    response: ResponseMode
-
-
-def _size(hw: tuple[int, int]) -> Size:
-    return Size(width=hw[1], height=hw[0])
-
-
-def _output_hw(input_hw: tuple[int, int], long_side: int | None) -> tuple[int, int] | None:
-    if long_side is None:
-        return None
-    h, w = input_hw
-    scale = long_side / max(h, w)
-    return max(1, round(h * scale)), max(1, round(w * scale))
-
-
-# Form fields shared by both endpoints (descriptions and bounds; defaults are on the parameters).
+# Form fields shared by both endpoints. Bounds come from the inference constants; a field left out
+# takes the service's setting (shown in its description).
 StyleField = Annotated[
     str | None,
-    Form(
-        description="anime, 3d, handdrawn, sketch, artstyle, design or illustration; default: configured",
-        examples=["anime"],
-    ),
+    Form(description=f"{', '.join(STYLES)}; default: TOONSERVE_DEFAULT_STYLE", examples=["anime"]),
 ]
 StrengthField = Annotated[
     float,
@@ -160,16 +150,40 @@ StrengthField = Annotated[
 ]
 ProcessingField = Annotated[
     int | None,
-    Form(ge=64, le=2048, description="short side the photo is processed at (default 720)", examples=[1024]),
+    Form(
+        ge=MIN_PROCESSING_SIZE,
+        le=MAX_PROCESSING_SIZE,
+        description=f"short side the photo is processed at; default: TOONSERVE_PROCESSING_SIZE "
+        f"({DEFAULT_PROCESSING_SIZE})",
+        examples=[1024],
+    ),
 ]
 OutputSizeField = Annotated[
     int | None,
-    Form(ge=16, le=8192, description="long side of the result (default: input's)", examples=[1024]),
+    Form(
+        ge=MIN_OUTPUT_SIDE,
+        le=MAX_OUTPUT_SIDE,
+        description="long side of the result; default: the input's",
+        examples=[1024],
+    ),
 ]
 FormatField = Annotated[
-    OutputFormat | None, Form(alias="format", description="png, jpeg or webp", examples=["jpeg"])
+    OutputFormat | None,
+    Form(
+        alias="format",
+        description=f"{', '.join(OUTPUTS)}; default: TOONSERVE_OUTPUT_FORMAT ({DEFAULT_OUTPUT_FORMAT})",
+        examples=["jpeg"],
+    ),
 ]
-QualityField = Annotated[int | None, Form(ge=1, le=100, description="JPEG/WebP quality", examples=[85])]
+QualityField = Annotated[
+    int | None,
+    Form(
+        ge=MIN_QUALITY,
+        le=MAX_QUALITY,
+        description="JPEG/WebP quality; default: TOONSERVE_QUALITY",
+        examples=[85],
+    ),
+]
 NoFaceField = Annotated[
     NoFacePolicy,
     Form(
@@ -181,104 +195,84 @@ ResponseField = Annotated[
 ]
 
 
-def _params(
+class _Form:
+    """A request's validated fields: the flow's parameters and the response mode."""
+
+    def __init__(self, params: Params, response: ResponseMode) -> None:
+        self.params = params
+        self.response = response
+
+
+def _form(
     state: Annotated[ServiceState, Depends(get_state)],
     style: StyleField = None,
-    strength: StrengthField = 1.0,
+    strength: StrengthField = DEFAULT_STRENGTH,
     processing_size: ProcessingField = None,
     output_size: OutputSizeField = None,
     fmt: FormatField = None,
     quality: QualityField = None,
-    no_face: NoFaceField = "background",
+    no_face: NoFaceField = DEFAULT_NO_FACE,
     response: ResponseField = "image",
-) -> _Params:
-    """The form fields both endpoints share (a dependency: declared once, validated once)."""
-    scheduler = _scheduler(state)
-    d = state.defaults
-    style = style or state.default_style
-    state.store.get(style)  # unknown or not loaded: 422 before any work
-    try:
-        options = Options(
-            processing_size=processing_size or d.processing_size,
-            strength=strength,
-            no_face=no_face,
-            min_face_size=d.min_face_size,
-            max_faces=d.max_faces,
-        )
-    except ToonserveError as exc:
-        raise APIError(422, "invalid_request", str(exc)) from exc
-    return _Params(
-        scheduler, style, options, output_size, fmt or d.output_format, quality or d.quality, response
+) -> _Form:
+    """The form fields both endpoints share (a dependency: declared once, validated once). An
+    unknown, unconfigured, loading or failed style is refused here, before any upload is read."""
+    params = state.flow.params(
+        style=style,
+        strength=strength,
+        processing_size=processing_size,
+        output_size=output_size,
+        fmt=fmt,
+        quality=quality,
+        no_face=no_face,
     )
+    return _Form(params, response)
 
 
-def _scheduler(state: ServiceState) -> Scheduler:
-    if not state.ready.is_set() or state.scheduler is None:
-        raise APIError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "5"})
-    return state.scheduler
-
-
-async def _read(upload: UploadFile, state: ServiceState) -> tuple[DecodedImage, float]:
-    start = time.perf_counter()
-    data = await upload.read()
-    decoded = await run_in_threadpool(decode, data, max_pixels=state.limits.max_pixels)
-    return decoded, (time.perf_counter() - start) * 1000
-
-
-def _submit(scheduler: Scheduler, params: _Params, decoded: DecodedImage, timeout_s: float) -> Ticket:
-    options = params.options
-    out_hw = _output_hw(decoded.pixels.shape[:2], params.long_side)
-    if out_hw is not None:
-        options = replace(options, output_size=out_hw)
-    return scheduler.submit(params.style, decoded.pixels, options, time.monotonic() + timeout_s)
-
-
-async def _wait(request: Request, ticket: Ticket, timeout_s: float) -> Result:
-    """The ticket's result; 504 at its deadline; drops the work if the client disconnects."""
-    fut = asyncio.wrap_future(ticket.future)
-    fut.add_done_callback(_consume)
+async def _until_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """``work``, cancelled if the client disconnects first (its images are then dropped)."""
+    task = asyncio.ensure_future(work)
+    gone = False
 
     async def watch() -> None:
-        while not fut.done():
+        nonlocal gone
+        while not task.done():
             if await request.is_disconnected():
-                ticket.cancel()
+                gone = True
+                task.cancel()
                 return
             await asyncio.sleep(_DISCONNECT_POLL_S)
 
     watcher = asyncio.create_task(watch())
     try:
-        return await asyncio.wait_for(asyncio.shield(fut), max(0.0, ticket.deadline - time.monotonic()))
-    except TimeoutError:
-        ticket.cancel()
-        raise APIError(
-            504, "deadline_exceeded", f"no result within {timeout_s:g} s (queue wait included)"
-        ) from None
+        return await task
+    except asyncio.CancelledError:
+        if gone:
+            raise CancelledError("the client went away; its work was dropped") from None
+        raise
     finally:
         watcher.cancel()
 
 
-def _consume(fut: asyncio.Future[Result]) -> None:
-    # A result nobody waits for any more (timed out, client gone) must not log "never retrieved".
-    if not fut.cancelled():
-        fut.exception()
+async def _single_upload(request: Request, name: str) -> None:
+    form = await request.form()  # already parsed for the parameters: this reads the cache
+    if len(form.getlist(name)) > 1:
+        raise APIError("invalid_request", f"{name}: send exactly one file (got {len(form.getlist(name))})")
+
+
+def _size(hw: tuple[int, int]) -> Size:
+    return Size(width=hw[1], height=hw[0])
 
 
 def _server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
 
 
-def _timings(result: Result, decode_ms: float, queue_ms: float, encode_ms: float) -> dict[str, float]:
-    out = {"decode": decode_ms, "queue": queue_ms}
-    out.update({s: result.timings_ms[s] for s in STAGES})
-    out["encode"] = encode_ms
-    return {k: round(v, 3) for k, v in out.items()}
-
-
-def _json(result: Result, encoded: bytes, fmt: OutputFormat, timings: dict[str, float]) -> CartoonJSON:
+def _json(outcome: Outcome, with_image: bool = True) -> CartoonJSON:
+    result = outcome.result
     return CartoonJSON(
-        image=base64.b64encode(encoded).decode("ascii"),
-        media_type=MEDIA_TYPES[fmt],
-        format=fmt,
+        image=base64.b64encode(outcome.data).decode("ascii") if with_image else "",
+        media_type=outcome.params.media_type,
+        format=outcome.params.fmt,
         style=result.style,
         faces=[
             FaceOut(
@@ -297,22 +291,25 @@ def _json(result: Result, encoded: bytes, fmt: OutputFormat, timings: dict[str, 
         device=result.device,
         dtype=result.dtype,
         no_face=result.no_face,
-        timings_ms=timings,
+        timings_ms=outcome.timings_ms,
     )
 
 
-async def _encode(
-    request: Request, result: Result, params: _Params, decode_ms: float, ticket: Ticket
-) -> tuple[bytes, dict[str, float]]:
-    """Record the result's metrics, encode it off the loop; the bytes and the full timing breakdown."""
-    metrics: Metrics = request.app.state.metrics
-    for stage, ms in result.timings_ms.items():
-        if ms > 0:
-            metrics.stage.labels(stage=stage).observe(ms / 1000)
-    metrics.faces.observe(result.faces_stylized)
-    start = time.perf_counter()
-    encoded = await run_in_threadpool(encode, result.image, params.fmt, params.quality)
-    return encoded, _timings(result, decode_ms, ticket.queue_wait_ms, (time.perf_counter() - start) * 1000)
+_ROUTE_CODES: Final = (
+    *COMMON_CODES,
+    "corrupt_image",
+    "image_too_large",
+    "unsupported_image",
+    "invalid_request",
+    "unknown_style",
+    "style_not_loaded",
+    "client_closed_request",
+    "not_ready",
+    "style_unavailable",
+    "queue_full",
+    "shutting_down",
+    "deadline_exceeded",
+)
 
 
 @router.post(
@@ -320,43 +317,36 @@ async def _encode(
     summary="Cartoonize one photo",
     response_model=CartoonJSON,
     responses={
-        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "the cartoon"},
-        400: {"description": "corrupt or truncated image"},
-        401: {"description": "missing or wrong API key"},
-        413: {"description": "body or image too large"},
-        415: {"description": "not a JPEG, PNG, WebP, BMP, TIFF or GIF"},
-        422: {"description": "invalid field, unknown style, or no face with no_face=error"},
-        503: {"description": "queue full (Retry-After) or not ready"},
-        504: {"description": "deadline passed"},
+        200: {
+            "content": {spec.media_type: {} for spec in OUTPUTS.values()},
+            "description": "the cartoon (response=image), or the JSON report with the image in base64",
+            "headers": {name: HEADERS[name] for name in ("Server-Timing", "X-Faces-Stylized")},
+        },
+        **responses(*_ROUTE_CODES, "no_face"),
     },
 )
 async def cartoonize(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     image: Annotated[UploadFile, File(description="the photo")],
-    params: Annotated[_Params, Depends(_params)],
+    form: Annotated[_Form, Depends(_form)],
 ) -> Response:
-    scheduler = params.scheduler
-    decoded, decode_ms = await _read(image, state)
-    timeout = state.limits.request_timeout_s
-    # A full queue raises QueueFullError: 503 with Retry-After (api/errors.py).
-    ticket = _submit(scheduler, params, decoded, timeout)
-    result = await _wait(request, ticket, timeout)
-    encoded, timings = await _encode(request, result, params, decode_ms, ticket)
-    headers = {"Server-Timing": _server_timing(timings)}
-    if params.response == "json":
-        body = _json(result, encoded, params.fmt, timings)
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
-    headers["X-Faces-Stylized"] = str(result.faces_stylized)
-    return Response(encoded, media_type=MEDIA_TYPES[params.fmt], headers=headers)
+    await _single_upload(request, "image")
+    data = await image.read()
+    outcome = await _until_disconnected(request, state.flow.run(data, form.params))
+    headers = {"Server-Timing": _server_timing(outcome.timings_ms)}
+    if form.response == "json":
+        return JSONResponse(_json(outcome).model_dump(mode="json"), headers=headers)
+    headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
+    return Response(outcome.data, media_type=form.params.media_type, headers=headers)
 
 
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _zip_name(index: int, filename: str | None, fmt: str) -> str:
+def _zip_name(index: int, filename: str | None, fmt: OutputFormat) -> str:
     stem = _SAFE_NAME.sub("_", (filename or "image").rsplit("/", 1)[-1].rsplit(".", 1)[0])[:64] or "image"
-    return f"{index + 1:03d}-{stem}.{'jpg' if fmt == 'jpeg' else fmt}"
+    return f"{index + 1:03d}-{stem}.{OUTPUTS[fmt].suffix}"
 
 
 def _error_item(name: str, exc: Exception) -> BatchItem:
@@ -368,6 +358,54 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
     raise exc
 
 
+async def _batch(
+    state: ServiceState, form: _Form, uploads: Sequence[UploadFile]
+) -> list[Outcome | Exception]:
+    """Every upload decoded, then all submitted if they fit the queue (else 503 up front), then all
+    awaited together; each entry is the image's outcome or its own error."""
+    flow = state.flow
+    decoded: list[Decoded | Exception] = []
+    for upload in uploads:
+        try:
+            decoded.append(await flow.decode(await upload.read()))
+        except ToonserveError as exc:
+            decoded.append(exc)
+    valid = sum(not isinstance(d, Exception) for d in decoded)
+    scheduler = state.engine.scheduler
+    free = scheduler.queue_size - scheduler.depth
+    if valid > free:
+        wait = scheduler.retry_after()
+        raise QueueFullError(
+            f"{valid} images do not fit the queue ({free} free); retry in about {wait} s", wait
+        )
+    deadline = flow.deadline()
+    tickets: list[Ticket | Exception] = []
+    for d in decoded:
+        if isinstance(d, Exception):
+            tickets.append(d)
+            continue
+        try:
+            tickets.append(flow.submit(form.params, d, deadline))
+        except QueueFullError as exc:  # raced with another request for the last slots
+            tickets.append(exc)
+
+    async def one(d: Decoded | Exception, t: Ticket | Exception) -> Outcome:
+        if isinstance(t, Exception):
+            raise t
+        assert isinstance(d, Decoded)
+        return await flow.finish(await flow.wait(t), form.params, d, t)
+
+    done = await asyncio.gather(
+        *(one(d, t) for d, t in zip(decoded, tickets, strict=True)), return_exceptions=True
+    )
+    out: list[Outcome | Exception] = []
+    for item in done:
+        if isinstance(item, BaseException) and not isinstance(item, Exception):
+            raise item
+        out.append(item)
+    return out
+
+
 @router.post(
     "/cartoonize/batch",
     summary="Cartoonize several photos in one request",
@@ -377,80 +415,50 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
             "content": {"application/zip": {}},
             "description": "a ZIP of the results plus results.json (response=image), or JSON; each file "
             "has its own status, so one bad file does not sink the others",
+            "headers": {
+                "Server-Timing": {
+                    **HEADERS["Server-Timing"],
+                    "description": "milliseconds per stage, summed over the batch's images",
+                }
+            },
         },
-        503: {"description": "the queue cannot take this many images now (Retry-After)"},
+        **responses(*_ROUTE_CODES, "too_many_files"),
     },
 )
 async def cartoonize_batch(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     images: Annotated[list[UploadFile], File(description="the photos")],
-    params: Annotated[_Params, Depends(_params)],
+    form: Annotated[_Form, Depends(_form)],
 ) -> Response:
-    scheduler = params.scheduler
-    response = params.response
-    if len(images) > state.limits.max_batch_files:
-        raise APIError(
-            413, "too_many_files", f"{len(images)} files; the limit is {state.limits.max_batch_files}"
-        )
-    names = [u.filename or f"image-{i + 1}" for i, u in enumerate(images)]
-    decoded: list[tuple[DecodedImage, float] | Exception] = []
-    for upload in images:
-        try:
-            decoded.append(await _read(upload, state))
-        except ToonserveError as exc:
-            decoded.append(exc)
-    valid = sum(not isinstance(d, Exception) for d in decoded)
-    free = scheduler.queue_size - scheduler.depth
-    if valid > free:
-        wait = scheduler.retry_after()
-        raise APIError(
-            503, "queue_full", f"{valid} images do not fit the queue ({free} free); retry in about {wait} s",
-            headers={"Retry-After": str(wait)},
-        )  # fmt: skip
-    timeout = state.limits.request_timeout_s
-    tickets: list[Ticket | Exception] = []
-    for d in decoded:
-        if isinstance(d, Exception):
-            tickets.append(d)
-            continue
-        try:
-            tickets.append(_submit(scheduler, params, d[0], timeout))
-        except QueueFullError as exc:  # raced with another request for the last slots
-            tickets.append(exc)
-    waits = [_wait(request, t, timeout) if isinstance(t, Ticket) else _failed(t) for t in tickets]
-    outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    if len(images) > state.max_batch_files:
+        raise APIError("too_many_files", f"{len(images)} files; the limit is {state.max_batch_files}")
+    outcomes = await _until_disconnected(request, _batch(state, form, images))
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
-    for i, (name, d, t, outcome) in enumerate(zip(names, decoded, tickets, outcomes, strict=True)):
-        if isinstance(outcome, BaseException):
-            if not isinstance(outcome, Exception):
-                raise outcome
+    totals = dict.fromkeys(TIMINGS, 0.0)
+    for i, (upload, outcome) in enumerate(zip(images, outcomes, strict=True)):
+        name = upload.filename or f"image-{i + 1}"
+        if isinstance(outcome, Exception):
             items.append(_error_item(name, outcome))
             continue
-        assert isinstance(d, tuple) and isinstance(t, Ticket)
-        encoded, timings = await _encode(request, outcome, params, d[1], t)
+        for stage, ms in outcome.timings_ms.items():
+            totals[stage] += ms
         # In the ZIP the image is a file of its own; its report carries no base64 copy.
-        report = _json(outcome, encoded if response == "json" else b"", params.fmt, timings)
-        if response == "image":
-            zip_name = _zip_name(i, name, params.fmt)
-            files.append((zip_name, encoded))
+        report = _json(outcome, with_image=form.response == "json")
+        if form.response == "image":
+            zip_name = _zip_name(i, name, form.params.fmt)
+            files.append((zip_name, outcome.data))
             items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
         else:
             items.append(BatchItem(filename=name, status=200, result=report))
     body = BatchJSON(results=items)
-    if response == "json":
-        return JSONResponse(body.model_dump(mode="json"))
+    headers = {"Server-Timing": _server_timing(totals)}
+    if form.response == "json":
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
     zipped = await run_in_threadpool(_zip, files, body)
-    return Response(
-        zipped,
-        media_type="application/zip",
-        headers={"Content-Disposition": 'attachment; filename="cartoons.zip"'},
-    )
-
-
-async def _failed(exc: Exception) -> Result:
-    raise exc
+    headers["Content-Disposition"] = 'attachment; filename="cartoons.zip"'
+    return Response(zipped, media_type="application/zip", headers=headers)
 
 
 def _zip(files: Sequence[tuple[str, bytes]], manifest: BatchJSON) -> bytes:

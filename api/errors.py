@@ -1,59 +1,137 @@
 """One JSON error shape for every failure, and the one place domain exceptions become HTTP statuses.
 
 Shape: ``{"error": {"code": "<machine-readable>", "message": "<for a person>"}}``.
+
+:data:`CODES` lists every code the service can send, with its status and when it is sent; the
+routes' OpenAPI responses, the README's error table and :data:`STATUS` (domain exception → code)
+are all checked against it by the tests.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inference.align import AlignmentError
 from inference.errors import (
+    ConfigurationError,
     ConversionError,
     InputShapeError,
+    StyleLoadingError,
+    StyleUnavailableError,
     ToonserveError,
     UnknownStyleError,
     WeightsUnavailableError,
 )
-from inference.images import CorruptImageError, EncodeOptionsError, ImageTooLargeError, UnsupportedImageError
+from inference.faces import FaceDetectorError
+from inference.images import (
+    CorruptImageError,
+    EncodeOptionsError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
 from inference.models import StyleNotLoadedError
-from inference.pipeline import CancelledError, NoFaceError, OptionsError
+from inference.pipeline import CancelledError, NoFaceError, OptionsError, PipelineError
+from inference.reference import ReferenceEngineError
 from inference.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger(__name__)
 
-#: Domain exception → (HTTP status, error code). Most specific classes first.
-STATUS: Final[list[tuple[type[ToonserveError], int, str]]] = [
-    (UnknownStyleError, 422, "unknown_style"),
-    (StyleNotLoadedError, 422, "style_not_loaded"),
-    (NoFaceError, 422, "no_face"),
-    (OptionsError, 422, "invalid_request"),
-    (UnsupportedImageError, 415, "unsupported_image"),
-    (ImageTooLargeError, 413, "image_too_large"),
-    (CorruptImageError, 400, "corrupt_image"),
-    (EncodeOptionsError, 422, "invalid_request"),
-    (QueueFullError, 503, "queue_full"),
-    (DeadlineExceededError, 504, "deadline_exceeded"),
-    (SchedulerClosedError, 503, "shutting_down"),
+
+@dataclass(frozen=True)
+class Code:
+    """An error code: its HTTP status and when it is sent."""
+
+    status: int
+    when: str
+
+
+#: Every error code the service sends.
+CODES: Final[dict[str, Code]] = {
+    "corrupt_image": Code(400, "the image is truncated or damaged"),
+    "http_error": Code(400, "the request could not be parsed (e.g. broken multipart)"),
+    "unauthorized": Code(401, "an API key is configured and the request has none or a wrong one"),
+    "not_found": Code(404, "no such route"),
+    "method_not_allowed": Code(405, "the route does not take this method"),
+    "payload_too_large": Code(413, "the request body is over TOONSERVE_MAX_UPLOAD_BYTES"),
+    "image_too_large": Code(413, "the image is over TOONSERVE_MAX_PIXELS, or a decompression bomb"),
+    "too_many_files": Code(413, "a batch of more than TOONSERVE_MAX_BATCH_FILES images"),
+    "unsupported_image": Code(415, "not a JPEG, PNG, WebP, BMP, TIFF or GIF (decided by content)"),
+    "invalid_request": Code(422, "a field is missing, malformed or out of range"),
+    "unknown_style": Code(422, "no style of that name exists"),
+    "style_not_loaded": Code(422, "the style exists but is not configured on this server"),
+    "no_face": Code(422, "no face to stylise and no_face=error"),
+    "alignment_failed": Code(422, "a face's landmarks admit no head crop"),
+    "client_closed_request": Code(499, "the client went away; its work was dropped"),
+    "internal_error": Code(500, "a bug or a device fault; the server log has the details"),
+    "configuration_error": Code(500, "a setting cannot work on this machine (device, dtype)"),
+    "not_ready": Code(503, "the requested (or default) style is still loading"),
+    "style_unavailable": Code(503, "the style's weights failed to load; retried in the background"),
+    "queue_full": Code(503, "the queue is full; Retry-After says when to come back"),
+    "shutting_down": Code(503, "the service is stopping and takes no new work"),
+    "weights_unavailable": Code(503, "a style's weights are missing and cannot be downloaded"),
+    "weights_invalid": Code(503, "a style's weight file is not a valid DCT-Net generator"),
+    "detector_unavailable": Code(503, "the face detector could not be built"),
+    "reference_engine_unavailable": Code(503, "ModelScope's reference pipeline cannot run here"),
+    "deadline_exceeded": Code(504, "no result within TOONSERVE_REQUEST_TIMEOUT_S; the work is dropped"),
+}
+
+#: Domain exception → error code. Every ToonserveError subclass of ``inference`` has its own entry
+#: (a test walks them); lookups go by the exception's class and its bases, most specific first.
+STATUS: Final[dict[type[ToonserveError], str]] = {
+    UnknownStyleError: "unknown_style",
+    StyleNotLoadedError: "style_not_loaded",
+    StyleLoadingError: "not_ready",
+    StyleUnavailableError: "style_unavailable",
+    NoFaceError: "no_face",
+    OptionsError: "invalid_request",
+    EncodeOptionsError: "invalid_request",
+    AlignmentError: "alignment_failed",
+    ImageError: "corrupt_image",
+    UnsupportedImageError: "unsupported_image",
+    ImageTooLargeError: "image_too_large",
+    CorruptImageError: "corrupt_image",
+    QueueFullError: "queue_full",
+    DeadlineExceededError: "deadline_exceeded",
+    SchedulerClosedError: "shutting_down",
     # The client is gone; nobody reads this, but the access log should say what happened.
-    (CancelledError, 499, "client_closed_request"),
-    (WeightsUnavailableError, 503, "weights_unavailable"),
-    (ConversionError, 503, "weights_invalid"),
-    (InputShapeError, 422, "bad_input_shape"),
-]
+    CancelledError: "client_closed_request",
+    WeightsUnavailableError: "weights_unavailable",
+    ConversionError: "weights_invalid",
+    FaceDetectorError: "detector_unavailable",
+    ReferenceEngineError: "reference_engine_unavailable",
+    ConfigurationError: "configuration_error",
+    PipelineError: "internal_error",
+    # A tensor of the wrong shape reaching a network is a bug, not bad input.
+    InputShapeError: "internal_error",
+}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable error code (see the README's error table)")
+    message: str = Field(description="what went wrong and, where possible, what to do, for a person")
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error response."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):
-    """An error raised by the HTTP layer itself (not a domain error)."""
+    """An error raised by the HTTP layer itself (not a domain error). ``code`` must be in CODES."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = CODES[code].status
         self.code = code
         self.message = message
         self.headers = headers
@@ -63,17 +141,75 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+def error_response(code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=CODES[code].status, headers=headers)
+
+
+def code_for(exc: ToonserveError) -> str:
+    """The error code of a domain exception (its own class's entry, else its nearest base's)."""
+    for cls in type(exc).__mro__:
+        code = STATUS.get(cls)
+        if code is not None:
+            return code
+    return "internal_error"
 
 
 def status_for(exc: ToonserveError) -> tuple[int, str]:
-    for cls, status, code in STATUS:
-        if isinstance(exc, cls):
-            return status, code
-    return 500, "internal_error"
+    code = code_for(exc)
+    return CODES[code].status, code
+
+
+def retry_headers(exc: ToonserveError) -> dict[str, str] | None:
+    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+
+
+#: OpenAPI description of the headers the service sends.
+HEADERS: Final[dict[str, dict[str, Any]]] = {
+    "X-Request-ID": {
+        "description": "the request's id: yours if you sent a sane one, else a new one; in every log line",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {
+        "description": "seconds after which trying again makes sense",
+        "schema": {"type": "integer"},
+    },
+    "Server-Timing": {
+        "description": "milliseconds per stage: decode, queue, resize, background, detect, align, head, "
+        "blend, strength, resize_out, encode",
+        "schema": {"type": "string"},
+    },
+    "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
+}
+
+
+def responses(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes that can send these error codes: one entry per status, with
+    the error schema, the codes and when each is sent, and Retry-After on 503."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(CODES[code].status, []).append(code)
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, names in sorted(by_status.items()):
+        entry: dict[str, Any] = {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{n}`: {CODES[n].when}" for n in names),
+        }
+        if status == 503:
+            entry["headers"] = {"Retry-After": HEADERS["Retry-After"]}
+        out[status] = entry
+    return out
+
+
+#: Codes any route may send, whatever it does.
+COMMON_CODES: Final = ("http_error", "unauthorized", "payload_too_large", "internal_error")
+
+
+def _log(status: int, code: str, message: str) -> None:
+    # 503s are normal under load or while loading: a warning. Other 5xx deserve an error.
+    if status == 503:
+        log.warning("%s: %s", code, message)
+    elif status >= 500:
+        log.error("%s: %s", code, message)
 
 
 def install(app: FastAPI) -> None:
@@ -81,15 +217,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        _log(exc.status, exc.code, exc.message)
+        return error_response(exc.code, exc.message, exc.headers)
 
     @app.exception_handler(ToonserveError)
     async def _domain_error(_: Request, exc: ToonserveError) -> JSONResponse:
         status, code = status_for(exc)
-        if status >= 500:
-            log.error("%s: %s", code, exc)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
-        return error_response(status, code, str(exc), headers)
+        _log(status, code, str(exc))
+        return error_response(code, str(exc), retry_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -97,14 +232,15 @@ def install(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "form"))
             parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_response("invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        body = error_body(code, str(exc.detail))
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error; see the server log")
+        return error_response("internal_error", "internal error; see the server log")

@@ -1,27 +1,48 @@
-"""Probes: ``/healthz`` (the process answers) and ``/readyz`` (models loaded and warmed up)."""
+"""Probes: ``/healthz`` (the process answers) and ``/readyz`` (the default style is loaded and warm)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-from api.errors import APIError
+from api.errors import error_response, responses
 from api.state import ServiceState, get_state
+from inference.engine import Engine, StyleState
 
 router = APIRouter(tags=["probes"])
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="always ok: the process answers")
+
+
+class StyleReadiness(BaseModel):
+    state: StyleState = Field(description="loading, loaded, or failed (retried in the background)")
+    error: str | None = Field(None, description="why it failed, and how to fix it")
+    next_attempt_in_s: float | None = Field(None, description="seconds until the next attempt to load it")
 
 
 class Ready(BaseModel):
-    status: str
-    styles: list[str]
-    device: str
-    dtype: str
+    status: str = Field(description="ready")
+    device: str = Field(description="where the models run, e.g. cpu or cuda:0")
+    dtype: str = Field(description="the generators' precision")
+    default_style: str = Field(description="the style a request gets when it names none")
+    styles: dict[str, StyleReadiness] = Field(description="every configured style and its state")
+
+
+def style_readiness(engine: Engine) -> dict[str, StyleReadiness]:
+    out = {}
+    for name, status in engine.status().items():
+        wait = status.next_attempt_in()
+        out[name] = StyleReadiness(
+            state=status.state,
+            error=status.error,
+            next_attempt_in_s=None if wait is None else round(wait, 1),
+        )
+    return out
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process is up")
@@ -32,16 +53,21 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Ready,
-    summary="Readiness: every configured style is loaded and has run a warm-up inference",
-    responses={503: {"description": "Still loading, or a style failed to load (the message says why)"}},
+    summary="Readiness: the default style is loaded and has run a warm-up inference",
+    responses=responses("not_ready"),
 )
-async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Ready:
-    if not state.ready.is_set():
-        raise APIError(503, "not_ready", state.not_ready_reason(), headers={"Retry-After": "5"})
-    store = state.store
+async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Ready | JSONResponse:
+    engine = state.engine
+    if not engine.ready:
+        # A state, not a failure: answered without a log line (probes ask every few seconds).
+        return error_response(
+            "not_ready", engine.not_ready_reason(), headers={"Retry-After": str(engine.retry_after())}
+        )
+    store = engine.store
     return Ready(
         status="ready",
-        styles=list(store.styles),
         device=str(store.device),
         dtype=str(store.dtype).removeprefix("torch."),
+        default_style=engine.default_style,
+        styles=style_readiness(engine),
     )

@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from api.state import ServiceState, get_state
+from inference.pipeline import Result
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -29,6 +30,13 @@ _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def record(self, result: Result) -> None:
+        """A finished image's stage durations and face count."""
+        for stage, ms in result.timings_ms.items():
+            if ms > 0:
+                self.stage.labels(stage=stage).observe(ms / 1000)
+        self.faces.observe(result.faces_stylized)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -73,6 +81,6 @@ router = APIRouter(tags=["probes"])
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> Response:
     m: Metrics = request.app.state.metrics
-    if state.scheduler is not None:
-        m.queue_depth.labels(device=state.scheduler.name).set(state.scheduler.depth)
+    scheduler = state.engine.scheduler
+    m.queue_depth.labels(device=scheduler.name).set(scheduler.depth)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

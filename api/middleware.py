@@ -21,8 +21,13 @@ log = logging.getLogger("toonserve.access")
 #: The current request's id, for log records (see service/logging).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-#: Routes that stay open when an API key is configured (orchestrator probes and scrapers).
-OPEN_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Routes that stay open when an API key is configured: orchestrator probes and scrapers, and the API
+#: documentation (a browser cannot add the key to a page load; the schema holds no secret).
+OPEN_PATHS: Final = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+#: Path prefixes that stay open the same way (the documentation's own scripts and styles).
+OPEN_PREFIXES: Final = ("/static-offline-docs/",)
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -46,7 +51,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await error_response(413, "payload_too_large", message)(scope, receive, send)
+                    await error_response("payload_too_large", message)(scope, receive, send)
                     return
         seen = 0
         started = False
@@ -70,7 +75,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await error_response(413, "payload_too_large", message)(scope, receive, send)
+                await error_response("payload_too_large", message)(scope, receive, send)
 
 
 class _TooLarge(Exception):
@@ -117,10 +122,11 @@ class RequestContextMiddleware:
             if (
                 self.api_key is not None
                 and scope["path"] not in OPEN_PATHS
+                and not scope["path"].startswith(OPEN_PREFIXES)
                 and not _authorized(headers, self.api_key)
             ):
                 response = error_response(
-                    401, "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
+                    "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
                 )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send_with_id)
@@ -129,7 +135,7 @@ class RequestContextMiddleware:
         except Exception:
             log.exception("unhandled error")
             if not started:
-                await error_response(500, "internal_error", "internal error; see the server log")(
+                await error_response("internal_error", "internal error; see the server log")(
                     scope, receive, send_with_id
                 )
         finally:

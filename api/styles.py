@@ -1,12 +1,13 @@
-"""``GET /styles``: the seven DCT-Net styles, which are loaded here, and where their weights came from."""
+"""``GET /styles``: the seven DCT-Net styles, which are configured and loaded here, and from where."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from api.errors import COMMON_CODES, responses
 from api.state import ServiceState, get_state
 from inference.weights import STYLES
 
@@ -14,37 +15,51 @@ router = APIRouter(tags=["styles"])
 
 
 class StyleInfo(BaseModel):
-    name: str
-    model_id: str
-    revision: str | None
-    description: str
-    configured: bool
-    loaded: bool
-    default: bool
-    weights_source: str | None
-    error: str | None
+    name: str = Field(description="the style's name, as requests give it")
+    model_id: str = Field(description="its ModelScope model id")
+    revision: str | None = Field(
+        description="the ModelScope revision it is pinned to; null: the hub's default"
+    )
+    description: str = Field(description="what it looks like")
+    configured: bool = Field(description="whether this server loads it (TOONSERVE_STYLES)")
+    state: Literal["not_configured", "loading", "loaded", "failed"] = Field(description="where it stands")
+    loaded: bool = Field(description="whether requests can use it now")
+    default: bool = Field(description="whether requests naming no style get it")
+    weights_source: str | None = Field(description="where its weights came from, once loaded")
+    error: str | None = Field(description="why it failed to load, and how to fix it")
+    next_attempt_in_s: float | None = Field(description="seconds until the next attempt to load it")
 
 
 class StyleList(BaseModel):
-    styles: list[StyleInfo]
+    styles: list[StyleInfo] = Field(description="all seven styles")
 
 
-@router.get("/styles", response_model=StyleList, summary="Available styles and which are loaded")
+@router.get(
+    "/styles",
+    response_model=StyleList,
+    summary="Available styles and which are loaded",
+    responses=responses(*COMMON_CODES),
+)
 async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> StyleList:
+    engine = state.engine
+    statuses = engine.status()
     out = []
     for name, style in STYLES.items():
-        loaded = state.store.styles.get(name)
+        status = statuses.get(name)
+        wait = status.next_attempt_in() if status else None
         out.append(
             StyleInfo(
                 name=name,
                 model_id=style.model_id,
                 revision=style.revision,
                 description=style.description,
-                configured=name in state.styles,
-                loaded=loaded is not None,
-                default=name == state.default_style,
-                weights_source=loaded.weights.source if loaded else None,
-                error=state.store.failures.get(name),
+                configured=status is not None,
+                state=status.state if status else "not_configured",
+                loaded=status is not None and status.state == "loaded",
+                default=name == engine.default_style,
+                weights_source=status.source if status else None,
+                error=status.error if status else None,
+                next_attempt_in_s=None if wait is None else round(wait, 1),
             )
         )
     return StyleList(styles=out)

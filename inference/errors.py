@@ -9,7 +9,17 @@ from __future__ import annotations
 
 
 class ToonserveError(Exception):
-    """Base class of every error raised on purpose by `inference/`."""
+    """Base class of every error raised on purpose by `inference/`.
+
+    ``retry_after``: for errors that pass (a full queue, a style still loading), the seconds after
+    which trying again makes sense; None for errors that trying again will not fix.
+    """
+
+    retry_after: int | None = None
+
+
+class ConfigurationError(ToonserveError):
+    """A setting that cannot work on this machine (a device that does not exist, an unknown dtype)."""
 
 
 class ConversionError(ToonserveError):
@@ -26,3 +36,16 @@ class UnknownStyleError(ToonserveError):
 
 class InputShapeError(ToonserveError):
     """A tensor handed to a network does not satisfy its size contract."""
+
+
+class StyleUnavailableError(ToonserveError):
+    """A configured style that cannot serve now: its weights failed to load (retried in the
+    background) — the message says why and how to fix it."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StyleLoadingError(StyleUnavailableError):
+    """A configured style that is still loading (start-up, or a retry under way)."""

@@ -26,10 +26,10 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -39,16 +39,14 @@ from inference.errors import ToonserveError
 InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff", "gif"]
 OutputFormat = Literal["png", "jpeg", "webp"]
 
-#: Formats :func:`decode` accepts (decided by content), and those :func:`encode` writes.
+#: Formats :func:`decode` accepts (decided by content).
 ALLOWED_FORMATS: Final[tuple[InputFormat, ...]] = ("jpeg", "png", "webp", "bmp", "tiff", "gif")
-OUTPUT_FORMATS: Final[tuple[OutputFormat, ...]] = ("png", "jpeg", "webp")
-MEDIA_TYPES: Final[Mapping[OutputFormat, str]] = MappingProxyType(
-    {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-)
 
-#: Default limits for uploads: 40 MP decodes to 160 MB as RGBA; 25 MiB holds any sane photo.
+#: Default limits for uploads: 40 MP decodes to 160 MB as RGBA; 20 MiB holds any sane photo.
 DEFAULT_MAX_PIXELS: Final = 40_000_000
-DEFAULT_MAX_BYTES: Final = 25 * 1024 * 1024
+DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
+#: What a response is encoded as when the request does not say.
+DEFAULT_OUTPUT_FORMAT: Final[OutputFormat] = "png"
 #: TIFF pages are counted up to this many (see :func:`_count_frames`); only the first is decoded.
 MAX_COUNTED_PAGES: Final = 100
 #: Default encoder quality (JPEG, WebP) and its range.
@@ -65,6 +63,38 @@ PNG_COMPRESS_LEVEL: Final = 4
 #: (methods ≥ 3 turn on rate-distortion optimisation); 3 and 4 cost the same; 5 saves 1–2 % for +15 %;
 #: 6 saves 2–4 % for 2.5×.
 WEBP_METHOD: Final = 4
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How :func:`encode` writes one output format."""
+
+    media_type: str
+    #: File name suffix for saved results (ZIP entries, the CLI, downloads).
+    suffix: str
+    #: Writes a fresh (metadata-free) image to a stream at a quality (ignored where lossless).
+    save: Callable[[Image.Image, io.BytesIO, int], None]
+
+
+#: The output formats: adding one means one entry here and its name in :data:`OutputFormat`.
+OUTPUTS: Final[Mapping[OutputFormat, OutputSpec]] = MappingProxyType(
+    {
+        "png": OutputSpec(
+            "image/png", "png", lambda im, out, _q: im.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
+        ),
+        "jpeg": OutputSpec(
+            "image/jpeg", "jpg", lambda im, out, q: im.save(out, "JPEG", quality=q, optimize=False)
+        ),
+        "webp": OutputSpec(
+            "image/webp", "webp", lambda im, out, q: im.save(out, "WEBP", quality=q, method=WEBP_METHOD)
+        ),
+    }
+)
+OUTPUT_FORMATS: Final[tuple[OutputFormat, ...]] = get_args(OutputFormat)
+MEDIA_TYPES: Final[Mapping[OutputFormat, str]] = MappingProxyType(
+    {name: spec.media_type for name, spec in OUTPUTS.items()}
+)
+assert set(OUTPUTS) == set(OUTPUT_FORMATS), "OutputFormat and OUTPUTS must list the same formats"
 
 # Our format names ↔ Pillow's. Pillow opens a JPEG with an MPO (multi-picture) index, as phones write
 # them, as "MPO"; it is a JPEG whose first picture is the photo.
@@ -268,12 +298,7 @@ def encode(rgb: np.ndarray, fmt: OutputFormat, quality: int = DEFAULT_QUALITY) -
     # A fresh image has an empty `info`, so the encoders write no EXIF, XMP, ICC or text.
     im = Image.fromarray(np.ascontiguousarray(rgb))
     out = io.BytesIO()
-    if fmt == "png":
-        im.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    elif fmt == "jpeg":
-        im.save(out, "JPEG", quality=quality, optimize=False)
-    else:
-        im.save(out, "WEBP", quality=quality, method=WEBP_METHOD)
+    OUTPUTS[fmt].save(im, out, quality)
     return out.getvalue()
 
 

@@ -13,14 +13,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from inference.dctnet import Backend, GeneratorRunner, load_generator
-from inference.errors import ToonserveError
+from inference.errors import ConfigurationError, ToonserveError
 from inference.weights import StyleWeights, get_style, resolve
 
 log = logging.getLogger(__name__)
@@ -60,20 +60,24 @@ def parse_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        raise ToonserveError(f"invalid device {spec!r}: use cpu, cuda, cuda:N or auto") from exc
+        raise ConfigurationError(f"invalid device {spec!r}: use cpu, cuda, cuda:N or auto") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ToonserveError(f"device {spec!r} requested but CUDA is not available in this build/machine")
+            raise ConfigurationError(
+                f"device {spec!r} requested but CUDA is not available in this build/machine"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ToonserveError(
+            raise ConfigurationError(
                 f"device {spec!r} requested but only {torch.cuda.device_count()} GPU(s) exist"
             )
     elif device.type != "cpu":
-        raise ToonserveError(f"unsupported device {spec!r}: use cpu, cuda, cuda:N or auto")
+        raise ConfigurationError(f"unsupported device {spec!r}: use cpu, cuda, cuda:N or auto")
     return device
 
 
-DTYPES: Final[dict[str, torch.dtype]] = {
+DtypeName = Literal["float32", "bfloat16", "float16"]
+#: Generator precisions by name: float32 is exact to the official graphs; the others are faster.
+DTYPES: Final[dict[DtypeName, torch.dtype]] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -82,9 +86,9 @@ DTYPES: Final[dict[str, torch.dtype]] = {
 
 def parse_dtype(name: str) -> torch.dtype:
     try:
-        return DTYPES[name]
+        return DTYPES[name]  # type: ignore[index]
     except KeyError:
-        raise ToonserveError(f"invalid dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+        raise ConfigurationError(f"invalid dtype {name!r}: use one of {', '.join(DTYPES)}") from None
 
 
 @dataclass
@@ -98,8 +102,6 @@ class ModelStore:
     allow_download: bool = True
     backend: Backend = "auto"
     styles: dict[str, LoadedStyle] = field(default_factory=dict)
-    #: style → the actionable message of the error that kept it from loading.
-    failures: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def load(self, name: str) -> LoadedStyle:
@@ -109,19 +111,14 @@ class ModelStore:
             if name in self.styles:
                 return self.styles[name]
             start = time.perf_counter()
-            try:
-                weights = resolve(name, self.cache_dir, self.model_dir, self.allow_download)
-                head = GeneratorRunner(load_generator(weights.head, self.device, self.dtype), self.backend)
-                bg = GeneratorRunner(load_generator(weights.bg, self.device, self.dtype), self.backend)
-                mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
-                for runner in (head, bg):
-                    runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
-            except ToonserveError as exc:
-                self.failures[name] = str(exc)
-                raise
+            weights = resolve(name, self.cache_dir, self.model_dir, self.allow_download)
+            head = GeneratorRunner(load_generator(weights.head, self.device, self.dtype), self.backend)
+            bg = GeneratorRunner(load_generator(weights.bg, self.device, self.dtype), self.backend)
+            mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
+            for runner in (head, bg):
+                runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
             loaded = LoadedStyle(name, head, bg, mask, weights, (time.perf_counter() - start) * 1000)
             self.styles[name] = loaded
-            self.failures.pop(name, None)
             log.info(
                 "style %s loaded on %s (%s, %s backend) from %s in %.0f ms",
                 name, self.device, str(self.dtype).removeprefix("torch."), head.backend, weights.source,
@@ -130,13 +127,12 @@ class ModelStore:
             return loaded
 
     def get(self, name: str) -> LoadedStyle:
-        """A loaded style; :class:`UnknownStyleError` for unknown names, ToonserveError if not loaded."""
+        """A loaded style; :class:`UnknownStyleError` for unknown names, StyleNotLoadedError if not loaded."""
         get_style(name)
         try:
             return self.styles[name]
         except KeyError:
-            reason = self.failures.get(name, "it is not in the configured styles")
-            raise StyleNotLoadedError(f"style {name!r} is not loaded: {reason}") from None
+            raise StyleNotLoadedError(f"style {name!r} is not loaded on {self.device}") from None
 
     def release(self) -> None:
         """Drop every model (shutdown); frees device memory once nothing else holds them."""

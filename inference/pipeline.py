@@ -27,19 +27,21 @@ with the device synchronised, so the timings are what the stage cost.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from dataclasses import dataclass, field, replace
+from typing import Final, Literal, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from inference.align import CROP_SIZE, crop_matrices, paste_back_regions, warp_crops
+from inference.align import CROP_SIZE, AlignmentError, crop_matrices, paste_back_regions, warp_crops
 from inference.errors import ToonserveError
 from inference.faces import DetectedFace, FaceDetector
 from inference.models import LoadedStyle
@@ -50,8 +52,12 @@ MIN_PROCESSING_SIZE: Final = 64
 MAX_PROCESSING_SIZE: Final = 2048
 #: Upstream pads the background image to a multiple of this.
 BACKGROUND_MULTIPLE: Final = 16
-#: Upstream keeps the 10 largest detections.
+#: Long side of a requested output size: at least this, at most that.
+MIN_OUTPUT_SIDE: Final = 16
+MAX_OUTPUT_SIDE: Final = 8192
+#: Upstream keeps the 10 largest detections; we allow up to MAX_MAX_FACES.
 DEFAULT_MAX_FACES: Final = 10
+MAX_MAX_FACES: Final = 100
 #: Smallest face box side (processing-image pixels) we stylise. Upstream: > 60 px in width or height.
 DEFAULT_MIN_FACE_SIZE: Final = 24.0
 #: Smallest detector score we stylise (the detector itself keeps faces above its own threshold).
@@ -65,8 +71,15 @@ DEFAULT_HEAD_BATCH: Final = 16
 STAGES: Final = ("resize", "background", "detect", "align", "head", "blend", "strength", "resize_out")
 
 NoFacePolicy = Literal["background", "error", "passthrough"]
-NO_FACE_POLICIES: Final[tuple[NoFacePolicy, ...]] = ("background", "error", "passthrough")
-SkipReason = Literal["below_threshold", "too_small", "over_limit"]
+NO_FACE_POLICIES: Final[tuple[NoFacePolicy, ...]] = get_args(NoFacePolicy)
+#: Without a face: a cartoon of the whole photo, as upstream does.
+DEFAULT_NO_FACE: Final[NoFacePolicy] = "background"
+#: 1 = the model's output, 0 = the photo.
+DEFAULT_STRENGTH: Final = 1.0
+log = logging.getLogger(__name__)
+
+SkipReason = Literal["below_threshold", "too_small", "over_limit", "alignment_failed"]
+SKIP_REASONS: Final[tuple[SkipReason, ...]] = get_args(SkipReason)
 
 
 class CancelledError(ToonserveError):
@@ -81,14 +94,22 @@ class OptionsError(ToonserveError):
     """A pipeline option out of range."""
 
 
+class PipelineError(ToonserveError):
+    """An unexpected failure inside one stage for one image (a bug or a device fault, not the input).
+
+    The image fails alone: its batch neighbours go on. The message names the stage; the traceback
+    is logged where it happened.
+    """
+
+
 @dataclass(frozen=True)
 class Options:
     """Per-request knobs. ``output_size`` is (height, width); None keeps the input's size."""
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
-    strength: float = 1.0
+    strength: float = DEFAULT_STRENGTH
     output_size: tuple[int, int] | None = None
-    no_face: NoFacePolicy = "background"
+    no_face: NoFacePolicy = DEFAULT_NO_FACE
     min_face_size: float = DEFAULT_MIN_FACE_SIZE
     min_face_score: float = DEFAULT_MIN_FACE_SCORE
     max_faces: int = DEFAULT_MAX_FACES
@@ -101,16 +122,18 @@ class Options:
             )
         if not (math.isfinite(self.strength) and 0.0 <= self.strength <= 1.0):
             raise OptionsError(f"strength must be in [0, 1], got {self.strength}")
-        if self.output_size is not None and not all(0 < v <= 16384 for v in self.output_size):
-            raise OptionsError(f"output_size must be positive and at most 16384, got {self.output_size}")
+        if self.output_size is not None and not all(0 < v <= MAX_OUTPUT_SIDE for v in self.output_size):
+            raise OptionsError(
+                f"output_size must be positive and at most {MAX_OUTPUT_SIDE}, got {self.output_size}"
+            )
         if self.no_face not in NO_FACE_POLICIES:
             raise OptionsError(f"no_face must be one of {', '.join(NO_FACE_POLICIES)}, got {self.no_face!r}")
         if not (math.isfinite(self.min_face_size) and self.min_face_size >= 0):
             raise OptionsError(f"min_face_size must be a non-negative number, got {self.min_face_size}")
         if not 0.0 <= self.min_face_score <= 1.0:
             raise OptionsError(f"min_face_score must be in [0, 1], got {self.min_face_score}")
-        if self.max_faces < 0:
-            raise OptionsError(f"max_faces must be non-negative, got {self.max_faces}")
+        if not 0 <= self.max_faces <= MAX_MAX_FACES:
+            raise OptionsError(f"max_faces must be in [0, {MAX_MAX_FACES}], got {self.max_faces}")
 
 
 @dataclass(frozen=True)
@@ -213,9 +236,22 @@ class _Job:
     result_t: Tensor | None = None  # (3, h, w) float32 BGR 0..255 on the device
     faces: list[FaceReport] = field(default_factory=list)
     chosen: list[DetectedFace] = field(default_factory=list)
+    #: For each chosen face, its index in ``faces`` (to report a face that could not be aligned).
+    chosen_index: list[int] = field(default_factory=list)
     crops: Tensor | None = None
     inverses: np.ndarray | None = None
     heads: Tensor | None = None
+    #: Set when a stage failed for this image; it goes no further.
+    error: ToonserveError | None = None
+
+
+def _stage_error(stage: str, exc: Exception) -> ToonserveError:
+    """What one image gets when ``stage`` raised ``exc`` for it: a domain error as it is, anything
+    else (a bug, a device fault) as a :class:`PipelineError`, with the traceback logged here."""
+    if isinstance(exc, ToonserveError):
+        return exc
+    log.error("the %s stage failed for one image", stage, exc_info=exc)
+    return PipelineError(f"internal error in the {stage} stage ({type(exc).__name__}); see the server log")
 
 
 class Cartoonizer:
@@ -225,6 +261,8 @@ class Cartoonizer:
     head crop of every image in one call (up to ``head_batch`` crops a call), and the background
     passes of images of the same padded size together (up to ``bg_batch`` a call). A batched stage's
     time is charged in full to each image in the batch (it is the time each of them waited for it).
+    A stage that fails for one image fails that image alone (a batched call that fails is run again
+    one image at a time, so the culprit is found and its neighbours finish).
     """
 
     def __init__(
@@ -279,30 +317,53 @@ class Cartoonizer:
                 outcomes[i] = exc
 
         def live() -> list[_Job]:
-            for i in list(jobs):
-                if not alive(i):
+            for i, job in list(jobs.items()):
+                if job.error is not None:
+                    outcomes[i] = job.error
+                    del jobs[i]
+                elif not alive(i):
                     outcomes[i] = CancelledError("the request was cancelled before its image was finished")
                     del jobs[i]
             return list(jobs.values())
 
         with torch.inference_mode():
             for job in live():
-                self.resize(job)
-                self.detect(job)
+                self._guard([job], "resize", lambda js: self.resize(js[0]))
+                self._guard([job], "detect", lambda js: self.detect(js[0]))
             # Without a face to stylise, "error" and "passthrough" need no background pass.
             self.background([j for j in live() if j.chosen or j.options.no_face == "background"])
+            for job in [j for j in live() if j.chosen]:
+                self._guard([job], "align", lambda js: self.align(js[0]))
             with_faces = [j for j in live() if j.chosen]
-            for job in with_faces:
-                self.align(job)
-            self.head(with_faces)
-            for job in with_faces:
-                self.blend(job)
+            self._guard(with_faces, "head", self.head)
+            for job in [j for j in live() if j.chosen]:
+                self._guard([job], "blend", lambda js: self.blend(js[0]))
             for i, job in list(jobs.items()):
+                if job.error is not None:
+                    outcomes[i] = job.error
+                    continue
                 try:
                     outcomes[i] = self.finish(job)
-                except ToonserveError as exc:
-                    outcomes[i] = exc
+                except Exception as exc:
+                    outcomes[i] = _stage_error("finish", exc)
         return [outcomes[i] for i in range(len(items))]
+
+    def _guard(self, jobs: Sequence[_Job], stage: str, run: Callable[[Sequence[_Job]], None]) -> None:
+        """``run(jobs)``; if it raises, once more for each image alone, so only the culprit fails."""
+        if not jobs:
+            return
+        try:
+            run(jobs)
+            return
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].error = _stage_error(stage, exc)
+                return
+        for job in jobs:
+            try:
+                run([job])
+            except Exception as exc:
+                job.error = _stage_error(stage, exc)
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -321,17 +382,22 @@ class Cartoonizer:
         for (ph, pw), group in groups.items():
             for start in range(0, len(group), self.bg_batch):
                 chunk = group[start : start + self.bg_batch]
-                with self._timed(chunk, "background"):
-                    bgr = torch.full((len(chunk), 3, ph, pw), 255, dtype=torch.uint8, device=self.device)
-                    for k, job in enumerate(chunk):
-                        assert job.photo_t is not None
-                        _, h, w = job.photo_t.shape
-                        bgr[k, :, :h, :w] = job.photo_t.flip(0)  # RGB → BGR
-                    out = self.style.bg(bgr)
-                    for k, job in enumerate(chunk):
-                        assert job.photo_t is not None
-                        _, h, w = job.photo_t.shape
-                        job.result_t = out[k, :, :h, :w].float()
+                self._guard(chunk, "background", functools.partial(self._background_call, size=(ph, pw)))
+
+    def _background_call(self, chunk: Sequence[_Job], size: tuple[int, int]) -> None:
+        """One generator call for images that pad to ``size`` (height, width)."""
+        ph, pw = size
+        with self._timed(chunk, "background"):
+            bgr = torch.full((len(chunk), 3, ph, pw), 255, dtype=torch.uint8, device=self.device)
+            for k, job in enumerate(chunk):
+                assert job.photo_t is not None
+                _, h, w = job.photo_t.shape
+                bgr[k, :, :h, :w] = job.photo_t.flip(0)  # RGB → BGR
+            out = self.style.bg(bgr)
+            for k, job in enumerate(chunk):
+                assert job.photo_t is not None
+                _, h, w = job.photo_t.shape
+                job.result_t = out[k, :, :h, :w].float()
 
     def detect(self, job: _Job) -> None:
         assert job.photo_t is not None
@@ -352,7 +418,8 @@ class Cartoonizer:
                 eligible.append(i)
         # Upstream keeps the largest faces and pastes the largest first.
         eligible.sort(key=lambda i: box_area(found[i].box), reverse=True)
-        job.chosen = [found[i] for i in eligible[: opts.max_faces]]
+        job.chosen_index = eligible[: opts.max_faces]
+        job.chosen = [found[i] for i in job.chosen_index]
         reasons.update((i, "over_limit") for i in eligible[opts.max_faces :])
         for i, face in enumerate(found):
             x1, y1, x2, y2 = face.box
@@ -367,9 +434,24 @@ class Cartoonizer:
             )
 
     def align(self, job: _Job) -> None:
+        """Each chosen face → its 288×288 crop; a face whose landmarks admit no crop (degenerate
+        points) is reported as ``alignment_failed`` and left out, the others go on."""
         assert job.photo_t is not None
         with self._timed([job], "align"):
-            forward, inverse = zip(*(crop_matrices(f.landmarks) for f in job.chosen), strict=True)
+            forward, inverse, kept = [], [], []
+            for face, index in zip(job.chosen, job.chosen_index, strict=True):
+                try:
+                    tfm, tfm_inv = crop_matrices(face.landmarks)
+                except AlignmentError:
+                    job.faces[index] = replace(job.faces[index], stylized=False, reason="alignment_failed")
+                    continue
+                forward.append(tfm)
+                inverse.append(tfm_inv)
+                kept.append((face, index))
+            job.chosen = [face for face, _ in kept]
+            job.chosen_index = [index for _, index in kept]
+            if not kept:
+                return
             job.inverses = np.stack(inverse)
             # cv2.warpAffine on uint8 rounds; so do we, to feed the head network what upstream fed it.
             job.crops = warp_crops(job.photo_t, np.stack(forward)).round_().clamp_(0, 255)

@@ -30,6 +30,7 @@ from typing import Final
 import numpy as np
 
 from inference.errors import ToonserveError
+from inference.models import StyleNotLoadedError
 from inference.pipeline import CancelledError, Cartoonizer, NoFaceError, Options, Result
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class QueueFullError(ToonserveError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after: int = retry_after
 
 
 class DeadlineExceededError(ToonserveError):
@@ -140,10 +141,16 @@ class Scheduler:
         """Seconds until the queue has likely drained enough to take one more, at least 1."""
         return max(1, math.ceil((self.in_flight + 1) * self._service_s))
 
+    def add(self, style: str, cartoonizer: Cartoonizer) -> None:
+        """Serve ``style`` from now on (a style that finished loading after the worker started)."""
+        with self._cond:
+            # Copy on write: the worker reads the dict without the lock.
+            self.cartoonizers = {**self.cartoonizers, style: cartoonizer}
+
     def submit(self, style: str, image: np.ndarray, options: Options, deadline: float) -> Ticket:
         """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once."""
         if style not in self.cartoonizers:
-            raise ToonserveError(f"style {style!r} is not loaded on {self.name}")
+            raise StyleNotLoadedError(f"style {style!r} is not loaded on {self.name}")
         ticket = Ticket(style, image, options, deadline)
         with self._cond:
             if self._closed:

@@ -63,8 +63,11 @@ GRAPH_NAMES: Final[dict[Role, tuple[str, ...]]] = {
     "bg": ("cartoon_bg.pb", "cartoon_anime_bg.pb"),
 }
 MASK_NAME: Final = "alpha.jpg"
-#: What serving needs from a model directory (the detector/landmark graphs, TF checkpoints and the
-#: 550 MB vgg19.npy are skipped unless everything is asked for).
+#: The files a model directory must hold to serve (current names; the legacy anime names also work).
+REQUIRED_FILES: Final[tuple[str, ...]] = (GRAPH_NAMES["head"][0], GRAPH_NAMES["bg"][0], MASK_NAME)
+#: What a download fetches: the required files (under either name) and ModelScope's configuration.json
+#: (not needed to serve). The detector/landmark graphs, TF checkpoints and the 550 MB vgg19.npy are
+#: skipped unless everything is asked for.
 SERVING_FILES: Final[tuple[str, ...]] = (
     *GRAPH_NAMES["head"],
     *GRAPH_NAMES["bg"],
@@ -196,6 +199,7 @@ def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as exc:  # pragma: no cover - modelscope is a runtime dependency
         raise WeightsUnavailableError(f"modelscope is not installed ({exc}); pip install modelscope") from exc
+    existed = target.exists()
     try:
         path = snapshot_download(
             style.model_id,
@@ -204,6 +208,10 @@ def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
             allow_patterns=None if everything else list(SERVING_FILES),
         )
     except Exception as exc:  # the hub client raises many types (network, auth, HTTP, its own)
+        if not existed:
+            # What a failed attempt created (empty, or partial files) must not change what the next
+            # attempt finds, nor the message that lists what was tried.
+            shutil.rmtree(target, ignore_errors=True)
         reason = " ".join(str(exc).split())[:300]
         raise WeightsUnavailableError(
             f"download of {style.model_id}"
@@ -256,9 +264,9 @@ def _unavailable_message(style: Style, cache_dir: Path, model_dir: Path | None, 
     return (
         f"no weights for style '{style.name}' ({style.model_id}). Tried: " + "; ".join(tried) + ". "
         f"To fix: on a machine with internet run `toonserve download {style.name} --cache-dir DIR` and copy "
-        f"DIR to this machine's cache directory ({cache_dir}), or place the ModelScope directory "
-        f"(cartoon_h.pb, cartoon_bg.pb, alpha.jpg; e.g. from `modelscope download {style.model_id}{revision} "
-        f"--local-dir {place} cartoon_h.pb cartoon_bg.pb alpha.jpg configuration.json`) at {place}."
+        f"DIR to this machine's cache directory ({cache_dir}), or place the files "
+        f"{', '.join(REQUIRED_FILES)} of the ModelScope directory at {place} (e.g. `modelscope download "
+        f"{style.model_id}{revision} --local-dir {place} {' '.join(REQUIRED_FILES)}`)."
     )
 
 

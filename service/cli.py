@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import socket
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.errors import ToonserveError
+from inference.images import OUTPUT_FORMATS
+from inference.models import DTYPES
+from inference.pipeline import DEFAULT_NO_FACE, DEFAULT_STRENGTH, NO_FACE_POLICIES
 from inference.weights import STYLES, download, ensure_converted, find_source_dir, get_style, resolve
+
+if TYPE_CHECKING:
+    from inference.flow import Flow, Params
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` before anything loads, so a port in use fails at once with a
+    clear message (and the service never logs that it is loading or ready)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -21,8 +47,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     host = args.host or settings.host
     port = args.port or settings.port
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     configure(settings.log_level, settings.log_format)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=host,
         port=port,
@@ -30,6 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # our middleware logs every request, with its request id
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -77,27 +109,42 @@ def _cmd_styles(args: argparse.Namespace) -> int:
 
 
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+#: Photos the CLI keeps in flight, so one's decode and encode overlap another's model work.
+_IN_FLIGHT = 2
 
 
-def _progress(done: int, total: int, name: str, started: float) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stderr.write(
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {rate:.2f} img/s {name[:40]:40}"
-    )
-    sys.stderr.flush()
+class _Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, name: str) -> None:
+        self.done += 1
+        if not self.tty:
+            return
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        rate = self.done / max(time.monotonic() - self.started, 1e-9)
+        bar = "#" * filled + "." * (width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} img/s {name[:40]:40}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
 
 
 def _cmd_cartoonize(args: argparse.Namespace) -> int:
-    """Cartoonize every photo of a folder into another folder, with the service's own pipeline."""
-    from inference.faces import create_detector
-    from inference.images import decode, encode
-    from inference.models import ModelStore, parse_device, parse_dtype
-    from inference.pipeline import Cartoonizer, Options
+    """Cartoonize every photo of a folder into another folder, through the service's own engine and
+    request flow, with every setting the service honours (command-line flags override them)."""
+    from inference.images import OUTPUTS
+    from service.engine import build_engine, build_flow
     from service.settings import get_settings
 
-    settings = get_settings()
     src, dst = Path(args.input), Path(args.output)
     if not src.is_dir():
         print(f"error: {src} is not a directory", file=sys.stderr)
@@ -106,43 +153,69 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
     if not photos:
         print(f"error: no photos ({', '.join(_PHOTO_SUFFIXES)}) in {src}", file=sys.stderr)
         return 2
-    dst.mkdir(parents=True, exist_ok=True)
-    device = parse_device(args.device or settings.device)
-    store = ModelStore(
-        device, parse_dtype(args.dtype or settings.dtype), Path(args.cache_dir or settings.cache_dir),
-        settings.model_dir, settings.allow_download, settings.backend,
-    )  # fmt: skip
+    overrides = {
+        key: value
+        for key, value in (("device", args.device), ("dtype", args.dtype), ("cache_dir", args.cache_dir))
+        if value is not None
+    }
+    settings = get_settings().model_copy(update=overrides)
     style = args.style or settings.default_style
-    cartoonizer = Cartoonizer(
-        store.load(style), create_detector("mtcnn", device), head_batch=settings.head_batch
-    )
-    options = Options(
-        processing_size=args.processing_size or settings.processing_size, strength=args.strength
-    )
-    fmt = args.format or settings.output_format
-    failures = 0
-    started = time.monotonic()
-    for i, path in enumerate(photos):
-        _progress(i, len(photos), path.name, started)
+    engine = build_engine(settings, styles=[style], default_style=style, retry=False)
+    engine.start()
+    try:
+        status = engine.wait_settled(style)
+        if status.state != "loaded":
+            print(f"error: style {style} could not be loaded: {engine.not_ready_reason()}", file=sys.stderr)
+            return 2
+        flow = build_flow(settings, engine)
         try:
-            result = cartoonizer.run(
-                decode(path.read_bytes(), max_pixels=settings.max_pixels).pixels, options
+            params = flow.params(
+                style=style,
+                strength=args.strength,
+                processing_size=args.processing_size,
+                output_size=args.output_size,
+                fmt=args.format,
+                quality=args.quality,
+                no_face=args.no_face,
             )
-            suffix = "jpg" if fmt == "jpeg" else fmt
-            (dst / f"{path.stem}.{suffix}").write_bytes(
-                encode(result.image, fmt, args.quality or settings.quality)
-            )
-        except ToonserveError as exc:
-            failures += 1
-            sys.stderr.write(f"\n{path.name}: {exc}\n")
-    _progress(len(photos), len(photos), "done", started)
-    sys.stderr.write("\n")
+            dst.mkdir(parents=True, exist_ok=True)
+            suffix = OUTPUTS[params.fmt].suffix
+            failures = asyncio.run(_cartoonize_all(flow, params, photos, dst, suffix))
+        finally:
+            flow.close()
+    finally:
+        engine.close(drain=False)
     print(f"{len(photos) - failures} of {len(photos)} photos written to {dst}")
     return 1 if failures else 0
 
 
+async def _cartoonize_all(flow: Flow, params: Params, photos: list[Path], dst: Path, suffix: str) -> int:
+    """Every photo through the flow, a few in flight; failures are reported and counted."""
+    progress = _Progress(len(photos))
+    slots = asyncio.Semaphore(_IN_FLIGHT)
+    failures = 0
+
+    async def one(path: Path) -> None:
+        nonlocal failures
+        async with slots:
+            try:
+                outcome = await flow.run(path.read_bytes(), params)
+                (dst / f"{path.stem}.{suffix}").write_bytes(outcome.data)
+            except ToonserveError as exc:
+                failures += 1
+                if progress.tty:
+                    sys.stderr.write("\n")
+                sys.stderr.write(f"{path.name}: {exc}\n")
+            progress.step(path.name)
+
+    await asyncio.gather(*(one(p) for p in photos))
+    progress.close()
+    return failures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toonserve", description="DCT-Net cartoon service and tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('toonserve')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service (settings from TOONSERVE_* variables)")
@@ -168,12 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     cz.add_argument("input", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
     cz.add_argument("output", help="folder for the results (created)")
     cz.add_argument("--style", choices=list(STYLES), help="default: TOONSERVE_DEFAULT_STYLE")
-    cz.add_argument("--format", choices=["png", "jpeg", "webp"], help="default: TOONSERVE_OUTPUT_FORMAT")
+    cz.add_argument("--format", choices=list(OUTPUT_FORMATS), help="default: TOONSERVE_OUTPUT_FORMAT")
     cz.add_argument("--quality", type=int, help="JPEG/WebP quality, default: TOONSERVE_QUALITY")
-    cz.add_argument("--strength", type=float, default=1.0, help="1 = cartoon, 0 = photo")
+    cz.add_argument(
+        "--strength", type=float, default=DEFAULT_STRENGTH, help="1 = cartoon, 0 = photo (default 1)"
+    )
     cz.add_argument("--processing-size", type=int, help="default: TOONSERVE_PROCESSING_SIZE")
+    cz.add_argument("--output-size", type=int, help="long side of the results, default: the input's")
+    cz.add_argument(
+        "--no-face",
+        choices=list(NO_FACE_POLICIES),
+        default=DEFAULT_NO_FACE,
+        help=f"without a face (default {DEFAULT_NO_FACE})",
+    )
     cz.add_argument("--device", help="override TOONSERVE_DEVICE")
-    cz.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override TOONSERVE_DTYPE")
+    cz.add_argument("--dtype", choices=list(DTYPES), help="override TOONSERVE_DTYPE")
     cz.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     cz.set_defaults(func=_cmd_cartoonize)
 

@@ -53,3 +53,16 @@ def configure(level: str, fmt: str) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    _adopt_modelscope(handler)
+
+
+def _adopt_modelscope(handler: logging.Handler) -> None:
+    """ModelScope's hub client (weight downloads) logs through its own logger, which it sets up on
+    first use with its own stderr handler and format, and with propagation off (again at every
+    ``get_logger`` call). Set it up now and give it our handler instead, so its lines come out in the
+    service's format."""
+    try:
+        from modelscope.utils.logger import get_logger
+    except ImportError:  # pragma: no cover - modelscope is a runtime dependency
+        return
+    get_logger().handlers[:] = [handler]

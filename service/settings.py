@@ -1,6 +1,8 @@
 """Service settings, read from the environment (prefix ``TOONSERVE_``) or a ``.env`` file.
 
-Every field is documented in the README's settings table; keep the two in step.
+Every field is documented in the README's settings table (a test keeps the two in step). Defaults,
+bounds and choices that belong to the model or the pipeline come from the constants in ``inference/``,
+so they are written once; the per-request defaults of the routes, the CLI and the jobs come from here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,29 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from inference.dctnet import Backend
+from inference.engine import DEFAULT_RETRY_MAX_S
+from inference.faces import available_detectors
+from inference.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_QUALITY,
+    MAX_QUALITY,
+    MIN_QUALITY,
+    OutputFormat,
+)
+from inference.models import DtypeName
+from inference.pipeline import (
+    DEFAULT_HEAD_BATCH,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_PROCESSING_SIZE,
+    MAX_MAX_FACES,
+    MAX_PROCESSING_SIZE,
+    MIN_PROCESSING_SIZE,
+)
+from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_QUEUE_SIZE
 from inference.weights import STYLES
 
 
@@ -27,17 +52,18 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: DtypeName = Field(
         "float32",
         description="Generator precision: float32 is exact to the official model; bf16/fp16 are faster.",
     )
-    backend: Literal["auto", "onednn", "eager"] = Field(
+    backend: Backend = Field(
         "auto", description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), or auto."
     )
     styles: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["anime"], description="Styles to load at start-up (comma-separated)."
     )
     default_style: str = Field("anime", description="Style used when a request names none.")
+    face_detector: str = Field("mtcnn", description="Face detector, by registry name.")
     cache_dir: Path = Field(
         default_factory=_default_cache_dir, description="Downloads and converted weights."
     )
@@ -46,34 +72,65 @@ class Settings(BaseSettings):
         description="Optional directory of ModelScope model folders (<dir>/<style>/ or <dir>/<model id>/).",
     )
     allow_download: bool = Field(True, description="Fetch missing weights from ModelScope at start-up.")
+    weights_retry_max_s: float = Field(
+        DEFAULT_RETRY_MAX_S,
+        gt=0,
+        description="Longest wait between attempts to load a style whose weights failed (backoff cap).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field(
         "json", description="Log lines as JSON objects or plain text."
     )
 
     # Processing defaults (each request may override them).
-    processing_size: int = Field(720, ge=64, le=2048, description="Short side the photo is processed at.")
-    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Default response image format.")
-    quality: int = Field(90, ge=1, le=100, description="Default JPEG/WebP quality.")
-    min_face_size: float = Field(
-        24.0, ge=0, description="Smallest face box side (processing pixels) stylised."
+    processing_size: int = Field(
+        DEFAULT_PROCESSING_SIZE,
+        ge=MIN_PROCESSING_SIZE,
+        le=MAX_PROCESSING_SIZE,
+        description="Short side the photo is processed at.",
     )
-    max_faces: int = Field(10, ge=0, le=100, description="Most faces stylised per photo (largest first).")
+    output_format: OutputFormat = Field(DEFAULT_OUTPUT_FORMAT, description="Default response image format.")
+    quality: int = Field(
+        DEFAULT_QUALITY, ge=MIN_QUALITY, le=MAX_QUALITY, description="Default JPEG/WebP quality."
+    )
+    min_face_size: float = Field(
+        DEFAULT_MIN_FACE_SIZE, ge=0, description="Smallest face box side (processing pixels) stylised."
+    )
+    max_faces: int = Field(
+        DEFAULT_MAX_FACES,
+        ge=0,
+        le=MAX_MAX_FACES,
+        description="Most faces stylised per photo (largest first).",
+    )
 
     # Limits.
-    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body (bytes).")
-    max_pixels: int = Field(40_000_000, ge=10_000, description="Largest decoded image (width × height).")
+    max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="Largest request body (bytes).")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=10_000, description="Largest decoded image (width × height)."
+    )
     max_batch_files: int = Field(
         16, ge=1, le=256, description="Most images in one /cartoonize/batch request."
     )
-    queue_size: int = Field(32, ge=1, description="Images that may wait for the worker; beyond it: 503.")
+    queue_size: int = Field(
+        DEFAULT_QUEUE_SIZE, ge=1, description="Images that may wait for the worker; beyond it: 503."
+    )
     max_batch: int | None = Field(
         None, ge=1, le=64, description="Most images the worker takes together; unset: 1 on CPU, 8 on CUDA."
     )
-    head_batch: int = Field(16, ge=1, le=256, description="Most face crops per head-network call.")
-    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long the worker waits to fill a batch.")
+    head_batch: int = Field(
+        DEFAULT_HEAD_BATCH, ge=1, le=256, description="Most face crops per head-network call."
+    )
+    batch_wait_ms: float = Field(
+        DEFAULT_BATCH_WAIT_S * 1000, ge=0, le=1000, description="How long the worker waits to fill a batch."
+    )
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline per image, queue wait included; then 504."
+    )
+    codec_threads: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Threads that decode uploads and encode results; unset: half the cores (1 to 4).",
     )
 
     # Access.
@@ -99,6 +156,15 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one style must be loaded")
         return list(dict.fromkeys(value))
+
+    @field_validator("face_detector")
+    @classmethod
+    def _known_detector(cls, value: str) -> str:
+        if value not in available_detectors():
+            raise ValueError(
+                f"unknown face detector {value!r}; choose from {', '.join(available_detectors())}"
+            )
+        return value
 
     @field_validator("default_style")
     @classmethod

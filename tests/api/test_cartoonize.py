@@ -169,28 +169,30 @@ def test_batch_file_limit(client: TestClient, portrait_jpeg: bytes) -> None:
 
 
 def test_full_queue_is_503_with_retry_after(client: TestClient, portrait_jpeg: bytes) -> None:
-    state = service_state(client)
-    real = state.scheduler
-    assert real is not None
+    engine = service_state(client).engine
+    real = engine.scheduler
     stalled = Scheduler(real.cartoonizers, queue_size=1, name="stalled")  # never started: nothing drains
-    state.scheduler = stalled
+    engine.scheduler = stalled
     try:
         stalled.submit("anime", np.zeros((8, 8, 3), np.uint8), Options(), time.monotonic() + 60)
         r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "queue_full"
         assert int(r.headers["retry-after"]) >= 1
+        r = client.post("/cartoonize/batch", files=[("images", ("me.jpg", portrait_jpeg))])
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1
     finally:
-        state.scheduler = real
+        engine.scheduler = real
 
 
 def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: bytes) -> None:
     state = service_state(client)
-    real, limits = state.scheduler, state.limits
-    assert real is not None
+    engine, flow = state.engine, state.flow
+    real, timeout = engine.scheduler, flow.timeout_s
     stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled")
-    state.scheduler = stalled
-    state.limits = type(limits)(**{**limits.__dict__, "request_timeout_s": 0.3})
+    engine.scheduler = stalled
+    flow.timeout_s = 0.3
     try:
         r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
@@ -198,7 +200,7 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
         ticket = stalled._queue[0]
         assert ticket.cancelled  # dropped: the worker will not process it
     finally:
-        state.scheduler, state.limits = real, limits
+        engine.scheduler, flow.timeout_s = real, timeout
 
 
 def test_metrics(client: TestClient, portrait_jpeg: bytes) -> None:
@@ -243,3 +245,53 @@ def test_api_key_and_cors(model_dir: ReferenceModelDir, tmp_path: Path, portrait
         assert "Server-Timing" in r.headers["access-control-expose-headers"]
         r = c.get("/healthz", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_a_failing_image_does_not_sink_its_batch(
+    client: TestClient, portrait_jpeg: bytes, coffee_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.pipeline import Cartoonizer
+
+    real_align = Cartoonizer.align
+
+    def align(self: Cartoonizer, job: object) -> None:
+        if getattr(job, "rgb").shape[1] == 300:  # noqa: B009 (the job type is private)
+            raise RuntimeError("injected fault")
+        real_align(self, job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Cartoonizer, "align", align)
+    narrow = png_bytes(np.asarray(Image.open(io.BytesIO(portrait_jpeg)).resize((300, 300))))
+    files = [
+        ("images", ("a.jpg", portrait_jpeg)),
+        ("images", ("b.png", narrow)),
+        ("images", ("c.jpg", coffee_jpeg)),
+    ]
+    r = client.post("/cartoonize/batch", files=files, data={"response": "json"})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["status"] for x in results] == [200, 500, 200]
+    assert results[1]["error"]["code"] == "internal_error" and "align stage" in results[1]["error"]["message"]
+    assert results[0]["result"]["faces_stylized"] == 1
+
+
+def test_two_image_parts_are_refused(client: TestClient, portrait_jpeg: bytes) -> None:
+    files = [("image", ("a.jpg", portrait_jpeg)), ("image", ("b.jpg", portrait_jpeg))]
+    r = client.post("/cartoonize", files=files)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert "exactly one file" in r.json()["error"]["message"]
+
+
+def test_a_full_queue_is_a_warning_not_an_error(
+    client: TestClient, portrait_jpeg: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = service_state(client).engine
+    real = engine.scheduler
+    engine.scheduler = Scheduler(real.cartoonizers, queue_size=1, name="stalled")
+    try:
+        engine.scheduler.submit("anime", np.zeros((8, 8, 3), np.uint8), Options(), time.monotonic() + 60)
+        with caplog.at_level("INFO"):
+            assert client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)}).status_code == 503
+    finally:
+        engine.scheduler = real
+    full = [rec for rec in caplog.records if "queue_full" in rec.getMessage()]
+    assert len(full) == 1 and full[0].levelname == "WARNING"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE
+from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE, AlignmentError
 from inference.dctnet import GeneratorRunner
 from inference.pipeline import (
     STAGES,
@@ -20,6 +20,8 @@ from inference.pipeline import (
     NoFaceError,
     Options,
     OptionsError,
+    PipelineError,
+    Result,
     _Job,
     box_area,
     processing_shape,
@@ -288,3 +290,65 @@ def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:
     assert bg.batches == [1, 1]
     with pytest.raises(OptionsError):
         Cartoonizer(cartoonizer.style, cartoonizer.detector, head_batch=0)
+
+
+def test_a_stage_failure_fails_that_image_alone(
+    cartoonizer: Cartoonizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected failure in the align stage of one image of a batch: it gets a PipelineError,
+    its neighbours finish as if it had not been there."""
+    astro, hopper = photos.astronaut(), photos.grace_hopper()
+    bad = astro[:, ::-1].copy()
+    real_align = Cartoonizer.align
+
+    def align(self: Cartoonizer, job: Any) -> None:
+        if job.rgb.shape == bad.shape and np.array_equal(job.rgb, bad):
+            raise RuntimeError("injected")
+        real_align(self, job)
+
+    monkeypatch.setattr(Cartoonizer, "align", align)
+    outcomes = cartoonizer.run_many([(astro, Options()), (bad, Options()), (hopper, Options())])
+    assert isinstance(outcomes[1], PipelineError) and "align stage" in str(outcomes[1])
+    for image, outcome in ((astro, outcomes[0]), (hopper, outcomes[2])):
+        assert isinstance(outcome, Result) and outcome.faces_stylized == 1
+        monkeypatch.setattr(Cartoonizer, "align", real_align)
+        alone = cartoonizer.run(image)
+        assert np.array_equal(outcome.image, alone.image)
+
+
+def test_a_batched_stage_failure_is_narrowed_to_its_image(cartoonizer: Cartoonizer) -> None:
+    """The head network raises for a batch holding one poisoned crop: the call is retried image by
+    image, so only the image it belongs to fails."""
+    head = cartoonizer.style.head
+
+    def picky(bgr: torch.Tensor) -> torch.Tensor:
+        if bool((bgr[:, :, 0, 0] == 7).all(dim=1).any()):
+            raise RuntimeError("device fault")
+        return head(bgr)
+
+    c = Cartoonizer(replace(cartoonizer.style, head=picky), cartoonizer.detector)  # type: ignore[arg-type]
+    poisoned_align = c.align
+
+    def align(job: Any) -> None:
+        poisoned_align(job)
+        if job.options.strength == 0.5 and job.crops is not None:
+            job.crops[:, :, 0, 0] = 7
+
+    c.align = align  # type: ignore[method-assign]
+    outcomes = c.run_many([(photos.astronaut(), Options()), (photos.grace_hopper(), Options(strength=0.5))])
+    assert isinstance(outcomes[0], Result) and outcomes[0].faces_stylized == 1
+    assert isinstance(outcomes[1], PipelineError) and "head stage" in str(outcomes[1])
+
+
+def test_unalignable_face_is_skipped_with_its_reason(
+    cartoonizer: Cartoonizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inference.pipeline as pipeline
+
+    def degenerate(points: Any) -> Any:
+        raise AlignmentError("The landmark points all coincide; a face needs distinct landmarks.")
+
+    monkeypatch.setattr(pipeline, "crop_matrices", degenerate)
+    result = cartoonizer.run(photos.astronaut())
+    assert [f.reason for f in result.faces] == ["alignment_failed"]
+    assert result.faces_stylized == 0 and result.no_face == "background"

@@ -110,3 +110,17 @@ def test_offline_hub_gives_one_actionable_error(tmp_path: Path, monkeypatch: pyt
 def test_fixture_graphs_are_distinct(model_dir: ReferenceModelDir) -> None:
     # Guards the fixture itself: head and background graphs must be distinguishable.
     assert model_dir.head_pb.read_bytes() != model_dir.bg_pb.read_bytes()
+
+
+def test_a_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub unreachable twice: the second message is the first, and no empty directory appears."""
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    cache = tmp_path / "cache"
+    messages = []
+    for _ in range(2):
+        with pytest.raises(WeightsUnavailableError) as info:
+            resolve("sketch", cache, None, allow_download=True)
+        messages.append(str(info.value))
+        assert not (cache / "models" / "sketch").exists()
+    assert messages[0] == messages[1]
+    assert f"local directory {cache / 'models' / 'sketch'} (does not exist)" in messages[1]

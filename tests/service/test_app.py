@@ -30,12 +30,21 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = wait_ready(client)
-        assert ready == {"status": "ready", "styles": ["anime"], "device": "cpu", "dtype": "float32"}
+        assert ready == {
+            "status": "ready",
+            "device": "cpu",
+            "dtype": "float32",
+            "default_style": "anime",
+            "styles": {"anime": {"state": "loaded", "error": None, "next_attempt_in_s": None}},
+        }
         styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
         assert len(styles) == 7
-        assert styles["anime"]["loaded"] and styles["anime"]["default"]
+        assert (
+            styles["anime"]["loaded"] and styles["anime"]["default"] and styles["anime"]["state"] == "loaded"
+        )
         assert styles["anime"]["weights_source"].startswith("converted from")
         assert not styles["3d"]["loaded"] and not styles["3d"]["configured"]
+        assert styles["3d"]["state"] == "not_configured"
 
 
 def test_not_ready_says_why(tmp_path: Path) -> None:

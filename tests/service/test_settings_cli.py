@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,9 +83,42 @@ def test_cartoonize_a_folder(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["astronaut.jpg", "coffee.jpg"]
     out, err = capsys.readouterr()
     assert "2 of 3 photos written" in out
-    assert "broken.jpg:" in err and "3/3" in err
+    assert "broken.jpg:" in err
+    assert "3/3" not in err  # stderr is not a terminal: no progress bar
     with Image.open(tmp_path / "out" / "astronaut.jpg") as im:
         assert im.size == (512, 512)
+
+    # The settings the service honours apply here too (TOONSERVE_MAX_FACES=0: no face is stylised), and
+    # on a terminal the progress bar is drawn.
+    monkeypatch.setenv("TOONSERVE_MAX_FACES", "0")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    get_settings.cache_clear()
+    try:
+        code = main(["cartoonize", str(src), str(tmp_path / "out2"), "--no-face", "error", "--device", "cpu"])
+    finally:
+        get_settings.cache_clear()
+    out, err = capsys.readouterr()
+    assert code == 1 and "0 of 3 photos written" in out
+    assert "astronaut.jpg: 1 face(s) found but none stylisable" in err
+    assert "3/3" in err
+
+
+def test_version_and_a_port_in_use(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"toonserve {version('toonserve')}"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    # One line and nothing else: nothing was loaded or logged before the bind failed.
+    assert err.splitlines() == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
 
 
 def test_every_setting_is_in_the_readme_table() -> None:

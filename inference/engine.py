@@ -1,0 +1,299 @@
+"""The engine of one device: resident styles, the face detector, the pipelines and the worker.
+
+An :class:`Engine` owns everything that does model work on its device: the :class:`ModelStore`
+(generators and masks), one :class:`FaceDetector`, one :class:`Cartoonizer` per style and the
+:class:`Scheduler` whose single worker thread runs them. The service builds exactly one, in one
+factory (``service.engine.build_engine``), and the app, the CLI and the benchmarks all use it.
+
+Styles load and fail independently, in a background thread, the default style first:
+
+* a style is ``loading``, then ``loaded`` once its weights are resident and a blank photo has gone
+  through its whole pipeline (detector included), or ``failed`` with the actionable message;
+* a failed style is tried again with exponential backoff (``retry_initial_s`` doubling up to
+  ``retry_max_s``), so a replica whose network comes back, or whose weights are copied in later,
+  recovers by itself; :attr:`StyleStatus.next_attempt` says when;
+* the engine is :attr:`ready` once the default style is loaded; requests for any loaded style are
+  served meanwhile, requests for a style that is loading or failed are refused at once
+  (:meth:`check`) with the reason and when to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final, Literal
+
+import numpy as np
+
+from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
+from inference.faces import FaceDetector, create_detector
+from inference.models import ModelStore, StyleNotLoadedError
+from inference.pipeline import Cartoonizer, Options
+from inference.scheduler import Scheduler
+from inference.weights import get_style
+
+log = logging.getLogger(__name__)
+
+StyleState = Literal["loading", "loaded", "failed"]
+
+#: First wait before a failed style is tried again; it doubles after each failure up to the cap.
+RETRY_INITIAL_S: Final = 5.0
+#: Default cap of that wait (the service's ``TOONSERVE_WEIGHTS_RETRY_MAX_S``).
+DEFAULT_RETRY_MAX_S: Final = 300.0
+#: Side of the blank photo pushed through a style's whole pipeline before it serves.
+WARMUP_SIDE: Final = 128
+#: Retry-After for a style that is still loading (seconds).
+LOADING_RETRY_AFTER_S: Final = 5
+
+
+@dataclass(frozen=True)
+class StyleStatus:
+    """Where one configured style stands. Times are ``time.monotonic()`` seconds."""
+
+    name: str
+    state: StyleState = "loading"
+    #: Why it failed (actionable), while ``state == "failed"``.
+    error: str | None = None
+    #: Failed attempts so far (reset when it loads).
+    failures: int = 0
+    #: When the next attempt starts, while ``state == "failed"``.
+    next_attempt: float | None = None
+    #: Where its weights came from, once loaded.
+    source: str | None = None
+
+    def next_attempt_in(self, now: float | None = None) -> float | None:
+        """Seconds until the next attempt (0 when due), or None when none is planned."""
+        if self.next_attempt is None:
+            return None
+        return max(0.0, self.next_attempt - (time.monotonic() if now is None else now))
+
+
+def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
+    """Wait before attempt ``failures + 1``: ``initial_s · 2^(failures - 1)``, at most ``max_s``."""
+    return float(min(max_s, initial_s * 2.0 ** max(0, failures - 1)))
+
+
+class Engine:
+    """One device's models and worker (module docstring). Thread-safe; :meth:`start` once."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        styles: Sequence[str],
+        default_style: str,
+        *,
+        detector: str = "mtcnn",
+        detector_options: dict[str, Any] | None = None,
+        max_batch: int = 1,
+        head_batch: int = 16,
+        queue_size: int = 32,
+        batch_wait_s: float = 0.005,
+        retry_initial_s: float = RETRY_INITIAL_S,
+        retry_max_s: float = DEFAULT_RETRY_MAX_S,
+        retry: bool = True,
+        on_outcome: Callable[[str], None] | None = None,
+        explain: Callable[[str, ToonserveError], str] | None = None,
+    ) -> None:
+        """``styles``: the styles to load (``default_style`` among them, loaded first).
+        ``retry``: try failed styles again with backoff (False for one-shot tools such as the CLI).
+        ``explain(style, error)``: the message shown for a failed style (the service adds the
+        settings that fix it); default ``str(error)``."""
+        for name in styles:
+            get_style(name)
+        if default_style not in styles:
+            raise ValueError(f"the default style {default_style!r} must be among {list(styles)}")
+        self.store = store
+        self.default_style = default_style
+        self.styles: tuple[str, ...] = (
+            default_style,
+            *(s for s in dict.fromkeys(styles) if s != default_style),
+        )
+        self.detector_name = detector
+        self.detector_options = dict(detector_options or {})
+        self.max_batch = max_batch
+        self.head_batch = head_batch
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.retry = retry
+        self._explain = explain or (lambda _style, exc: str(exc))
+        self.scheduler = Scheduler(
+            {},
+            queue_size=queue_size,
+            max_batch=max_batch,
+            batch_wait=batch_wait_s,
+            name=str(store.device),
+            on_outcome=on_outcome,
+        )
+        self.detector: FaceDetector | None = None
+        #: Why the face detector could not be built (then nothing can serve).
+        self.detector_error: str | None = None
+        self._status = {name: StyleStatus(name) for name in self.styles}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._loader = threading.Thread(target=self._load_loop, name="toonserve-loader", daemon=True)
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker and the background loading of every style."""
+        self.scheduler.start()
+        self._loader.start()
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop loading, finish (``drain``) or refuse queued work, and release the models."""
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        self.scheduler.close(drain, timeout)
+        # A download in progress cannot be interrupted; the thread is a daemon and is left to end.
+        self._loader.join(timeout=1.0)
+        self.store.release()
+
+    @property
+    def ready(self) -> bool:
+        """The default style is loaded and warm."""
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def wait_settled(self, style: str, timeout: float | None = None) -> StyleStatus:
+        """Block until ``style`` has loaded or failed at least once (or ``timeout``); its status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                status = self._status[style]
+                if status.state == "loaded" or status.failures > 0 or self.detector_error is not None:
+                    return status
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return status
+                self._changed.wait(remaining)
+
+    # -- what requests ask -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, StyleStatus]:
+        """Every configured style's status, the default first."""
+        with self._lock:
+            return dict(self._status)
+
+    def check(self, style: str) -> None:
+        """Raise unless ``style`` can serve now: :class:`~inference.errors.UnknownStyleError`,
+        :class:`StyleNotLoadedError` (not configured here), :class:`StyleLoadingError` or
+        :class:`StyleUnavailableError` (failed; the message says why, ``retry_after`` when it is
+        tried again)."""
+        get_style(style)
+        status = self._status.get(style)
+        if status is None:
+            raise StyleNotLoadedError(
+                f"style {style!r} is not configured on this server; configured: {', '.join(self.styles)}"
+            )
+        if status.state == "loaded":
+            return
+        if self.detector_error is not None:
+            raise StyleUnavailableError(
+                f"the face detector could not be built: {self.detector_error}", LOADING_RETRY_AFTER_S
+            )
+        if status.state == "failed":
+            wait = status.next_attempt_in()
+            retry_after = max(1, math.ceil(wait)) if wait is not None else LOADING_RETRY_AFTER_S
+            when = f"; next attempt in {retry_after} s" if wait is not None else ""
+            raise StyleUnavailableError(f"style {style!r} is unavailable: {status.error}{when}", retry_after)
+        raise StyleLoadingError(f"style {style!r} is still loading", LOADING_RETRY_AFTER_S)
+
+    def not_ready_reason(self) -> str:
+        """Why :attr:`ready` is false, for a person: each configured style's state."""
+        if self.detector_error is not None:
+            return f"the face detector could not be built: {self.detector_error}"
+        parts = []
+        for status in self.status().values():
+            if status.state == "failed":
+                wait = status.next_attempt_in()
+                when = f" (next attempt in {math.ceil(wait)} s)" if wait is not None else ""
+                parts.append(f"{status.name}: failed{when}: {status.error}")
+            else:
+                parts.append(f"{status.name}: {status.state}")
+        return "; ".join(parts)
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait before asking again while not ready."""
+        wait = self._status[self.default_style].next_attempt_in()
+        return max(1, math.ceil(wait)) if wait is not None else LOADING_RETRY_AFTER_S
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    def _set(self, name: str, **changes: Any) -> StyleStatus:
+        with self._changed:
+            status = replace(self._status[name], **changes)
+            self._status[name] = status
+            self._changed.notify_all()
+            return status
+
+    def _load_loop(self) -> None:
+        try:
+            self.detector = create_detector(self.detector_name, self.store.device, **self.detector_options)
+        except ToonserveError as exc:
+            with self._changed:
+                self.detector_error = str(exc)
+                self._changed.notify_all()
+            log.error("face detector %r could not be built: %s", self.detector_name, exc)
+            return
+        while not self._stop.is_set():
+            now = time.monotonic()
+            pending = [s for s in self.status().values() if s.state != "loaded"]
+            if not pending:
+                return
+            due = [s for s in pending if s.next_attempt is None or s.next_attempt <= now]
+            for status in due:
+                if self._stop.is_set():
+                    return
+                self._load_one(status)
+            if not self.retry and all(s.failures for s in self.status().values() if s.state != "loaded"):
+                return
+            waits = [s.next_attempt - time.monotonic() for s in self.status().values() if s.next_attempt]
+            if waits:
+                self._stop.wait(max(0.0, min(waits)))
+
+    def _load_one(self, status: StyleStatus) -> None:
+        name = status.name
+        if status.state == "failed":
+            self._set(name, state="loading")
+        assert self.detector is not None
+        try:
+            loaded = self.store.load(name)
+            cartoonizer = Cartoonizer(
+                loaded, self.detector, bg_batch=self.max_batch, head_batch=self.head_batch
+            )
+            blank = np.full((WARMUP_SIDE, WARMUP_SIDE, 3), 128, dtype=np.uint8)
+            cartoonizer.run(blank, Options(no_face="background"))
+        except ToonserveError as exc:
+            failures = status.failures + 1
+            delay = backoff_s(failures, self.retry_initial_s, self.retry_max_s) if self.retry else None
+            message = self._explain(name, exc)
+            self._set(
+                name,
+                state="failed",
+                error=message,
+                failures=failures,
+                next_attempt=None if delay is None else time.monotonic() + delay,
+            )
+            if failures == 1:
+                log.error("style %s not loaded: %s", name, message)
+            else:
+                log.warning("style %s still unavailable after %d attempts: %s", name, failures, message)
+            if delay is not None:
+                log.info("style %s: next attempt in %.0f s", name, delay)
+            return
+        self.scheduler.add(name, cartoonizer)
+        self._set(
+            name, state="loaded", error=None, failures=0, next_attempt=None, source=loaded.weights.source
+        )
+        if name == self.default_style:
+            self._ready.set()
+        log.info("style %s ready on %s", name, self.store.device)

@@ -1,0 +1,103 @@
+"""The one place that turns settings into a working engine and request flow.
+
+:func:`build_engine` wires the model store, the face detector (by registry name), the per-style
+pipelines and the device's worker (:class:`inference.engine.Engine`); :func:`build_flow` puts the
+request flow on top with the per-request defaults and limits. The app, the CLI and the benchmarks
+all call these two; nothing else builds that graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+from inference.engine import Engine
+from inference.errors import ToonserveError, WeightsUnavailableError
+from inference.flow import Defaults, Flow
+from inference.models import ModelStore, parse_device, parse_dtype
+from inference.pipeline import Result
+from service.settings import Settings
+
+
+def default_codec_threads() -> int:
+    """Half the cores, 1 to 4: decode and encode overlap the model work without crowding it out."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def explain_weights_error(settings: Settings) -> Callable[[str, ToonserveError], str]:
+    """The message for a style that failed to load: the error's own (what was tried, how to place
+    the files) plus the settings that fix it on this service."""
+
+    def explain(style: str, exc: ToonserveError) -> str:
+        if not isinstance(exc, WeightsUnavailableError):
+            return str(exc)
+        download = (
+            "TOONSERVE_ALLOW_DOWNLOAD=false stops asking ModelScope"
+            if settings.allow_download
+            else "TOONSERVE_ALLOW_DOWNLOAD=true lets it download from ModelScope"
+        )
+        return (
+            f"{exc} Settings: TOONSERVE_MODEL_DIR=DIR reads DIR/{style}/ (or DIR/<model id>/); "
+            f"TOONSERVE_CACHE_DIR=DIR points at a copied cache; {download}. "
+            "The service keeps trying in the background, with backoff."
+        )
+
+    return explain
+
+
+def build_engine(
+    settings: Settings,
+    *,
+    styles: Sequence[str] | None = None,
+    default_style: str | None = None,
+    retry: bool = True,
+    on_outcome: Callable[[str], None] | None = None,
+) -> Engine:
+    """The engine the settings describe (not started). ``styles``/``default_style`` narrow it (the
+    CLI loads only the style it uses); ``retry=False`` for one-shot tools."""
+    device = parse_device(settings.device)
+    store = ModelStore(
+        device=device,
+        dtype=parse_dtype(settings.dtype),
+        cache_dir=settings.cache_dir,
+        model_dir=settings.model_dir,
+        allow_download=settings.allow_download,
+        backend=settings.backend,
+    )
+    # On CPU, batching large images is slower per image than one at a time (memory-bound; see
+    # inference.pipeline.DEFAULT_BG_BATCH), so the worker takes one image at a time there by default.
+    max_batch = settings.max_batch or (8 if device.type == "cuda" else 1)
+    return Engine(
+        store,
+        list(styles) if styles is not None else settings.styles,
+        default_style or settings.default_style,
+        detector=settings.face_detector,
+        max_batch=max_batch,
+        head_batch=settings.head_batch,
+        queue_size=settings.queue_size,
+        batch_wait_s=settings.batch_wait_ms / 1000,
+        retry_max_s=settings.weights_retry_max_s,
+        retry=retry,
+        on_outcome=on_outcome,
+        explain=explain_weights_error(settings),
+    )
+
+
+def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result], None] | None = None) -> Flow:
+    """The request flow over ``engine`` with the settings' per-request defaults and limits."""
+    defaults = Defaults(
+        style=engine.default_style,
+        processing_size=settings.processing_size,
+        output_format=settings.output_format,
+        quality=settings.quality,
+        min_face_size=settings.min_face_size,
+        max_faces=settings.max_faces,
+    )
+    return Flow(
+        engine,
+        defaults,
+        max_pixels=settings.max_pixels,
+        timeout_s=settings.request_timeout_s,
+        codec_threads=settings.codec_threads or default_codec_threads(),
+        on_result=on_result,
+    )

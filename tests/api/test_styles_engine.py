@@ -1,0 +1,105 @@
+"""Styles load and fail independently; a failed style is retried in the background and recovers."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from inference.engine import backoff_s
+from service.app import create_app
+from service.settings import Settings
+from tests.reference_graphs import ReferenceModelDir
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert [backoff_s(n, 5.0, 300.0) for n in range(1, 9)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert backoff_s(3, 5.0, 12.0) == 12.0
+
+
+Styles = dict[str, dict[str, Any]]
+
+
+def _wait(client: TestClient, predicate: Callable[[Styles], bool], timeout: float = 60.0) -> Styles:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
+        if predicate(styles):
+            return styles
+        time.sleep(0.05)
+    raise AssertionError(f"timed out: {client.get('/styles').json()}")
+
+
+def _settings(models: Path, cache: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(
+        model_dir=models, cache_dir=cache, allow_download=False, device="cpu", log_format="text"
+    )
+    return Settings(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+def test_a_missing_style_does_not_block_the_others_and_recovers(
+    model_dir: ReferenceModelDir, tmp_path: Path, portrait_jpeg: bytes
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_dir.path, models / "anime")
+    settings = _settings(models, tmp_path / "cache", styles="anime,3d", weights_retry_max_s=0.3)
+    with TestClient(create_app(settings)) as client:
+        styles = _wait(client, lambda s: s["3d"]["state"] == "failed" and s["anime"]["loaded"])
+        message = str(styles["3d"]["error"])
+        assert "no weights for style '3d'" in message
+        for fix in ("toonserve download 3d", "TOONSERVE_MODEL_DIR", "TOONSERVE_ALLOW_DOWNLOAD=true"):
+            assert fix in message, fix
+
+        ready = client.get("/readyz")
+        assert ready.status_code == 200  # the default style is in
+        body = ready.json()
+        assert body["styles"]["anime"]["state"] == "loaded"
+        assert body["styles"]["3d"]["state"] in ("failed", "loading")
+
+        files = {"image": ("me.jpg", portrait_jpeg, "image/jpeg")}
+        assert client.post("/cartoonize", files=files).status_code == 200
+        assert client.post("/cartoonize", files=files, data={"style": "anime"}).status_code == 200
+        r = client.post("/cartoonize", files=files, data={"style": "3d"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] in ("style_unavailable", "not_ready")
+        assert int(r.headers["retry-after"]) >= 1
+
+        # The weights appear (a volume mounted late, the network back): the next attempt loads them.
+        shutil.copytree(model_dir.path, models / "3d")
+        _wait(client, lambda s: bool(s["3d"]["loaded"]))
+        assert client.post("/cartoonize", files=files, data={"style": "3d"}).status_code == 200
+        assert client.get("/readyz").json()["styles"]["3d"] == {
+            "state": "loaded",
+            "error": None,
+            "next_attempt_in_s": None,
+        }
+
+
+def test_a_failed_default_style_is_not_ready_with_its_reason(tmp_path: Path) -> None:
+    settings = _settings(tmp_path / "empty", tmp_path / "cache", weights_retry_max_s=60)
+    with TestClient(create_app(settings)) as client:
+        styles = _wait(client, lambda s: s["anime"]["state"] == "failed")
+        assert 0 < styles["anime"]["next_attempt_in_s"] <= 5
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "anime: failed (next attempt in" in r.json()["error"]["message"]
+        assert 1 <= int(r.headers["retry-after"]) <= 5
+        r = client.post("/cartoonize", files={"image": ("x.jpg", b"\xff\xd8\xff")})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "style_unavailable"
+        assert "no weights for style 'anime'" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("styles", ["anime"])
+def test_unconfigured_style_is_422_before_the_upload_is_read(
+    model_dir: ReferenceModelDir, tmp_path: Path, styles: str
+) -> None:
+    settings = _settings(model_dir.path.parent, tmp_path / "cache", styles=styles)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/cartoonize", files={"image": ("x.jpg", b"junk")}, data={"style": "sketch"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "style_not_loaded"
+        assert "not configured on this server; configured: anime" in r.json()["error"]["message"]
