@@ -1,7 +1,7 @@
 """Face alignment as the official DCT-Net pipeline does it: 5 landmarks → a 288x288 head crop and back.
 
-The head generator was trained on crops made by ModelScope's ``warp_and_crop_face`` (dctnet.md §4,
-"Alignment details"), so we reproduce that transform rather than any textbook fit:
+The head generator was trained on crops made by ModelScope's ``warp_and_crop_face`` (docs/model.md
+§4.3), so we reproduce that transform rather than any textbook fit:
 
 * **Reference points.** The 96x112 MTCNN template (+1 px), made square (x + 8 → a 112x112 template),
   shrunk towards the template centre by :data:`CROP_RATIO` and scaled to :data:`CROP_SIZE`:

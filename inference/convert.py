@@ -1,7 +1,7 @@
 """Convert an official DCT-Net frozen graph (``cartoon_h.pb`` / ``cartoon_bg.pb``) to safetensors.
 
 The GraphDef is read with protobuf alone (:mod:`inference._graphdef`); TensorFlow is never imported.
-From the graph we take the 36 ``generator/<scope>/{weights,biases}`` constants (dctnet.md §2.4),
+From the graph we take the 36 ``generator/<scope>/{weights,biases}`` constants (docs/model.md §3),
 transpose weights from HWIO to PyTorch's OIHW, and find the guided filter's eps by topology: the
 scalar constant added to ``var_x`` in the denominator of ``A = cov_xy / (var_x + eps)``. Every shape
 and the parameter total are checked; anything unexpected is refused with a :class:`ConversionError`

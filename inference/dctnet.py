@@ -1,6 +1,6 @@
 """The DCT-Net generator (`cartoon_h.pb` / `cartoon_bg.pb`) as a PyTorch module, exact to the TF graph.
 
-What the official frozen graph computes (dctnet.md §2): BGR 0..255 → ``x/127.5 - 1`` → a U-Net with
+What the official frozen graph computes (docs/model.md §2): BGR 0..255 → ``x/127.5 - 1`` → a U-Net with
 18 convolutions and 4 residual blocks → a guided filter (r=1) of the raw output guided by ``x`` →
 clip to ±0.999999 → ``(z + 1) * 127.5`` → truncating cast to uint8. This port reproduces each TF rule
 that differs from PyTorch's defaults:
@@ -209,7 +209,7 @@ class _ResBlock(nn.Module):
         self.conv2 = conv2
 
     def forward(self, x: Tensor) -> Tensor:
-        # No activation after the addition (dctnet.md §2.2).
+        # No activation after the addition (docs/model.md §2.2).
         out: Tensor = x + self.conv2(_lrelu(self.conv1(x)))
         return out
 

@@ -25,7 +25,7 @@ from inference.weights import StyleWeights, get_style, resolve
 
 log = logging.getLogger(__name__)
 
-#: Side of the aligned head crop and of the blending mask (dctnet.md §4).
+#: Side of the aligned head crop and of the blending mask (docs/model.md §4).
 HEAD_CROP: Final = 288
 #: Size of the warm-up input: big enough to create the kernels, small enough to be quick.
 _WARMUP_SIZE: Final = 64

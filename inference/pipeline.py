@@ -1,6 +1,6 @@
 """The DCT-Net portrait pipeline: background pass, every face aligned and stylised, blended back.
 
-What upstream's ``ImageCartoonPipeline`` does (dctnet.md §4), with its silent cases made explicit:
+What upstream's ``ImageCartoonPipeline`` does (docs/model.md §4), with its silent cases made explicit:
 
 1. ``resize``: the short side is brought down to the processing size (default 720, as upstream; up to
    2048 for more detail) with an area filter; smaller photos are not enlarged.
@@ -21,7 +21,7 @@ What upstream's ``ImageCartoonPipeline`` does (dctnet.md §4), with its silent c
 8. ``resize_out``: to the requested output size, by default the input's size, always (upstream does
    not resize back when no face is found).
 
-RGB at the boundary; inside, the colour order of dctnet.md §4's table. Every stage is a method, timed
+RGB at the boundary; inside, the colour order of docs/model.md §4.4. Every stage is a method, timed
 with the device synchronised, so the timings are what the stage cost.
 """
 

@@ -33,7 +33,7 @@ from inference.pipeline import (
     to_rgb_array,
 )
 
-#: What ModelScope's pipeline opens from the model directory (dctnet.md §1).
+#: What ModelScope's pipeline opens from the model directory (docs/model.md §1).
 REQUIRED_FILES: Final = (
     "cartoon_h.pb",
     "cartoon_bg.pb",

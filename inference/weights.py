@@ -43,7 +43,7 @@ def _style(name: str, suffix: str, description: str, revision: str | None = None
     return Style(name, f"damo/cv_unet_person-image-cartoon{suffix}_compound-models", revision, description)
 
 
-#: The seven official styles. design and illustration only exist at revision v1.0.0 (dctnet.md §1).
+#: The seven official styles. design and illustration only exist at revision v1.0.0 (docs/model.md §1).
 STYLES: Final[dict[str, Style]] = {
     s.name: s
     for s in (
