@@ -11,7 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import re
 import zipfile
 from collections.abc import Awaitable, Sequence
 from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
@@ -22,24 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import COMMON_CODES, HEADERS, APIError, responses, status_for
+from api.forms import RequestParams
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
 from inference.flow import TIMINGS, Decoded, Outcome, Params
-from inference.images import DEFAULT_OUTPUT_FORMAT, MAX_QUALITY, MIN_QUALITY, OUTPUTS, OutputFormat
+from inference.images import OUTPUTS, OutputFormat
 from inference.pipeline import (
-    DEFAULT_NO_FACE,
-    DEFAULT_PROCESSING_SIZE,
-    DEFAULT_STRENGTH,
-    MAX_OUTPUT_SIDE,
-    MAX_PROCESSING_SIZE,
-    MIN_OUTPUT_SIDE,
-    MIN_PROCESSING_SIZE,
     SKIP_REASONS,
     CancelledError,
     NoFacePolicy,
 )
 from inference.scheduler import QueueFullError, Ticket
-from inference.weights import STYLES
+from jobs.model import zip_name
 
 router = APIRouter(tags=["cartoonize"])
 
@@ -138,94 +131,9 @@ class BatchJSON(BaseModel):
     results: list[BatchItem] = Field(description="one entry per uploaded file, in upload order")
 
 
-# Form fields shared by both endpoints. Bounds come from the inference constants; a field left out
-# takes the service's setting (shown in its description).
-StyleField = Annotated[
-    str | None,
-    Form(description=f"{', '.join(STYLES)}; default: TOONSERVE_DEFAULT_STYLE", examples=["anime"]),
-]
-StrengthField = Annotated[
-    float,
-    Form(ge=0.0, le=1.0, description="1 = the cartoon, 0 = the photo, between: a blend", examples=[0.8]),
-]
-ProcessingField = Annotated[
-    int | None,
-    Form(
-        ge=MIN_PROCESSING_SIZE,
-        le=MAX_PROCESSING_SIZE,
-        description=f"short side the photo is processed at; default: TOONSERVE_PROCESSING_SIZE "
-        f"({DEFAULT_PROCESSING_SIZE})",
-        examples=[1024],
-    ),
-]
-OutputSizeField = Annotated[
-    int | None,
-    Form(
-        ge=MIN_OUTPUT_SIDE,
-        le=MAX_OUTPUT_SIDE,
-        description="long side of the result; default: the input's",
-        examples=[1024],
-    ),
-]
-FormatField = Annotated[
-    OutputFormat | None,
-    Form(
-        alias="format",
-        description=f"{', '.join(OUTPUTS)}; default: TOONSERVE_OUTPUT_FORMAT ({DEFAULT_OUTPUT_FORMAT})",
-        examples=["jpeg"],
-    ),
-]
-QualityField = Annotated[
-    int | None,
-    Form(
-        ge=MIN_QUALITY,
-        le=MAX_QUALITY,
-        description="JPEG/WebP quality; default: TOONSERVE_QUALITY",
-        examples=[85],
-    ),
-]
-NoFaceField = Annotated[
-    NoFacePolicy,
-    Form(
-        description="without a face: background (whole-photo cartoon), error (422) or passthrough (the photo)"
-    ),
-]
 ResponseField = Annotated[
     ResponseMode, Form(description="image: the encoded bytes; json: base64 plus the report")
 ]
-
-
-class _Form:
-    """A request's validated fields: the flow's parameters and the response mode."""
-
-    def __init__(self, params: Params, response: ResponseMode) -> None:
-        self.params = params
-        self.response = response
-
-
-def _form(
-    state: Annotated[ServiceState, Depends(get_state)],
-    style: StyleField = None,
-    strength: StrengthField = DEFAULT_STRENGTH,
-    processing_size: ProcessingField = None,
-    output_size: OutputSizeField = None,
-    fmt: FormatField = None,
-    quality: QualityField = None,
-    no_face: NoFaceField = DEFAULT_NO_FACE,
-    response: ResponseField = "image",
-) -> _Form:
-    """The form fields both endpoints share (a dependency: declared once, validated once). An
-    unknown, unconfigured, loading or failed style is refused here, before any upload is read."""
-    params = state.flow.params(
-        style=style,
-        strength=strength,
-        processing_size=processing_size,
-        output_size=output_size,
-        fmt=fmt,
-        quality=quality,
-        no_face=no_face,
-    )
-    return _Form(params, response)
 
 
 async def _until_disconnected(request: Request, work: Awaitable[_T]) -> _T:
@@ -329,24 +237,21 @@ async def cartoonize(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     image: Annotated[UploadFile, File(description="the photo")],
-    form: Annotated[_Form, Depends(_form)],
+    params: RequestParams,
+    response: ResponseField = "image",
 ) -> Response:
     await _single_upload(request, "image")
     data = await image.read()
-    outcome = await _until_disconnected(request, state.flow.run(data, form.params))
+    outcome = await _until_disconnected(request, state.flow.run(data, params))
     headers = {"Server-Timing": _server_timing(outcome.timings_ms)}
-    if form.response == "json":
+    if response == "json":
         return JSONResponse(_json(outcome).model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
-    return Response(outcome.data, media_type=form.params.media_type, headers=headers)
+    return Response(outcome.data, media_type=params.media_type, headers=headers)
 
 
-_SAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _zip_name(index: int, filename: str | None, fmt: OutputFormat) -> str:
-    stem = _SAFE_NAME.sub("_", (filename or "image").rsplit("/", 1)[-1].rsplit(".", 1)[0])[:64] or "image"
-    return f"{index + 1:03d}-{stem}.{OUTPUTS[fmt].suffix}"
+def _zip_name(index: int, filename: str, fmt: OutputFormat) -> str:
+    return zip_name(index, filename, OUTPUTS[fmt].suffix)
 
 
 def _error_item(name: str, exc: Exception) -> BatchItem:
@@ -359,7 +264,7 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
 
 
 async def _batch(
-    state: ServiceState, form: _Form, uploads: Sequence[UploadFile]
+    state: ServiceState, params: Params, uploads: Sequence[UploadFile]
 ) -> list[Outcome | Exception]:
     """Every upload decoded, then all submitted if they fit the queue (else 503 up front), then all
     awaited together; each entry is the image's outcome or its own error."""
@@ -385,7 +290,7 @@ async def _batch(
             tickets.append(d)
             continue
         try:
-            tickets.append(flow.submit(form.params, d, deadline))
+            tickets.append(flow.submit(params, d, deadline))
         except QueueFullError as exc:  # raced with another request for the last slots
             tickets.append(exc)
 
@@ -393,7 +298,7 @@ async def _batch(
         if isinstance(t, Exception):
             raise t
         assert isinstance(d, Decoded)
-        return await flow.finish(await flow.wait(t), form.params, d, t)
+        return await flow.finish(await flow.wait(t), params, d, t)
 
     done = await asyncio.gather(
         *(one(d, t) for d, t in zip(decoded, tickets, strict=True)), return_exceptions=True
@@ -429,11 +334,12 @@ async def cartoonize_batch(
     request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     images: Annotated[list[UploadFile], File(description="the photos")],
-    form: Annotated[_Form, Depends(_form)],
+    params: RequestParams,
+    response: ResponseField = "image",
 ) -> Response:
     if len(images) > state.max_batch_files:
         raise APIError("too_many_files", f"{len(images)} files; the limit is {state.max_batch_files}")
-    outcomes = await _until_disconnected(request, _batch(state, form, images))
+    outcomes = await _until_disconnected(request, _batch(state, params, images))
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
     totals = dict.fromkeys(TIMINGS, 0.0)
@@ -445,16 +351,16 @@ async def cartoonize_batch(
         for stage, ms in outcome.timings_ms.items():
             totals[stage] += ms
         # In the ZIP the image is a file of its own; its report carries no base64 copy.
-        report = _json(outcome, with_image=form.response == "json")
-        if form.response == "image":
-            zip_name = _zip_name(i, name, form.params.fmt)
+        report = _json(outcome, with_image=response == "json")
+        if response == "image":
+            zip_name = _zip_name(i, name, params.fmt)
             files.append((zip_name, outcome.data))
             items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
         else:
             items.append(BatchItem(filename=name, status=200, result=report))
     body = BatchJSON(results=items)
     headers = {"Server-Timing": _server_timing(totals)}
-    if form.response == "json":
+    if response == "json":
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     zipped = await run_in_threadpool(_zip, files, body)
     headers["Content-Disposition"] = 'attachment; filename="cartoons.zip"'

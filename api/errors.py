@@ -42,6 +42,14 @@ from inference.models import StyleNotLoadedError
 from inference.pipeline import CancelledError, NoFaceError, OptionsError, PipelineError
 from inference.reference import ReferenceEngineError
 from inference.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
+from jobs.errors import (
+    JobNotFoundError,
+    JobsError,
+    JobStoreError,
+    ResultNotReadyError,
+    StorageQuotaError,
+    WebhookRefusedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +68,9 @@ CODES: Final[dict[str, Code]] = {
     "http_error": Code(400, "the request could not be parsed (e.g. broken multipart)"),
     "unauthorized": Code(401, "an API key is configured and the request has none or a wrong one"),
     "not_found": Code(404, "no such route"),
+    "job_not_found": Code(404, "no such job (or item): never created, expired or deleted"),
     "method_not_allowed": Code(405, "the route does not take this method"),
+    "result_not_ready": Code(409, "the item has no result: it is queued, running, failed or cancelled"),
     "payload_too_large": Code(413, "the request body is over TOONSERVE_MAX_UPLOAD_BYTES"),
     "image_too_large": Code(413, "the image is over TOONSERVE_MAX_PIXELS, or a decompression bomb"),
     "too_many_files": Code(413, "a batch of more than TOONSERVE_MAX_BATCH_FILES images"),
@@ -70,6 +80,7 @@ CODES: Final[dict[str, Code]] = {
     "style_not_loaded": Code(422, "the style exists but is not configured on this server"),
     "no_face": Code(422, "no face to stylise and no_face=error"),
     "alignment_failed": Code(422, "a face's landmarks admit no head crop"),
+    "invalid_webhook": Code(422, "the webhook URL is not http(s), or points to a private address"),
     "client_closed_request": Code(499, "the client went away; its work was dropped"),
     "internal_error": Code(500, "a bug or a device fault; the server log has the details"),
     "configuration_error": Code(500, "a setting cannot work on this machine (device, dtype)"),
@@ -81,7 +92,11 @@ CODES: Final[dict[str, Code]] = {
     "weights_invalid": Code(503, "a style's weight file is not a valid DCT-Net generator"),
     "detector_unavailable": Code(503, "the face detector could not be built"),
     "reference_engine_unavailable": Code(503, "ModelScope's reference pipeline cannot run here"),
+    "job_store_unavailable": Code(503, "the job store (data directory, database or Redis) cannot be used"),
     "deadline_exceeded": Code(504, "no result within TOONSERVE_REQUEST_TIMEOUT_S; the work is dropped"),
+    "insufficient_storage": Code(
+        507, "the job would take the job storage over TOONSERVE_MAX_JOB_STORAGE_BYTES"
+    ),
 }
 
 #: Domain exception → error code. Every ToonserveError subclass of ``inference`` has its own entry
@@ -112,6 +127,12 @@ STATUS: Final[dict[type[ToonserveError], str]] = {
     PipelineError: "internal_error",
     # A tensor of the wrong shape reaching a network is a bug, not bad input.
     InputShapeError: "internal_error",
+    JobsError: "internal_error",
+    JobNotFoundError: "job_not_found",
+    ResultNotReadyError: "result_not_ready",
+    StorageQuotaError: "insufficient_storage",
+    WebhookRefusedError: "invalid_webhook",
+    JobStoreError: "job_store_unavailable",
 }
 
 

@@ -6,6 +6,7 @@ not collide.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from prometheus_client import (
 
 from api.state import ServiceState, get_state
 from inference.pipeline import Result
+from jobs.model import JOB_STATUSES
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -73,6 +75,25 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.jobs = Gauge("toonserve_jobs", "Stored jobs by status", ["status"], registry=r)
+        self.job_items = Counter(
+            "toonserve_job_items",
+            "Job items that ended, by outcome: ok, error, cancelled",
+            ["outcome"],
+            registry=r,
+        )
+        self.job_items_waiting = Gauge(
+            "toonserve_job_items_waiting", "Job items queued, in every stored job", registry=r
+        )
+        self.job_storage = Gauge(
+            "toonserve_job_storage_bytes", "Bytes the stored jobs use or reserve", registry=r
+        )
+        self.webhooks = Counter(
+            "toonserve_webhook_deliveries",
+            "Webhook attempts by outcome: delivered, retried, failed (gave up), refused (address barred)",
+            ["outcome"],
+            registry=r,
+        )
 
 
 router = APIRouter(tags=["probes"])
@@ -83,4 +104,10 @@ async def metrics(request: Request, state: Annotated[ServiceState, Depends(get_s
     m: Metrics = request.app.state.metrics
     scheduler = state.engine.scheduler
     m.queue_depth.labels(device=scheduler.name).set(scheduler.depth)
+    store = state.jobs.store
+    counts, waiting, usage = await asyncio.to_thread(lambda: (store.counts(), store.waiting(), store.usage()))
+    for status in JOB_STATUSES:
+        m.jobs.labels(status=status).set(counts.get(status, 0))
+    m.job_items_waiting.set(waiting)
+    m.job_storage.set(usage)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

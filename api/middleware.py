@@ -32,22 +32,27 @@ _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``, decided from Content-Length or while streaming — the body
-    is never read past the limit."""
+    """413 for bodies over the limit, decided from Content-Length or while streaming — the body is
+    never read past the limit. ``max_bytes`` holds for every route but those in ``routes``
+    (``(method, path) → limit``, e.g. the larger one of ``POST /jobs``)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, routes: dict[tuple[str, str], int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body is larger than the limit of {self.max_bytes} bytes"
+        limit = self.routes.get((scope["method"], scope["path"]), self.max_bytes)
+        message = f"request body is larger than the limit of {limit} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.max_bytes
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
@@ -61,7 +66,7 @@ class BodyLimitMiddleware:
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge()
             return msg
 

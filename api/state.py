@@ -1,4 +1,4 @@
-"""What the routes read: the engine (models, worker), the request flow, and the HTTP-only limits.
+"""What the routes read: the engine (models, worker), the request flow, the jobs, and the HTTP limits.
 
 ``service/`` builds it once per app (in the lifespan) and stores it on ``app.state.toonserve``.
 """
@@ -11,6 +11,23 @@ from fastapi import Request
 
 from inference.engine import Engine
 from inference.flow import Flow
+from jobs.runner import EventHub, JobRunner
+from jobs.store import JobStore
+
+
+@dataclass
+class JobsState:
+    """What the jobs routes need."""
+
+    store: JobStore
+    runner: JobRunner
+    hub: EventHub
+    max_files: int
+    quota_bytes: int
+    ttl_s: float
+    #: Whether a webhook secret is configured (webhooks are refused without one).
+    webhook_secret: bool
+    webhook_allow_private: bool
 
 
 @dataclass
@@ -19,6 +36,7 @@ class ServiceState:
     flow: Flow
     #: Most files in one ``POST /cartoonize/batch``.
     max_batch_files: int
+    jobs: JobsState
 
 
 def get_state(request: Request) -> ServiceState:

@@ -20,6 +20,7 @@ Timings (milliseconds): ``decode``, ``queue`` (wait for the worker), each pipeli
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -170,21 +171,25 @@ class Flow:
         image, ms = await self._in_codec(lambda: decode(data, max_pixels=self.max_pixels))
         return Decoded(image, ms)
 
-    def submit(self, params: Params, decoded: Decoded, deadline: float) -> Ticket:
-        """Queue the image on the engine's worker; raises QueueFullError / SchedulerClosedError."""
+    def submit(self, params: Params, decoded: Decoded, deadline: float, background: bool = False) -> Ticket:
+        """Queue the image on the engine's worker; raises QueueFullError / SchedulerClosedError.
+        ``background`` (job items): the worker's low-priority queue, which never refuses."""
         options = params.options
         out_hw = output_shape(decoded.image.pixels.shape[:2], params.output_side)
         if out_hw is not None:
             options = replace(options, output_size=out_hw)
-        return self.engine.scheduler.submit(params.style, decoded.image.pixels, options, deadline)
+        return self.engine.scheduler.submit(
+            params.style, decoded.image.pixels, options, deadline, background=background
+        )
 
     async def wait(self, ticket: Ticket) -> Result:
         """The ticket's result. Cancelling the caller cancels the ticket; at its deadline the ticket is
         dropped and :class:`DeadlineExceededError` raised."""
         fut = asyncio.wrap_future(ticket.future)
         fut.add_done_callback(_consume)
+        timeout = None if math.isinf(ticket.deadline) else max(0.0, ticket.deadline - time.monotonic())
         try:
-            result = await asyncio.wait_for(asyncio.shield(fut), max(0.0, ticket.deadline - time.monotonic()))
+            result = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             ticket.cancel()
             raise DeadlineExceededError(

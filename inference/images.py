@@ -280,6 +280,42 @@ def decode(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Dec
     )
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`probe` learns from a file's header: its format and its upright size."""
+
+    format: InputFormat
+    width: int
+    height: int
+
+
+def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
+    """Check an upload without decoding its pixels: an allowed format (decided by content), a
+    readable header, a declared size within ``max_pixels``. Raises the errors :func:`decode` raises
+    for those; damage in the pixel data is only found by :func:`decode`. The size is upright (the
+    EXIF orientation applied), as :func:`decode` will return it."""
+    if not data:
+        raise CorruptImageError("the file is empty")
+    fmt = _sniff(data)
+    if fmt == "webp":
+        declared = _webp_declared_size(data)
+        if declared is not None:
+            _check_pixels(*declared, max_pixels)
+    im = _open(data, fmt, max_pixels)
+    try:
+        width, height = im.size
+        _check_pixels(width, height, max_pixels)
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        except _DECODE_FAILURES:
+            orientation = 1
+    finally:
+        im.close()
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return ImageInfo(fmt, width, height)
+
+
 def encode(rgb: np.ndarray, fmt: OutputFormat, quality: int = DEFAULT_QUALITY) -> bytes:
     """(H, W, 3) uint8 RGB → the bytes of a PNG, JPEG or WebP file, with no metadata at all.
 

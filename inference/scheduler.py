@@ -111,6 +111,9 @@ class Scheduler:
         #: Told how each ticket ended: ok, no_face, cancelled, deadline, rejected (queue full), error.
         self._on_outcome = on_outcome or (lambda _: None)
         self._queue: deque[Ticket] = deque()
+        #: Background work (job items): taken only when no interactive ticket waits, never counted
+        #: against ``queue_size`` (its producer bounds how many it keeps here).
+        self._background: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._running = 0
@@ -124,8 +127,13 @@ class Scheduler:
 
     @property
     def depth(self) -> int:
-        """Tickets waiting (not yet started)."""
+        """Interactive tickets waiting (not yet started)."""
         return len(self._queue)
+
+    @property
+    def background_depth(self) -> int:
+        """Background tickets waiting (not yet started)."""
+        return len(self._background)
 
     @property
     def in_flight(self) -> int:
@@ -147,14 +155,24 @@ class Scheduler:
             # Copy on write: the worker reads the dict without the lock.
             self.cartoonizers = {**self.cartoonizers, style: cartoonizer}
 
-    def submit(self, style: str, image: np.ndarray, options: Options, deadline: float) -> Ticket:
-        """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once."""
+    def submit(
+        self, style: str, image: np.ndarray, options: Options, deadline: float, background: bool = False
+    ) -> Ticket:
+        """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once.
+
+        ``background`` work (job items) waits in its own queue, is taken only when no interactive
+        ticket waits, and never fills the queue interactive requests are admitted to.
+        """
         if style not in self.cartoonizers:
             raise StyleNotLoadedError(f"style {style!r} is not loaded on {self.name}")
         ticket = Ticket(style, image, options, deadline)
         with self._cond:
             if self._closed:
                 raise SchedulerClosedError("the service is shutting down")
+            if background:
+                self._background.append(ticket)
+                self._cond.notify()
+                return ticket
             if len(self._queue) >= self.queue_size:
                 self._on_outcome("rejected")
                 wait = self.retry_after()
@@ -172,10 +190,11 @@ class Scheduler:
         with self._cond:
             self._closed = True
             if not drain:
-                while self._queue:
-                    self._queue.popleft().future.set_exception(
-                        SchedulerClosedError("the service is shutting down")
-                    )
+                for queue in (self._queue, self._background):
+                    while queue:
+                        queue.popleft().future.set_exception(
+                            SchedulerClosedError("the service is shutting down")
+                        )
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -185,15 +204,17 @@ class Scheduler:
     def _take_batch(self) -> list[Ticket] | None:
         """Block for the next tickets; None when closed and drained."""
         with self._cond:
-            while not self._queue:
+            while not (self._queue or self._background):
                 if self._closed:
                     return None
                 self._cond.wait()
-            batch = [self._queue.popleft()]
+            # Interactive first; a batch is gathered from one queue only.
+            source = self._queue if self._queue else self._background
+            batch = [source.popleft()]
             gather_until = time.monotonic() + self.batch_wait
             while len(batch) < self.max_batch:
-                if self._queue:
-                    batch.append(self._queue.popleft())
+                if source:
+                    batch.append(source.popleft())
                     continue
                 remaining = gather_until - time.monotonic()
                 if remaining <= 0 or self._closed:

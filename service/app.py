@@ -14,17 +14,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
 from api import cartoonize, errors, health, middleware, styles
+from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.errors import HEADERS
 from api.metrics import Metrics
 from api.state import ServiceState
 from service.engine import build_engine, build_flow
+from service.jobs import build_jobs
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("toonserve")
 
 #: The headers a browser app on another origin may read (CORS).
-EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After")
+EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After", "Location")
 
 
 def _openapi_with_request_ids(app: FastAPI) -> dict[str, Any]:
@@ -52,14 +54,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, on_outcome=lambda outcome: metrics.images.labels(outcome=outcome).inc()
         )
         flow = build_flow(settings, engine, on_result=metrics.record)
-        app.state.toonserve = ServiceState(engine, flow, max_batch_files=settings.max_batch_files)
+        jobs = build_jobs(settings, engine, flow, metrics)
+        app.state.toonserve = ServiceState(engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs)
         engine.start()
+        await jobs.runner.start()
         try:
             yield
         finally:
-            # Uvicorn has stopped accepting and finished in-flight requests; finish queued work too.
+            # Uvicorn has stopped accepting and finished in-flight requests. Job items in flight get
+            # the same grace; what is left stays in the store and resumes at the next start.
+            await jobs.runner.stop(settings.request_timeout_s)
             await asyncio.to_thread(engine.close, True, settings.request_timeout_s)
             flow.close()
+            jobs.store.close()
             log.info("stopped")
 
     app = FastAPIOffline(
@@ -73,17 +80,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # Last added is outermost: CORS (so even 401/413 answers carry its headers), then request ids,
     # metrics and the API key, then the body limit.
-    app.add_middleware(middleware.BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        middleware.BodyLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        routes={("POST", "/jobs"): settings.max_job_bytes},
+    )
     app.add_middleware(middleware.RequestContextMiddleware, metrics=metrics, api_key=settings.api_key)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
         )
     app.include_router(cartoonize.router)
+    app.include_router(jobs_api.router)
     app.include_router(styles.router)
     app.include_router(health.router)
     app.include_router(metrics_api.router)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import socket
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +15,8 @@ from inference.images import OUTPUT_FORMATS
 from inference.models import DTYPES
 from inference.pipeline import DEFAULT_NO_FACE, DEFAULT_STRENGTH, NO_FACE_POLICIES
 from inference.weights import STYLES, download, ensure_converted, find_source_dir, get_style, resolve
+from service import jobs_cli
+from service.progress import Progress
 
 if TYPE_CHECKING:
     from inference.flow import Flow, Params
@@ -113,31 +114,6 @@ _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".
 _IN_FLIGHT = 2
 
 
-class _Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.started = time.monotonic()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, name: str) -> None:
-        self.done += 1
-        if not self.tty:
-            return
-        width = 30
-        filled = width * self.done // max(self.total, 1)
-        rate = self.done / max(time.monotonic() - self.started, 1e-9)
-        bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} img/s {name[:40]:40}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-
-
 def _cmd_cartoonize(args: argparse.Namespace) -> int:
     """Cartoonize every photo of a folder into another folder, through the service's own engine and
     request flow, with every setting the service honours (command-line flags override them)."""
@@ -191,7 +167,7 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
 
 async def _cartoonize_all(flow: Flow, params: Params, photos: list[Path], dst: Path, suffix: str) -> int:
     """Every photo through the flow, a few in flight; failures are reported and counted."""
-    progress = _Progress(len(photos))
+    progress = Progress(len(photos))
     slots = asyncio.Semaphore(_IN_FLIGHT)
     failures = 0
 
@@ -262,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("styles", help="list the styles and whether their weights are on this machine")
     st.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     st.set_defaults(func=_cmd_styles)
+
+    jobs_cli.add_parser(sub, _PHOTO_SUFFIXES)
     return parser
 
 

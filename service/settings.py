@@ -133,6 +133,34 @@ class Settings(BaseSettings):
         description="Threads that decode uploads and encode results; unset: half the cores (1 to 4).",
     )
 
+    # Jobs.
+    data_dir: Path | None = Field(
+        None, description="Where jobs keep their records, photos and results; unset: <cache dir>/data."
+    )
+    max_job_files: int = Field(200, ge=1, le=10_000, description="Most photos in one job.")
+    max_job_bytes: int = Field(
+        1024**3,
+        ge=1024,
+        description="Largest POST /jobs body (bytes); larger ones get 413 before being read.",
+    )
+    max_job_storage_bytes: int = Field(
+        10 * 1024**3,
+        ge=1024 * 1024,
+        description="Job storage quota: photos plus (reserved, then actual) results of every stored job.",
+    )
+    job_ttl_s: float = Field(86_400.0, gt=0, description="Seconds an ended job and its results are kept.")
+    job_concurrency: int | None = Field(
+        None, ge=1, le=256, description="Job items in flight at once; unset: the worker's batch size + 1."
+    )
+    webhook_secret: str | None = Field(
+        None, description="Key of the HMAC-SHA256 signature of job webhooks; webhooks are refused without it."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhooks to loopback, private and link-local addresses."
+    )
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook (1 s, 2 s, 4 s … apart).")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook request.")
+
     # Access.
     api_key: str | None = Field(None, description="If set, requests must send it (X-API-Key or Bearer).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
@@ -180,6 +208,11 @@ class Settings(BaseSettings):
                 f"default_style {self.default_style!r} is not among the loaded styles {self.styles}"
             )
         return self
+
+    @property
+    def jobs_dir(self) -> Path:
+        """The jobs' data directory (``data_dir``, or ``<cache_dir>/data``)."""
+        return self.data_dir if self.data_dir is not None else self.cache_dir / "data"
 
 
 @lru_cache

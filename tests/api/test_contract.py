@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import inference
+import jobs
 from api.errors import CODES, STATUS, code_for
 from inference.errors import ToonserveError
 from inference.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_QUALITY, MIN_QUALITY, OUTPUT_FORMATS
@@ -38,14 +39,15 @@ def _section(title: str) -> str:
 
 
 def _domain_errors() -> list[type[ToonserveError]]:
-    for module in pkgutil.walk_packages(inference.__path__, "inference."):
-        importlib.import_module(module.name)
+    for package in (inference, jobs):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)
     found: list[type[ToonserveError]] = []
     todo = [ToonserveError]
     while todo:
         cls = todo.pop()
         for sub in cls.__subclasses__():
-            if sub.__module__.startswith("inference."):
+            if sub.__module__.startswith(("inference.", "jobs.")):
                 found.append(sub)
             todo.append(sub)
     return found
@@ -53,7 +55,7 @@ def _domain_errors() -> list[type[ToonserveError]]:
 
 def test_every_domain_error_has_a_deliberate_code() -> None:
     errors = _domain_errors()
-    assert len(errors) >= 20
+    assert len(errors) >= 25
     missing = sorted(cls.__qualname__ for cls in errors if cls not in STATUS)
     assert not missing, f"map these in api.errors.STATUS: {missing}"
     assert set(STATUS.values()) <= set(CODES)

@@ -116,3 +116,32 @@ def test_a_failing_batch_does_not_kill_the_worker(cartoonizer: Cartoonizer) -> N
     good = sched.submit("anime", img, Options(no_face="passthrough"), time.monotonic() + 60)
     assert good.future.result(30).no_face == "passthrough"
     sched.close()
+
+
+def test_interactive_work_goes_before_background_work(cartoonizer: Cartoonizer) -> None:
+    """Job items (background) wait while interactive tickets are queued, and never fill the
+    interactive queue."""
+    order: list[str] = []
+
+    class Tagging(_Recorder):
+        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
+            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
+            return super().run_many(items, alive)
+
+    gate = threading.Event()
+    rec = Tagging(cartoonizer, gate)
+    sched = Scheduler({"anime": rec}, queue_size=2, max_batch=1, name="test")  # type: ignore[dict-item]
+    img = photos.coffee()
+    bg = Options(no_face="passthrough", strength=0.5)
+    fg = Options(no_face="passthrough")
+    first = sched.submit("anime", img, bg, time.monotonic() + 60, background=True)
+    sched.start()
+    time.sleep(0.2)  # the worker holds the first background ticket at the gate
+    background = [sched.submit("anime", img, bg, float("inf"), background=True) for _ in range(5)]
+    interactive = [sched.submit("anime", img, fg, time.monotonic() + 60) for _ in range(2)]
+    assert sched.depth == 2 and sched.background_depth == 5  # background work is not counted
+    gate.set()
+    for t in [first, *background, *interactive]:
+        t.future.result(60)
+    sched.close()
+    assert order == ["bg", "fg", "fg", "bg", "bg", "bg", "bg", "bg"]

@@ -1,0 +1,402 @@
+"""``/jobs``: hand in a folder of photos, follow its progress, fetch the results; nothing accepted is lost.
+
+``POST /jobs`` answers 202 only once the job's record and every photo are durably on disk; the runner
+(:mod:`jobs.runner`) then puts each photo through the same request flow as ``/cartoonize``, after
+interactive requests. A photo that is not an image (or too large) becomes a failed item at once; it
+does not refuse the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Final
+
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from api.errors import COMMON_CODES, APIError, ErrorDetail, code_for, responses
+from api.forms import RequestParams
+from api.state import JobsState, ServiceState, get_state
+from inference.flow import Params, output_shape
+from inference.images import MEDIA_TYPES, ImageError, probe
+from inference.pipeline import NoFacePolicy
+from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
+from jobs.model import JOB_STATUSES, ItemStatus, Job, JobOptions, JobStatus, public_item, public_job, zip_name
+from jobs.store import JobStore, Upload
+from jobs.webhooks import check_url
+
+router = APIRouter(tags=["jobs"])
+
+#: Seconds between keep-alive comments on an idle events stream (proxies close silent ones).
+_HEARTBEAT_S: Final = 15.0
+#: How often an events stream re-reads its job even without a local change (another replica's).
+_EVENTS_POLL_S: Final = 1.0
+_CHUNK: Final = 1 << 20
+#: Bytes added to each result's size estimate (container overhead, PNG filter bytes).
+_ESTIMATE_SLACK: Final = 64 * 1024
+
+
+def get_jobs(state: Annotated[ServiceState, Depends(get_state)]) -> JobsState:
+    return state.jobs
+
+
+# -- schemas ---------------------------------------------------------------------------------------
+
+
+class JobOptionsOut(BaseModel):
+    style: str = Field(description="the style every photo is drawn in")
+    strength: float = Field(description="1 = the cartoon, 0 = the photo")
+    processing_size: int = Field(description="short side the photos are processed at")
+    output_size: int | None = Field(description="long side of the results; null: each photo's own size")
+    format: str = Field(description="the results' format")
+    quality: int = Field(description="JPEG/WebP quality")
+    no_face: NoFacePolicy = Field(description="what a photo without a face becomes")
+
+
+class JobItemOut(BaseModel):
+    index: int = Field(description="the photo's position in the upload, from 0")
+    filename: str = Field(description="the uploaded file's name")
+    status: ItemStatus = Field(description="queued, running, ok, error or cancelled")
+    error: ErrorDetail | None = Field(description="why it failed (status error)")
+    faces_stylized: int | None = Field(description="faces that went through the head network (status ok)")
+    timings_ms: dict[str, float] | None = Field(description="milliseconds per stage (status ok)")
+    result_url: str | None = Field(description="where its result is (status ok)")
+
+
+class JobOut(BaseModel):
+    id: str = Field(description="the job's id")
+    status: JobStatus = Field(
+        description="queued, running, succeeded (every item ended, each ok or error), failed (the job "
+        "could not run; see error) or cancelled"
+    )
+    created_at: str = Field(description="when it was accepted, ISO 8601 UTC")
+    updated_at: str = Field(description="when it last changed, ISO 8601 UTC")
+    expires_at: str = Field(description="when it and its results will be deleted, ISO 8601 UTC")
+    total: int = Field(description="photos in the job")
+    done: int = Field(description="items that have ended (ok, error or cancelled)")
+    failed: int = Field(description="items that ended in error")
+    error: str | None = Field(description="why the job failed (status failed)")
+    options: JobOptionsOut = Field(description="the options every photo is processed with")
+    webhook: str | None = Field(description="where the job object is POSTed when it ends")
+    result_url: str = Field(description="the ZIP of every result plus results.json")
+    items: list[JobItemOut] | None = Field(None, description="every photo, in upload order (not in listings)")
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut] = Field(description="the most recent jobs first")
+
+
+def _out(job: Job, with_items: bool = True) -> dict[str, Any]:
+    return public_job(job, with_items)
+
+
+# -- submit ----------------------------------------------------------------------------------------
+
+
+def _estimate(width: int, height: int, params: Params) -> int:
+    """An upper bound of a result's size: its pixels uncompressed, plus slack."""
+    h, w = output_shape((height, width), params.output_side) or (height, width)
+    return h * w * 3 + _ESTIMATE_SLACK
+
+
+async def _accept(upload: UploadFile, params: Params, max_pixels: int) -> Upload:
+    """Check one photo as it is handed in (format and size from its header); a refused one becomes
+    a failed item, with the code and message ``/cartoonize`` would have given it."""
+    name = upload.filename or "image"
+    data = await upload.read()
+    try:
+        info = await asyncio.to_thread(probe, data, max_pixels=max_pixels)
+    except ImageError as exc:
+        return Upload(name, None, 0, {"code": code_for(exc), "message": str(exc)}, 0)
+    await upload.seek(0)
+    return Upload(name, upload.file, len(data), None, _estimate(info.width, info.height, params))
+
+
+_SUBMIT_CODES: Final = (
+    *COMMON_CODES,
+    "invalid_request",
+    "invalid_webhook",
+    "unknown_style",
+    "style_not_loaded",
+    "not_ready",
+    "style_unavailable",
+    "too_many_files",
+    "insufficient_storage",
+)
+
+
+@router.post(
+    "/jobs",
+    summary="Hand in several photos as one job (answered at once; the work runs in the background)",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        200: {"model": JobOut, "description": "the job already accepted with this Idempotency-Key"},
+        202: {
+            "description": "accepted: the job and its photos are stored durably",
+            "headers": {"Location": {"description": "the job's URL", "schema": {"type": "string"}}},
+        },
+        **responses(*_SUBMIT_CODES),
+    },
+)
+async def submit_job(
+    state: Annotated[ServiceState, Depends(get_state)],
+    jobs: Annotated[JobsState, Depends(get_jobs)],
+    images: Annotated[list[UploadFile], File(description="the photos, one part each")],
+    params: RequestParams,
+    webhook: Annotated[
+        str | None,
+        Form(description="http(s) URL the job object is POSTed to when the job ends (signed)"),
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            max_length=200,
+            description="the same key again returns the job it created, never a second one",
+        ),
+    ] = None,
+) -> JSONResponse:
+    store = jobs.store
+    if idempotency_key is not None:
+        existing = await asyncio.to_thread(store.by_idempotency_key, idempotency_key)
+        if existing is not None:
+            return _job_response(existing, 200)
+    if len(images) > jobs.max_files:
+        raise APIError("too_many_files", f"{len(images)} files; a job takes at most {jobs.max_files}")
+    if webhook is not None:
+        if not jobs.webhook_secret:
+            raise APIError(
+                "invalid_webhook", "webhooks need TOONSERVE_WEBHOOK_SECRET set on the server, to sign them"
+            )
+        try:
+            await asyncio.to_thread(check_url, webhook, jobs.webhook_allow_private)
+        except WebhookRefusedError as exc:
+            raise APIError("invalid_webhook", str(exc)) from None
+    uploads = [await _accept(u, params, state.flow.max_pixels) for u in images]
+    job, created = await asyncio.to_thread(
+        store.create,
+        uuid.uuid4().hex,
+        JobOptions.from_params(params),
+        uploads,
+        webhook=webhook,
+        idempotency_key=idempotency_key,
+        ttl_s=jobs.ttl_s,
+        quota_bytes=jobs.quota_bytes,
+    )
+    if created:
+        jobs.runner.wake()
+        jobs.runner.changed(job, job.id)  # a job whose photos were all refused has ended already
+    return _job_response(job, 202 if created else 200)
+
+
+def _job_response(job: Job, status: int) -> JSONResponse:
+    return JSONResponse(_out(job), status_code=status, headers={"Location": f"/jobs/{job.id}"})
+
+
+# -- read ------------------------------------------------------------------------------------------
+
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the job's id")]
+
+
+async def _job(jobs: JobsState, job_id: str) -> Job:
+    job = await asyncio.to_thread(jobs.store.get, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id}: never created, expired or deleted")
+    return job
+
+
+_READ_CODES: Final = (*COMMON_CODES, "invalid_request", "job_not_found")
+
+
+@router.get(
+    "/jobs/{job_id}",
+    summary="A job and every item's status",
+    response_model=JobOut,
+    responses=responses(*_READ_CODES),
+)
+async def get_job(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> JSONResponse:
+    return JSONResponse(_out(await _job(jobs, job_id)))
+
+
+@router.get(
+    "/jobs",
+    summary="The most recent jobs",
+    response_model=JobList,
+    responses=responses(*COMMON_CODES, "invalid_request"),
+)
+async def list_jobs(
+    jobs: Annotated[JobsState, Depends(get_jobs)],
+    status: Annotated[
+        JobStatus | None, Query(description=f"only jobs in this status: {', '.join(JOB_STATUSES)}")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, description="at most this many")] = 20,
+) -> JSONResponse:
+    found = await asyncio.to_thread(jobs.store.recent, status, limit)
+    return JSONResponse({"jobs": [_out(job, with_items=False) for job in found]})
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Server-Sent Events: the job now, each item as it ends, the job when it ends",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`job` (the job object, first, whenever you connect), `item` (one per item "
+            "that ends from then on), `end` (the job object once it has ended; then the stream closes)",
+        },
+        **responses(*_READ_CODES),
+    },
+)
+async def job_events(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> StreamingResponse:
+    first = await _job(jobs, job_id)
+
+    async def stream() -> AsyncIterator[bytes]:
+        job: Job | None = first
+        assert job is not None
+        yield _sse("job", _out(job))
+        sent = {item.index for item in job.items if item.ended}
+        quiet = 0.0
+        while not job.terminal:
+            await jobs.hub.wait(job_id, _EVENTS_POLL_S)
+            job = await asyncio.to_thread(jobs.store.get, job_id)
+            if job is None:  # deleted meanwhile
+                yield _sse("end", {"id": job_id, "status": "deleted"})
+                return
+            new = [item for item in job.items if item.ended and item.index not in sent]
+            for item in new:
+                sent.add(item.index)
+                yield _sse("item", public_item(job, item))
+            quiet = 0.0 if new else quiet + _EVENTS_POLL_S
+            if quiet >= _HEARTBEAT_S:
+                quiet = 0.0
+                yield b": keep-alive\n\n"
+        yield _sse("end", _out(job))
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+@router.get(
+    "/jobs/{job_id}/items/{index}",
+    summary="One item's result image",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the result"},
+        **responses(*_READ_CODES, "result_not_ready"),
+    },
+)
+async def get_item(
+    jobs: Annotated[JobsState, Depends(get_jobs)],
+    job_id: JobId,
+    index: Annotated[int, Path(ge=0, description="the photo's position in the upload, from 0")],
+) -> FileResponse:
+    job = await _job(jobs, job_id)
+    if index >= len(job.items):
+        raise JobNotFoundError(f"job {job_id} has {len(job.items)} items; there is no item {index}")
+    item = job.items[index]
+    if item.status != "ok":
+        detail = f": {item.error['message']}" if item.error else ""
+        raise ResultNotReadyError(f"item {index} has no result; it is {item.status}{detail}")
+    path = jobs.store.result_path(job_id, index, job.options.suffix)
+    return FileResponse(
+        path,
+        media_type=MEDIA_TYPES[job.options.format],
+        filename=zip_name(index, item.filename, job.options.suffix),
+    )
+
+
+class _Sink:
+    """A write-only stream that hands out what was written since last asked (for a streamed ZIP)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
+
+def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
+    """The job's results and results.json as a ZIP, produced piece by piece (never all in memory)."""
+    sink = _Sink()
+    report = []
+    # Stored, not deflated: the images are compressed already.
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:
+        for item in job.items:
+            entry = public_item(job, item)
+            if item.status == "ok":
+                name = zip_name(item.index, item.filename, job.options.suffix)
+                path = store.result_path(job.id, item.index, job.options.suffix)
+                try:
+                    with path.open("rb") as src, zf.open(name, "w") as dst:
+                        while chunk := src.read(_CHUNK):
+                            dst.write(chunk)
+                            yield sink.take()
+                    entry["file"] = name
+                except FileNotFoundError:  # deleted meanwhile (expiry, DELETE)
+                    entry["file"] = None
+            report.append(entry)
+        summary = _out(job, with_items=False)
+        zf.writestr("results.json", json.dumps({"job": summary, "items": report}, indent=2))
+    yield sink.take()
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    summary="Every result so far as a ZIP, with results.json (streamed)",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/zip": {}}, "description": "the ZIP"},
+        **responses(*_READ_CODES),
+    },
+)
+async def get_result(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> StreamingResponse:
+    job = await _job(jobs, job_id)
+    headers = {"Content-Disposition": f'attachment; filename="toonserve-{job_id}.zip"'}
+    return StreamingResponse(_zip_stream(jobs.store, job), media_type="application/zip", headers=headers)
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a job (what has not run), or delete an ended one with its files",
+    response_model=JobOut,
+    responses={
+        200: {"description": "cancelled: the job object; a running item stops between stages"},
+        204: {"description": "deleted, with its files"},
+        **responses(*_READ_CODES),
+    },
+)
+async def delete_job(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> Response:
+    job = await _job(jobs, job_id)
+    if job.terminal:
+        await asyncio.to_thread(jobs.store.delete, job_id)
+        jobs.hub.notify(job_id)
+        return Response(status_code=204)
+    cancelled = await asyncio.to_thread(jobs.store.cancel, job_id, jobs.ttl_s)
+    jobs.runner.cancel_running(job_id)
+    jobs.runner.changed(cancelled, job_id)
+    if cancelled is None:
+        raise JobNotFoundError(f"no job {job_id}: deleted meanwhile")
+    return JSONResponse(_out(cancelled))

@@ -1,0 +1,187 @@
+"""What a job is: its options, its items, their statuses, and the public JSON of both.
+
+A job is a set of photos handed in at once with one set of options. Each photo is an item that
+goes through the request flow on its own; the job ends when every item has ended.
+
+Job status: ``queued`` (no item started yet), ``running``, ``succeeded`` (every item ended; each has
+its own ``ok`` or ``error``), ``failed`` (the job could not run at all, e.g. its style is not
+configured on this server), ``cancelled``. Item status: ``queued``, ``running``, ``ok``, ``error``,
+``cancelled``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Literal, get_args
+
+from inference.flow import Flow, Params
+from inference.images import OUTPUTS, OutputFormat
+from inference.pipeline import NoFacePolicy
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ItemStatus = Literal["queued", "running", "ok", "error", "cancelled"]
+JOB_STATUSES: Final[tuple[JobStatus, ...]] = get_args(JobStatus)
+ITEM_STATUSES: Final[tuple[ItemStatus, ...]] = get_args(ItemStatus)
+#: A job in one of these has ended: nothing of it will run again.
+TERMINAL: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"})
+#: An item in one of these has ended.
+ENDED: Final[frozenset[str]] = frozenset({"ok", "error", "cancelled"})
+
+WebhookState = Literal["none", "pending", "delivered", "failed"]
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """A job's choices, stored with it: the request's fields with the server's defaults filled in."""
+
+    style: str
+    strength: float
+    processing_size: int
+    output_size: int | None
+    format: OutputFormat
+    quality: int
+    no_face: NoFacePolicy
+
+    @classmethod
+    def from_params(cls, params: Params) -> JobOptions:
+        o = params.options
+        return cls(
+            style=params.style,
+            strength=o.strength,
+            processing_size=o.processing_size,
+            output_size=params.output_side,
+            format=params.fmt,
+            quality=params.quality,
+            no_face=o.no_face,
+        )
+
+    def params(self, flow: Flow) -> Params:
+        """The flow's parameters for these options (raises if the style cannot serve now)."""
+        return flow.params(
+            style=self.style,
+            strength=self.strength,
+            processing_size=self.processing_size,
+            output_size=self.output_size,
+            fmt=self.format,
+            quality=self.quality,
+            no_face=self.no_face,
+        )
+
+    @property
+    def suffix(self) -> str:
+        return OUTPUTS[self.format].suffix
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobOptions:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One photo of a job."""
+
+    index: int
+    filename: str
+    status: ItemStatus = "queued"
+    #: ``{"code", "message"}`` when the item ended in error.
+    error: dict[str, str] | None = None
+    faces_stylized: int | None = None
+    timings_ms: dict[str, float] | None = None
+    #: Bytes of its photo while kept (until the item ends), of its result once written.
+    input_bytes: int = 0
+    result_bytes: int = 0
+    #: Storage reserved for its result until it is written (an upper bound).
+    estimate: int = 0
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job and its items, as stored."""
+
+    id: str
+    status: JobStatus
+    options: JobOptions
+    items: tuple[Item, ...]
+    created_at: float
+    updated_at: float
+    expires_at: float
+    webhook: str | None = None
+    webhook_state: WebhookState = "none"
+    idempotency_key: str | None = None
+    #: Why the job failed, when it did.
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.items)
+
+    @property
+    def done(self) -> int:
+        """Items that have ended (ok, error or cancelled)."""
+        return sum(i.ended for i in self.items)
+
+    @property
+    def failed(self) -> int:
+        """Items that ended in error."""
+        return sum(i.status == "error" for i in self.items)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def iso(t: float) -> str:
+    """An epoch time as ISO 8601 UTC with milliseconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int((t % 1) * 1000):03d}Z"
+
+
+def result_url(job_id: str, index: int) -> str:
+    return f"/jobs/{job_id}/items/{index}"
+
+
+def zip_name(index: int, filename: str, suffix: str) -> str:
+    """The result's file name inside the job's ZIP: ``001-<stem>.<suffix>``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", filename.rsplit("/", 1)[-1].rsplit(".", 1)[0])[:64] or "image"
+    return f"{index + 1:03d}-{stem}.{suffix}"
+
+
+def public_item(job: Job, item: Item) -> dict[str, Any]:
+    return {
+        "index": item.index,
+        "filename": item.filename,
+        "status": item.status,
+        "error": item.error,
+        "faces_stylized": item.faces_stylized,
+        "timings_ms": item.timings_ms,
+        "result_url": result_url(job.id, item.index) if item.status == "ok" else None,
+    }
+
+
+def public_job(job: Job, with_items: bool = True) -> dict[str, Any]:
+    """The job object of the API, the events stream and the webhook."""
+    out: dict[str, Any] = {
+        "id": job.id,
+        "status": job.status,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "expires_at": iso(job.expires_at),
+        "total": job.total,
+        "done": job.done,
+        "failed": job.failed,
+        "error": job.error,
+        "options": job.options.to_dict(),
+        "webhook": job.webhook,
+        "result_url": f"/jobs/{job.id}/result",
+    }
+    if with_items:
+        out["items"] = [public_item(job, item) for item in job.items]
+    return out

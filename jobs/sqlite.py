@@ -1,0 +1,438 @@
+"""The embedded job store: SQLite (WAL, synchronous=FULL) for the records, files for the photos.
+
+One process owns the database (the default single-replica service): SQLite's own locking keeps it
+consistent, and a process lock serialises this process's threads on one connection. Every commit is
+durable when it returns (WAL with ``synchronous=FULL`` fsyncs the log on commit).
+
+Accepting a job: the photos go to ``<data_dir>/staging/<id>/`` (each fsynced), the directory is
+renamed to ``<data_dir>/jobs/<id>/`` and fsynced, then the records are committed. A crash before the
+commit leaves a directory without a record, which :meth:`SQLiteJobStore.recover` removes; a crash
+after it leaves a complete job.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+from jobs.errors import JobStoreError, StorageQuotaError
+from jobs.files import fsync_dir, remove_tree, write_durable
+from jobs.model import TERMINAL, Item, ItemStatus, Job, JobOptions, JobStatus, WebhookState
+from jobs.store import Claim, Upload
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    options TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    webhook TEXT,
+    webhook_state TEXT NOT NULL DEFAULT 'none',
+    idempotency_key TEXT UNIQUE,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS items (
+    job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    filename TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    faces_stylized INTEGER,
+    timings TEXT,
+    input_bytes INTEGER NOT NULL DEFAULT 0,
+    result_bytes INTEGER NOT NULL DEFAULT 0,
+    estimate INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, idx)
+);
+CREATE INDEX IF NOT EXISTS items_by_status ON items(status, job_id, idx);
+CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(created_at);
+"""
+
+#: What an item still holds on disk: its photo until it ends, then its result; plus the estimate
+#: reserved for a result not yet written.
+_USAGE_SQL: Final = (
+    "SELECT COALESCE(SUM(input_bytes + result_bytes + "
+    "CASE WHEN status IN ('queued', 'running') THEN estimate ELSE 0 END), 0) FROM items"
+)
+
+
+class SQLiteJobStore:
+    """The embedded :class:`~jobs.store.JobStore` (module docstring)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.jobs_dir = data_dir / "jobs"
+        self.staging_dir = data_dir / "staging"
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(data_dir / "jobs.db", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise JobStoreError(f"the job store at {data_dir} cannot be used: {exc}") from exc
+        self._lock = threading.Lock()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def input_path(self, job_id: str, index: int) -> Path:
+        return self.job_dir(job_id) / "in" / f"{index:04d}"
+
+    def result_path(self, job_id: str, index: int, suffix: str) -> Path:
+        return self.job_dir(job_id) / "out" / f"{index:04d}.{suffix}"
+
+    def _load(self, db: sqlite3.Connection, job_id: str) -> Job | None:
+        row = db.execute(
+            "SELECT id, status, options, created_at, updated_at, expires_at, webhook, webhook_state, "
+            "idempotency_key, error FROM jobs WHERE id = ?",
+            (job_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        items = tuple(
+            Item(
+                index=r[0],
+                filename=r[1],
+                status=r[2],
+                error=json.loads(r[3]) if r[3] else None,
+                faces_stylized=r[4],
+                timings_ms=json.loads(r[5]) if r[5] else None,
+                input_bytes=r[6],
+                result_bytes=r[7],
+                estimate=r[8],
+            )
+            for r in db.execute(
+                "SELECT idx, filename, status, error, faces_stylized, timings, input_bytes, result_bytes, "
+                "estimate FROM items WHERE job_id = ? ORDER BY idx",
+                (job_id,),
+            )
+        )
+        return Job(
+            id=row[0],
+            status=row[1],
+            options=JobOptions.from_dict(json.loads(row[2])),
+            items=items,
+            created_at=row[3],
+            updated_at=row[4],
+            expires_at=row[5],
+            webhook=row[6],
+            webhook_state=row[7],
+            idempotency_key=row[8],
+            error=row[9],
+        )
+
+    def _set_job(
+        self, db: sqlite3.Connection, job_id: str, status: JobStatus, ttl_s: float, **extra: Any
+    ) -> None:
+        now = time.time()
+        fields = {"status": status, "updated_at": now, **extra}
+        if status in TERMINAL:
+            fields["expires_at"] = now + ttl_s
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job_id))
+
+    def _settle(self, db: sqlite3.Connection, job_id: str, ttl_s: float) -> None:
+        """End the job when every item has ended (succeeded, unless it was cancelled or failed)."""
+        status, webhook = db.execute("SELECT status, webhook FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        left = db.execute(
+            "SELECT COUNT(*) FROM items WHERE job_id = ? AND status IN ('queued', 'running')", (job_id,)
+        ).fetchone()[0]
+        if left == 0 and status not in TERMINAL:
+            self._set_job(db, job_id, "succeeded", ttl_s, webhook_state="pending" if webhook else "none")
+
+    # -- JobStore ----------------------------------------------------------------------------------
+
+    def create(
+        self,
+        job_id: str,
+        options: JobOptions,
+        uploads: list[Upload],
+        *,
+        webhook: str | None,
+        idempotency_key: str | None,
+        ttl_s: float,
+        quota_bytes: int,
+    ) -> tuple[Job, bool]:
+        if idempotency_key is not None:
+            existing = self.by_idempotency_key(idempotency_key)
+            if existing is not None:
+                return existing, False
+        needed = sum(u.size + u.estimate for u in uploads if u.error is None)
+        self._check_quota(needed, quota_bytes)
+        staging = self.staging_dir / job_id
+        final = self.job_dir(job_id)
+        try:
+            for index, upload in enumerate(uploads):
+                if upload.stream is not None and upload.error is None:
+                    write_durable(staging / "in" / f"{index:04d}", upload.stream)
+            staging.mkdir(parents=True, exist_ok=True)
+            staging.rename(final)
+            fsync_dir(self.jobs_dir)
+        except OSError as exc:
+            remove_tree(staging)
+            raise JobStoreError(f"cannot write the job's photos under {self.data_dir}: {exc}") from exc
+        now = time.time()
+        try:
+            with self._tx() as db:
+                # Decided again under the lock: concurrent submissions cannot both fit.
+                used = db.execute(_USAGE_SQL).fetchone()[0]
+                if used + needed > quota_bytes:
+                    raise StorageQuotaError(_quota_message(needed, used, quota_bytes))
+                db.execute(
+                    "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "
+                    "idempotency_key) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                    (job_id, json.dumps(options.to_dict()), now, now, now + ttl_s, webhook, idempotency_key),
+                )
+                db.executemany(
+                    "INSERT INTO items (job_id, idx, filename, status, error, input_bytes, estimate) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            job_id,
+                            i,
+                            u.filename,
+                            "queued" if u.error is None else "error",
+                            json.dumps(u.error) if u.error else None,
+                            u.size if u.error is None else 0,
+                            u.estimate if u.error is None else 0,
+                        )
+                        for i, u in enumerate(uploads)
+                    ],
+                )
+                self._settle(db, job_id, ttl_s)  # every photo refused: the job has ended already
+                job = self._load(db, job_id)
+        except sqlite3.IntegrityError:
+            # The same idempotency key, committed by a concurrent submission first.
+            remove_tree(final)
+            assert idempotency_key is not None
+            existing = self.by_idempotency_key(idempotency_key)
+            if existing is None:  # pragma: no cover - the other one was deleted in between
+                raise
+            return existing, False
+        except BaseException:
+            remove_tree(final)
+            raise
+        assert job is not None
+        return job, True
+
+    def _check_quota(self, needed: int, quota_bytes: int) -> None:
+        used = self.usage()
+        if used + needed > quota_bytes:
+            raise StorageQuotaError(_quota_message(needed, used, quota_bytes))
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._load(self._db, job_id)
+
+    def by_idempotency_key(self, key: str) -> Job | None:
+        rows = self._read("SELECT id FROM jobs WHERE idempotency_key = ?", (key,))
+        return self.get(rows[0][0]) if rows else None
+
+    def recent(self, status: str | None, limit: int) -> list[Job]:
+        if status is None:
+            rows = self._read("SELECT id FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        else:
+            rows = self._read(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?", (status, limit)
+            )
+        jobs = [self.get(r[0]) for r in rows]
+        return [j for j in jobs if j is not None]
+
+    def claim(self, styles: Collection[str], owner: str) -> Claim | None:
+        if not styles:
+            return None
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT j.id, j.options, i.idx, i.filename FROM items i JOIN jobs j ON j.id = i.job_id "
+                "WHERE i.status = 'queued' AND j.status IN ('queued', 'running') "
+                "ORDER BY j.created_at, i.idx LIMIT 256"
+            ).fetchall()
+            for job_id, options_json, index, filename in rows:
+                options = JobOptions.from_dict(json.loads(options_json))
+                if options.style not in styles:
+                    continue
+                db.execute(
+                    "UPDATE items SET status = 'running' WHERE job_id = ? AND idx = ?", (job_id, index)
+                )
+                db.execute(
+                    "UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ? AND status = 'queued'",
+                    (time.time(), job_id),
+                )
+                return Claim(job_id, index, filename, options, self.input_path(job_id, index), owner)
+        return None
+
+    def renew(self, claim: Claim) -> bool:
+        return True  # one process owns the store: a claim is never lost to another
+
+    def release(self, claim: Claim) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE items SET status = 'queued' WHERE job_id = ? AND idx = ? AND status = 'running'",
+                (claim.job_id, claim.index),
+            )
+
+    def finish(
+        self,
+        claim: Claim,
+        status: ItemStatus,
+        *,
+        result: bytes | None = None,
+        error: dict[str, str] | None = None,
+        faces_stylized: int | None = None,
+        timings_ms: dict[str, float] | None = None,
+        ttl_s: float,
+    ) -> Job | None:
+        job_id, index = claim.job_id, claim.index
+        result_bytes = 0
+        if result is not None:
+            if not self.job_dir(job_id).exists():
+                return None  # deleted while it ran
+            # Written under its final name before the record says ok: a crash in between re-runs
+            # the item, which writes the same file again.
+            result_bytes = write_durable(self.result_path(job_id, index, claim.options.suffix), result)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
+                return None
+            db.execute(
+                "UPDATE items SET status = ?, error = ?, faces_stylized = ?, timings = ?, input_bytes = 0, "
+                "result_bytes = ? WHERE job_id = ? AND idx = ?",
+                (
+                    status,
+                    json.dumps(error) if error else None,
+                    faces_stylized,
+                    json.dumps(timings_ms) if timings_ms else None,
+                    result_bytes,
+                    job_id,
+                    index,
+                ),
+            )
+            db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (time.time(), job_id))
+            self._settle(db, job_id, ttl_s)
+            job = self._load(db, job_id)
+        # The photo is no longer needed once its item has ended (the record says so first).
+        self.input_path(job_id, index).unlink(missing_ok=True)
+        return job
+
+    def cancel(self, job_id: str, ttl_s: float) -> Job | None:
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            if job is None or job.terminal:
+                return job
+            db.execute(
+                "UPDATE items SET status = 'cancelled', input_bytes = 0 "
+                "WHERE job_id = ? AND status = 'queued'",
+                (job_id,),
+            )
+            self._set_job(db, job_id, "cancelled", ttl_s, webhook_state="pending" if job.webhook else "none")
+            job = self._load(db, job_id)
+        for item in job.items if job else ():
+            if item.status == "cancelled":
+                self.input_path(job_id, item.index).unlink(missing_ok=True)
+        return job
+
+    def fail(self, job_id: str, message: str, ttl_s: float) -> Job | None:
+        error = json.dumps({"code": "job_failed", "message": message})
+        with self._tx() as db:
+            job = self._load(db, job_id)
+            if job is None or job.terminal:
+                return job
+            db.execute(
+                "UPDATE items SET status = 'error', error = ?, input_bytes = 0 "
+                "WHERE job_id = ? AND status IN ('queued', 'running')",
+                (error, job_id),
+            )
+            self._set_job(
+                db, job_id, "failed", ttl_s, error=message, webhook_state="pending" if job.webhook else "none"
+            )
+            return self._load(db, job_id)
+
+    def delete(self, job_id: str) -> bool:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
+        remove_tree(self.job_dir(job_id))
+        return gone
+
+    def recover(self) -> int:
+        remove_tree(self.staging_dir)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        known = {r[0] for r in self._read("SELECT id FROM jobs")}
+        for path in self.jobs_dir.iterdir():
+            if path.is_dir() and path.name not in known:
+                remove_tree(path)  # renamed into place, but its record was never committed
+        with self._tx() as db:
+            return db.execute("UPDATE items SET status = 'queued' WHERE status = 'running'").rowcount
+
+    def expired(self, now: float) -> list[str]:
+        placeholders = ", ".join("?" * len(TERMINAL))
+        rows = self._read(
+            f"SELECT id FROM jobs WHERE status IN ({placeholders}) AND expires_at <= ?",
+            (*sorted(TERMINAL), now),
+        )
+        return [r[0] for r in rows]
+
+    def active_styles(self) -> set[str]:
+        rows = self._read("SELECT options FROM jobs WHERE status IN ('queued', 'running')")
+        return {JobOptions.from_dict(json.loads(r[0])).style for r in rows}
+
+    def jobs_of_style(self, style: str) -> list[str]:
+        rows = self._read("SELECT id, options FROM jobs WHERE status IN ('queued', 'running')")
+        return [r[0] for r in rows if JobOptions.from_dict(json.loads(r[1])).style == style]
+
+    def usage(self) -> int:
+        return int(self._read(_USAGE_SQL)[0][0])
+
+    def waiting(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM items WHERE status = 'queued'")[0][0])
+
+    def counts(self) -> dict[str, int]:
+        return {status: n for status, n in self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+
+    def set_webhook_state(self, job_id: str, state: WebhookState) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET webhook_state = ? WHERE id = ?", (state, job_id))
+
+    def pending_webhooks(self) -> list[Job]:
+        rows = self._read("SELECT id FROM jobs WHERE webhook_state = 'pending'")
+        jobs = [self.get(r[0]) for r in rows]
+        return [j for j in jobs if j is not None and j.terminal]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _quota_message(needed: int, used: int, quota: int) -> str:
+    mib = 1024 * 1024
+    return (
+        f"the job needs {needed / mib:.1f} MiB (its photos and room for their results) but only "
+        f"{max(0, quota - used) / mib:.1f} MiB of the {quota / mib:.0f} MiB job storage is free; "
+        "wait for older jobs to expire, delete finished ones, or raise TOONSERVE_MAX_JOB_STORAGE_BYTES"
+    )

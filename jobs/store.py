@@ -1,0 +1,158 @@
+"""The job store interface: job records and the photos and results that belong to them.
+
+Two backends implement it: :class:`jobs.sqlite.SQLiteJobStore` (embedded, the default: SQLite in WAL
+mode plus files, on a local data directory) and the shared one for several replicas. Both keep files
+under ``<data_dir>/jobs/<job id>/`` (``in/<index>`` the photos, ``out/<index>.<suffix>`` the results),
+written durably (:mod:`jobs.files`); a job is recorded only once all its photos are on disk, so an
+accepted job survives ``kill -9``.
+
+Work is handed out by :meth:`JobStore.claim`: the oldest queued item of the oldest unfinished job
+whose style can run here. An item that was claimed and never finished (its process died) goes back
+to the queue: at start-up for the embedded store, after its lease for a shared one. Finishing an item
+is idempotent per (job, index): a result written twice replaces itself, so a job never holds two
+results for one photo.
+
+Storage is bounded: every photo counts from acceptance until its item ends; every result counts
+from acceptance as an upper-bound estimate, then as its real size. :meth:`JobStore.usage` is the sum,
+and a job that would take it over the quota is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from jobs.model import ItemStatus, Job, JobOptions, WebhookState
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A photo handed in with a job."""
+
+    filename: str
+    #: Its bytes, read from the current position; None when it was refused at acceptance.
+    stream: BinaryIO | None
+    size: int
+    #: ``{"code", "message"}`` when refused at acceptance (the item starts as ``error``).
+    error: dict[str, str] | None
+    #: Upper bound of its result's size, reserved until the result is written.
+    estimate: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An item handed to a runner."""
+
+    job_id: str
+    index: int
+    filename: str
+    options: JobOptions
+    input_path: Path
+    #: Who holds it (a runner's id), for shared stores with leases.
+    owner: str
+
+
+class JobStore(Protocol):
+    data_dir: Path
+
+    def create(
+        self,
+        job_id: str,
+        options: JobOptions,
+        uploads: list[Upload],
+        *,
+        webhook: str | None,
+        idempotency_key: str | None,
+        ttl_s: float,
+        quota_bytes: int,
+    ) -> tuple[Job, bool]:
+        """Store a new job and its photos durably; ``(job, True)``. With an ``idempotency_key`` that
+        is already known: ``(that job, False)`` and nothing is stored. Raises StorageQuotaError."""
+        ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def by_idempotency_key(self, key: str) -> Job | None: ...
+
+    def recent(self, status: str | None, limit: int) -> list[Job]:
+        """The most recent jobs first, optionally of one status."""
+        ...
+
+    def claim(self, styles: Collection[str], owner: str) -> Claim | None:
+        """The next item to run among jobs whose style is in ``styles``, marked running; None if none."""
+        ...
+
+    def renew(self, claim: Claim) -> bool:
+        """Extend a claim's lease (shared stores); False if it was lost to another runner."""
+        ...
+
+    def release(self, claim: Claim) -> None:
+        """Give an unfinished claim back to the queue (shutdown, or its style went away)."""
+        ...
+
+    def finish(
+        self,
+        claim: Claim,
+        status: ItemStatus,
+        *,
+        result: bytes | None = None,
+        error: dict[str, str] | None = None,
+        faces_stylized: int | None = None,
+        timings_ms: dict[str, float] | None = None,
+        ttl_s: float,
+    ) -> Job | None:
+        """Record how an item ended (``ok`` with its result, ``error``, ``cancelled``), ending the job
+        when it was the last; the job, or None if it is gone (deleted meanwhile)."""
+        ...
+
+    def cancel(self, job_id: str, ttl_s: float) -> Job | None:
+        """Cancel what has not run (queued items); the job becomes ``cancelled``."""
+        ...
+
+    def fail(self, job_id: str, message: str, ttl_s: float) -> Job | None:
+        """The job cannot run: ``failed`` with ``message``; its queued items end in error."""
+        ...
+
+    def delete(self, job_id: str) -> bool:
+        """Remove the job's record and files; False if there was none."""
+        ...
+
+    def recover(self) -> int:
+        """At start-up: items left running by a dead process go back to the queue; the count."""
+        ...
+
+    def expired(self, now: float) -> list[str]:
+        """Ended jobs whose ``expires_at`` has passed."""
+        ...
+
+    def active_styles(self) -> set[str]:
+        """Styles of the jobs that still have items to run."""
+        ...
+
+    def jobs_of_style(self, style: str) -> list[str]:
+        """Unfinished jobs of a style (to fail them when the style is not configured here)."""
+        ...
+
+    def usage(self) -> int:
+        """Bytes used or reserved by every stored job."""
+        ...
+
+    def waiting(self) -> int:
+        """Items queued, in all jobs."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by status."""
+        ...
+
+    def set_webhook_state(self, job_id: str, state: WebhookState) -> None: ...
+
+    def pending_webhooks(self) -> list[Job]:
+        """Ended jobs whose webhook has not been delivered (nor given up on) yet."""
+        ...
+
+    def result_path(self, job_id: str, index: int, suffix: str) -> Path: ...
+
+    def close(self) -> None: ...

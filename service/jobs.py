@@ -1,0 +1,53 @@
+"""Builds the jobs side of the service from the settings: the store, the webhook sender, the runner."""
+
+from __future__ import annotations
+
+from api.errors import code_for
+from api.metrics import Metrics
+from api.state import JobsState
+from inference.engine import Engine
+from inference.flow import Flow
+from jobs.runner import EventHub, JobRunner
+from jobs.sqlite import SQLiteJobStore
+from jobs.store import JobStore
+from jobs.webhooks import WebhookSender
+from service.settings import Settings
+
+
+def build_job_store(settings: Settings) -> JobStore:
+    """The job store the settings name (the embedded SQLite one on ``settings.jobs_dir``)."""
+    return SQLiteJobStore(settings.jobs_dir)
+
+
+def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics) -> JobsState:
+    """Store, webhook sender and runner, wired to the engine's flow and the app's metrics."""
+    store = build_job_store(settings)
+    hub = EventHub()
+    webhooks = WebhookSender(
+        settings.webhook_secret,
+        allow_private=settings.webhook_allow_private,
+        attempts=settings.webhook_attempts,
+        timeout_s=settings.webhook_timeout_s,
+        on_delivery=lambda outcome: metrics.webhooks.labels(outcome=outcome).inc(),
+    )
+    runner = JobRunner(
+        store,
+        engine,
+        flow,
+        webhooks,
+        concurrency=settings.job_concurrency or engine.max_batch + 1,
+        ttl_s=settings.job_ttl_s,
+        hub=hub,
+        on_item=lambda outcome: metrics.job_items.labels(outcome=outcome).inc(),
+        error_code=code_for,
+    )
+    return JobsState(
+        store=store,
+        runner=runner,
+        hub=hub,
+        max_files=settings.max_job_files,
+        quota_bytes=settings.max_job_storage_bytes,
+        ttl_s=settings.job_ttl_s,
+        webhook_secret=bool(settings.webhook_secret),
+        webhook_allow_private=settings.webhook_allow_private,
+    )

@@ -1,0 +1,181 @@
+"""``toonserve jobs``: hand a folder to a running service as one job, follow it, fetch the ZIP.
+
+    toonserve jobs submit DIR [--server URL] [--output FILE] [--style … --format … …]
+    toonserve jobs status ID [--server URL]
+
+The client side of ``/jobs``: it uploads every photo of the folder in one request, follows the job's
+events stream (a progress bar on a terminal, one line per photo otherwise) and downloads the ZIP of
+the results. ``--api-key`` (or ``TOONSERVE_API_KEY``) is sent when the server wants one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from inference.images import OUTPUT_FORMATS
+from inference.pipeline import NO_FACE_POLICIES
+from inference.weights import STYLES
+from service.progress import Progress
+
+_DEFAULT_SERVER = "http://localhost:8000"
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    key = args.api_key or os.environ.get("TOONSERVE_API_KEY")
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.Client(
+        base_url=args.server.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, read=None)
+    )
+
+
+def _events(response: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a Server-Sent Events response."""
+    event, data = "message", list[str]()
+    for line in response.iter_lines():
+        if line == "":
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", list[str]()
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def _fail(response: Any) -> int:
+    try:
+        error = response.json()["error"]
+        print(f"error: {response.status_code} {error['code']}: {error['message']}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError):
+        print(f"error: {response.status_code} {response.text[:300]}", file=sys.stderr)
+    return 2
+
+
+def _cmd_submit(args: argparse.Namespace, suffixes: tuple[str, ...]) -> int:
+    import httpx
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"error: {folder} is not a directory", file=sys.stderr)
+        return 2
+    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not photos:
+        print(f"error: no photos ({', '.join(suffixes)}) in {folder}", file=sys.stderr)
+        return 2
+    fields = {
+        "style": args.style,
+        "strength": args.strength,
+        "processing_size": args.processing_size,
+        "output_size": args.output_size,
+        "format": args.format,
+        "quality": args.quality,
+        "no_face": args.no_face,
+        "webhook": args.webhook,
+    }
+    data = {k: str(v) for k, v in fields.items() if v is not None}
+    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
+    try:
+        with _client(args) as client, contextlib.ExitStack() as stack:
+            files = [("images", (p.name, stack.enter_context(p.open("rb")))) for p in photos]
+            response = client.post("/jobs", files=files, data=data, headers=headers)
+            if response.status_code not in (200, 202):
+                return _fail(response)
+            job = response.json()
+            print(f"job {job['id']}: {job['total']} photos", file=sys.stderr)
+            job = _follow(client, job)
+            output = Path(args.output or f"toonserve-{job['id']}.zip")
+            with client.stream("GET", f"/jobs/{job['id']}/result") as zipped:
+                if zipped.status_code != 200:
+                    zipped.read()
+                    return _fail(zipped)
+                with output.open("wb") as out:
+                    for chunk in zipped.iter_bytes():
+                        out.write(chunk)
+    except httpx.HTTPError as exc:
+        print(f"error: {args.server}: {exc}", file=sys.stderr)
+        return 2
+    ok = job["total"] - job["failed"] - sum(i["status"] == "cancelled" for i in job["items"])
+    print(f"{job['status']}: {ok} of {job['total']} photos cartoonized; results in {output}")
+    for item in job["items"]:
+        if item["status"] == "error":
+            print(f"  {item['filename']}: {item['error']['message']}", file=sys.stderr)
+    return 0 if job["status"] == "succeeded" and job["failed"] == 0 else 1
+
+
+def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Follow the job's events to its end; the final job object."""
+    progress = Progress(job["total"])
+    with client.stream("GET", f"/jobs/{job['id']}/events") as events:
+        for event, data in _events(events):
+            if event == "job":
+                progress.update(data["done"], "")
+            elif event == "item":
+                progress.step(data["filename"])
+                if not progress.tty:
+                    print(f"{data['filename']}: {data['status']}", file=sys.stderr)
+            elif event == "end":
+                job = data
+    progress.close()
+    if "items" not in job:  # deleted while we watched
+        raise SystemExit(f"error: job {job['id']} was deleted")
+    return job
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args) as client:
+            response = client.get(f"/jobs/{args.id}")
+    except httpx.HTTPError as exc:
+        print(f"error: {args.server}: {exc}", file=sys.stderr)
+        return 2
+    if response.status_code != 200:
+        return _fail(response)
+    job = response.json()
+    print(f"{job['id']} {job['status']}: {job['done']} of {job['total']} done, {job['failed']} failed")
+    for item in job["items"]:
+        error = f" ({item['error']['message']})" if item["error"] else ""
+        print(f"  {item['index']:4d} {item['status']:9} {item['filename']}{error}")
+    return 0
+
+
+def add_parser(sub: Any, suffixes: tuple[str, ...]) -> None:
+    """``toonserve jobs submit|status``."""
+    jobs = sub.add_parser("jobs", help="submit a folder to a running service as one job, or check a job")
+    cmds = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--server", default=_DEFAULT_SERVER, help=f"the service's URL (default {_DEFAULT_SERVER})"
+        )
+        p.add_argument("--api-key", help="the service's API key (default: $TOONSERVE_API_KEY)")
+
+    submit = cmds.add_parser("submit", help="upload a folder as one job, follow it, download the ZIP")
+    submit.add_argument("folder", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
+    common(submit)
+    submit.add_argument("--output", help="where to save the ZIP (default toonserve-<job id>.zip)")
+    submit.add_argument("--style", choices=list(STYLES), help="default: the server's")
+    submit.add_argument("--format", choices=list(OUTPUT_FORMATS), help="default: the server's")
+    submit.add_argument("--quality", type=int, help="JPEG/WebP quality, default: the server's")
+    submit.add_argument("--strength", type=float, help="1 = cartoon, 0 = photo (default 1)")
+    submit.add_argument("--processing-size", type=int, help="default: the server's")
+    submit.add_argument("--output-size", type=int, help="long side of the results, default: the input's")
+    submit.add_argument("--no-face", choices=list(NO_FACE_POLICIES), help="default: background")
+    submit.add_argument("--webhook", help="URL the server POSTs the job to when it ends")
+    submit.add_argument("--idempotency-key", help="submitting again with the same key returns the same job")
+    submit.set_defaults(func=lambda a: _cmd_submit(a, suffixes))
+
+    status = cmds.add_parser("status", help="a job's status and its items")
+    status.add_argument("id", help="the job's id")
+    common(status)
+    status.set_defaults(func=_cmd_status)

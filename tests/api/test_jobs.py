@@ -1,0 +1,300 @@
+"""/jobs through the app: life cycle, idempotency, bad files, cancel, events, webhooks, expiry, quota."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests import photos
+from tests.api.conftest import jpeg_bytes, service_state, wait_ready
+from tests.reference_graphs import ReferenceModelDir
+
+
+def _settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = dict(
+        model_dir=model_dir.path.parent,
+        cache_dir=tmp / "cache",
+        data_dir=tmp / "data",
+        allow_download=False,
+        device="cpu",
+        log_format="text",
+    )
+    return Settings(**{**values, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def jobs_client(
+    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    overrides = getattr(request, "param", {})
+    with TestClient(create_app(_settings(model_dir, tmp_path, **overrides))) as client:
+        wait_ready(client)
+        yield client
+
+
+def _small(rgb: np.ndarray, side: int = 256) -> bytes:
+    return jpeg_bytes(np.asarray(Image.fromarray(rgb).resize((side, side))))
+
+
+def _wait_job(client: TestClient, job_id: str, until: str = "ended", timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
+        if (until == "ended" and job["status"] in ("succeeded", "failed", "cancelled")) or job[
+            "status"
+        ] == until:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {until}: {client.get(f'/jobs/{job_id}').json()}")
+
+
+def test_life_cycle_with_a_bad_file(jobs_client: TestClient) -> None:
+    files = [
+        ("images", ("astronaut.jpg", _small(photos.astronaut()))),
+        ("images", ("notes.txt", b"not a photo")),
+        ("images", ("coffee.jpg", _small(photos.coffee()))),
+    ]
+    r = jobs_client.post("/jobs", files=files, data={"format": "jpeg", "strength": "0.8"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/jobs/{job['id']}"
+    assert job["total"] == 3 and job["options"]["format"] == "jpeg" and job["options"]["strength"] == 0.8
+    assert job["items"][1]["status"] == "error" and job["items"][1]["error"]["code"] == "unsupported_image"
+
+    job = _wait_job(jobs_client, job["id"])
+    assert job["status"] == "succeeded" and (job["done"], job["failed"]) == (3, 1)
+    ok = job["items"][0]
+    assert ok["status"] == "ok" and ok["faces_stylized"] == 1 and ok["timings_ms"]["head"] > 0
+    image = jobs_client.get(ok["result_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(image.content)) as im:
+        assert im.size == (256, 256)
+    r = jobs_client.get(f"/jobs/{job['id']}/items/1")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
+    assert jobs_client.get(f"/jobs/{job['id']}/items/9").status_code == 404
+
+    zipped = jobs_client.get(f"/jobs/{job['id']}/result")
+    assert zipped.status_code == 200 and zipped.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as zf:
+        assert zf.namelist() == ["001-astronaut.jpg", "003-coffee.jpg", "results.json"]
+        assert zf.read("001-astronaut.jpg") == image.content
+        report = json.loads(zf.read("results.json"))
+    assert [i["status"] for i in report["items"]] == ["ok", "error", "ok"]
+    assert report["job"]["status"] == "succeeded"
+
+    listed = jobs_client.get("/jobs", params={"status": "succeeded"}).json()["jobs"]
+    assert [j["id"] for j in listed] == [job["id"]] and "items" not in listed[0]
+    assert jobs_client.get("/jobs", params={"status": "queued"}).json()["jobs"] == []
+    assert jobs_client.get("/jobs", params={"status": "done"}).status_code == 422
+
+    # A finished job: DELETE removes it and its files.
+    data_dir = Path(service_state(jobs_client).jobs.store.data_dir)
+    assert (data_dir / "jobs" / job["id"]).is_dir()
+    assert jobs_client.delete(f"/jobs/{job['id']}").status_code == 204
+    assert not (data_dir / "jobs" / job["id"]).exists()
+    r = jobs_client.get(f"/jobs/{job['id']}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    assert jobs_client.get("/jobs/not-an-id").status_code == 422
+
+
+def test_idempotency_key(jobs_client: TestClient) -> None:
+    files = [("images", ("a.jpg", _small(photos.astronaut())))]
+    first = jobs_client.post("/jobs", files=files, headers={"Idempotency-Key": "upload-42"})
+    again = jobs_client.post("/jobs", files=files, headers={"Idempotency-Key": "upload-42"})
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json()["id"] == first.json()["id"] and again.headers["location"] == first.headers["location"]
+    other = jobs_client.post("/jobs", files=files, headers={"Idempotency-Key": "upload-43"})
+    assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
+
+
+def test_events_stream_then_a_late_listener(jobs_client: TestClient) -> None:
+    files = [("images", (f"{i}.jpg", _small(photos.astronaut(), 128 + 32 * i))) for i in range(3)]
+    job = jobs_client.post("/jobs", files=files).json()
+    events = _read_events(jobs_client, job["id"])
+    names = [e for e, _ in events]
+    assert names[0] == "job" and names[-1] == "end" and names.count("item") + events[0][1]["done"] == 3
+    assert events[-1][1]["status"] == "succeeded" and events[-1][1]["done"] == 3
+    late = _read_events(jobs_client, job["id"])  # after the end: the state, then the end at once
+    assert [e for e, _ in late] == ["job", "end"] and late[0][1]["done"] == 3
+
+
+def _read_events(client: TestClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    with client.stream("GET", f"/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                out.append((event, json.loads(line[6:])))
+    return out
+
+
+def test_cancel_stops_a_running_item_between_stages(
+    jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.pipeline import Cartoonizer
+
+    real_detect = Cartoonizer.detect
+    started = threading.Event()
+
+    def slow_detect(self: Cartoonizer, job: Any) -> None:
+        started.set()
+        time.sleep(0.8)
+        real_detect(self, job)
+
+    monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
+    files = [("images", (f"{i}.jpg", _small(photos.grace_hopper()))) for i in range(5)]
+    job = jobs_client.post("/jobs", files=files).json()
+    assert started.wait(30)
+    r = jobs_client.delete(f"/jobs/{job['id']}")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    job = _wait_job(jobs_client, job["id"])
+    deadline = time.monotonic() + 30
+    while any(i["status"] == "running" for i in job["items"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = jobs_client.get(f"/jobs/{job['id']}").json()
+    statuses = [i["status"] for i in job["items"]]
+    assert job["status"] == "cancelled" and statuses[0] == "cancelled", statuses  # stopped mid-way
+    assert set(statuses) == {"cancelled"}
+    assert jobs_client.delete(f"/jobs/{job['id']}").status_code == 204  # the second DELETE deletes
+
+
+@pytest.mark.parametrize("jobs_client", [{"max_job_files": 2}], indirect=True)
+def test_too_many_files(jobs_client: TestClient) -> None:
+    files = [("images", (f"{i}.jpg", b"x")) for i in range(3)]
+    r = jobs_client.post("/jobs", files=files)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files"
+
+
+@pytest.mark.parametrize(
+    "jobs_client", [{"max_job_storage_bytes": 1_500_000, "max_job_bytes": 400_000}], indirect=True
+)
+def test_upload_limit_and_quota_refuse_before_writing(jobs_client: TestClient) -> None:
+    store = service_state(jobs_client).jobs.store
+    big = [("images", ("big.png", b"\x89PNG" + b"\x00" * 500_000))]
+    r = jobs_client.post("/jobs", files=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    # 512×512 results are reserved at 512·512·3 bytes each: two fit in 1.5 MB, three do not.
+    files = [("images", (f"{i}.jpg", jpeg_bytes(photos.astronaut()))) for i in range(3)]
+    r = jobs_client.post("/jobs", files=files)
+    assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
+    assert "MiB" in r.json()["error"]["message"]
+    assert list((Path(store.data_dir) / "jobs").iterdir()) == []
+    assert jobs_client.post("/jobs", files=files[:1]).status_code == 202
+
+
+@pytest.mark.parametrize("jobs_client", [{"job_ttl_s": 0.5}], indirect=True)
+def test_ended_jobs_expire_with_their_files(jobs_client: TestClient) -> None:
+    job = jobs_client.post("/jobs", files=[("images", ("a.jpg", _small(photos.astronaut())))]).json()
+    _wait_job(jobs_client, job["id"])
+    store = service_state(jobs_client).jobs.store
+    deadline = time.monotonic() + 10
+    while jobs_client.get(f"/jobs/{job['id']}").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs_client.get(f"/jobs/{job['id']}").status_code == 404
+    assert not (Path(store.data_dir) / "jobs" / job["id"]).exists()
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    calls: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+    fail_first: ClassVar[int] = 1
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls.append((dict(self.headers), body))
+        status = 500 if len(type(self).calls) <= type(self).fail_first else 204
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    _Receiver.calls = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "jobs_client", [{"webhook_secret": "whsec", "webhook_allow_private": True}], indirect=True
+)
+def test_webhook_is_signed_and_retried(jobs_client: TestClient, receiver: str) -> None:
+    files = [("images", ("a.jpg", _small(photos.astronaut())))]
+    job = jobs_client.post("/jobs", files=files, data={"webhook": receiver}).json()
+    _wait_job(jobs_client, job["id"])
+    deadline = time.monotonic() + 20
+    while len(_Receiver.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_Receiver.calls) == 2  # the first answer was 500: tried again
+    headers, body = _Receiver.calls[-1]
+    expected = "sha256=" + hmac.new(b"whsec", body, hashlib.sha256).hexdigest()
+    assert headers["X-Toonserve-Signature"] == expected
+    sent = json.loads(body)
+    assert sent["id"] == job["id"] and sent["status"] == "succeeded" and sent["items"][0]["status"] == "ok"
+    assert headers["X-Toonserve-Event"] == "job.succeeded"
+    metrics = jobs_client.get("/metrics").text
+    assert 'toonserve_webhook_deliveries_total{outcome="delivered"} 1.0' in metrics
+    assert 'toonserve_webhook_deliveries_total{outcome="retried"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("jobs_client", [{"webhook_secret": "whsec"}], indirect=True)
+def test_private_and_odd_webhooks_are_refused(jobs_client: TestClient) -> None:
+    files = [("images", ("a.jpg", b"x"))]
+    for url in (
+        "http://127.0.0.1:9/hook",
+        "http://10.1.2.3/x",
+        "http://169.254.169.254/latest",
+        "ftp://example.com/x",
+        "http://[::1]/x",
+    ):
+        r = jobs_client.post("/jobs", files=files, data={"webhook": url})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_webhook", (url, r.text)
+
+
+def test_webhook_needs_a_secret(jobs_client: TestClient) -> None:
+    r = jobs_client.post(
+        "/jobs", files=[("images", ("a.jpg", b"x"))], data={"webhook": "https://example.com/h"}
+    )
+    assert r.status_code == 422 and "TOONSERVE_WEBHOOK_SECRET" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("jobs_client", [{"api_key": "s3cret"}], indirect=True)
+def test_jobs_need_the_api_key(jobs_client: TestClient) -> None:
+    assert jobs_client.get("/jobs").status_code == 401
+    assert jobs_client.post("/jobs", files=[("images", ("a.jpg", b"x"))]).status_code == 401
+    assert jobs_client.get("/jobs", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_metrics_count_jobs_and_items(jobs_client: TestClient) -> None:
+    files = [("images", ("a.jpg", _small(photos.astronaut()))), ("images", ("b.txt", b"nope"))]
+    job = jobs_client.post("/jobs", files=files).json()
+    _wait_job(jobs_client, job["id"])
+    text = jobs_client.get("/metrics").text
+    assert 'toonserve_jobs{status="succeeded"} 1.0' in text
+    assert 'toonserve_job_items_total{outcome="ok"} 1.0' in text
+    assert "toonserve_job_items_waiting 0.0" in text
+    storage = next(line for line in text.splitlines() if line.startswith("toonserve_job_storage_bytes "))
+    assert float(storage.split()[1]) > 0  # the result is kept
