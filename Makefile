@@ -15,9 +15,9 @@ serve: venv
 	$(BIN)/toonserve serve
 
 lint:
-	$(BIN)/ruff check service api inference tests bench
-	$(BIN)/ruff format --check service api inference tests bench
-	$(BIN)/mypy --strict service api inference
+	$(BIN)/ruff check service api inference tests bench devkit
+	$(BIN)/ruff format --check service api inference tests bench devkit
+	$(BIN)/mypy --strict service api inference devkit
 	$(BIN)/hadolint Dockerfile
 
 test: venv

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from devkit.reference_graphs import ReferenceModelDir, TFGenerator, build_generator_pb, write_model_dir
 from inference.dctnet import DCTNetGenerator, load_generator
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore
 from inference.pipeline import Cartoonizer
 from inference.weights import StyleWeights, resolve
-from tests.reference_graphs import ReferenceModelDir, TFGenerator, build_generator_pb, write_model_dir
 
 HEAD_SEED = 1
 BG_SEED = 2

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from devkit.reference_graphs import ReferenceModelDir
 from inference.convert import convert_pb, read_generator_pb, read_metadata
 from inference.dctnet import CONV_SPECS, PARAMETER_COUNT
 from inference.errors import ConversionError
-from tests.reference_graphs import ReferenceModelDir
 
 
 def _edit_graph(pb: bytes, edit: str, name: str) -> bytes:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from devkit import photos
+from devkit.reference_graphs import TFGenerator, build_generator_pb
 from inference.convert import convert_pb
 from inference.dctnet import (
     CONV_SPECS,
@@ -24,8 +26,6 @@ from inference.dctnet import (
 )
 from inference.errors import InputShapeError
 from inference.weights import StyleWeights
-from tests import photos
-from tests.reference_graphs import TFGenerator, build_generator_pb
 
 BACKENDS = ["eager"] + (["onednn"] if onednn_usable(torch.device("cpu"), torch.float32) else [])
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from devkit import photos
 from inference import faces
 from inference.errors import InputShapeError, ToonserveError
 from inference.faces import (
@@ -34,7 +35,6 @@ from inference.faces import (
     pyramid_scales,
     read_numpy_pickle,
 )
-from tests import photos
 
 #: Measured on CPU: boxes and landmarks agree to within 5e-3 px, scores to 5e-6 (float32 both sides).
 #: The bounds leave room for other BLAS/oneDNN builds, and are still far inside the 1-2 px that matter.

@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
+from devkit.upstream import UpstreamFlow
 from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE
 from inference.dctnet import GeneratorRunner
 from inference.pipeline import (
@@ -26,9 +29,6 @@ from inference.pipeline import (
     to_rgb_array,
     upstream_pad16,
 )
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir
-from tests.upstream import UpstreamFlow
 
 
 def _check_face_geometry(face_box: tuple[float, ...], landmarks: tuple[tuple[float, float], ...]) -> None:

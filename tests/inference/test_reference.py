@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir, TFGenerator
 from inference.pipeline import (
     Cartoonizer,
     Options,
@@ -24,8 +26,6 @@ from inference.pipeline import (
     upstream_pad16,
 )
 from inference.reference import ModelScopeEngine, ReferenceEngineError, _modelscope_pipeline
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir, TFGenerator
 
 
 def _complete_dir(model_dir: ReferenceModelDir, tmp_path: Path) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.reference_graphs import ReferenceModelDir, write_model_dir
 from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
 from inference.weights import STYLES, ensure_converted, get_style, resolve
-from tests.reference_graphs import ReferenceModelDir, write_model_dir
 
 
 def test_registry_has_the_seven_styles() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from devkit.reference_graphs import ReferenceModelDir
 from service.cli import main
 from service.settings import Settings
-from tests.reference_graphs import ReferenceModelDir
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -60,8 +60,8 @@ def test_cartoonize_a_folder(
 ) -> None:
     from PIL import Image
 
+    from devkit import photos
     from service.settings import get_settings
-    from tests import photos
 
     src = tmp_path / "in"
     src.mkdir()

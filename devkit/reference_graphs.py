@@ -127,7 +127,8 @@ def draw_alpha_mask(size: int = 288) -> np.ndarray:
     r = np.sqrt(((xx - c) / ax) ** 2 + ((yy - c) / ay) ** 2)
     dist_inside = (1.0 - r) * min(ax, ay)
     alpha = np.clip(dist_inside / (0.15 * size), 0.0, 1.0)
-    return (alpha * 255).round().astype(np.uint8)
+    mask: np.ndarray = (alpha * 255).round().astype(np.uint8)
+    return mask
 
 
 MODELSCOPE_CONFIGURATION = {
