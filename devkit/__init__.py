@@ -1,6 +1,7 @@
 """Development-only helpers, imported by ``tests/`` and ``bench/``, never by the service.
 
-- :mod:`devkit.reference_graphs`: reference DCT-Net generator graphs built with TensorFlow;
+- :mod:`devkit.reference_graphs`: reference DCT-Net generator graphs built with TensorFlow, and a
+  protobuf-only writer of graphs with the same weights for tests that convert but never run them;
 - :mod:`devkit.photos`: real photos shipped in scikit-image and matplotlib;
 - :mod:`devkit.upstream`: ModelScope's compound flow run with its own code and the TF graphs.
 
