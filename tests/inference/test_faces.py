@@ -90,6 +90,7 @@ def _as_rows(found: list[DetectedFace]) -> np.ndarray:
 # --- parity with the package ------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize("name", [*PHOTOS, *EDGE_CASES])
 def test_matches_the_mtcnn_package(detector: MTCNNDetector, reference: Reference, name: str) -> None:
     image = {**PHOTOS, **EDGE_CASES}[name]()
@@ -104,6 +105,7 @@ def test_matches_the_mtcnn_package(detector: MTCNNDetector, reference: Reference
         assert abs(row[4] - match[4]) < SCORE_TOLERANCE
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize(
     ("image", "options"),
     [
@@ -128,6 +130,7 @@ def test_matches_the_package_with_other_parameters(
     np.testing.assert_allclose(found[:, 5:], expected[:, 5:], atol=BOX_TOLERANCE_PX)
 
 
+@pytest.mark.tf
 def test_keras_layout_conversion(detector: MTCNNDetector, tf_mtcnn: Any) -> None:
     """Each converted network computes what its Keras original computes (flatten order included)."""
     stages = {stage.name: stage.model for stage in tf_mtcnn.stages}
@@ -210,6 +213,7 @@ def test_bad_input_is_refused(detector: MTCNNDetector, bad: Any) -> None:
 # --- parameters -------------------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_min_face_size_is_the_pyramid_floor(detector: MTCNNDetector, reference: Reference) -> None:
     """``min_face_size`` sets the first pyramid scale (12 / min_face_size), as in the package; it is not
     a filter. A face half that size can still be found (P-Net's 12-pixel window and box regression
@@ -222,6 +226,7 @@ def test_min_face_size_is_the_pyramid_floor(detector: MTCNNDetector, reference: 
     assert pyramid_scales(64, 64, 40, 0.709)[0] == pytest.approx(0.3)
 
 
+@pytest.mark.tf
 def test_large_min_face_size_skips_levels_the_package_cannot_run(
     detector: MTCNNDetector, reference: Reference
 ) -> None:
@@ -311,6 +316,7 @@ def test_cuda_matches_cpu(detector: MTCNNDetector) -> None:
 # --- building blocks against TensorFlow and by construction ----------------------------------------
 
 
+@pytest.mark.tf
 def test_packed_pyramid_matches_tf_area_resize(detector: MTCNNDetector) -> None:
     tf = pytest.importorskip("tensorflow")
     image = photos.grace_hopper()
@@ -344,6 +350,7 @@ def test_packed_pnet_equals_one_pass_per_level(detector: MTCNNDetector) -> None:
             torch.testing.assert_close(logits[at], logits_alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.tf
 def test_crop_and_resize_matches_tf() -> None:
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(1)

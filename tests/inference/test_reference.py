@@ -49,10 +49,11 @@ def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
         _modelscope_pipeline(tmp_path)
 
 
+@pytest.mark.tf
 def test_adapter_matches_our_background_only_result(
-    model_dir: ReferenceModelDir, tmp_path: Path, cartoonizer: Cartoonizer
+    model_dir: ReferenceModelDir, bg_pb: bytes, tmp_path: Path, cartoonizer: Cartoonizer
 ) -> None:
-    bg = TFGenerator(model_dir.bg_pb.read_bytes())
+    bg = TFGenerator(bg_pb)  # the TF graph with the weights of model_dir's, which TF cannot run
 
     def upstream_without_face(_: Path) -> Any:
         def run(bgr: np.ndarray) -> dict[str, np.ndarray]:

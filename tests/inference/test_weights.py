@@ -96,6 +96,7 @@ def test_download_disabled_says_what_was_tried(tmp_path: Path) -> None:
     assert "toonserve download handdrawn" in msg
 
 
+@pytest.mark.slow
 def test_offline_hub_gives_one_actionable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real download path with the hub unreachable (a closed port on loopback)."""
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")

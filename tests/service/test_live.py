@@ -24,6 +24,8 @@ from PIL import Image
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 
+pytestmark = pytest.mark.live
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

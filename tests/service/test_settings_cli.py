@@ -39,6 +39,7 @@ def test_convert_then_styles(
     assert "sketch" in out and "converted cache" in out and "not on this machine" in out
 
 
+@pytest.mark.slow
 def test_download_offline_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
