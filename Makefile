@@ -4,7 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint venv
+# The fast inner loop (`make check`): lint, then every test that needs neither TensorFlow, a server
+# process nor a browser and takes at most a few seconds. `make test` runs all of them.
+FAST_TESTS := not tf and not live and not slow and not browser
+
+.PHONY: serve test lint venv check test-fast
 
 venv:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,12 +19,17 @@ serve: venv
 	$(BIN)/toonserve serve
 
 lint:
-	$(BIN)/ruff check service api inference jobs tests bench
-	$(BIN)/ruff format --check service api inference jobs tests bench
-	$(BIN)/mypy --strict service api inference jobs
+	$(BIN)/ruff check service api inference jobs tests bench devkit
+	$(BIN)/ruff format --check service api inference jobs tests bench devkit
+	$(BIN)/mypy --strict service api inference jobs devkit
 	$(BIN)/hadolint Dockerfile
 
 test: venv
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(MAKE) lint
 	$(BIN)/python -m pytest
+
+check: lint test-fast
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "$(FAST_TESTS)"

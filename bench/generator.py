@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit import photos
+from devkit.reference_graphs import TFGenerator, build_generator_pb
 from inference.convert import convert_pb
 from inference.dctnet import GeneratorRunner, load_generator, onednn_usable
-from tests import photos
-from tests.reference_graphs import TFGenerator, build_generator_pb
 
 
 def photo_bgr(h: int, w: int) -> np.ndarray:

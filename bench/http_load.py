@@ -39,12 +39,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline import one_face_1024x768
+from devkit.photos import one_face_1024x768
+from devkit.reference_graphs import write_fast_model_dir
 from inference.faces import create_detector
 from inference.images import decode, encode
 from inference.models import ModelStore, parse_dtype
 from inference.pipeline import Cartoonizer
-from tests.reference_graphs import write_model_dir
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,7 +149,7 @@ def main() -> int:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="toonserve-bench-"))
-    write_model_dir(tmp / "models" / "anime")
+    write_fast_model_dir(tmp / "models" / "anime")  # our pipeline only: no TensorFlow needed
     rgb = one_face_1024x768()
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "JPEG", quality=92)

@@ -3,10 +3,10 @@
     python bench/pipeline.py [--repeat 5] [--json bench/results/pipeline.json]
 
 Photos: a 1024×768 (W×H) one-face portrait (Grace Hopper, widened with reflected borders) and the
-four-face composite of tests/photos.py (1152×768). Ours: CPU float32 and bfloat16 (and CUDA float32,
+four-face composite of devkit/photos.py (1152×768). Ours: CPU float32 and bfloat16 (and CUDA float32,
 float16 and bfloat16 when present), median of ``--repeat`` runs, with the per-stage breakdown.
 
-The upstream side is ModelScope's compound flow as ``tests/upstream.py`` runs it: its own alignment
+The upstream side is ModelScope's compound flow as ``devkit/upstream.py`` runs it: its own alignment
 code, cv2 resizes and warps, and the TensorFlow frozen graphs (built like the official exporter, random
 weights), one head pass per face. Its face detector and landmark graphs (``detector.pb``,
 ``keypoints.pb``) cannot be downloaded here, so the upstream column gets our detector's landmarks
@@ -27,25 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devkit import photos
+from devkit.reference_graphs import write_model_dir
+from devkit.upstream import UpstreamFlow
 from inference.faces import create_detector
 from inference.models import ModelStore
 from inference.pipeline import STAGES, Cartoonizer, box_area
-from tests import photos
-from tests.reference_graphs import write_model_dir
-from tests.upstream import UpstreamFlow
-
-
-def one_face_1024x768() -> np.ndarray:
-    src = Image.fromarray(photos.grace_hopper())
-    h = 768
-    w = round(src.width * h / src.height)
-    portrait = np.asarray(src.resize((w, h), Image.BILINEAR))
-    left = (1024 - w) // 2
-    return np.pad(portrait, ((0, 0), (left, 1024 - w - left), (0, 0)), mode="reflect")
 
 
 def median(values: list[float]) -> float:
@@ -61,7 +51,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="toonserve-bench-"))
     model = write_model_dir(tmp / "models" / "anime")
-    images = {"1 face 1024x768": one_face_1024x768(), "4 faces 1152x768": photos.group(4)}
+    images = {"1 face 1024x768": photos.one_face_1024x768(), "4 faces 1152x768": photos.group(4)}
 
     configs: list[tuple[str, torch.device, torch.dtype]] = [
         ("cpu fp32", torch.device("cpu"), torch.float32),

@@ -1,21 +1,62 @@
-"""Shared fixtures: synthetic reference graphs (built once per session) and real photos."""
+"""Shared fixtures: synthetic model graphs (built once per session) and the models made from them.
+
+``model_dir`` and everything built on it are TensorFlow-free (protobuf-only graphs with the reference
+weights); ``head_pb``, ``bg_pb`` and ``tf_head`` build and run the TensorFlow reference graphs, with the
+same weights, and only tests marked ``tf`` may use them (checked at collection).
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+from devkit.reference_graphs import (
+    ReferenceModelDir,
+    TFGenerator,
+    build_generator_pb,
+    write_fast_model_dir,
+)
 from inference.dctnet import DCTNetGenerator, load_generator
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore
 from inference.pipeline import Cartoonizer
 from inference.weights import StyleWeights, resolve
-from tests.reference_graphs import ReferenceModelDir, TFGenerator, build_generator_pb, write_model_dir
 
 HEAD_SEED = 1
 BG_SEED = 2
+
+#: Fixtures that build or run TensorFlow graphs; a test that uses one (directly or through another
+#: fixture) must be marked ``tf``, so that ``-m "not tf"`` never imports TensorFlow.
+TF_FIXTURES = frozenset({"head_pb", "bg_pb", "tf_head", "tf_mtcnn", "upstream_flow"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if TF_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("tf") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use a TensorFlow fixture but are not marked tf: " + ", ".join(unmarked)
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run without ``tf`` tests (``make check``) must not have imported TensorFlow: it costs seconds
+    and would mean a test needs TensorFlow without the marker."""
+    if exitstatus != 0 or "tensorflow" not in sys.modules:
+        return
+    if any(item.get_closest_marker("tf") for item in session.items):
+        return
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line("ERROR: TensorFlow was imported although no test marked tf ran", red=True)
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +70,16 @@ def bg_pb() -> bytes:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, head_pb: bytes, bg_pb: bytes) -> ReferenceModelDir:
-    """A ModelScope-style directory (cartoon_h.pb, cartoon_bg.pb, alpha.jpg, configuration.json)."""
-    return write_model_dir(tmp_path_factory.mktemp("models") / "anime", head_pb=head_pb, bg_pb=bg_pb)
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> ReferenceModelDir:
+    """A ModelScope-style directory (cartoon_h.pb, cartoon_bg.pb, alpha.jpg, configuration.json).
+
+    Its graphs are written without TensorFlow and hold the same weights and eps as ``head_pb`` and
+    ``bg_pb`` (bit for bit; tests/inference/test_convert.py proves it), so what is converted from
+    them can be compared with TensorFlow runs of those; TensorFlow cannot run them itself.
+    """
+    return write_fast_model_dir(
+        tmp_path_factory.mktemp("models") / "anime", head_seed=HEAD_SEED, bg_seed=BG_SEED
+    )
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.state import ServiceState
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.settings import Settings
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir
 
 
 def wait_ready(client: TestClient, timeout: float = 120.0) -> None:

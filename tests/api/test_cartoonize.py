@@ -14,11 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from devkit.reference_graphs import ReferenceModelDir
 from inference.pipeline import Options
 from inference.scheduler import Scheduler
 from service.app import create_app
 from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
-from tests.reference_graphs import ReferenceModelDir
 
 
 def _stages(server_timing: str) -> dict[str, float]:
@@ -118,7 +118,7 @@ def test_bad_images(client: TestClient, portrait_jpeg: bytes) -> None:
 
 
 def test_output_has_no_input_metadata(client: TestClient) -> None:
-    from tests import photos
+    from devkit import photos
 
     exif = Image.Exif()
     exif[0x010F] = "SecretCam"

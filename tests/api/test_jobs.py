@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.settings import Settings
-from tests import photos
 from tests.api.conftest import jpeg_bytes, service_state, wait_ready
-from tests.reference_graphs import ReferenceModelDir
 
 
 def _settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:

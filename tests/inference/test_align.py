@@ -22,6 +22,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from devkit.photos import astronaut
+from devkit.upstream import load_upstream_align
 from inference import align
 from inference.align import (
     CROP_REFERENCE_POINTS,
@@ -37,8 +39,6 @@ from inference.align import (
     warp_crops,
 )
 from inference.errors import InputShapeError, ToonserveError
-from tests.photos import astronaut
-from tests.upstream import load_upstream_align
 
 #: Hand-placed landmarks of the astronaut photo (512x512): eyes, nose tip, mouth corners.
 ASTRONAUT_FIVE_POINTS = np.array(

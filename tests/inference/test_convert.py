@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from devkit.reference_graphs import ReferenceModelDir, build_fast_generator_pb, build_generator_pb
 from inference.convert import convert_pb, read_generator_pb, read_metadata
 from inference.dctnet import CONV_SPECS, PARAMETER_COUNT
 from inference.errors import ConversionError
-from tests.reference_graphs import ReferenceModelDir
 
 
 def _edit_graph(pb: bytes, edit: str, name: str) -> bytes:
@@ -56,6 +56,7 @@ def test_converts_all_tensors_with_metadata(model_dir: ReferenceModelDir, tmp_pa
     assert json.loads(meta["eps"]) == pytest.approx(1e-2, rel=1e-6)
 
 
+@pytest.mark.tf
 def test_weights_are_transposed_not_flipped(model_dir: ReferenceModelDir) -> None:
     import tensorflow as tf
 
@@ -76,6 +77,7 @@ def test_rejects_truncated_file(model_dir: ReferenceModelDir, tmp_path: Path) ->
         read_generator_pb(bad)
 
 
+@pytest.mark.tf
 def test_rejects_missing_tensor(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
     bad = tmp_path / "cartoon_bg.pb"
     bad.write_bytes(_edit_graph(model_dir.bg_pb.read_bytes(), "drop", "generator/Conv_5/biases"))
@@ -85,6 +87,7 @@ def test_rejects_missing_tensor(model_dir: ReferenceModelDir, tmp_path: Path) ->
         read_generator_pb(bad)
 
 
+@pytest.mark.tf
 def test_rejects_wrong_shape(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
     bad = tmp_path / "cartoon_h.pb"
     bad.write_bytes(_edit_graph(model_dir.head_pb.read_bytes(), "reshape", "generator/Conv_2/weights"))
@@ -108,6 +111,7 @@ def test_rejects_other_files(tmp_path: Path) -> None:
         read_generator_pb(junk)
 
 
+@pytest.mark.tf
 def test_rejects_a_graph_that_is_not_a_generator(tmp_path: Path) -> None:
     import tensorflow as tf
 
@@ -119,6 +123,55 @@ def test_rejects_a_graph_that_is_not_a_generator(tmp_path: Path) -> None:
     other.write_bytes(graph.as_graph_def().SerializeToString())
     with pytest.raises(ConversionError, match=r"other\.pb: missing 36 of 36 generator tensors"):
         read_generator_pb(other)
+
+
+def _convert(pb: bytes, path: Path) -> tuple[dict[str, np.ndarray], float]:
+    path.write_bytes(pb)
+    meta = convert_pb(path, path.with_suffix(".safetensors"), "anime", "head")
+    return load_file(str(path.with_suffix(".safetensors"))), json.loads(meta["eps"])
+
+
+def _assert_bitwise_equal(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    assert sorted(ours) == sorted(ref) and len(ours) == 36
+    for name, value in ref.items():
+        assert ours[name].dtype == value.dtype == np.float32, name
+        assert ours[name].shape == value.shape, name
+        assert ours[name].tobytes() == value.tobytes(), f"{name} differs"
+
+
+@pytest.mark.tf
+def test_fast_graphs_hold_the_tensorflow_graphs_weights(
+    model_dir: ReferenceModelDir, head_pb: bytes, bg_pb: bytes, tmp_path: Path
+) -> None:
+    """The TF-free ``model_dir`` converts to exactly what the TensorFlow reference graphs (same seeds)
+    convert to, so tests may compare what is converted from it with TensorFlow runs of those."""
+    import tensorflow as tf
+
+    cases = [
+        (model_dir.head_pb.read_bytes(), head_pb, 1e-2),
+        (model_dir.bg_pb.read_bytes(), bg_pb, 1e-2),
+        (build_fast_generator_pb(7, eps=5e-3), build_generator_pb(7, eps=5e-3), 5e-3),
+    ]
+    for i, (fast, reference, eps) in enumerate(cases):
+        ours, ours_eps = _convert(fast, tmp_path / f"fast{i}.pb")
+        ref, ref_eps = _convert(reference, tmp_path / f"tf{i}.pb")
+        _assert_bitwise_equal(ours, ref)
+        assert ours_eps == ref_eps == float(np.float32(eps))
+        # A well-formed GraphDef: TensorFlow's own protos parse it and it imports into a graph.
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString(fast)
+        with tf.Graph().as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="fast")
+
+
+def test_fast_graph_is_deterministic_and_carries_eps(tmp_path: Path) -> None:
+    pb = build_fast_generator_pb(7, eps=5e-3)
+    assert build_fast_generator_pb(7, eps=5e-3) == pb
+    assert build_fast_generator_pb(8, eps=5e-3) != pb
+    (tmp_path / "g.pb").write_bytes(pb)
+    weights = read_generator_pb(tmp_path / "g.pb")
+    assert weights.eps == float(np.float32(5e-3))
+    assert sum(v.size for v in weights.tensors.values()) == PARAMETER_COUNT
 
 
 def test_inference_never_imports_tensorflow() -> None:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from devkit import photos
+from devkit.reference_graphs import TFGenerator, build_generator_pb
 from inference.convert import convert_pb
 from inference.dctnet import (
     CONV_SPECS,
@@ -24,8 +26,6 @@ from inference.dctnet import (
 )
 from inference.errors import InputShapeError
 from inference.weights import StyleWeights
-from tests import photos
-from tests.reference_graphs import TFGenerator, build_generator_pb
 
 BACKENDS = ["eager"] + (["onednn"] if onednn_usable(torch.device("cpu"), torch.float32) else [])
 
@@ -61,6 +61,7 @@ def runner(request: pytest.FixtureRequest, style_weights: StyleWeights) -> Gener
     return r
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize(("h", "w"), [(288, 288), (64, 80), (720, 960)])
 def test_fp32_matches_tensorflow(runner: GeneratorRunner, tf_head: TFGenerator, h: int, w: int) -> None:
     bgr = photo_bgr(h, w)
@@ -71,6 +72,7 @@ def test_fp32_matches_tensorflow(runner: GeneratorRunner, tf_head: TFGenerator, 
     assert ref.std() > 10
 
 
+@pytest.mark.tf
 def test_odd_size_through_padding(runner: GeneratorRunner, tf_head: TFGenerator) -> None:
     """A 301×437 photo padded with white to a multiple of 16 (as the pipeline does), then cropped."""
     bgr = photo_bgr(301, 437, source="astronaut")
@@ -145,6 +147,7 @@ def test_upsample_is_tf_legacy_not_half_pixel() -> None:
     assert not torch.allclose(up, F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
 
 
+@pytest.mark.tf
 def test_naive_port_fails_parity(
     head_model: DCTNetGenerator, tf_head: TFGenerator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -161,6 +164,7 @@ def test_naive_port_fails_parity(
     assert identical < 0.9
 
 
+@pytest.mark.tf
 def test_eps_is_read_from_the_graph(tmp_path: Path) -> None:
     """White-box's own eps (5e-3) instead of CartoonModel's 1e-2: converted and honoured."""
     pb = build_generator_pb(seed=7, eps=5e-3)

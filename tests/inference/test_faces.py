@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from devkit import photos
 from inference import faces
 from inference.errors import InputShapeError, ToonserveError
 from inference.faces import (
@@ -36,7 +37,6 @@ from inference.faces import (
 )
 from inference.faces.detector import _REGISTRY
 from inference.faces.mtcnn.pyramid import _plan_pyramid, _pyramid_canvas
-from tests import photos
 
 #: Measured on CPU: boxes and landmarks agree to within 5e-3 px, scores to 5e-6 (float32 both sides).
 #: The bounds leave room for other BLAS/oneDNN builds, and are still far inside the 1-2 px that matter.
@@ -96,6 +96,7 @@ def _as_rows(found: list[DetectedFace]) -> np.ndarray:
 # --- parity with the package ------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize("name", [*PHOTOS, *EDGE_CASES])
 def test_matches_the_mtcnn_package(detector: MTCNNDetector, reference: Reference, name: str) -> None:
     image = {**PHOTOS, **EDGE_CASES}[name]()
@@ -110,6 +111,7 @@ def test_matches_the_mtcnn_package(detector: MTCNNDetector, reference: Reference
         assert abs(row[4] - match[4]) < SCORE_TOLERANCE
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize(
     ("image", "options"),
     [
@@ -134,6 +136,7 @@ def test_matches_the_package_with_other_parameters(
     np.testing.assert_allclose(found[:, 5:], expected[:, 5:], atol=BOX_TOLERANCE_PX)
 
 
+@pytest.mark.tf
 def test_keras_layout_conversion(detector: MTCNNDetector, tf_mtcnn: Any) -> None:
     """Each converted network computes what its Keras original computes (flatten order included)."""
     stages = {stage.name: stage.model for stage in tf_mtcnn.stages}
@@ -216,6 +219,7 @@ def test_bad_input_is_refused(detector: MTCNNDetector, bad: Any) -> None:
 # --- parameters -------------------------------------------------------------------------------------
 
 
+@pytest.mark.tf
 def test_pyramid_floor_is_not_a_filter(detector: MTCNNDetector, reference: Reference) -> None:
     """``pyramid_floor`` sets the first pyramid scale (12 / pyramid_floor), as the package's
     ``min_face_size`` does; it is not a filter. A face half that size can still be found (P-Net's
@@ -228,6 +232,7 @@ def test_pyramid_floor_is_not_a_filter(detector: MTCNNDetector, reference: Refer
     assert pyramid_scales(64, 64, 40, 0.709)[0] == pytest.approx(0.3)
 
 
+@pytest.mark.tf
 def test_large_pyramid_floor_skips_levels_the_package_cannot_run(
     detector: MTCNNDetector, reference: Reference
 ) -> None:
@@ -317,6 +322,7 @@ def test_cuda_matches_cpu(detector: MTCNNDetector) -> None:
 # --- building blocks against TensorFlow and by construction ----------------------------------------
 
 
+@pytest.mark.tf
 def test_packed_pyramid_matches_tf_area_resize(detector: MTCNNDetector) -> None:
     tf = pytest.importorskip("tensorflow")
     image = photos.grace_hopper()
@@ -350,6 +356,7 @@ def test_packed_pnet_equals_one_pass_per_level(detector: MTCNNDetector) -> None:
             torch.testing.assert_close(logits[at], logits_alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.tf
 def test_crop_and_resize_matches_tf() -> None:
     tf = pytest.importorskip("tensorflow")
     rng = np.random.default_rng(1)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
+from devkit import photos
 from inference.errors import ToonserveError
 from inference.images import (
     ALLOWED_FORMATS,
@@ -34,7 +35,6 @@ from inference.images import (
     decode,
     encode,
 )
-from tests import photos
 
 # Pillow warns about the damaged metadata some tests feed it on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read")

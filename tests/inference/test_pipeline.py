@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
+from devkit.upstream import UpstreamFlow
 from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE, AlignmentError
 from inference.dctnet import GeneratorRunner
 from inference.pipeline import (
@@ -28,9 +31,6 @@ from inference.pipeline import (
     to_rgb_array,
     upstream_pad16,
 )
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir
-from tests.upstream import UpstreamFlow
 
 
 def _check_face_geometry(face_box: tuple[float, ...], landmarks: tuple[tuple[float, float], ...]) -> None:
@@ -221,15 +221,15 @@ def test_options_are_validated(kwargs: dict[str, object]) -> None:
 
 
 @pytest.fixture(scope="module")
-def upstream_flow(model_dir: ReferenceModelDir) -> Iterator[UpstreamFlow]:
+def upstream_flow(head_pb: bytes, bg_pb: bytes, model_dir: ReferenceModelDir) -> Iterator[UpstreamFlow]:
+    """The TF graphs with the weights of ``model_dir``'s (which TensorFlow cannot run), and its mask."""
     pytest.importorskip("cv2")
-    flow = UpstreamFlow(
-        model_dir.head_pb.read_bytes(), model_dir.bg_pb.read_bytes(), model_dir.path / "alpha.jpg"
-    )
+    flow = UpstreamFlow(head_pb, bg_pb, model_dir.path / "alpha.jpg")
     yield flow
     flow.close()
 
 
+@pytest.mark.tf
 @pytest.mark.parametrize("photo", [photos.astronaut, lambda: photos.group(4)])
 def test_matches_upstream_flow(cartoonizer: Cartoonizer, upstream_flow: UpstreamFlow, photo: Any) -> None:
     """Our pipeline against ModelScope's flow (its own alignment code, cv2, the TF graphs), same faces.
@@ -254,6 +254,7 @@ def test_matches_upstream_flow(cartoonizer: Cartoonizer, upstream_flow: Upstream
     assert float(np.percentile(diff, 99)) <= 6, f"p99 {np.percentile(diff, 99):.1f}"
 
 
+@pytest.mark.slow
 def test_run_many_batches_across_images(cartoonizer: Cartoonizer) -> None:
     head = _CountingRunner(cartoonizer.style.head)
     bg = _CountingRunner(cartoonizer.style.bg)

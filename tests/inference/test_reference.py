@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir, TFGenerator
 from inference.pipeline import (
     Cartoonizer,
     Options,
@@ -24,8 +26,6 @@ from inference.pipeline import (
     upstream_pad16,
 )
 from inference.reference import ModelScopeEngine, ReferenceEngineError, _modelscope_pipeline
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir, TFGenerator
 
 
 def _complete_dir(model_dir: ReferenceModelDir, tmp_path: Path) -> Path:
@@ -49,10 +49,11 @@ def test_missing_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_
         _modelscope_pipeline(tmp_path)
 
 
+@pytest.mark.tf
 def test_adapter_matches_our_background_only_result(
-    model_dir: ReferenceModelDir, tmp_path: Path, cartoonizer: Cartoonizer
+    model_dir: ReferenceModelDir, bg_pb: bytes, tmp_path: Path, cartoonizer: Cartoonizer
 ) -> None:
-    bg = TFGenerator(model_dir.bg_pb.read_bytes())
+    bg = TFGenerator(bg_pb)  # the TF graph with the weights of model_dir's, which TF cannot run
 
     def upstream_without_face(_: Path) -> Any:
         def run(bgr: np.ndarray) -> dict[str, np.ndarray]:

@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 
+from devkit import photos
 from inference.errors import ToonserveError
 from inference.pipeline import CancelledError, Cartoonizer, Options, Result
 from inference.scheduler import DeadlineExceededError, QueueFullError, Scheduler, SchedulerClosedError
-from tests import photos
 
 
 class _Recorder:

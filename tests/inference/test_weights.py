@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from devkit.reference_graphs import ReferenceModelDir, write_model_dir
 from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
 from inference.weights import STYLES, ensure_converted, get_style, resolve
-from tests.reference_graphs import ReferenceModelDir, write_model_dir
 
 
 def test_registry_has_the_seven_styles() -> None:
@@ -96,6 +96,7 @@ def test_download_disabled_says_what_was_tried(tmp_path: Path) -> None:
     assert "toonserve download handdrawn" in msg
 
 
+@pytest.mark.slow
 def test_offline_hub_gives_one_actionable_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real download path with the hub unreachable (a closed port on loopback)."""
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
@@ -112,6 +113,7 @@ def test_fixture_graphs_are_distinct(model_dir: ReferenceModelDir) -> None:
     assert model_dir.head_pb.read_bytes() != model_dir.bg_pb.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hub unreachable twice: the second message is the first, and no empty directory appears."""
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.settings import Settings
-from tests.reference_graphs import ReferenceModelDir
 
 
 def wait_ready(client: TestClient, timeout: float = 60.0) -> dict[str, object]:

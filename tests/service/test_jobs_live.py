@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
 from tests.service.test_live import _free_port
+
+pytestmark = pytest.mark.live
 
 
 class Service:

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests import photos
-from tests.reference_graphs import ReferenceModelDir
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
+
+pytestmark = pytest.mark.live
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from devkit.reference_graphs import ReferenceModelDir
 from service.cli import main
 from service.settings import Settings
-from tests.reference_graphs import ReferenceModelDir
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -41,6 +41,7 @@ def test_convert_then_styles(
     assert "sketch" in out and "converted cache" in out and "not on this machine" in out
 
 
+@pytest.mark.slow
 def test_download_offline_is_one_clear_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -62,8 +63,8 @@ def test_cartoonize_a_folder(
 ) -> None:
     from PIL import Image
 
+    from devkit import photos
     from service.settings import get_settings
-    from tests import photos
 
     src = tmp_path / "in"
     src.mkdir()

@@ -15,7 +15,7 @@ def astronaut() -> np.ndarray:
     """Eileen Collins, 512×512 RGB, one face (scikit-image)."""
     from skimage import data
 
-    img: np.ndarray = data.astronaut()
+    img: np.ndarray = data.astronaut()  # type: ignore[no-untyped-call]
     return np.ascontiguousarray(img)
 
 
@@ -32,7 +32,7 @@ def coffee() -> np.ndarray:
     """A cup of coffee, 400×600 RGB, no face (scikit-image)."""
     from skimage import data
 
-    img: np.ndarray = data.coffee()
+    img: np.ndarray = data.coffee()  # type: ignore[no-untyped-call]
     return np.ascontiguousarray(img)
 
 
@@ -45,9 +45,8 @@ def group(count: int = 4, tile: int = 384) -> np.ndarray:
         img = sources[i % 2]
         if (i // 2) % 2:
             img = img[:, ::-1]
-        tiles.append(
-            np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((tile, tile), Image.BILINEAR))
-        )
+        resized = Image.fromarray(np.ascontiguousarray(img)).resize((tile, tile), Image.Resampling.BILINEAR)
+        tiles.append(np.asarray(resized))
     cols = min(count, 3)
     rows = -(-count // cols)
     canvas = np.full((rows * tile, cols * tile, 3), 255, dtype=np.uint8)
@@ -55,3 +54,14 @@ def group(count: int = 4, tile: int = 384) -> np.ndarray:
         r, c = divmod(i, cols)
         canvas[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = t
     return canvas
+
+
+def one_face_1024x768() -> np.ndarray:
+    """Grace Hopper resized to 768 high and widened to 1024×768 (W×H) with reflected borders (the
+    benchmarks' one-face photo). RGB uint8."""
+    src = Image.fromarray(grace_hopper())
+    h = 768
+    w = round(src.width * h / src.height)
+    portrait = np.asarray(src.resize((w, h), Image.Resampling.BILINEAR))
+    left = (1024 - w) // 2
+    return np.pad(portrait, ((0, 0), (left, 1024 - w - left), (0, 0)), mode="reflect")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.reference_graphs import TFGenerator
+from devkit.reference_graphs import TFGenerator
 
 
 def load_upstream_align() -> types.SimpleNamespace:
@@ -62,6 +62,7 @@ class UpstreamFlow:
         self._head = TFGenerator(self.head_pb, prefix="model_anime_head")
         self._bg = TFGenerator(self.bg_pb, prefix="model_anime_bg")
         mask = cv2.imread(str(self.mask_path))
+        assert mask is not None, f"cannot read {self.mask_path}"
         mask = cv2.resize(mask, (288, 288), interpolation=cv2.INTER_AREA)
         self._mask = cv2.cvtColor(mask, cv2.COLOR_BGR2GRAY).astype(np.float32) / 255.0
 
