@@ -41,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
-from inference.faces import create_detector
 from inference.images import decode, encode
-from inference.models import ModelStore, parse_dtype
-from inference.pipeline import Cartoonizer
+from service.engine import loaded_engine
+from service.settings import Settings
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -60,8 +59,9 @@ def free_port() -> int:
 
 def pipeline_rates(models: Path, cache: Path, dtype: str, body: bytes, n: int) -> tuple[float, float]:
     """Images/s in this process, without HTTP: the pipeline alone, and decode + pipeline + PNG encode."""
-    store = ModelStore(torch.device("cpu"), parse_dtype(dtype), cache, models, allow_download=False)
-    c = Cartoonizer(store.load("anime"), create_detector("mtcnn", "cpu"))
+    settings = Settings(model_dir=models, cache_dir=cache, allow_download=False, device="cpu", dtype=dtype)
+    engine = loaded_engine(settings)
+    c = engine.cartoonizer("anime")
     rgb = decode(body, max_pixels=40_000_000).pixels
     c.run(rgb)
     start = time.perf_counter()
@@ -72,7 +72,7 @@ def pipeline_rates(models: Path, cache: Path, dtype: str, body: bytes, n: int) -
     for _ in range(n):
         encode(c.run(decode(body, max_pixels=40_000_000).pixels).image, "png")
     with_codec = n / (time.perf_counter() - start)
-    store.release()
+    engine.close()
     return alone, with_codec
 
 

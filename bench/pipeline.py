@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit import photos
 from devkit.reference_graphs import write_model_dir
 from devkit.upstream import UpstreamFlow
-from inference.faces import create_detector
-from inference.models import ModelStore
-from inference.pipeline import STAGES, Cartoonizer, box_area
+from inference.pipeline import STAGES, box_area
+from service.engine import loaded_engine
+from service.settings import Settings
 
 
 def median(values: list[float]) -> float:
@@ -53,19 +53,23 @@ def main() -> int:
     model = write_model_dir(tmp / "models" / "anime")
     images = {"1 face 1024x768": photos.one_face_1024x768(), "4 faces 1152x768": photos.group(4)}
 
-    configs: list[tuple[str, torch.device, torch.dtype]] = [
-        ("cpu fp32", torch.device("cpu"), torch.float32),
-        ("cpu bf16", torch.device("cpu"), torch.bfloat16),
-    ]
+    configs: list[tuple[str, str, str]] = [("cpu fp32", "cpu", "float32"), ("cpu bf16", "cpu", "bfloat16")]
     if torch.cuda.is_available():
-        configs += [(f"cuda {n}", torch.device("cuda"), d) for n, d in
-                    (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))]  # fmt: skip
+        configs += [(f"cuda {n}", "cuda", d) for n, d in
+                    (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16"))]  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     landmarks: dict[str, list[np.ndarray]] = {}
     for name, device, dtype in configs:
-        store = ModelStore(device, dtype, tmp / "cache", tmp / "models", allow_download=False)
-        c = Cartoonizer(store.load("anime"), create_detector("mtcnn", device))
+        settings = Settings(
+            model_dir=tmp / "models",
+            cache_dir=tmp / "cache",
+            allow_download=False,
+            device=device,
+            dtype=dtype,
+        )
+        engine = loaded_engine(settings)
+        c = engine.cartoonizer("anime")
         for label, rgb in images.items():
             c.run(rgb)  # warm-up
             results = [c.run(rgb) for _ in range(args.repeat)]
@@ -80,7 +84,7 @@ def main() -> int:
                     (f for f in last.faces if f.stylized), key=lambda f: box_area(f.box), reverse=True
                 )
                 landmarks[label] = [np.asarray(f.landmarks) * [sx, sy] for f in faces]
-        store.release()
+        engine.close()
 
     if not args.no_upstream:
         flow = UpstreamFlow(model.head_pb.read_bytes(), model.bg_pb.read_bytes(), model.path / "alpha.jpg")

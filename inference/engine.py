@@ -176,6 +176,12 @@ class Engine:
                     return status
                 self._changed.wait(remaining)
 
+    def cartoonizer(self, style: str) -> Cartoonizer:
+        """The loaded pipeline of ``style``, for callers that run it directly (benchmarks, tests);
+        raises as :meth:`check` does. Model work for requests goes through :attr:`scheduler`."""
+        self.check(style)
+        return self.scheduler.cartoonizers[style]
+
     # -- what requests ask -------------------------------------------------------------------------
 
     def status(self) -> dict[str, StyleStatus]:

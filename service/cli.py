@@ -118,7 +118,7 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
     """Cartoonize every photo of a folder into another folder, through the service's own engine and
     request flow, with every setting the service honours (command-line flags override them)."""
     from inference.images import OUTPUTS
-    from service.engine import build_engine, build_flow
+    from service.engine import build_flow, loaded_engine
     from service.settings import get_settings
 
     src, dst = Path(args.input), Path(args.output)
@@ -131,22 +131,20 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
         return 2
     overrides = {
         key: value
-        for key, value in (("device", args.device), ("dtype", args.dtype), ("cache_dir", args.cache_dir))
+        for key, value in (
+            ("device", args.device),
+            ("dtype", args.dtype),
+            ("cache_dir", Path(args.cache_dir) if args.cache_dir else None),
+        )
         if value is not None
     }
     settings = get_settings().model_copy(update=overrides)
-    style = args.style or settings.default_style
-    engine = build_engine(settings, styles=[style], default_style=style, retry=False)
-    engine.start()
+    engine = loaded_engine(settings, args.style)
     try:
-        status = engine.wait_settled(style)
-        if status.state != "loaded":
-            print(f"error: style {style} could not be loaded: {engine.not_ready_reason()}", file=sys.stderr)
-            return 2
         flow = build_flow(settings, engine)
         try:
             params = flow.params(
-                style=style,
+                style=engine.default_style,
                 strength=args.strength,
                 processing_size=args.processing_size,
                 output_size=args.output_size,

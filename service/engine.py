@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from inference.engine import Engine
-from inference.errors import ToonserveError, WeightsUnavailableError
+from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
 from inference.flow import Defaults, Flow
 from inference.models import ModelStore, parse_device, parse_dtype
 from inference.pipeline import Result
@@ -81,6 +81,19 @@ def build_engine(
         on_outcome=on_outcome,
         explain=explain_weights_error(settings),
     )
+
+
+def loaded_engine(settings: Settings, style: str | None = None) -> Engine:
+    """An engine with ``style`` (default: the default style) loaded and warm, for one-shot tools and
+    benchmarks; raises the load error when the style cannot be loaded."""
+    style = style or settings.default_style
+    engine = build_engine(settings, styles=[style], default_style=style, retry=False)
+    engine.start()
+    status = engine.wait_settled(style)
+    if status.state != "loaded":
+        engine.close(drain=False)
+        raise StyleUnavailableError(engine.not_ready_reason(), retry_after=0)
+    return engine
 
 
 def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result], None] | None = None) -> Flow:
