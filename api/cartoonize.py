@@ -25,13 +25,13 @@ from api.forms import RequestParams
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
 from inference.flow import TIMINGS, Decoded, Outcome, Params
-from inference.images import OUTPUTS, OutputFormat
+from inference.images import OUTPUTS, ImageInfo, OutputFormat
 from inference.pipeline import (
     SKIP_REASONS,
     CancelledError,
     NoFacePolicy,
 )
-from inference.scheduler import QueueFullError, Ticket
+from inference.scheduler import Ticket
 from jobs.model import zip_name
 
 router = APIRouter(tags=["cartoonize"])
@@ -266,43 +266,42 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
 async def _batch(
     state: ServiceState, params: Params, uploads: Sequence[UploadFile]
 ) -> list[Outcome | Exception]:
-    """Every upload decoded, then all submitted if they fit the queue (else 503 up front), then all
-    awaited together; each entry is the image's outcome or its own error."""
+    """Every upload checked from its header, room asked for all of them at once (503 up front if
+    there is none), then each decoded and submitted, then all awaited together; each entry is the
+    image's outcome or its own error."""
     flow = state.flow
-    decoded: list[Decoded | Exception] = []
-    for upload in uploads:
-        try:
-            decoded.append(await flow.decode(await upload.read()))
-        except ToonserveError as exc:
-            decoded.append(exc)
-    valid = sum(not isinstance(d, Exception) for d in decoded)
-    scheduler = state.engine.scheduler
-    free = scheduler.queue_size - scheduler.depth
-    if valid > free:
-        wait = scheduler.retry_after()
-        raise QueueFullError(
-            f"{valid} images do not fit the queue ({free} free); retry in about {wait} s", wait
-        )
     deadline = flow.deadline()
-    tickets: list[Ticket | Exception] = []
-    for d in decoded:
-        if isinstance(d, Exception):
-            tickets.append(d)
-            continue
+    datas = [await upload.read() for upload in uploads]
+    infos: list[ImageInfo | Exception] = []
+    for data in datas:
         try:
-            tickets.append(flow.submit(params, d, deadline))
-        except QueueFullError as exc:  # raced with another request for the last slots
-            tickets.append(exc)
+            probed = await flow.probe(data)
+            flow.check_output(params, probed)
+            infos.append(probed)
+        except ToonserveError as exc:
+            infos.append(exc)
+    admission = flow.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline)
+    prepared: list[tuple[Decoded, Ticket] | Exception] = []
+    try:
+        for data, info in zip(datas, infos, strict=True):
+            if isinstance(info, Exception):
+                prepared.append(info)
+                continue
+            try:
+                decoded = await flow.decode(data, params, info)
+                prepared.append((decoded, flow.submit(params, decoded, deadline, admission)))
+            except ToonserveError as exc:
+                prepared.append(exc)
+    finally:
+        flow.release(admission)
 
-    async def one(d: Decoded | Exception, t: Ticket | Exception) -> Outcome:
-        if isinstance(t, Exception):
-            raise t
-        assert isinstance(d, Decoded)
-        return await flow.finish(await flow.wait(t), params, d, t)
+    async def one(entry: tuple[Decoded, Ticket] | Exception) -> Outcome:
+        if isinstance(entry, Exception):
+            raise entry
+        decoded, ticket = entry
+        return await flow.finish(await flow.wait(ticket), params, decoded, ticket)
 
-    done = await asyncio.gather(
-        *(one(d, t) for d, t in zip(decoded, tickets, strict=True)), return_exceptions=True
-    )
+    done = await asyncio.gather(*(one(p) for p in prepared), return_exceptions=True)
     out: list[Outcome | Exception] = []
     for item in done:
         if isinstance(item, BaseException) and not isinstance(item, Exception):

@@ -226,8 +226,8 @@ COMMON_CODES: Final = ("http_error", "unauthorized", "payload_too_large", "inter
 
 
 def _log(status: int, code: str, message: str) -> None:
-    # 503s are normal under load or while loading: a warning. Other 5xx deserve an error.
-    if status == 503:
+    # 503 and 504 say the service is busy or still loading, not broken: a warning. Other 5xx are errors.
+    if status in (503, 504):
         log.warning("%s: %s", code, message)
     elif status >= 500:
         log.error("%s: %s", code, message)

@@ -20,16 +20,30 @@ Timings (milliseconds): ``decode``, ``queue`` (wait for the worker), each pipeli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
+import numpy as np
+
 from inference.engine import Engine
-from inference.images import MEDIA_TYPES, DecodedImage, OutputFormat, decode, encode
+from inference.images import (
+    DEFAULT_MAX_PIXELS,
+    MEDIA_TYPES,
+    ImageInfo,
+    ImageTooLargeError,
+    OutputFormat,
+    decode,
+    encode,
+    probe,
+    reduction,
+)
 from inference.pipeline import (
+    DEFAULT_MAX_PROCESSING_PIXELS,
     DEFAULT_NO_FACE,
     DEFAULT_STRENGTH,
     MAX_OUTPUT_SIDE,
@@ -39,10 +53,17 @@ from inference.pipeline import (
     Options,
     OptionsError,
     Result,
+    resize_rgb,
+    to_rgb_array,
 )
-from inference.scheduler import DeadlineExceededError, Ticket
+from inference.scheduler import Admission, DeadlineExceededError, Ticket
 
 _T = TypeVar("_T")
+
+#: How much a requested output's long side may exceed the photo's, by default.
+DEFAULT_MAX_UPSCALE: Final = 4.0
+#: Decoded pixels held at once by all decodes in progress, by default: two of the largest photos.
+DEFAULT_MAX_INFLIGHT_PIXELS: Final = 2 * DEFAULT_MAX_PIXELS
 
 #: Names of the flow's timings, in order.
 TIMINGS: Final = ("decode", "queue", *STAGES, "encode")
@@ -78,9 +99,14 @@ class Params:
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded upload and what decoding it cost."""
+    """An upload made ready for the pipeline: decoded (a JPEG at a reduced scale when that is enough),
+    composited over white if transparent, and brought to its processing size, so that only that
+    much stays in memory while it waits."""
 
-    image: DecodedImage
+    #: (h, w, 3) uint8 RGB at the processing size.
+    pixels: np.ndarray
+    #: The photo's own upright (height, width).
+    input_size: tuple[int, int]
     ms: float
 
 
@@ -103,6 +129,45 @@ def output_shape(input_hw: tuple[int, int], long_side: int | None) -> tuple[int,
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one image may cost (the service fills it from its settings)."""
+
+    #: Largest photo decoded (width × height), checked from its header.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Most pixels the models run on per photo (the processing image is shrunk to fit).
+    max_processing_pixels: int = DEFAULT_MAX_PROCESSING_PIXELS
+    #: Decoded pixels held at once by all decodes in progress.
+    max_inflight_pixels: int = DEFAULT_MAX_INFLIGHT_PIXELS
+    #: Largest requested output (width × height).
+    max_output_pixels: int = DEFAULT_MAX_PIXELS
+    #: Most a requested output's long side may exceed the photo's.
+    max_upscale: float = DEFAULT_MAX_UPSCALE
+
+
+class _PixelBudget:
+    """An async semaphore counted in pixels: decodes in progress hold what they decode."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._changed: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + pixels <= self.capacity)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
+
+
 class Flow:
     """Decode → submit → wait → encode for one engine (module docstring)."""
 
@@ -111,17 +176,22 @@ class Flow:
         engine: Engine,
         defaults: Defaults,
         *,
-        max_pixels: int,
+        limits: Limits,
         timeout_s: float,
         codec_threads: int,
         on_result: Callable[[Result], None] | None = None,
     ) -> None:
         self.engine = engine
         self.defaults = defaults
-        self.max_pixels = max_pixels
+        self.limits = limits
         self.timeout_s = timeout_s
         self._on_result = on_result or (lambda _: None)
         self._codec = ThreadPoolExecutor(max_workers=codec_threads, thread_name_prefix="toonserve-codec")
+        self._decoding = _PixelBudget(limits.max_inflight_pixels)
+
+    @property
+    def max_pixels(self) -> int:
+        return self.limits.max_pixels
 
     def close(self) -> None:
         self._codec.shutdown(wait=True)
@@ -152,6 +222,7 @@ class Flow:
             no_face=no_face,
             min_face_size=d.min_face_size,
             max_faces=d.max_faces,
+            max_processing_pixels=self.limits.max_processing_pixels,
         )
         return Params(style, options, output_size, fmt or d.output_format, quality or d.quality)
 
@@ -166,32 +237,96 @@ class Flow:
         value = await asyncio.get_running_loop().run_in_executor(self._codec, fn)
         return value, (time.perf_counter() - start) * 1000
 
-    async def decode(self, data: bytes) -> Decoded:
-        """Uploaded bytes → pixels (off the event loop); raises the :mod:`inference.images` errors."""
-        image, ms = await self._in_codec(lambda: decode(data, max_pixels=self.max_pixels))
-        return Decoded(image, ms)
+    async def probe(self, data: bytes) -> ImageInfo:
+        """The upload's format and size from its header (off the event loop); raises the
+        :mod:`inference.images` errors for what is not an image we take, or is too large."""
+        info, _ = await self._in_codec(lambda: probe(data, max_pixels=self.limits.max_pixels))
+        return info
 
-    def submit(self, params: Params, decoded: Decoded, deadline: float, background: bool = False) -> Ticket:
-        """Queue the image on the engine's worker; raises QueueFullError / SchedulerClosedError.
-        ``background`` (job items): the worker's low-priority queue, which never refuses."""
-        options = params.options
-        out_hw = output_shape(decoded.image.pixels.shape[:2], params.output_side)
+    def check_output(self, params: Params, info: ImageInfo) -> None:
+        """Refuse (:class:`OptionsError`) a requested output over the pixel budget or enlarged more
+        than the upscale limit allows. The default output, the photo's own size, always passes."""
+        out = output_shape((info.height, info.width), params.output_side)
+        if out is None:
+            return
+        lim = self.limits
+        if out[0] * out[1] > lim.max_output_pixels:
+            raise OptionsError(
+                f"output_size {params.output_side} makes a {out[1]}×{out[0]} result "
+                f"({out[0] * out[1] / 1e6:.1f} MP); the limit is {lim.max_output_pixels / 1e6:.1f} MP"
+            )
+        if max(out) > lim.max_upscale * max(info.height, info.width):
+            raise OptionsError(
+                f"output_size {params.output_side} would enlarge a {info.width}×{info.height} photo "
+                f"{max(out) / max(info.height, info.width):.1f} times; at most {lim.max_upscale:g} times"
+            )
+
+    def admit(self, params: Params, infos: list[ImageInfo], deadline: float) -> Admission:
+        """Room in the queue for these images, by the pixels the models will run on, before any is
+        decoded: :class:`~inference.scheduler.QueueFullError` at once if there is none, or if they
+        could not be done by ``deadline``."""
+        pixels = [math.prod(params.options.processing_shape((i.height, i.width))) for i in infos]
+        return self.engine.scheduler.admit(pixels, deadline)
+
+    def release(self, admission: Admission) -> None:
+        """Give back the room of admitted images that were not submitted."""
+        self.engine.scheduler.release(admission)
+
+    async def decode(self, data: bytes, params: Params, info: ImageInfo | None = None) -> Decoded:
+        """The upload ready for the pipeline (:class:`Decoded`), decoded off the event loop, within
+        the budget of decoded pixels in flight (a decode waits while others hold it)."""
+        start = time.perf_counter()
+        if info is None:
+            info = await self.probe(data)
+        size = (info.height, info.width)
+        shape = params.options.processing_shape(size)
+        factor = reduction(info.format, size, shape)
+        cost = -(-size[0] // factor) * -(-size[1] // factor)
+        if cost > self._decoding.capacity:
+            raise ImageTooLargeError(
+                f"decoding this {info.width}×{info.height} image needs {cost / 1e6:.1f} MP at once; the "
+                f"limit of decoded pixels in flight is {self._decoding.capacity / 1e6:.1f} MP"
+            )
+
+        def prepare() -> np.ndarray:
+            image = decode(data, max_pixels=self.limits.max_pixels, needed=shape)
+            return np.ascontiguousarray(resize_rgb(to_rgb_array(image.pixels), *shape))
+
+        async with self._decoding.hold(cost):
+            pixels, _ = await self._in_codec(prepare)
+        return Decoded(pixels, size, (time.perf_counter() - start) * 1000)
+
+    def submit(
+        self,
+        params: Params,
+        decoded: Decoded,
+        deadline: float,
+        admission: Admission | None = None,
+        background: bool = False,
+    ) -> Ticket:
+        """Queue the image on the engine's worker (into the room ``admission`` holds for it, if
+        given); raises QueueFullError / SchedulerClosedError. ``background`` (job items): the
+        worker's low-priority queue, which never refuses."""
+        options = replace(params.options, input_size=decoded.input_size)
+        out_hw = output_shape(decoded.input_size, params.output_side)
         if out_hw is not None:
             options = replace(options, output_size=out_hw)
         return self.engine.scheduler.submit(
-            params.style, decoded.image.pixels, options, deadline, background=background
+            params.style, decoded.pixels, options, deadline, background=background, admission=admission
         )
 
     async def wait(self, ticket: Ticket) -> Result:
-        """The ticket's result. Cancelling the caller cancels the ticket; at its deadline the ticket is
-        dropped and :class:`DeadlineExceededError` raised."""
+        """The ticket's result. Cancelling the caller cancels the ticket (counted ``cancelled``); at
+        its deadline the ticket is dropped (counted ``deadline``) and :class:`DeadlineExceededError`
+        raised."""
         fut = asyncio.wrap_future(ticket.future)
         fut.add_done_callback(_consume)
         timeout = None if math.isinf(ticket.deadline) else max(0.0, ticket.deadline - time.monotonic())
         try:
             result = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
-            ticket.cancel()
+            ticket.expire()
+            self.engine.scheduler.discard(ticket)
             raise DeadlineExceededError(
                 f"no result within {self.timeout_s:g} s (queue wait included)"
             ) from None
@@ -214,9 +349,16 @@ class Flow:
         return Outcome(result, data, params, {k: round(v, 3) for k, v in timings.items()})
 
     async def run(self, data: bytes, params: Params, deadline: float | None = None) -> Outcome:
-        """The whole flow for one image."""
-        decoded = await self.decode(data)
-        ticket = self.submit(params, decoded, self.deadline() if deadline is None else deadline)
+        """The whole flow for one image: probe, admit, decode, submit, wait, encode."""
+        deadline = self.deadline() if deadline is None else deadline
+        info = await self.probe(data)
+        self.check_output(params, info)
+        admission = self.admit(params, [info], deadline)
+        try:
+            decoded = await self.decode(data, params, info)
+            ticket = self.submit(params, decoded, deadline, admission)
+        finally:
+            self.release(admission)
         result = await self.wait(ticket)
         return await self.finish(result, params, decoded, ticket)
 

@@ -8,11 +8,18 @@ The worker takes the oldest waiting ticket, then gathers more for up to ``batch_
 until ``max_batch`` tickets, and hands each style's tickets to :meth:`Cartoonizer.run_many`, which
 batches head crops across all of them and background passes across images of the same size.
 
-Admission: at most ``queue_size`` tickets wait. When full, :class:`QueueFullError` carries a
-``retry_after`` estimated from the queue depth and the measured time per image. A ticket whose
-deadline passes, or whose client went away (``cancel()``), is dropped from the queue, or stops
-between stages if already running; its future gets :class:`DeadlineExceededError` or
-:class:`~inference.pipeline.CancelledError`.
+Admission happens before a request decodes anything (:meth:`Scheduler.admit`): it asks for room
+for its images by their cost, the pixels the models will run on. It is refused at once, with
+:class:`QueueFullError` and a ``retry_after``, when ``queue_size`` images already wait (or are
+admitted and decoding), or when the work ahead of it plus its own, at the measured seconds per
+processing pixel, would not be done before its deadline: a request that would time out is told so
+at once instead of holding memory and a queue slot until it does. A ticket whose deadline passes
+(:meth:`Ticket.expire`), or whose client went away (:meth:`Ticket.cancel`), is dropped from the
+queue, or stops between stages if already running; its future gets :class:`DeadlineExceededError`
+or :class:`~inference.pipeline.CancelledError`, counted apart (``deadline`` vs ``cancelled``).
+
+Background work (job items, ``submit(background=True)``) waits in its own queue, is taken only when
+no interactive ticket waits, and is neither counted against ``queue_size`` nor refused.
 """
 
 from __future__ import annotations
@@ -39,7 +46,10 @@ DEFAULT_QUEUE_SIZE: Final = 32
 DEFAULT_BATCH_WAIT_S: Final = 0.005
 #: Starting estimate of the time per image, before anything was measured (seconds).
 _INITIAL_SERVICE_S: Final = 1.0
-#: Weight of the newest measurement in the moving average of the time per image.
+#: Starting estimate of the time per processing pixel (seconds): 1 s per million, about what a
+#: float32 pass takes on two CPU cores; replaced by measurements after the first batch.
+_INITIAL_SECONDS_PER_PIXEL: Final = 1e-6
+#: Weight of the newest measurement in the moving averages.
 _EMA_WEIGHT: Final = 0.2
 
 
@@ -60,6 +70,15 @@ class SchedulerClosedError(ToonserveError):
 
 
 @dataclass(eq=False)
+class Admission:
+    """Room held for images a request is decoding, to be submitted with it (or released)."""
+
+    #: Processing pixels of each image not submitted yet.
+    pixels: list[int]
+    deadline: float
+
+
+@dataclass(eq=False)
 class Ticket:
     """One image waiting for, or going through, the worker."""
 
@@ -71,17 +90,27 @@ class Ticket:
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _expired: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pixels(self) -> int:
+        """Its cost: the processing pixels the models will run on."""
+        return int(np.prod(self.options.processing_shape(self.options.input_size or self.image.shape[:2])))
 
     def cancel(self) -> None:
         """The client is gone: drop the work (now if queued, between stages if running)."""
         self._cancelled.set()
+
+    def expire(self) -> None:
+        """Its waiter gave up at the deadline: drop the work, counted as ``deadline``."""
+        self._expired.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
     def expired(self, now: float | None = None) -> bool:
-        return (now if now is not None else time.monotonic()) >= self.deadline
+        return self._expired.is_set() or (now if now is not None else time.monotonic()) >= self.deadline
 
     @property
     def queue_wait_ms(self) -> float:
@@ -118,6 +147,14 @@ class Scheduler:
         self._closed = False
         self._running = 0
         self._service_s = _INITIAL_SERVICE_S
+        self._seconds_per_pixel = _INITIAL_SECONDS_PER_PIXEL
+        #: Admitted images still decoding: their count and pixels (they hold queue room).
+        self._reserved = 0
+        self._reserved_px = 0
+        #: Pixels of the interactive tickets waiting, and of the batch being processed.
+        self._queued_px = 0
+        self._running_px = 0
+        self._running_since = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
 
     # -- client side -------------------------------------------------------------------------------
@@ -145,9 +182,69 @@ class Scheduler:
         """Moving average of the worker's time per image (batch time / batch size)."""
         return self._service_s
 
+    @property
+    def seconds_per_pixel(self) -> float:
+        """Moving average of the worker's time per processing pixel (batch time / batch pixels)."""
+        return self._seconds_per_pixel
+
+    def _work_ahead_s(self, now: float) -> float:
+        """Seconds of interactive work ahead of a newcomer: what waits or is admitted, and what is
+        left of the running batch (background work included: it cannot be interrupted)."""
+        left = max(0.0, self._running_px * self._seconds_per_pixel - (now - self._running_since))
+        return (self._queued_px + self._reserved_px) * self._seconds_per_pixel + left
+
     def retry_after(self) -> int:
-        """Seconds until the queue has likely drained enough to take one more, at least 1."""
-        return max(1, math.ceil((self.in_flight + 1) * self._service_s))
+        """Seconds until the work ahead is likely done, at least 1."""
+        with self._cond:
+            return max(1, math.ceil(self._work_ahead_s(time.monotonic())))
+
+    def admit(self, pixels: list[int], deadline: float) -> Admission:
+        """Hold room for images about to be decoded and submitted (each costs its processing pixels).
+
+        Refused at once with :class:`QueueFullError` when the queue has no room for all of them, or
+        when the work ahead plus theirs would not be done by ``deadline``. Release what is not
+        submitted with :meth:`release`.
+        """
+        now = time.monotonic()
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosedError("the service is shutting down")
+            waiting = len(self._queue) + self._reserved
+            ahead = self._work_ahead_s(now)
+            wait = max(1, math.ceil(ahead))
+            if waiting + len(pixels) > self.queue_size:
+                self._reject(len(pixels))
+                free = max(0, self.queue_size - waiting)
+                what = f"{len(pixels)} images do" if len(pixels) > 1 else "the image does"
+                raise QueueFullError(
+                    f"{what} not fit the queue on {self.name} ({waiting} waiting, {free} free of "
+                    f"{self.queue_size}); retry in about {wait} s",
+                    wait,
+                )
+            own = sum(pixels) * self._seconds_per_pixel
+            if now + ahead + own > deadline:
+                self._reject(len(pixels))
+                left = deadline - now
+                raise QueueFullError(
+                    f"the service is too busy to finish this before its deadline: about {ahead:.0f} s of "
+                    f"work is ahead of it and it needs about {own:.1f} s more, with {left:.0f} s left; "
+                    f"retry in about {wait} s",
+                    wait,
+                )
+            self._reserved += len(pixels)
+            self._reserved_px += sum(pixels)
+            return Admission(list(pixels), deadline)
+
+    def release(self, admission: Admission) -> None:
+        """Give back the room of the admitted images that were not submitted (decode failed, …)."""
+        with self._cond:
+            self._reserved -= len(admission.pixels)
+            self._reserved_px -= sum(admission.pixels)
+            admission.pixels.clear()
+
+    def _reject(self, count: int) -> None:
+        for _ in range(count):
+            self._on_outcome("rejected")
 
     def add(self, style: str, cartoonizer: Cartoonizer) -> None:
         """Serve ``style`` from now on (a style that finished loading after the worker started)."""
@@ -156,12 +253,19 @@ class Scheduler:
             self.cartoonizers = {**self.cartoonizers, style: cartoonizer}
 
     def submit(
-        self, style: str, image: np.ndarray, options: Options, deadline: float, background: bool = False
+        self,
+        style: str,
+        image: np.ndarray,
+        options: Options,
+        deadline: float,
+        background: bool = False,
+        admission: Admission | None = None,
     ) -> Ticket:
         """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once.
 
-        ``background`` work (job items) waits in its own queue, is taken only when no interactive
-        ticket waits, and never fills the queue interactive requests are admitted to.
+        With an ``admission`` (from :meth:`admit`) the image takes the room held for it. Without one
+        it is admitted here, by count only. ``background`` work (job items) waits in its own queue,
+        is taken only when no interactive ticket waits, and never fills the interactive queue.
         """
         if style not in self.cartoonizers:
             raise StyleNotLoadedError(f"style {style!r} is not loaded on {self.name}")
@@ -173,17 +277,30 @@ class Scheduler:
                 self._background.append(ticket)
                 self._cond.notify()
                 return ticket
-            if len(self._queue) >= self.queue_size:
-                self._on_outcome("rejected")
-                wait = self.retry_after()
+            if admission is not None and admission.pixels:
+                self._reserved -= 1
+                self._reserved_px -= admission.pixels.pop(0)
+            elif len(self._queue) + self._reserved >= self.queue_size:
+                self._reject(1)
+                wait = max(1, math.ceil(self._work_ahead_s(time.monotonic())))
                 raise QueueFullError(
                     f"{len(self._queue)} images are already waiting on {self.name} (queue size "
                     f"{self.queue_size}); retry in about {wait} s",
                     wait,
                 )
             self._queue.append(ticket)
+            self._queued_px += ticket.pixels
             self._cond.notify()
         return ticket
+
+    def discard(self, ticket: Ticket) -> None:
+        """Take a ticket whose waiter gave up out of the queue now (its room is free at once); a
+        running one stops between stages."""
+        with self._cond:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._queued_px -= ticket.pixels
+                self._finish(ticket, self._gone(ticket))
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking work; with ``drain``, finish what was accepted first (graceful shutdown)."""
@@ -209,7 +326,8 @@ class Scheduler:
                     return None
                 self._cond.wait()
             # Interactive first; a batch is gathered from one queue only.
-            source = self._queue if self._queue else self._background
+            interactive = bool(self._queue)
+            source = self._queue if interactive else self._background
             batch = [source.popleft()]
             gather_until = time.monotonic() + self.batch_wait
             while len(batch) < self.max_batch:
@@ -221,6 +339,11 @@ class Scheduler:
                     break
                 self._cond.wait(remaining)
             self._running = len(batch)
+            pixels = sum(t.pixels for t in batch)
+            if interactive:
+                self._queued_px -= pixels
+            self._running_px = pixels
+            self._running_since = time.monotonic()
             return batch
 
     def _loop(self) -> None:
@@ -238,18 +361,15 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running = 0
+                    self._running_px = 0
 
     def _process(self, batch: list[Ticket]) -> None:
         now = time.monotonic()
         live: list[Ticket] = []
         for t in batch:
             t.started = now
-            if t.cancelled:
-                self._finish(t, CancelledError("the client went away before processing started"))
-            elif t.expired(now):
-                self._finish(
-                    t, DeadlineExceededError(f"deadline passed after {t.queue_wait_ms:.0f} ms in the queue")
-                )
+            if t.cancelled or t.expired(now):
+                self._finish(t, self._gone(t))
             else:
                 live.append(t)
         if not live:
@@ -269,7 +389,17 @@ class Scheduler:
                 self._finish(t, outcome)
         elapsed = time.perf_counter() - start
         per_image = elapsed / len(live)
-        self._service_s = (1 - _EMA_WEIGHT) * self._service_s + _EMA_WEIGHT * per_image
+        per_pixel = elapsed / max(1, sum(t.pixels for t in live))
+        with self._cond:
+            self._service_s = (1 - _EMA_WEIGHT) * self._service_s + _EMA_WEIGHT * per_image
+            self._seconds_per_pixel = (1 - _EMA_WEIGHT) * self._seconds_per_pixel + _EMA_WEIGHT * per_pixel
+
+    @staticmethod
+    def _gone(ticket: Ticket) -> ToonserveError:
+        """Why a ticket is dropped before it runs: its client went away, or its deadline passed."""
+        if ticket.cancelled:
+            return CancelledError("the client went away before processing started")
+        return DeadlineExceededError(f"deadline passed after {ticket.queue_wait_ms:.0f} ms in the queue")
 
     def _finish(self, ticket: Ticket, outcome: Result | BaseException) -> None:
         if isinstance(outcome, Result):

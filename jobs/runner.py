@@ -216,7 +216,7 @@ class JobRunner:
             return
         try:
             data = await asyncio.to_thread(claim.input_path.read_bytes)
-            decoded = await self.flow.decode(data)
+            decoded = await self.flow.decode(data, params)
             ticket = self.flow.submit(params, decoded, math.inf, background=True)
             self._tickets[claim.job_id].add(ticket)
             try:

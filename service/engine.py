@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
-from inference.flow import Defaults, Flow
+from inference.flow import Defaults, Flow, Limits
 from inference.models import ModelStore, parse_device, parse_dtype
 from inference.pipeline import Result
 from service.settings import Settings
@@ -106,10 +106,17 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         min_face_size=settings.min_face_size,
         max_faces=settings.max_faces,
     )
+    limits = Limits(
+        max_pixels=settings.max_pixels,
+        max_processing_pixels=settings.max_processing_pixels,
+        max_inflight_pixels=settings.max_inflight_pixels,
+        max_output_pixels=settings.max_output_pixels,
+        max_upscale=settings.max_upscale,
+    )
     return Flow(
         engine,
         defaults,
-        max_pixels=settings.max_pixels,
+        limits=limits,
         timeout_s=settings.request_timeout_s,
         codec_threads=settings.codec_threads or default_codec_threads(),
         on_result=on_result,

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from inference.dctnet import Backend
 from inference.engine import DEFAULT_RETRY_MAX_S
 from inference.faces import available_detectors
+from inference.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
 from inference.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -30,6 +31,7 @@ from inference.models import DtypeName
 from inference.pipeline import (
     DEFAULT_HEAD_BATCH,
     DEFAULT_MAX_FACES,
+    DEFAULT_MAX_PROCESSING_PIXELS,
     DEFAULT_MIN_FACE_SIZE,
     DEFAULT_PROCESSING_SIZE,
     MAX_MAX_FACES,
@@ -107,6 +109,26 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="Largest request body (bytes).")
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=10_000, description="Largest decoded image (width × height)."
+    )
+    max_processing_pixels: int = Field(
+        DEFAULT_MAX_PROCESSING_PIXELS,
+        ge=MIN_PROCESSING_SIZE**2,
+        description="Most pixels the models run on per photo; a photo whose processing size exceeds it "
+        "is shrunk further, aspect kept.",
+    )
+    max_inflight_pixels: int = Field(
+        DEFAULT_MAX_INFLIGHT_PIXELS,
+        ge=10_000,
+        description="Decoded pixels held at once by all decodes in progress (bounds decode memory).",
+    )
+    max_output_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=10_000, description="Largest requested output (width × height); more: 422."
+    )
+    max_upscale: float = Field(
+        DEFAULT_MAX_UPSCALE,
+        ge=1.0,
+        le=64.0,
+        description="How many times a requested output's long side may exceed the photo's; more: 422.",
     )
     max_batch_files: int = Field(
         16, ge=1, le=256, description="Most images in one /cartoonize/batch request."
@@ -200,6 +222,15 @@ class Settings(BaseSettings):
         if value not in STYLES:
             raise ValueError(f"unknown style {value!r}; choose from {', '.join(STYLES)}")
         return value
+
+    @model_validator(mode="after")
+    def _inflight_holds_one_photo(self) -> Settings:
+        if self.max_inflight_pixels < self.max_pixels:
+            raise ValueError(
+                f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least max_pixels "
+                f"({self.max_pixels}), or the largest photos could never be decoded"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_is_loaded(self) -> Settings:

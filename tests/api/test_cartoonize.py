@@ -190,17 +190,24 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
     state = service_state(client)
     engine, flow = state.engine, state.flow
     real, timeout = engine.scheduler, flow.timeout_s
-    stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled")
+    stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled", on_outcome=real._on_outcome)
     engine.scheduler = stalled
     flow.timeout_s = 0.3
     try:
+        before = client.get("/metrics").text
         r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        assert stalled.depth == 1
-        ticket = stalled._queue[0]
-        assert ticket.cancelled  # dropped: the worker will not process it
+        assert stalled.depth == 0  # dropped from the queue at once: the worker will never see it
+        after = client.get("/metrics").text
+        assert _counter(after, "deadline") == _counter(before, "deadline") + 1  # not "cancelled"
+        assert _counter(after, "cancelled") == _counter(before, "cancelled")
     finally:
         engine.scheduler, flow.timeout_s = real, timeout
+
+
+def _counter(metrics: str, outcome: str) -> float:
+    prefix = f'toonserve_images_total{{outcome="{outcome}"}} '
+    return next((float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)), 0.0)
 
 
 def test_metrics(client: TestClient, portrait_jpeg: bytes) -> None:
