@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import COMMON_CODES, HEADERS, APIError, responses, status_for
-from api.forms import RequestParams
+from api.errors import BODY_CODES, COMMON_CODES, HEADERS, APIError, all_refused, responses, status_for
+from api.forms import RequestParams, check_filenames
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
 from inference.flow import TIMINGS, Decoded, Outcome, Params
@@ -205,6 +205,7 @@ def _json(outcome: Outcome, with_image: bool = True) -> CartoonJSON:
 
 _ROUTE_CODES: Final = (
     *COMMON_CODES,
+    *BODY_CODES,
     "corrupt_image",
     "image_too_large",
     "unsupported_image",
@@ -241,6 +242,7 @@ async def cartoonize(
     response: ResponseField = "image",
 ) -> Response:
     await _single_upload(request, "image")
+    check_filenames([image])
     data = await image.read()
     outcome = await _until_disconnected(request, state.flow.run(data, params))
     headers = {"Server-Timing": _server_timing(outcome.timings_ms)}
@@ -326,7 +328,7 @@ async def _batch(
                 }
             },
         },
-        **responses(*_ROUTE_CODES, "too_many_files"),
+        **responses(*_ROUTE_CODES, "too_many_files", "all_files_refused"),
     },
 )
 async def cartoonize_batch(
@@ -338,6 +340,7 @@ async def cartoonize_batch(
 ) -> Response:
     if len(images) > state.max_batch_files:
         raise APIError("too_many_files", f"{len(images)} files; the limit is {state.max_batch_files}")
+    check_filenames(images)
     outcomes = await _until_disconnected(request, _batch(state, params, images))
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
@@ -357,6 +360,9 @@ async def cartoonize_batch(
             items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
         else:
             items.append(BatchItem(filename=name, status=200, result=report))
+    if all(400 <= item.status < 500 for item in items):
+        # Not one photo among them: say so as an error, not as a success with nothing in it.
+        raise all_refused([(item.filename, (item.error or {}).get("message", "")) for item in items])
     body = BatchJSON(results=items)
     headers = {"Server-Timing": _server_timing(totals)}
     if response == "json":

@@ -10,6 +10,7 @@ are all checked against it by the tests.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 from inference.align import AlignmentError
 from inference.errors import (
@@ -65,17 +68,28 @@ class Code:
 #: Every error code the service sends.
 CODES: Final[dict[str, Code]] = {
     "corrupt_image": Code(400, "the image is truncated or damaged"),
-    "http_error": Code(400, "the request could not be parsed (e.g. broken multipart)"),
+    "malformed_multipart": Code(
+        400, "the multipart body is broken (no boundary, cut short, a part without a name)"
+    ),
+    "http_error": Code(400, "the request could not be parsed otherwise"),
     "unauthorized": Code(401, "an API key is configured and the request has none or a wrong one"),
     "not_found": Code(404, "no such route"),
     "job_not_found": Code(404, "no such job (or item): never created, expired or deleted"),
     "method_not_allowed": Code(405, "the route does not take this method"),
+    "request_timeout": Code(408, "the client stopped sending the body for TOONSERVE_BODY_TIMEOUT_S"),
     "result_not_ready": Code(409, "the item has no result: it is queued, running, failed or cancelled"),
     "payload_too_large": Code(413, "the request body is over TOONSERVE_MAX_UPLOAD_BYTES"),
+    "too_many_parts": Code(413, "more than 1000 files or 1000 fields in one multipart body"),
+    "field_too_large": Code(413, "a text field over 1 MiB"),
+    "header_too_large": Code(413, "a part's header (its file name, usually) over 4224 bytes"),
     "image_too_large": Code(413, "the image is over TOONSERVE_MAX_PIXELS, or a decompression bomb"),
     "too_many_files": Code(413, "a batch of more than TOONSERVE_MAX_BATCH_FILES images"),
     "unsupported_image": Code(415, "not a JPEG, PNG, WebP, BMP, TIFF or GIF (decided by content)"),
     "invalid_request": Code(422, "a field is missing, malformed or out of range"),
+    "filename_too_long": Code(422, "an uploaded file's name over 255 characters"),
+    "all_files_refused": Code(
+        422, "a batch or job in which not one file could be taken (each one's reason is listed)"
+    ),
     "unknown_style": Code(422, "no style of that name exists"),
     "style_not_loaded": Code(422, "the style exists but is not configured on this server"),
     "no_face": Code(422, "no face to stylise and no_face=error"),
@@ -158,6 +172,13 @@ class APIError(Exception):
         self.headers = headers
 
 
+def all_refused(reasons: list[tuple[str, str]]) -> APIError:
+    """The error for a batch or job none of whose files could be taken: ``(filename, message)`` each."""
+    listed = "; ".join(f"{name[:60]}: {message}" for name, message in reasons[:5])
+    more = f"; and {len(reasons) - 5} more" if len(reasons) > 5 else ""
+    return APIError("all_files_refused", f"none of the {len(reasons)} files could be taken: {listed}{more}")
+
+
 def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
@@ -200,6 +221,10 @@ HEADERS: Final[dict[str, dict[str, Any]]] = {
         "schema": {"type": "string"},
     },
     "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
+    "X-Content-Type-Options": {
+        "description": "always nosniff: the body is what Content-Type says",
+        "schema": {"type": "string", "enum": ["nosniff"]},
+    },
 }
 
 
@@ -222,7 +247,50 @@ def responses(*codes: str) -> dict[int | str, dict[str, Any]]:
 
 
 #: Codes any route may send, whatever it does.
-COMMON_CODES: Final = ("http_error", "unauthorized", "payload_too_large", "internal_error")
+COMMON_CODES: Final = ("unauthorized", "payload_too_large", "internal_error")
+#: Codes a route that reads a multipart body may send besides.
+BODY_CODES: Final = (
+    "malformed_multipart",
+    "http_error",
+    "request_timeout",
+    "too_many_parts",
+    "field_too_large",
+    "header_too_large",
+    "filename_too_long",
+)
+#: Longest uploaded file name accepted (a common file system limit).
+MAX_FILENAME_LENGTH: Final = 255
+
+
+def _allowed_methods(scope: Scope, routes: Sequence[BaseRoute]) -> list[str]:
+    """Every method some route takes at this path (FastAPI's own 405 names only one route's)."""
+    methods: set[str] = set()
+    for route in routes:
+        if route.matches(scope)[0] is not Match.NONE:  # PARTIAL: the path fits, the method does not
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _body_error_code(exc: StarletteHTTPException) -> str | None:
+    """The specific code of a body Starlette could not parse, from its message and the error behind
+    it (the multipart parser's), or None when it is not one of those."""
+    if exc.status_code != 400:
+        return None
+    causes = [str(exc.detail)]
+    cause: BaseException | None = exc.__cause__ or exc.__context__
+    while cause is not None and len(causes) < 8:
+        causes.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(causes).lower()
+    if "too many files" in text or "too many fields" in text or "header count" in text:
+        return "too_many_parts"
+    if "exceeded maximum size" in text:
+        return "field_too_large"
+    if "maximum header size" in text:
+        return "header_too_large"
+    if "multipart" in text or "boundary" in text or "content-disposition" in text:
+        return "malformed_multipart"
+    return None
 
 
 def _log(status: int, code: str, message: str) -> None:
@@ -233,8 +301,9 @@ def _log(status: int, code: str, message: str) -> None:
         log.error("%s: %s", code, message)
 
 
-def install(app: FastAPI) -> None:
-    """Register the handlers that give every error the one JSON shape."""
+def install(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
+    """Register the handlers that give every error the one JSON shape. ``routes``: the app's routes,
+    to answer a 405 with every method its path takes."""
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -256,10 +325,17 @@ def install(app: FastAPI) -> None:
         return error_response("invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        body = error_body(code, str(exc.detail))
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        specific = _body_error_code(exc)
+        code = specific or {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        status = CODES[code].status if code != "http_error" else exc.status_code
+        message = str(exc.detail)
+        if specific == "header_too_large":
+            message = "a part's header is over 4224 bytes (most likely its file name)"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if status == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request.scope, routes))
+        return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -7,10 +7,12 @@ out takes the service's setting (named in its description).
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Final
 
-from fastapi import Depends, Form
+from fastapi import Depends, Form, Request, UploadFile
 
+from api.errors import MAX_FILENAME_LENGTH, APIError
 from api.state import ServiceState, get_state
 from inference.flow import Params
 from inference.images import DEFAULT_OUTPUT_FORMAT, MAX_QUALITY, MIN_QUALITY, OUTPUTS, OutputFormat
@@ -78,7 +80,22 @@ NoFaceField = Annotated[
 ]
 
 
-def request_params(
+#: The option fields of the photo routes; an empty value is refused rather than taken as left out.
+_FIELDS: Final = (
+    "style",
+    "strength",
+    "processing_size",
+    "output_size",
+    "format",
+    "quality",
+    "no_face",
+    "response",
+    "webhook",
+)
+
+
+async def request_params(
+    request: Request,
     state: Annotated[ServiceState, Depends(get_state)],
     style: StyleField = None,
     strength: StrengthField = DEFAULT_STRENGTH,
@@ -89,7 +106,12 @@ def request_params(
     no_face: NoFaceField = DEFAULT_NO_FACE,
 ) -> Params:
     """The shared option fields as the flow's parameters. An unknown, unconfigured, loading or failed
-    style is refused here, before any upload is looked at."""
+    style is refused here, before any upload is looked at. A field sent empty is refused (422): the
+    form parser would otherwise take it as left out, and the request would silently get a default."""
+    form = await request.form()  # already parsed for the parameters: this reads the cache
+    empty = [name for name in _FIELDS if any(value == "" for value in form.getlist(name))]
+    if empty:
+        raise APIError("invalid_request", "; ".join(f"{name}: must not be empty" for name in empty))
     return state.flow.params(
         style=style,
         strength=strength,
@@ -102,3 +124,15 @@ def request_params(
 
 
 RequestParams = Annotated[Params, Depends(request_params)]
+
+
+def check_filenames(uploads: Sequence[UploadFile]) -> None:
+    """422 ``filename_too_long`` for an uploaded file name over :data:`MAX_FILENAME_LENGTH`: it is
+    echoed in reports and used in ZIP entry names."""
+    for upload in uploads:
+        name = upload.filename or ""
+        if len(name) > MAX_FILENAME_LENGTH:
+            raise APIError(
+                "filename_too_long",
+                f"a file name of {len(name)} characters ({name[:40]!r}…); at most {MAX_FILENAME_LENGTH}",
+            )

@@ -19,8 +19,8 @@ from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, UploadF
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from api.errors import COMMON_CODES, APIError, ErrorDetail, code_for, responses
-from api.forms import RequestParams
+from api.errors import BODY_CODES, COMMON_CODES, APIError, ErrorDetail, all_refused, code_for, responses
+from api.forms import RequestParams, check_filenames
 from api.state import JobsState, ServiceState, get_state
 from inference.flow import Params, output_shape
 from inference.images import MEDIA_TYPES, ImageError, probe
@@ -28,7 +28,7 @@ from inference.pipeline import NoFacePolicy
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
 from jobs.model import JOB_STATUSES, ItemStatus, Job, JobOptions, JobStatus, public_item, public_job, zip_name
 from jobs.store import JobStore, Upload
-from jobs.webhooks import check_url
+from jobs.webhooks import MAX_URL_LENGTH, check_url
 
 router = APIRouter(tags=["jobs"])
 
@@ -119,6 +119,7 @@ async def _accept(upload: UploadFile, params: Params, max_pixels: int) -> Upload
 
 _SUBMIT_CODES: Final = (
     *COMMON_CODES,
+    *BODY_CODES,
     "invalid_request",
     "invalid_webhook",
     "unknown_style",
@@ -126,6 +127,7 @@ _SUBMIT_CODES: Final = (
     "not_ready",
     "style_unavailable",
     "too_many_files",
+    "all_files_refused",
     "insufficient_storage",
 )
 
@@ -151,7 +153,11 @@ async def submit_job(
     params: RequestParams,
     webhook: Annotated[
         str | None,
-        Form(description="http(s) URL the job object is POSTed to when the job ends (signed)"),
+        Form(
+            description="http(s) URL the job object is POSTed to when the job ends (signed)",
+            pattern=r"^https?://[^\s/?#]+\S*$",
+            max_length=MAX_URL_LENGTH,
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None,
@@ -169,6 +175,7 @@ async def submit_job(
             return _job_response(existing, 200)
     if len(images) > jobs.max_files:
         raise APIError("too_many_files", f"{len(images)} files; a job takes at most {jobs.max_files}")
+    check_filenames(images)
     if webhook is not None:
         if not jobs.webhook_secret:
             raise APIError(
@@ -179,6 +186,8 @@ async def submit_job(
         except WebhookRefusedError as exc:
             raise APIError("invalid_webhook", str(exc)) from None
     uploads = [await _accept(u, params, state.flow.max_pixels) for u in images]
+    if all(u.error is not None for u in uploads):
+        raise all_refused([(u.filename, (u.error or {}).get("message", "")) for u in uploads])
     job, created = await asyncio.to_thread(
         store.create,
         uuid.uuid4().hex,

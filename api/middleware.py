@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Final
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
@@ -32,74 +35,110 @@ _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit, decided from Content-Length or while streaming — the body is
-    never read past the limit. ``max_bytes`` holds for every route but those in ``routes``
-    (``(method, path) → limit``, e.g. the larger one of ``POST /jobs``)."""
+    """Guards the request body: 413 when it is over the limit, decided from Content-Length or while
+    it streams in (chunked uploads included) — it is never read past the limit; 408 when the client
+    stops sending it for ``idle_timeout_s``. ``max_bytes`` holds for every route but those in
+    ``routes`` (``(method, path) → limit``, e.g. the larger one of ``POST /jobs``).
+
+    When it answers mid-body, the app behind it is told the client left (``http.disconnect``), so
+    it stops reading, and whatever it would still send is dropped.
+    """
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, routes: dict[tuple[str, str], int] | None = None
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        routes: dict[tuple[str, str], int] | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.routes = routes or {}
+        self.idle_timeout_s = idle_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.routes.get((scope["method"], scope["path"]), self.max_bytes)
-        message = f"request body is larger than the limit of {limit} bytes"
+        too_large = f"request body is larger than the limit of {limit} bytes"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > limit
+                    over = int(value) > limit
                 except ValueError:
-                    too_big = False
-                if too_big:
-                    await error_response("payload_too_large", message)(scope, receive, send)
+                    over = False
+                if over:
+                    await error_response("payload_too_large", too_large)(scope, receive, send)
                     return
         seen = 0
+        body_done = False
         started = False
+        answered = False
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+        async def answer(code: str, message: str) -> Message:
+            nonlocal answered
+            if not started and not answered:
+                answered = True
+                await error_response(code, message)(scope, receive, send)
+            return {"type": "http.disconnect"}
+
+        async def guarded_receive() -> Message:
+            nonlocal seen, body_done
+            if answered:
+                return {"type": "http.disconnect"}
+            if body_done or self.idle_timeout_s is None:
+                msg = await receive()
+            else:
+                try:
+                    msg = await asyncio.wait_for(receive(), self.idle_timeout_s)
+                except TimeoutError:
+                    return await answer(
+                        "request_timeout", f"no body bytes received for {self.idle_timeout_s:g} s"
+                    )
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
+                body_done = not msg.get("more_body", False)
                 if seen > limit:
-                    raise _TooLarge()
+                    return await answer("payload_too_large", too_large)
             return msg
 
-        async def tracking_send(msg: Message) -> None:
+        async def guarded_send(msg: Message) -> None:
             nonlocal started
+            if answered:
+                return
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await error_response("payload_too_large", message)(scope, receive, send)
+        await self.app(scope, guarded_receive, guarded_send)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-def _route_label(scope: Scope) -> str:
+def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template a request matched (for metrics), also when it was answered before routing
+    (a 401, a 413): found by matching it against the app's routes."""
     path = getattr(scope.get("route"), "path", None)
-    return str(path) if path else "unmatched"
+    if path:
+        return str(path)
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return str(getattr(route, "path", "unmatched"))
+    return "unmatched"
 
 
 class RequestContextMiddleware:
     """Request id (kept from ``X-Request-ID`` when sane, else new), API key check, metrics and one
     access-log line per request. Plain ASGI, so disconnects reach the endpoints unchanged."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, api_key: str | None, routes: Sequence[BaseRoute] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.api_key = api_key
+        #: The app's routes, to label requests answered before routing (a 401) with their route.
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,7 +158,10 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = rid
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = rid
+                # Every answer is what it says it is: browsers must not sniff another type.
+                headers["X-Content-Type-Options"] = "nosniff"
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -145,7 +187,7 @@ class RequestContextMiddleware:
                 )
         finally:
             elapsed = time.perf_counter() - start
-            route = _route_label(scope)
+            route = _route_label(scope, self.routes)
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(route=route, status=str(status)).inc()
             self.metrics.latency.labels(route=route).observe(elapsed)

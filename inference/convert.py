@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,9 @@ def convert_pb(pb_path: Path, out_path: Path, style: str, role: Role) -> dict[st
         "parameters": str(PARAMETER_COUNT),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    # Unique per writer, not per process id: replicas in containers all run as pid 1 and may convert
+    # into one shared cache at once; the last complete file wins, never a mix.
+    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(weights.tensors, str(tmp), metadata=metadata)
         os.replace(tmp, out_path)

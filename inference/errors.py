@@ -7,6 +7,18 @@ where there is one, what to do about it.
 
 from __future__ import annotations
 
+#: Longest piece of a client's input repeated in an error message.
+ECHO_LIMIT = 64
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to :data:`ECHO_LIMIT` characters with the length
+    said, so a megabyte sent in a field does not come back in the answer."""
+    text = repr(value)
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:ECHO_LIMIT]}… ({len(str(value))} characters)"
+
 
 class ToonserveError(Exception):
     """Base class of every error raised on purpose by `inference/`.

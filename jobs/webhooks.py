@@ -50,19 +50,25 @@ def _public(address: str) -> bool:
 
 def check_url(url: str, allow_private: bool) -> str:
     """``url`` if webhooks may be sent there; :class:`WebhookRefusedError` saying why not. Resolves
-    the host (blocking: call it off the event loop)."""
+    the host (blocking: call it off the event loop). A host that does not resolve now is let through:
+    DNS may be down for a moment, and every delivery checks again before it connects."""
     shown = url if len(url) <= 200 else url[:200] + "…"
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefusedError(f"webhook URL is longer than {MAX_URL_LENGTH} characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        httpx.URL(url)  # what the delivery will parse: refuse now what it would refuse then
+        port = parts.port
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise WebhookRefusedError(f"webhook {shown!r} is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefusedError(f"webhook must be an http:// or https:// URL with a host, got {shown!r}")
     if allow_private:
         return url
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as exc:
-        raise WebhookRefusedError(f"webhook host {parts.hostname!r} does not resolve: {exc}") from exc
+        infos = socket.getaddrinfo(parts.hostname, port or 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return url
     for info in infos:
         address = str(info[4][0])
         if not _public(address):
@@ -136,7 +142,7 @@ class WebhookSender:
             return "refused"
         try:
             response = await client.post(job.webhook, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             log.info("webhook of job %s: %s", job.id, exc)
             return "error"
         if 200 <= response.status_code < 300:

@@ -25,21 +25,55 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger("toonserve")
 
+#: Every router of the API, in the order they are tried.
+_ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, metrics_api.router)
+
 #: The headers a browser app on another origin may read (CORS).
 EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After", "Location")
 
 
-def _openapi_with_request_ids(app: FastAPI) -> dict[str, Any]:
-    """The generated schema, with ``X-Request-ID`` declared on every response (the middleware adds it
-    to all of them)."""
+def _openapi(app: FastAPI, styles: list[str]) -> dict[str, Any]:
+    """The generated schema, made exact where FastAPI's is not:
+
+    * ``X-Request-ID`` and ``X-Content-Type-Options`` declared on every response (the middleware adds
+      them to all);
+    * optional multipart fields are optional, not nullable (a form part cannot be null: it is sent
+      or left out), and a list of files holds at least one;
+    * ``style`` takes the styles this server is configured with.
+    """
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 for response in operation.get("responses", {}).values():
-                    response.setdefault("headers", {})["X-Request-ID"] = HEADERS["X-Request-ID"]
+                    headers = response.setdefault("headers", {})
+                    headers["X-Request-ID"] = HEADERS["X-Request-ID"]
+                    headers["X-Content-Type-Options"] = HEADERS["X-Content-Type-Options"]
+                body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+                if body:
+                    _exact_form(schema, body["schema"], styles)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str]) -> None:
+    ref = form.get("$ref", "")
+    target = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else form
+    if "style" in target.get("properties", {}):
+        target["properties"]["style"]["enum"] = list(styles)
+    for prop in target.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if options and {"type": "null"} in options:
+            kept = [o for o in options if o != {"type": "null"}]
+            del prop["anyOf"]
+            if len(kept) == 1:
+                prop.update(kept[0])
+            else:
+                prop["anyOf"] = kept
+            if prop.get("default", 0) is None:
+                del prop["default"]
+        if prop.get("type") == "array":
+            prop["minItems"] = max(1, prop.get("minItems", 1))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -75,17 +109,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Portrait photos to cartoons with DCT-Net, exact to the official models.",
         lifespan=lifespan,
     )
-    app.openapi = lambda: _openapi_with_request_ids(app)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, settings.styles)  # type: ignore[method-assign]
     app.state.metrics = metrics
-    errors.install(app)
+    routes = [route for router in _ROUTERS for route in router.routes]
+    errors.install(app, routes)
     # Last added is outermost: CORS (so even 401/413 answers carry its headers), then request ids,
     # metrics and the API key, then the body limit.
     app.add_middleware(
         middleware.BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
         routes={("POST", "/jobs"): settings.max_job_bytes},
+        idle_timeout_s=settings.body_timeout_s,
     )
-    app.add_middleware(middleware.RequestContextMiddleware, metrics=metrics, api_key=settings.api_key)
+    app.add_middleware(
+        middleware.RequestContextMiddleware,
+        metrics=metrics,
+        api_key=settings.api_key,
+        # The routes themselves (FastAPI's router wraps included ones), to label early answers.
+        routes=routes,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -94,9 +136,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
         )
-    app.include_router(cartoonize.router)
-    app.include_router(jobs_api.router)
-    app.include_router(styles.router)
-    app.include_router(health.router)
-    app.include_router(metrics_api.router)
+    for router in _ROUTERS:
+        app.include_router(router)
     return app

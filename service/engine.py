@@ -112,6 +112,7 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         max_inflight_pixels=settings.max_inflight_pixels,
         max_output_pixels=settings.max_output_pixels,
         max_upscale=settings.max_upscale,
+        reduced_decode=settings.reduced_decode,
     )
     return Flow(
         engine,

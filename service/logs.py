@@ -57,12 +57,15 @@ def configure(level: str, fmt: str) -> None:
 
 
 def _adopt_modelscope(handler: logging.Handler) -> None:
-    """ModelScope's hub client (weight downloads) logs through its own logger, which it sets up on
-    first use with its own stderr handler and format, and with propagation off (again at every
-    ``get_logger`` call). Set it up now and give it our handler instead, so its lines come out in the
-    service's format."""
-    try:
-        from modelscope.utils.logger import get_logger
-    except ImportError:  # pragma: no cover - modelscope is a runtime dependency
-        return
-    get_logger().handlers[:] = [handler]
+    """ModelScope's packages (weight downloads) log through their own loggers, ``modelscope`` and
+    ``modelscope_hub``, which they set up on first use with their own stderr handler and format and
+    with propagation off (``modelscope`` again at every ``get_logger`` call). Set them up now and give
+    them our handler instead, so their lines come out in the service's format."""
+    from importlib import import_module
+
+    for module in ("modelscope.utils.logger", "modelscope_hub.utils.logger"):
+        try:
+            get_logger = import_module(module).get_logger
+        except (ImportError, AttributeError):  # pragma: no cover - an older or newer modelscope
+            continue
+        get_logger().handlers[:] = [handler]

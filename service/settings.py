@@ -121,6 +121,11 @@ class Settings(BaseSettings):
         ge=10_000,
         description="Decoded pixels held at once by all decodes in progress (bounds decode memory).",
     )
+    reduced_decode: bool = Field(
+        True,
+        description="Decode large JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the "
+        "processing size (faster; within about 1 level of a full decode).",
+    )
     max_output_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=10_000, description="Largest requested output (width × height); more: 422."
     )
@@ -144,6 +149,12 @@ class Settings(BaseSettings):
     )
     batch_wait_ms: float = Field(
         DEFAULT_BATCH_WAIT_S * 1000, ge=0, le=1000, description="How long the worker waits to fill a batch."
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="A client that stops sending its request body for this long gets 408.",
     )
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline per image, queue wait included; then 504."

@@ -7,6 +7,7 @@ import io
 import json
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,65 @@ def test_a_full_queue_is_a_warning_not_an_error(
         engine.scheduler = real
     full = [rec for rec in caplog.records if "queue_full" in rec.getMessage()]
     assert len(full) == 1 and full[0].levelname == "WARNING"
+
+
+def test_every_malformed_body_gets_its_own_code(client: TestClient, portrait_jpeg: bytes) -> None:
+    png = png_bytes(np.zeros((32, 32, 3), np.uint8))
+    cases = [
+        ({"files": {"image": ("a" * 5004 + ".png", png)}}, 413, "header_too_large"),
+        ({"files": {"image": ("a" * 300 + ".png", png)}}, 422, "filename_too_long"),
+        (
+            {"content": b"abc", "headers": {"content-type": "multipart/form-data"}},
+            400,
+            "malformed_multipart",
+        ),
+        (
+            {"files": {"image": ("a.png", png)}, "data": {"style": "x" * (1024 * 1024 + 10)}},
+            413,
+            "field_too_large",
+        ),
+        ({"files": [("f", ("a", b"x"))] * 1001}, 413, "too_many_parts"),
+    ]
+    for kwargs, status, code in cases:
+        r = client.post("/cartoonize", **kwargs)  # type: ignore[arg-type]
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (code, r.text[:300])
+        assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_chunked_upload_over_the_limit_is_413(client: TestClient) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 1_000_000
+
+    r = client.post(
+        "/cartoonize", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xx"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_echoed_input_is_cut_short(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post("/cartoonize", files={"image": ("a.jpg", portrait_jpeg)}, data={"style": "x" * 100_000})
+    assert r.status_code == 422 and len(r.text) < 400 and "(100000 characters)" in r.text
+
+
+def test_outputs_beyond_the_limits_are_refused(client: TestClient) -> None:
+    tiny = png_bytes(np.zeros((1, 1, 3), np.uint8))
+    r = client.post("/cartoonize", files={"image": ("dot.png", tiny)}, data={"output_size": "8192"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    assert "times" in r.json()["error"]["message"]
+    # In a batch each such image fails alone; when they all do, the batch is refused as a whole.
+    photo = png_bytes(np.zeros((512, 512, 3), np.uint8))
+    files = [("images", ("dot.png", tiny)), ("images", ("photo.png", photo))]
+    r = client.post("/cartoonize/batch", files=files, data={"output_size": "1024", "response": "json"})
+    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [422, 200]
+    r = client.post("/cartoonize/batch", files=files[:1] * 2, data={"output_size": "1024"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "all_files_refused"
+    assert r.json()["error"]["message"].startswith("none of the 2 files could be taken: dot.png: output_size")
+
+
+def test_a_401_is_counted_under_its_route(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    settings = make_settings(model_dir, tmp_path, api_key="k")
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/cartoonize", files={"image": ("a.jpg", b"x")}).status_code == 401
+        metrics = c.get("/metrics").text
+    assert 'toonserve_requests_total{route="/cartoonize",status="401"} 1.0' in metrics

@@ -263,15 +263,23 @@ def test_webhook_is_signed_and_retried(jobs_client: TestClient, receiver: str) -
 @pytest.mark.parametrize("jobs_client", [{"webhook_secret": "whsec"}], indirect=True)
 def test_private_and_odd_webhooks_are_refused(jobs_client: TestClient) -> None:
     files = [("images", ("a.jpg", b"x"))]
-    for url in (
+    private = (
         "http://127.0.0.1:9/hook",
         "http://10.1.2.3/x",
         "http://169.254.169.254/latest",
-        "ftp://example.com/x",
         "http://[::1]/x",
-    ):
+    )
+    for url in private:
         r = jobs_client.post("/jobs", files=files, data={"webhook": url})
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_webhook", (url, r.text)
+        assert "private, loopback or link-local" in r.json()["error"]["message"]
+    # Not an http(s) URL at all: the form's own pattern refuses it.
+    for url in ("ftp://example.com/x", "http://", ""):
+        r = jobs_client.post("/jobs", files=files, data={"webhook": url})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (url, r.text)
+    r = jobs_client.post("/jobs", files=files, data={"webhook": "http://[oops/x"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_webhook"
+    assert "not a valid URL" in r.json()["error"]["message"]
 
 
 def test_webhook_needs_a_secret(jobs_client: TestClient) -> None:

@@ -13,13 +13,15 @@ from service.logs import configure
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    modelscope = logging.getLogger("modelscope")
-    saved_ms = modelscope.handlers[:]
+    """The loggers ``configure`` touches, put back afterwards: their handlers write to this test's
+    captured stderr, which is closed once it ends."""
+    loggers = [logging.getLogger(name) for name in ("", "modelscope", "modelscope_hub")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
     yield
-    root.handlers[:], _ = saved[0], root.setLevel(saved[1])
-    modelscope.handlers[:] = saved_ms
+    for logger, handlers, level, propagate in saved:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate or not handlers
 
 
 def test_modelscope_lines_come_out_as_our_json(
@@ -33,3 +35,10 @@ def test_modelscope_lines_come_out_as_our_json(
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     entry = next(x for x in lines if x["message"] == "Downloading [cartoon_h.pb]")
     assert entry["logger"] == "modelscope" and entry["level"] == "warning" and "request_id" in entry
+    from modelscope_hub.utils.logger import get_logger as hub_logger
+
+    hub_logger("legacy_api").warning("listing failed, retry in 1s")
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    assert [x["logger"] for x in lines if x["message"] == "listing failed, retry in 1s"] == [
+        "modelscope_hub.legacy_api"
+    ]

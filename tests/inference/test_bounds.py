@@ -1,0 +1,137 @@
+"""What one request may cost: processing pixels, output size, decoded pixels in flight, admission."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from devkit import photos
+from inference.engine import Engine
+from inference.flow import Defaults, Flow, Limits, _PixelBudget
+from inference.images import decode, probe, reduction
+from inference.pipeline import Cartoonizer, Options, OptionsError, processing_shape
+from inference.scheduler import QueueFullError, Scheduler
+
+
+def _jpeg(rgb: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=92, **kw)
+    return buf.getvalue()
+
+
+def test_processing_is_capped_whatever_the_aspect_ratio() -> None:
+    budget = 1536 * 1536
+    assert processing_shape(1000, 40000, 2048, budget) == (242, 9714)
+    h, w = processing_shape(4000, 3000, 2048, budget)
+    assert h * w <= budget and abs(h / w - 4 / 3) < 0.01
+    assert processing_shape(768, 1024, 720, budget) == (720, 960)  # the default case is untouched
+    assert (
+        Options(processing_size=2048, max_processing_pixels=budget).processing_shape((3000, 4000))[0] < 2048
+    )
+
+
+def test_a_strip_runs_within_the_budget(cartoonizer: Cartoonizer) -> None:
+    strip = np.tile(photos.coffee()[:100], (1, 20, 1))  # 100 × 12000
+    result = cartoonizer.run(strip, Options(processing_size=2048, max_processing_pixels=256 * 256))
+    h, w = result.processing_size
+    assert h * w <= 256 * 256 and result.output_size == (100, 12000)
+
+
+def test_jpeg_is_decoded_at_a_reduced_scale_when_enough() -> None:
+    big = np.asarray(Image.fromarray(photos.astronaut()).resize((2048, 1536)))
+    data = _jpeg(big)
+    full = decode(data, max_pixels=10**8)
+    quarter = decode(data, max_pixels=10**8, needed=(360, 480))
+    assert full.pixels.shape == (1536, 2048, 3) and quarter.original_size == (1536, 2048)
+    assert quarter.pixels.shape == (384, 512, 3)  # 1/4: the largest scale still ≥ 360 × 480
+    assert (
+        reduction("jpeg", (1536, 2048), (360, 480)) == 4 and reduction("png", (1536, 2048), (360, 480)) == 1
+    )
+    # Decoded at 1/2 (twice the size needed, as the flow asks), brought to 360 × 480: within about
+    # a level of the full decode's.
+    half = decode(data, max_pixels=10**8, needed=(720, 960))
+    assert half.pixels.shape == (768, 1024, 3)
+    a = np.asarray(Image.fromarray(full.pixels).resize((480, 360), Image.Resampling.BOX), dtype=float)
+    b = np.asarray(Image.fromarray(half.pixels).resize((480, 360), Image.Resampling.BOX), dtype=float)
+    assert np.abs(a - b).mean() < 1.5
+
+
+def test_reduced_decode_keeps_the_exif_orientation() -> None:
+    tall = np.asarray(Image.fromarray(photos.astronaut()).resize((1600, 800)))  # stored landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display: upright it is portrait
+    data = _jpeg(tall, exif=exif.tobytes())
+    info = probe(data, max_pixels=10**8)
+    assert (info.width, info.height) == (800, 1600)
+    image = decode(data, max_pixels=10**8, needed=(400, 200))
+    assert image.original_size == (1600, 800) and image.pixels.shape == (400, 200, 3)
+
+
+def test_pixel_budget_makes_decodes_take_turns() -> None:
+    budget = _PixelBudget(100)
+    order: list[str] = []
+
+    async def hold(name: str, pixels: int, seconds: float) -> None:
+        async with budget.hold(pixels):
+            order.append(f"+{name}")
+            await asyncio.sleep(seconds)
+            order.append(f"-{name}")
+
+    async def main() -> None:
+        await asyncio.gather(hold("a", 60, 0.05), hold("b", 60, 0.01), hold("c", 30, 0.01))
+
+    asyncio.run(main())
+    assert order.index("-a") < order.index("+b")  # b waited for a; c fitted beside a
+    assert order.index("+c") < order.index("-a")
+
+
+def test_outputs_over_the_limits_are_refused(cartoonizer: Cartoonizer) -> None:
+    engine = Engine.__new__(Engine)  # only check() is used by params(): a loaded style
+    engine.check = lambda style: None  # type: ignore[method-assign]
+    flow = Flow(
+        engine,
+        Defaults("anime", 720, "png", 90, 24.0, 10),
+        limits=Limits(max_output_pixels=4_000_000, max_upscale=4.0),
+        timeout_s=60,
+        codec_threads=1,
+    )
+    try:
+        tiny = probe(_png(np.zeros((1, 1, 3), np.uint8)), max_pixels=100)
+        with pytest.raises(OptionsError, match=r"enlarge a 1×1 photo 64\.0 times; at most 4 times"):
+            flow.check_output(flow.params(output_size=64), tiny)
+        with pytest.raises(OptionsError, match=r"enlarge a 1×1 photo 8192\.0 times"):
+            flow.check_output(flow.params(output_size=8192), tiny)
+        photo = probe(_jpeg(photos.astronaut()), max_pixels=10**6)
+        flow.check_output(flow.params(output_size=1900), photo)  # 3.7×, 3.6 MP: allowed
+        with pytest.raises(OptionsError, match=r"the limit is 4\.0 MP"):
+            flow.check_output(flow.params(output_size=2047), photo)
+        flow.check_output(flow.params(), photo)  # the photo's own size always passes
+    finally:
+        flow.close()
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_admission_refuses_at_once_what_cannot_meet_its_deadline(cartoonizer: Cartoonizer) -> None:
+    outcomes: list[str] = []
+    sched = Scheduler({"anime": cartoonizer}, queue_size=8, name="test", on_outcome=outcomes.append)
+    sched._seconds_per_pixel = 1e-5  # 10 s per megapixel, as measured by a slow device
+    now = time.monotonic()
+    held = sched.admit([500_000], now + 60)  # 5 s of work: fits a 60 s deadline
+    with pytest.raises(QueueFullError, match="before its deadline") as info:
+        sched.admit([500_000, 500_000], now + 12)  # 5 s ahead + 10 s of its own > 12 s
+    assert info.value.retry_after >= 5 and outcomes == ["rejected", "rejected"]
+    with pytest.raises(QueueFullError, match="do not fit the queue"):
+        sched.admit([1] * 8, now + 600)
+    sched.release(held)
+    assert sched.admit([1] * 8, now + 600).pixels == [1] * 8
+    sched.close(drain=False)
