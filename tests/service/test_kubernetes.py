@@ -22,6 +22,7 @@ import yaml
 
 from api.health import router as health_router
 from api.metrics import Metrics
+from api.metrics import router as metrics_router
 from devkit.reference_graphs import ReferenceModelDir
 from inference.models import DTYPES
 from service.settings import Settings
@@ -194,6 +195,10 @@ def test_container_port_is_the_settings_default_and_the_service_routes_to_it(obj
     container = _app_container(objects)
     assert "TOONSERVE_PORT" not in _env(container, _config(objects))  # the image's default applies
     assert _port(container, "http") == _default("port")
+    # Where annotation-based Prometheus discovery scrapes (the autoscaler's metrics come from there).
+    annotations = _deployment(objects)["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == _default("port")
+    assert annotations["prometheus.io/path"] in {r.path for r in metrics_router.routes}  # type: ignore[attr-defined]
     service = _find(objects, "Service", APP)
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     (port,) = service["spec"]["ports"]
