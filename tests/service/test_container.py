@@ -1,5 +1,6 @@
-"""The container setup, checked without a Docker engine: docker-compose.yml as YAML, the Dockerfile as
-text (and through hadolint when its binary is installed), .dockerignore against what the build copies."""
+"""The container setup, checked without a Docker engine: docker-compose.yml as YAML (its `replicas`
+profile and the proxy's configuration included), the Dockerfile as text (and through hadolint when its
+binary is installed), .dockerignore against what the build copies."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from service.settings import Settings
+from tests.service.deploy_settings import settings_from, unknown_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -132,13 +135,187 @@ def test_services_do_not_clash_on_host_ports(services: dict[str, dict[str, Any]]
 def test_compose_environment_names_and_defaults_are_real_settings(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    fields = set(Settings.model_fields)
     for name, service in services.items():
         env = {k: _interpolate(v) for k, v in _environment(service).items() if k.startswith("TOONSERVE_")}
-        unknown = sorted(k for k in env if k.removeprefix("TOONSERVE_").lower() not in fields)
+        unknown = unknown_settings(env)
         assert not unknown, f"{name}: {unknown} are not fields of service.settings.Settings"
         # And the values (defaults of ${VAR:-default}) validate: a typo'd style or dtype fails here.
-        Settings(_env_file=None, **{k.removeprefix("TOONSERVE_").lower(): v for k, v in env.items()})  # type: ignore[call-arg]
+        settings_from(env)
+
+
+# ---- the `replicas` profile -----------------------------------------------------------------------
+
+REPLICAS = "replicas"
+REDIS = "redis"
+PROXY = "proxy"
+HAPROXY_CONFIG = "/usr/local/etc/haproxy/haproxy.cfg"
+
+
+@pytest.fixture(scope="module")
+def replicas(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The toonserve services of the profile (those built from this repository)."""
+    found = {n: s for n, s in services.items() if REPLICAS in s.get("profiles", []) and "build" in s}
+    assert len(found) >= 2, sorted(found)
+    return found
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    """``depends_on`` in either form: name -> condition."""
+    deps = service.get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def test_replicas_profile_is_redis_replicas_and_one_proxy(
+    services: dict[str, dict[str, Any]], replicas: dict[str, dict[str, Any]]
+) -> None:
+    profile = {n for n, s in services.items() if REPLICAS in s.get("profiles", [])}
+    assert profile == {REDIS, PROXY, *replicas}, profile
+    for name, service in replicas.items():
+        assert service["build"].get("args", {}).get("VARIANT", "cpu") == "cpu", name
+        assert service["image"] == services[CPU_SERVICE]["image"], name
+        assert not service.get("ports"), f"{name}: clients go through the proxy"
+        assert "/readyz" in _healthcheck_text(service), name
+    # One published port for the whole topology, and `up proxy` brings every replica along.
+    assert [container for _, container in _port_mappings(services[PROXY])] == [8080]
+    assert set(_depends_on(services[PROXY])) == set(replicas)
+    assert (
+        re.fullmatch(r"haproxy:[\w.-]+", services[PROXY]["image"])
+        and "latest" not in services[PROXY]["image"]
+    )
+
+
+def test_replicas_share_the_weights_and_the_jobs_volumes(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], replicas: dict[str, dict[str, Any]]
+) -> None:
+    declared = compose.get("volumes") or {}
+    weights = {_named_volume_at(s, DATA) for s in replicas.values()}
+    assert weights == {_named_volume_at(services[CPU_SERVICE], DATA)}, weights
+    jobs_dirs = set()
+    for name, service in replicas.items():
+        settings = settings_from({k: _interpolate(v) for k, v in _environment(service).items()})
+        assert str(settings.cache_dir) == DATA, name
+        jobs_dirs.add(str(settings.jobs_dir))
+    (jobs_dir,) = jobs_dirs
+    assert not jobs_dir.startswith(DATA + "/"), "the jobs' data has a volume of its own"
+    jobs = {_named_volume_at(s, jobs_dir) for s in replicas.values()}
+    assert len(jobs) == 1 and None not in jobs, jobs
+    assert {*weights, *jobs} <= set(declared)
+    # A fresh named volume takes its ownership from the image's directory: the app user's there.
+    assert re.search(
+        rf"install --directory --owner=10001 --group=10001 [^\n]*{jobs_dir}\b", DOCKERFILE.read_text()
+    )
+
+
+def test_replicas_use_the_redis_service(
+    services: dict[str, dict[str, Any]], replicas: dict[str, dict[str, Any]]
+) -> None:
+    redis = services[REDIS]
+    assert re.fullmatch(r"redis:[\w.-]+", redis["image"]) and "latest" not in redis["image"]
+    assert "--appendonly" in redis["command"], "accepted jobs must survive a Redis restart"
+    assert _named_volume_at(redis, "/data"), "Redis keeps its append-only file in a volume"
+    assert "redis-cli" in _healthcheck_text(redis)
+    for name, service in replicas.items():
+        env = _environment(service)
+        assert env["TOONSERVE_JOBS_BACKEND"] == "redis", name
+        url = urlsplit(_interpolate(env["TOONSERVE_REDIS_URL"]))
+        assert (url.scheme, url.hostname, url.port or 6379) == ("redis", REDIS, 6379), name
+        assert _depends_on(service).get(REDIS) == "service_healthy", name
+    # Replicas start one after the other, so only one fills an empty weights volume.
+    first, *others = sorted(replicas)
+    assert all(_depends_on(replicas[o]).get(first) == "service_healthy" for o in others)
+
+
+# ---- the proxy's configuration (deploy/compose/haproxy.cfg) ----------------------------------------
+
+
+def _haproxy_sections(text: str) -> dict[str, list[list[str]]]:
+    """``"backend replicas"`` -> its directives, each split into words (comments dropped)."""
+    sections: dict[str, list[list[str]]] = {}
+    current: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            current = sections.setdefault(" ".join(line.split()), [])
+        else:
+            current.append(line.split())
+    return sections
+
+
+def _haproxy_seconds(value: str) -> float:
+    """HAProxy's time format: a number with us, ms, s, m, h or d (milliseconds without one)."""
+    match = re.fullmatch(r"(\d+)(us|ms|s|m|h|d)?", value)
+    assert match, value
+    unit = {"us": 1e-6, "ms": 1e-3, None: 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return int(match.group(1)) * unit
+
+
+@pytest.fixture(scope="module")
+def haproxy(services: dict[str, dict[str, Any]]) -> dict[str, list[list[str]]]:
+    mounts = [str(v) for v in services[PROXY]["volumes"]]
+    (mount,) = [m for m in mounts if m.split(":")[1] == HAPROXY_CONFIG]
+    source = (COMPOSE.parent / mount.split(":")[0]).resolve()
+    assert source.is_file(), f"{source} is mounted into the proxy but does not exist"
+    assert mount.endswith(":ro")
+    return _haproxy_sections(source.read_text())
+
+
+def _directives(section: list[list[str]], keyword: str) -> list[list[str]]:
+    return [d[1:] for d in section if d[0] == keyword]
+
+
+def test_proxy_listens_on_the_published_port(
+    services: dict[str, dict[str, Any]], haproxy: dict[str, list[list[str]]]
+) -> None:
+    frontends = [s for name, s in haproxy.items() if name.startswith("frontend ")]
+    binds = [args[0] for section in frontends for args in _directives(section, "bind")]
+    assert [b.rsplit(":", 1)[1] for b in binds] == [str(c) for _, c in _port_mappings(services[PROXY])]
+
+
+def test_proxy_routes_to_every_replica_when_ready(
+    haproxy: dict[str, list[list[str]]], replicas: dict[str, dict[str, Any]]
+) -> None:
+    backends = {name.split()[1]: s for name, s in haproxy.items() if name.startswith("backend ")}
+    assert backends
+    port = Settings.model_fields["port"].default
+    for name, section in backends.items():
+        servers = {args[1] for args in _directives(section, "server")}
+        assert servers == {f"{replica}:{port}" for replica in replicas}, name
+    # Only ready replicas get traffic (a Kubernetes readiness probe's job).
+    checked = [s for s in backends.values() if ["option", "httpchk"] in s]
+    assert checked
+    for section in checked:
+        assert any("/readyz" in args for args in _directives(section, "http-check"))
+        assert ["expect", "status", "200"] in _directives(section, "http-check")
+    # The others follow those checks.
+    for section in backends.values():
+        if section not in checked:
+            assert all("track" in args for args in _directives(section, "server"))
+
+
+def test_proxy_timeouts_outlast_the_request_deadline(haproxy: dict[str, list[list[str]]]) -> None:
+    timeouts = {args[0]: _haproxy_seconds(args[1]) for args in _directives(haproxy["defaults"], "timeout")}
+    request_timeout = Settings.model_fields["request_timeout_s"].default
+    assert timeouts["server"] >= request_timeout + 5, "the service answers 504 itself; never cut it short"
+    assert 0 < timeouts["http-request"] <= 30, "request headers: slow clients must not hold connections"
+    assert 0 < timeouts["client"] <= 120
+    assert timeouts["connect"] <= 10
+
+
+def test_proxy_streams_job_events_unbuffered(haproxy: dict[str, list[list[str]]]) -> None:
+    (frontend,) = [s for name, s in haproxy.items() if name.startswith("frontend ")]
+    acls = {args[0]: args[1:] for args in _directives(frontend, "acl")}
+    routes = {args[-1]: args[0] for args in _directives(frontend, "use_backend") if args[1] == "if"}
+    (acl,) = [name for name, args in acls.items() if args[0] == "path_reg" and name in routes]
+    pattern = re.compile(acls[acl][1])
+    assert pattern.search("/jobs/0f3c2a/events") and not pattern.search("/jobs/0f3c2a/result")
+    events = haproxy[f"backend {routes[acl]}"]
+    assert ["option", "http-no-delay"] in events
+    # Compression would buffer the stream; nothing configures it.
+    assert not any(d[0] == "compression" for section in haproxy.values() for d in section)
 
 
 # ---- Dockerfile -----------------------------------------------------------------------------------
