@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from api import cartoonize, errors, health, middleware, styles
+from api import cartoonize, errors, health, middleware, styles, web
 from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.errors import HEADERS
@@ -99,4 +99,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(styles.router)
     app.include_router(health.router)
     app.include_router(metrics_api.router)
+    app.include_router(web.router)
+    app.mount(web.ASSETS_PATH, web.assets(), name="ui")
     return app
