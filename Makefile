@@ -24,7 +24,10 @@ lint:
 	$(BIN)/mypy --strict service api inference jobs devkit
 	$(BIN)/hadolint Dockerfile
 
+# The web page's tests drive Debian's Chromium (headless, nothing fetched from outside): installed when
+# missing (as root, like the container this runs in); without a browser those tests fail.
 test: venv
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(MAKE) lint
 	$(BIN)/python -m pytest
