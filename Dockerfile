@@ -30,7 +30,8 @@
 # Shutdown: tini is PID 1 and forwards SIGTERM to `toonserve serve`, so uvicorn stops accepting
 # connections and finishes in-flight requests; it also reaps zombies. `docker run --init` is therefore
 # unnecessary (and would only add a second init). Give the container time to drain, e.g.
-# `docker stop --time 30` or compose's `stop_grace_period`.
+# `docker stop --time 75` (the drain waits up to TOONSERVE_REQUEST_TIMEOUT_S + 5 s) or compose's
+# `stop_grace_period`.
 
 ARG VARIANT=cpu
 # Pinned base images. The CPU image runs the Python the project is tested on (3.11).
