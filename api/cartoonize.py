@@ -83,6 +83,7 @@ class CartoonJSON(BaseModel):
                     "output_size": {"width": 512, "height": 512},
                     "device": "cpu",
                     "dtype": "bfloat16",
+                    "dtype_reason": "auto: this CPU computes bfloat16 in hardware (AMX or AVX512-BF16); …",
                     "no_face": None,
                     "timings_ms": {
                         "decode": 3.1,
@@ -113,6 +114,7 @@ class CartoonJSON(BaseModel):
     output_size: Size = Field(description="the result's size")
     device: str = Field(description="where the models ran, e.g. cpu or cuda:0")
     dtype: str = Field(description="the generators' precision")
+    dtype_reason: str = Field(description="why that precision (TOONSERVE_DTYPE=auto picks per device)")
     no_face: NoFacePolicy | None = Field(
         None, description="set when no face was stylised: which policy produced the image"
     )
@@ -175,7 +177,7 @@ def _server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
 
 
-def _json(outcome: Outcome, with_image: bool = True) -> CartoonJSON:
+def _json(outcome: Outcome, dtype_reason: str, with_image: bool = True) -> CartoonJSON:
     result = outcome.result
     return CartoonJSON(
         image=base64.b64encode(outcome.data).decode("ascii") if with_image else "",
@@ -198,6 +200,7 @@ def _json(outcome: Outcome, with_image: bool = True) -> CartoonJSON:
         output_size=_size(result.output_size),
         device=result.device,
         dtype=result.dtype,
+        dtype_reason=dtype_reason,
         no_face=result.no_face,
         timings_ms=outcome.timings_ms,
     )
@@ -247,7 +250,8 @@ async def cartoonize(
     outcome = await _until_disconnected(request, state.flow.run(data, params))
     headers = {"Server-Timing": _server_timing(outcome.timings_ms)}
     if response == "json":
-        return JSONResponse(_json(outcome).model_dump(mode="json"), headers=headers)
+        body = _json(outcome, state.engine.store.dtype_reason)
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
     return Response(outcome.data, media_type=params.media_type, headers=headers)
 
@@ -353,7 +357,7 @@ async def cartoonize_batch(
         for stage, ms in outcome.timings_ms.items():
             totals[stage] += ms
         # In the ZIP the image is a file of its own; its report carries no base64 copy.
-        report = _json(outcome, with_image=response == "json")
+        report = _json(outcome, state.engine.store.dtype_reason, with_image=response == "json")
         if response == "image":
             zip_name = _zip_name(i, name, params.fmt)
             files.append((zip_name, outcome.data))

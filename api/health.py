@@ -29,6 +29,7 @@ class Ready(BaseModel):
     status: str = Field(description="ready")
     device: str = Field(description="where the models run, e.g. cpu or cuda:0")
     dtype: str = Field(description="the generators' precision")
+    dtype_reason: str = Field(description="why that precision (TOONSERVE_DTYPE=auto picks per device)")
     default_style: str = Field(description="the style a request gets when it names none")
     styles: dict[str, StyleReadiness] = Field(description="every configured style and its state")
 
@@ -68,6 +69,7 @@ async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Ready | 
         status="ready",
         device=str(store.device),
         dtype=str(store.dtype).removeprefix("torch."),
+        dtype_reason=store.dtype_reason,
         default_style=engine.default_style,
         styles=style_readiness(engine),
     )

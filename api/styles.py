@@ -32,6 +32,9 @@ class StyleInfo(BaseModel):
 
 class StyleList(BaseModel):
     styles: list[StyleInfo] = Field(description="all seven styles")
+    device: str = Field(description="where the models run, e.g. cpu or cuda:0")
+    dtype: str = Field(description="the generators' precision")
+    dtype_reason: str = Field(description="why that precision (TOONSERVE_DTYPE=auto picks per device)")
 
 
 @router.get(
@@ -62,4 +65,10 @@ async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> Sty
                 next_attempt_in_s=None if wait is None else round(wait, 1),
             )
         )
-    return StyleList(styles=out)
+    store = engine.store
+    return StyleList(
+        styles=out,
+        device=str(store.device),
+        dtype=str(store.dtype).removeprefix("torch."),
+        dtype_reason=store.dtype_reason,
+    )

@@ -87,6 +87,7 @@ class Engine:
         default_style: str,
         *,
         detector: str = "mtcnn",
+        smallest_face: float | None = None,
         detector_options: dict[str, Any] | None = None,
         max_batch: int = 1,
         head_batch: int = 16,
@@ -101,7 +102,8 @@ class Engine:
         """``styles``: the styles to load (``default_style`` among them, loaded first).
         ``retry``: try failed styles again with backoff (False for one-shot tools such as the CLI).
         ``explain(style, error)``: the message shown for a failed style (the service adds the
-        settings that fix it); default ``str(error)``."""
+        settings that fix it); default ``str(error)``. ``smallest_face``: faces smaller than this
+        (processing pixels) are not stylised, so the detector need not look for them."""
         for name in styles:
             get_style(name)
         if default_style not in styles:
@@ -113,6 +115,7 @@ class Engine:
             *(s for s in dict.fromkeys(styles) if s != default_style),
         )
         self.detector_name = detector
+        self.smallest_face = smallest_face
         self.detector_options = dict(detector_options or {})
         self.max_batch = max_batch
         self.head_batch = head_batch
@@ -243,7 +246,12 @@ class Engine:
 
     def _load_loop(self) -> None:
         try:
-            self.detector = create_detector(self.detector_name, self.store.device, **self.detector_options)
+            self.detector = create_detector(
+                self.detector_name,
+                self.store.device,
+                smallest_face=self.smallest_face,
+                **self.detector_options,
+            )
         except ToonserveError as exc:
             with self._changed:
                 self.detector_error = str(exc)

@@ -84,11 +84,70 @@ DTYPES: Final[dict[DtypeName, torch.dtype]] = {
 }
 
 
+#: The dtype setting: a precision by name, or ``auto`` (:func:`choose_dtype`).
+DtypeSetting = Literal["auto", "float32", "bfloat16", "float16"]
+DEFAULT_DTYPE: Final[DtypeSetting] = "auto"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name]  # type: ignore[index]
     except KeyError:
         raise ConfigurationError(f"invalid dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The generators' precision and why it was chosen."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AMX or AVX512-BF16), where oneDNN's bfloat16
+    convolutions are fast; elsewhere they are emulated and slower than float32."""
+    try:
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    except (AttributeError, RuntimeError):  # older torch: ask for the two features one by one
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
+def choose_dtype(setting: str, device: torch.device) -> DtypeChoice:
+    """The precision for ``setting`` on ``device``: the one named, or for ``auto`` the fastest one
+    that is accurate there (measurements in docs/model.md §2.4 and the README's Performance)."""
+    if setting != "auto":
+        dtype = parse_dtype(setting)
+        why = "exact to the official graphs" if dtype == torch.float32 else "faster, within about a level"
+        return DtypeChoice(dtype, f"set by TOONSERVE_DTYPE ({why})")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 7:
+            return DtypeChoice(
+                torch.float16,
+                f"auto: a GPU with tensor cores (compute capability {major}.{minor}); float16 runs as fast "
+                "as bfloat16 there and keeps three more mantissa bits",
+            )
+        return DtypeChoice(
+            torch.float32, f"auto: compute capability {major}.{minor} has no tensor cores; float32 (exact)"
+        )
+    if native_bf16_cpu():
+        return DtypeChoice(
+            torch.bfloat16,
+            "auto: this CPU computes bfloat16 in hardware (AMX or AVX512-BF16); about 3.6× the speed of "
+            "float32, within 0.14 level on average",
+        )
+    return DtypeChoice(
+        torch.float32,
+        "auto: this CPU has no bfloat16 hardware (no AMX, no AVX512-BF16), where bfloat16 is emulated "
+        "and slower than float32; float32 is also the exact mode",
+    )
 
 
 @dataclass
@@ -101,6 +160,8 @@ class ModelStore:
     model_dir: Path | None = None
     allow_download: bool = True
     backend: Backend = "auto"
+    #: Why this precision (see :func:`choose_dtype`).
+    dtype_reason: str = "set by the caller"
     styles: dict[str, LoadedStyle] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -8,11 +8,11 @@ import socket
 import sys
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from inference.errors import ToonserveError
 from inference.images import OUTPUT_FORMATS
-from inference.models import DTYPES
+from inference.models import DtypeSetting
 from inference.pipeline import DEFAULT_NO_FACE, DEFAULT_STRENGTH, NO_FACE_POLICIES
 from inference.weights import STYLES, download, ensure_converted, find_source_dir, get_style, resolve
 from service import jobs_cli
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"without a face (default {DEFAULT_NO_FACE})",
     )
     cz.add_argument("--device", help="override TOONSERVE_DEVICE")
-    cz.add_argument("--dtype", choices=list(DTYPES), help="override TOONSERVE_DTYPE")
+    cz.add_argument("--dtype", choices=list(get_args(DtypeSetting)), help="override TOONSERVE_DTYPE")
     cz.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     cz.set_defaults(func=_cmd_cartoonize)
 

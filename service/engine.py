@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
 from inference.flow import Defaults, Flow, Limits
-from inference.models import ModelStore, parse_device, parse_dtype
+from inference.models import ModelStore, choose_dtype, parse_device
 from inference.pipeline import Result
 from service.settings import Settings
 
@@ -56,9 +56,11 @@ def build_engine(
     """The engine the settings describe (not started). ``styles``/``default_style`` narrow it (the
     CLI loads only the style it uses); ``retry=False`` for one-shot tools."""
     device = parse_device(settings.device)
+    precision = choose_dtype(settings.dtype, device)
     store = ModelStore(
         device=device,
-        dtype=parse_dtype(settings.dtype),
+        dtype=precision.dtype,
+        dtype_reason=precision.reason,
         cache_dir=settings.cache_dir,
         model_dir=settings.model_dir,
         allow_download=settings.allow_download,
@@ -72,6 +74,7 @@ def build_engine(
         list(styles) if styles is not None else settings.styles,
         default_style or settings.default_style,
         detector=settings.face_detector,
+        smallest_face=settings.min_face_size,
         max_batch=max_batch,
         head_batch=settings.head_batch,
         queue_size=settings.queue_size,

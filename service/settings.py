@@ -27,7 +27,7 @@ from inference.images import (
     MIN_QUALITY,
     OutputFormat,
 )
-from inference.models import DtypeName
+from inference.models import DEFAULT_DTYPE, DtypeSetting
 from inference.pipeline import (
     DEFAULT_HEAD_BATCH,
     DEFAULT_MAX_FACES,
@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available).")
-    dtype: DtypeName = Field(
-        "float32",
-        description="Generator precision: float32 is exact to the official model; bf16/fp16 are faster.",
+    dtype: DtypeSetting = Field(
+        DEFAULT_DTYPE,
+        description="Generator precision: auto (the fastest accurate one on this device), float32 (exact "
+        "to the official model), bfloat16 or float16.",
     )
     backend: Backend = Field(
         "auto", description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), or auto."

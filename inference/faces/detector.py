@@ -60,7 +60,8 @@ class FaceDetector(Protocol):
         ...
 
 
-#: Builds a detector from ``(device, dtype, **options)``.
+#: Builds a detector from ``(device, dtype, smallest_face, **options)``; ``smallest_face`` (pixels, or
+#: None) is the smallest face side worth finding: a detector may skip the work that only finds smaller.
 DetectorFactory = Callable[..., FaceDetector]
 
 #: Factories by name. ``"mtcnn"`` is added by :mod:`inference.faces.mtcnn.detector` on import.
@@ -81,9 +82,14 @@ def create_detector(
     name: str = "mtcnn",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    smallest_face: float | None = None,
     **options: Any,
 ) -> FaceDetector:
     """Build the detector registered as ``name`` on ``device``.
+
+    ``smallest_face``: the smallest face side (pixels) the caller will use; smaller faces may be
+    missed, which makes detection cheaper (for MTCNN it sets the pyramid floor, unless
+    ``pyramid_floor`` is given).
 
     For "mtcnn", ``options`` are :class:`~inference.faces.mtcnn.detector.MTCNNConfig` fields (such as
     ``pyramid_floor``) plus ``weights_dir`` (a folder holding ``pnet.lz4``, ``rnet.lz4``, ``onet.lz4``;
@@ -96,4 +102,4 @@ def create_detector(
         raise FaceDetectorError(
             f"unknown face detector '{name}'; available: {', '.join(available_detectors())}"
         ) from None
-    return factory(device, dtype, **options)
+    return factory(device, dtype, smallest_face, **options)

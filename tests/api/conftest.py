@@ -34,6 +34,8 @@ def make_settings(model_dir: ReferenceModelDir, cache: Path, **overrides: object
         cache_dir=cache,
         allow_download=False,
         device="cpu",
+        # The exact mode, whatever this CPU: the tests compare outputs and report fields.
+        dtype="float32",
         log_format="text",
     )
     values.update(overrides)

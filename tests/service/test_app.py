@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from fastapi.testclient import TestClient
 
 from devkit.reference_graphs import ReferenceModelDir
+from inference.models import choose_dtype
 from service.app import create_app
 from service.settings import Settings
 
@@ -30,13 +32,16 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = wait_ready(client)
+        auto = choose_dtype("auto", torch.device("cpu"))  # TOONSERVE_DTYPE is auto by default
         assert ready == {
             "status": "ready",
             "device": "cpu",
-            "dtype": "float32",
+            "dtype": auto.name,
+            "dtype_reason": auto.reason,
             "default_style": "anime",
             "styles": {"anime": {"state": "loaded", "error": None, "next_attempt_in_s": None}},
         }
+        assert auto.reason.startswith("auto: ")
         styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
         assert len(styles) == 7
         assert (

@@ -324,8 +324,14 @@ class MTCNNDetector:
         return faces
 
 
-def _create_mtcnn(device: torch.device | str, dtype: torch.dtype, **options: Any) -> MTCNNDetector:
+def _create_mtcnn(
+    device: torch.device | str, dtype: torch.dtype, smallest_face: float | None = None, **options: Any
+) -> MTCNNDetector:
     weights_dir = options.pop("weights_dir", None)
+    if smallest_face is not None and "pyramid_floor" not in options:
+        # No pyramid level finer than the smallest face asked for: the P-Net pass over the largest
+        # levels is most of the detector's time. P-Net's 12-pixel window is the lowest floor there is.
+        options["pyramid_floor"] = max(float(PNET_WINDOW), smallest_face)
     known = {f.name for f in fields(MTCNNConfig)}
     unknown = sorted(set(options) - known)
     if unknown:
