@@ -60,8 +60,8 @@ class FaceDetector(Protocol):
         ...
 
 
-#: Builds a detector from ``(device, dtype, smallest_face, **options)``; ``smallest_face`` (pixels, or
-#: None) is the smallest face side worth finding: a detector may skip the work that only finds smaller.
+#: Builds a detector from ``(device, dtype, **options)``; the option ``smallest_face`` (pixels), when
+#: given, is the smallest face side worth finding: a detector may skip the work that only finds smaller.
 DetectorFactory = Callable[..., FaceDetector]
 
 #: Factories by name. ``"mtcnn"`` is added by :mod:`inference.faces.mtcnn.detector` on import.
@@ -102,4 +102,6 @@ def create_detector(
         raise FaceDetectorError(
             f"unknown face detector '{name}'; available: {', '.join(available_detectors())}"
         ) from None
-    return factory(device, dtype, smallest_face, **options)
+    if smallest_face is not None:
+        options["smallest_face"] = smallest_face
+    return factory(device, dtype, **options)

@@ -293,10 +293,20 @@ def test_another_detector_can_be_registered(monkeypatch: pytest.MonkeyPatch) -> 
         def detect(self, image: torch.Tensor | np.ndarray) -> list[DetectedFace]:
             return [DetectedFace((0.0, 0.0, 1.0, 1.0), 1.0, np.zeros((5, 2), np.float32))]
 
-    monkeypatch.setitem(_REGISTRY, "fixed", lambda device, dtype, **options: Fixed())
+    given: list[dict[str, object]] = []
+    monkeypatch.setitem(_REGISTRY, "fixed", lambda device, dtype, **options: given.append(options) or Fixed())
     made = create_detector("fixed")
     assert isinstance(made, FaceDetector)
     assert made.detect(np.zeros((1, 1, 3), np.uint8))[0].score == 1.0
+    create_detector("fixed", smallest_face=40.0)
+    assert given == [{}, {"smallest_face": 40.0}]
+
+
+def test_the_smallest_face_sets_the_mtcnn_pyramid_floor() -> None:
+    assert create_detector("mtcnn", smallest_face=40.0).config.pyramid_floor == 40.0  # type: ignore[attr-defined]
+    assert create_detector("mtcnn", smallest_face=0.0).config.pyramid_floor == 12.0  # type: ignore[attr-defined]
+    explicit = create_detector("mtcnn", smallest_face=40.0, pyramid_floor=20.0)
+    assert explicit.config.pyramid_floor == 20.0  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
