@@ -33,6 +33,7 @@ import numpy as np
 from inference.engine import Engine
 from inference.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PNG_COMPRESSION,
     MEDIA_TYPES,
     ImageInfo,
     ImageTooLargeError,
@@ -79,6 +80,8 @@ class Defaults:
     quality: int
     min_face_size: float
     max_faces: int
+    #: PNG's zlib level (0–9): a server setting, not a request field.
+    png_compression: int = DEFAULT_PNG_COMPRESSION
 
 
 @dataclass(frozen=True)
@@ -345,7 +348,8 @@ class Flow:
 
     async def encode(self, result: Result, params: Params) -> tuple[bytes, float]:
         """The result's image in the requested format (off the event loop), and the time it took."""
-        return await self._in_codec(lambda: encode(result.image, params.fmt, params.quality))
+        level = self.defaults.png_compression
+        return await self._in_codec(lambda: encode(result.image, params.fmt, params.quality, level))
 
     async def finish(self, result: Result, params: Params, decoded: Decoded, ticket: Ticket) -> Outcome:
         """Encode a result and put every timing together."""

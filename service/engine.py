@@ -108,6 +108,7 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         quality=settings.quality,
         min_face_size=settings.min_face_size,
         max_faces=settings.max_faces,
+        png_compression=settings.png_compression,
     )
     limits = Limits(
         max_pixels=settings.max_pixels,

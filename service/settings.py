@@ -22,8 +22,11 @@ from inference.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_PNG_COMPRESSION,
     DEFAULT_QUALITY,
+    MAX_PNG_COMPRESSION,
     MAX_QUALITY,
+    MIN_PNG_COMPRESSION,
     MIN_QUALITY,
     OutputFormat,
 )
@@ -93,6 +96,12 @@ class Settings(BaseSettings):
         description="Short side the photo is processed at.",
     )
     output_format: OutputFormat = Field(DEFAULT_OUTPUT_FORMAT, description="Default response image format.")
+    png_compression: int = Field(
+        DEFAULT_PNG_COMPRESSION,
+        ge=MIN_PNG_COMPRESSION,
+        le=MAX_PNG_COMPRESSION,
+        description="PNG zlib level: 1 is fastest (a third less encode time than 4, 7–20 % larger).",
+    )
     quality: int = Field(
         DEFAULT_QUALITY, ge=MIN_QUALITY, le=MAX_QUALITY, description="Default JPEG/WebP quality."
     )
