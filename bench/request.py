@@ -1,0 +1,216 @@
+"""One request end to end, with the default settings, against the TensorFlow graph it replaces.
+
+    python bench/request.py [--requests 12] [--json bench/results/request.json]
+
+In one run, on this machine:
+
+1. **the reference**: the official graph's background pass as TensorFlow runs it (a frozen graph
+   built like the official exporter, random weights) on a 720×960 image — the work the seed's users
+   wait for per photo, without its face detector: median of ``--requests`` passes;
+2. **the bare generator pass** of our background generator at the same size and the dtype the
+   service picks (``TOONSERVE_DTYPE=auto``), and the pipeline's own stages on the same photo, so the
+   background stage can be compared with the bare pass (target: within 1.1×) and detection timed
+   (target: ≤ 25 ms);
+3. **one request through HTTP**: ``toonserve serve`` with default settings on a free loopback port,
+   a 1024×768 one-face JPEG in, PNG out; the median of ``--requests`` sequential requests (target:
+   ≤ 0.5× the reference), with the server's own Server-Timing breakdown;
+4. **throughput at concurrency 4** (photos/s), against 1 / the sequential median.
+
+Also PNG encode time and size at every zlib level for the result (the ``TOONSERVE_PNG_COMPRESSION``
+choice). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devkit.photos import one_face_1024x768
+from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
+from inference.models import choose_dtype
+from inference.pipeline import Options, resize_rgb
+from service.engine import loaded_engine
+from service.settings import Settings
+
+#: write_fast_model_dir draws the background generator's weights from this seed (its default).
+BG_SEED = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def median_ms(fn: Any, n: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/request.json"))
+    args = ap.parse_args()
+    n = args.requests
+
+    tmp = Path(tempfile.mkdtemp(prefix="toonserve-bench-"))
+    write_fast_model_dir(tmp / "models" / "anime")
+    rgb = one_face_1024x768()
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=92)
+    photo = buf.getvalue()
+    processing = resize_rgb(rgb, 720, 960)
+    bgr = np.ascontiguousarray(processing[:, :, ::-1])
+
+    # 1. TensorFlow's background pass (the same random weights as the synthetic model's background).
+    tf_bg = TFGenerator(build_generator_pb(BG_SEED))
+    reference = median_ms(lambda: tf_bg(bgr), n)
+    tf_bg.close()
+
+    # 2. Our bare background pass and the pipeline's stages, in the dtype the service picks.
+    auto = choose_dtype("auto", torch.device("cpu"))
+    settings = Settings(model_dir=tmp / "models", cache_dir=tmp / "cache", allow_download=False, device="cpu")
+    engine = loaded_engine(settings)
+    cartoonizer = engine.cartoonizer("anime")
+    tensor = torch.from_numpy(bgr).permute(2, 0, 1)[None].contiguous()
+    bare = median_ms(lambda: cartoonizer.style.bg(tensor), n)
+    options = Options(input_size=(768, 1024), min_face_size=settings.min_face_size)
+    cartoonizer.run(processing, options)
+    runs = [cartoonizer.run(processing, options) for _ in range(n)]
+    stages = {s: statistics.median(r.timings_ms[s] for r in runs) for s in runs[0].timings_ms}
+    result = runs[-1].image
+    engine.close()
+    png = {}
+    for level in range(10):
+        size = 0
+
+        def save(level: int = level) -> None:
+            nonlocal size
+            out = io.BytesIO()
+            Image.fromarray(result).save(out, "PNG", compress_level=level)
+            size = len(out.getvalue())
+
+        png[level] = {"ms": median_ms(save, max(3, n // 3)), "kib": size / 1024}
+
+    # 3–4. Through HTTP with the default settings.
+    port = free_port()
+    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1",
+               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
+               TOONSERVE_DATA_DIR=str(tmp / "data"), TOONSERVE_ALLOW_DOWNLOAD="false",
+               TOONSERVE_LOG_LEVEL="warning")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            else:
+                raise SystemExit("server did not become ready")
+            latencies, timings = [], []
+            for i in range(n + 1):
+                start = time.perf_counter()
+                r = client.post("/cartoonize", files={"image": ("me.jpg", photo, "image/jpeg")})
+                r.raise_for_status()
+                if i:  # the first is a warm-up
+                    latencies.append((time.perf_counter() - start) * 1000)
+                    timings.append(server_timing(r.headers["server-timing"]))
+            sequential = statistics.median(latencies)
+            served = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+
+        done = 0
+        lock = threading.Lock()
+
+        def client_loop(count: int) -> None:
+            nonlocal done
+            with httpx.Client(base_url=url, timeout=120) as c:
+                for _ in range(count):
+                    c.post("/cartoonize", files={"image": ("me.jpg", photo, "image/jpeg")}).raise_for_status()
+                    with lock:
+                        done += 1
+
+        per_client = max(2, n // 2)
+        threads = [threading.Thread(target=client_loop, args=(per_client,)) for _ in range(4)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent = done / (time.perf_counter() - start)
+    finally:
+        server.terminate()
+        server.wait(120)
+
+    env_info = dict(python=platform.python_version(), torch=torch.__version__,
+                    threads=torch.get_num_threads(), dtype=auto.name, dtype_reason=auto.reason,
+                    requests=n)  # fmt: skip
+    print(f"# request benchmark  {json.dumps(env_info)}")
+    print(f"{'what':58} {'ms':>8} {'vs TF bg':>9}")
+    rows = [
+        ("TensorFlow background pass, 720×960 (the reference)", reference),
+        (f"our bare background pass, 720×960, {auto.name}", bare),
+        ("pipeline background stage, same photo", stages["background"]),
+        ("pipeline detect stage", stages["detect"]),
+        ("one request through HTTP, 1024×768 JPEG → PNG (median)", sequential),
+    ]
+    for label, ms in rows:
+        print(f"{label:58} {ms:8.1f} {ms / reference:8.2f}x")
+    print(f"background stage / bare pass: {stages['background'] / bare:.2f}x (target ≤ 1.10x)")
+    print(f"detect: {stages['detect']:.1f} ms (target ≤ 25 ms)")
+    print(f"request / TF reference: {sequential / reference:.2f}x (target ≤ 0.50x)")
+    print(f"concurrency 4: {concurrent:.2f} photos/s ({concurrent * sequential / 1000:.2f}x one at a time)")
+    print("server timing (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in served.items()))
+    print(
+        "PNG of the result: "
+        + ", ".join(f"level {k} {v['ms']:.0f} ms {v['kib']:.0f} KiB" for k, v in png.items())
+    )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = dict(environment=env_info, reference_ms=reference, bare_ms=bare, stages_ms=stages,
+                  request_ms=sequential, latencies_ms=latencies, server_timing_ms=served,
+                  concurrency4_photos_per_s=concurrent, png=png)  # fmt: skip
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"# wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
