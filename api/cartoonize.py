@@ -294,7 +294,7 @@ async def _batch(
                 prepared.append(info)
                 continue
             try:
-                decoded = await flow.decode(data, params, info)
+                decoded = await flow.decode(data, params, info, deadline)
                 prepared.append((decoded, flow.submit(params, decoded, deadline, admission)))
             except ToonserveError as exc:
                 prepared.append(exc)

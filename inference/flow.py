@@ -57,7 +57,7 @@ from inference.pipeline import (
     resize_rgb,
     to_rgb_array,
 )
-from inference.scheduler import Admission, DeadlineExceededError, Ticket
+from inference.scheduler import Admission, DeadlineExceededError, QueueFullError, Ticket
 
 _T = TypeVar("_T")
 
@@ -159,11 +159,22 @@ class _PixelBudget:
         self._changed: asyncio.Condition | None = None
 
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[None]:
+    async def hold(self, pixels: int, timeout: float | None = None) -> AsyncIterator[None]:
+        """Hold ``pixels`` of the budget; waits at most ``timeout`` seconds for them, then raises
+        :class:`~inference.scheduler.QueueFullError`."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
-            await self._changed.wait_for(lambda: self.used + pixels <= self.capacity)
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.used + pixels <= self.capacity), timeout
+                )
+            except TimeoutError:
+                raise QueueFullError(
+                    f"too many large images are being decoded ({self.used / 1e6:.0f} of "
+                    f"{self.capacity / 1e6:.0f} MP in flight) to decode this one in time; retry in a few s",
+                    max(1, math.ceil(timeout or 1)),
+                ) from None
             self.used += pixels
         try:
             yield
@@ -277,9 +288,12 @@ class Flow:
         """Give back the room of admitted images that were not submitted."""
         self.engine.scheduler.release(admission)
 
-    async def decode(self, data: bytes, params: Params, info: ImageInfo | None = None) -> Decoded:
+    async def decode(
+        self, data: bytes, params: Params, info: ImageInfo | None = None, deadline: float | None = None
+    ) -> Decoded:
         """The upload ready for the pipeline (:class:`Decoded`), decoded off the event loop, within
-        the budget of decoded pixels in flight (a decode waits while others hold it)."""
+        the budget of decoded pixels in flight: a decode waits while others hold it, until
+        ``deadline`` at most (then 503 rather than a decode that could not be used in time)."""
         start = time.perf_counter()
         if info is None:
             info = await self.probe(data)
@@ -302,7 +316,8 @@ class Flow:
             image = decode(data, max_pixels=self.limits.max_pixels, needed=needed)
             return np.ascontiguousarray(resize_rgb(to_rgb_array(image.pixels), *shape))
 
-        async with self._decoding.hold(cost):
+        wait = None if deadline is None or math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+        async with self._decoding.hold(cost, wait):
             pixels, _ = await self._in_codec(prepare)
         return Decoded(pixels, size, (time.perf_counter() - start) * 1000)
 
@@ -366,7 +381,7 @@ class Flow:
         self.check_output(params, info)
         admission = self.admit(params, [info], deadline)
         try:
-            decoded = await self.decode(data, params, info)
+            decoded = await self.decode(data, params, info, deadline)
             ticket = self.submit(params, decoded, deadline, admission)
         finally:
             self.release(admission)

@@ -49,6 +49,10 @@ _INITIAL_SERVICE_S: Final = 1.0
 #: Starting estimate of the time per processing pixel (seconds): 1 s per million, about what a
 #: float32 pass takes on two CPU cores; replaced by measurements after the first batch.
 _INITIAL_SECONDS_PER_PIXEL: Final = 1e-6
+#: Deadline checks count the work ahead and the newcomer's own this many times over: per-pixel cost
+#: varies with the photo (faces, aspect ratio) and with what else runs on the cores, and a 503 now
+#: serves a client better than a 504 a minute from now.
+_ESTIMATE_MARGIN: Final = 1.5
 #: Weight of the newest measurement in the moving averages.
 _EMA_WEIGHT: Final = 0.2
 
@@ -155,6 +159,8 @@ class Scheduler:
         self._queued_px = 0
         self._running_px = 0
         self._running_since = 0.0
+        #: Batches processed so far (to notice that work happened since some moment).
+        self.batches_done = 0
         self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
 
     # -- client side -------------------------------------------------------------------------------
@@ -166,6 +172,11 @@ class Scheduler:
     def depth(self) -> int:
         """Interactive tickets waiting (not yet started)."""
         return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits, nothing runs."""
+        return not (self._queue or self._background or self._running or self._reserved)
 
     @property
     def background_depth(self) -> int:
@@ -222,7 +233,7 @@ class Scheduler:
                     wait,
                 )
             own = sum(pixels) * self._seconds_per_pixel
-            if now + ahead + own > deadline:
+            if now + _ESTIMATE_MARGIN * (ahead + own) > deadline:
                 self._reject(len(pixels))
                 left = deadline - now
                 raise QueueFullError(
@@ -279,7 +290,20 @@ class Scheduler:
                 return ticket
             if admission is not None and admission.pixels:
                 self._reserved -= 1
-                self._reserved_px -= admission.pixels.pop(0)
+                pixels = admission.pixels.pop(0)
+                self._reserved_px -= pixels
+                # Decoding took its time: if what is ahead now cannot be done by the deadline, say so
+                # at once rather than let the image wait to time out.
+                now = time.monotonic()
+                ahead = self._work_ahead_s(now)
+                if now + _ESTIMATE_MARGIN * (ahead + ticket.pixels * self._seconds_per_pixel) > deadline:
+                    self._reject(1)
+                    wait = max(1, math.ceil(ahead))
+                    raise QueueFullError(
+                        f"the service is too busy to finish this before its deadline: about {ahead:.0f} s "
+                        f"of work is ahead of it; retry in about {wait} s",
+                        wait,
+                    )
             elif len(self._queue) + self._reserved >= self.queue_size:
                 self._reject(1)
                 wait = max(1, math.ceil(self._work_ahead_s(time.monotonic())))
@@ -362,6 +386,7 @@ class Scheduler:
                 with self._cond:
                     self._running = 0
                     self._running_px = 0
+                    self.batches_done += 1
 
     def _process(self, batch: list[Ticket]) -> None:
         now = time.monotonic()

@@ -19,6 +19,8 @@ from api import metrics as metrics_api
 from api.errors import HEADERS
 from api.metrics import Metrics
 from api.state import ServiceState
+from inference.scheduler import Scheduler
+from service import memory
 from service.engine import build_engine, build_flow
 from service.jobs import build_jobs
 from service.settings import Settings, get_settings
@@ -76,6 +78,20 @@ def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str])
             prop["minItems"] = max(1, prop.get("minItems", 1))
 
 
+#: How often the worker is looked at; memory is given back once it has been idle that long after work.
+_TRIM_EVERY_S = 5.0
+
+
+async def _trim_when_idle(scheduler: Scheduler) -> None:
+    """Give freed memory back to the system after each burst of work (see service.memory)."""
+    seen = scheduler.batches_done
+    while True:
+        await asyncio.sleep(_TRIM_EVERY_S)
+        if scheduler.idle and scheduler.batches_done != seen:
+            seen = scheduler.batches_done
+            await asyncio.to_thread(memory.trim)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The engine loads in the background after start-up; ``/readyz`` says when the
     default style is in, ``/styles`` how every style stands."""
@@ -84,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        memory.limit_arenas(settings.malloc_arenas)
         engine = build_engine(
             settings, on_outcome=lambda outcome: metrics.images.labels(outcome=outcome).inc()
         )
@@ -92,9 +109,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.toonserve = ServiceState(engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs)
         engine.start()
         await jobs.runner.start()
+        trimmer = asyncio.create_task(_trim_when_idle(engine.scheduler), name="toonserve-trim")
         try:
             yield
         finally:
+            trimmer.cancel()
             # Uvicorn has stopped accepting and finished in-flight requests. Job items in flight get
             # the same grace; what is left stays in the store and resumes at the next start.
             await jobs.runner.stop(settings.request_timeout_s)

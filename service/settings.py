@@ -169,6 +169,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         60.0, gt=0, description="Deadline per image, queue wait included; then 504."
     )
+    malloc_arenas: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="glibc malloc arenas (0: glibc's default of 8 per core); fewer strand less memory "
+        "after bursts.",
+    )
     codec_threads: int | None = Field(
         None,
         ge=1,

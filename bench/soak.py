@@ -1,0 +1,316 @@
+"""Soak: a bounded load at twice the measured capacity, mixed traffic and hostile requests, for minutes.
+
+    python bench/soak.py [--minutes 10] [--factor 2] [--json bench/results/soak.json]
+    python bench/soak.py --burst        # RSS before, at the peak of, and after a burst of hostile work
+
+Starts ``toonserve serve`` (default settings, synthetic model) on a free loopback port and:
+
+1. measures its capacity: photos/s of a 640×480 one-face JPEG at concurrency 4, for ~20 s;
+2. sends, for ``--minutes``, requests arriving at ``--factor`` × that rate (open loop: arrivals do not
+   wait for answers, at most 64 in flight): 70 % single photos, 10 % batches of three, 10 % small jobs
+   (two photos, their events followed to the end), 10 % hostile requests (below); ``/healthz`` is
+   probed ten times a second on its own connection;
+3. samples the server's RSS every 10 s and reports it per minute, and its growth after minute 1.
+
+Hostile requests, from the ways small uploads used to buy large work: a 40000×1000 PNG with
+``processing_size=2048``; a tiny lossless WebP that decodes to 6300×6300; a 1×1 PNG with
+``output_size=8192``; a batch of three 512×600 photos at ``output_size=8192``; a body over the upload
+limit sent chunked. Each must be answered at once or within its deadline, with a 4xx or a 503.
+
+Reports status counts and p50/p99 per route, ``/healthz`` p99, RSS per minute. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devkit.photos import one_face_1024x768
+from devkit.reference_graphs import write_fast_model_dir
+
+MAX_IN_FLIGHT = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def encode(rgb: np.ndarray, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Payloads:
+    """The request bodies, built once."""
+
+    def __init__(self) -> None:
+        photo = np.asarray(Image.fromarray(one_face_1024x768()).resize((640, 480)))
+        self.photo = encode(photo, "JPEG", quality=90)
+        self.portrait = encode(np.asarray(Image.fromarray(photo).resize((512, 600))), "JPEG", quality=90)
+        strip = np.asarray(Image.fromarray(photo).resize((40000, 1000), Image.NEAREST))
+        self.strip_png = encode(strip, "PNG", compress_level=9)
+        self.webp_bomb = encode(np.zeros((6300, 6300, 3), np.uint8), "WEBP", lossless=True, quality=100)
+        self.dot = encode(np.zeros((1, 1, 3), np.uint8), "PNG")
+
+
+class Soak:
+    def __init__(self, url: str, payloads: Payloads) -> None:
+        self.url = url
+        self.p = payloads
+        self.statuses: dict[str, Counter[str]] = defaultdict(Counter)
+        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.dropped = 0
+
+    def record(self, route: str, r: httpx.Response | None, ms: float) -> None:
+        if r is None:
+            key = "no answer"
+        else:
+            key = str(r.status_code)
+            if r.status_code == 503 and "retry-after" not in r.headers:
+                key += " without Retry-After"
+        self.statuses[route][key] += 1
+        self.latencies[route].append(ms)
+
+    async def timed(self, route: str, call: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response | None:
+        start = time.perf_counter()
+        try:
+            r: httpx.Response | None = await call()
+        except httpx.HTTPError:
+            r = None
+        self.record(route, r, (time.perf_counter() - start) * 1000)
+        return r
+
+    async def single(self, c: httpx.AsyncClient) -> None:
+        await self.timed(
+            "POST /cartoonize", lambda: c.post("/cartoonize", files={"image": ("a.jpg", self.p.photo)})
+        )
+
+    async def batch(self, c: httpx.AsyncClient) -> None:
+        files = [("images", (f"{i}.jpg", self.p.photo)) for i in range(3)]
+        await self.timed("POST /cartoonize/batch", lambda: c.post("/cartoonize/batch", files=files))
+
+    async def job(self, c: httpx.AsyncClient) -> None:
+        files = [("images", (f"{i}.jpg", self.p.photo)) for i in range(2)]
+        r = await self.timed("POST /jobs", lambda: c.post("/jobs", files=files))
+        if r is None or r.status_code != 202:
+            return
+        job_id = r.json()["id"]
+
+        async def follow() -> httpx.Response:
+            async with c.stream("GET", f"/jobs/{job_id}/events") as events:
+                async for _ in events.aiter_lines():
+                    pass
+                return events
+
+        await self.timed("GET /jobs/{id}/events (to the end)", follow)
+        await self.timed("DELETE /jobs/{id}", lambda: c.delete(f"/jobs/{job_id}"))
+
+    async def hostile(self, c: httpx.AsyncClient) -> None:
+        p = self.p
+        multipart = {"content-type": "multipart/form-data; boundary=x"}
+        cases: list[tuple[str, Callable[[], Awaitable[httpx.Response]]]] = [
+            ("hostile: 40000×1000 PNG at 2048", lambda: c.post(
+                "/cartoonize", files={"image": ("s.png", p.strip_png)}, data={"processing_size": "2048"})),
+            ("hostile: 6300² lossless WebP", lambda: c.post(
+                "/cartoonize", files={"image": ("w.webp", p.webp_bomb)})),
+            ("hostile: 1×1 PNG to 8192", lambda: c.post(
+                "/cartoonize", files={"image": ("d.png", p.dot)}, data={"output_size": "8192"})),
+            ("hostile: batch at 8192", lambda: c.post(
+                "/cartoonize/batch", files=[("images", (f"{i}.jpg", p.portrait)) for i in range(3)],
+                data={"output_size": "8192"})),
+            ("hostile: chunked over the limit", lambda: c.post(
+                "/cartoonize", content=_chunks(25), headers=multipart)),
+        ]  # fmt: skip
+        route, call = random.choice(cases)
+        await self.timed(route, call)
+
+    async def arrival(self, c: httpx.AsyncClient, kind: str) -> None:
+        if self.slots.locked():
+            self.dropped += 1  # the client side is saturated: count it, do not queue without bound
+            return
+        async with self.slots:
+            await getattr(self, kind)(c)
+
+
+async def _chunks(mib: int) -> AsyncIterator[bytes]:
+    """A well-formed multipart body whose one file is ``mib`` MiB, sent chunked (no Content-Length)."""
+    yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n'
+    for _ in range(mib):
+        yield b"\xff" * (1024 * 1024)
+    yield b"\r\n--x--\r\n"
+
+
+async def capacity(url: str, body: bytes, seconds: float) -> float:
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            while time.monotonic() < stop:
+                r = await c.post("/cartoonize", files={"image": ("a.jpg", body)})
+                if r.status_code == 200:
+                    done += 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(4)))
+    return done / (time.monotonic() - start)
+
+
+async def probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                await c.get("/healthz")
+                out.append((time.perf_counter() - start) * 1000)
+            except httpx.HTTPError:
+                out.append(float("inf"))
+            await asyncio.sleep(0.1)
+
+
+async def sample_rss(pid: int, stop: asyncio.Event, out: list[tuple[float, float]], every: float) -> None:
+    start = time.monotonic()
+    while not stop.is_set():
+        out.append((time.monotonic() - start, rss_mib(pid)))
+        await asyncio.sleep(every)
+    out.append((time.monotonic() - start, rss_mib(pid)))
+
+
+async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -> dict[str, Any]:
+    rate = factor * await capacity(url, p.photo, 20.0)
+    s = Soak(url, p)
+    stop = asyncio.Event()
+    health: list[float] = []
+    rss: list[tuple[float, float]] = []
+    background = [asyncio.create_task(probe_health(url, stop, health)),
+                  asyncio.create_task(sample_rss(pid, stop, rss, 10.0))]  # fmt: skip
+    kinds = ["single"] * 7 + ["batch", "job", "hostile"]
+    tasks: set[asyncio.Task[None]] = set()
+    limits = httpx.Limits(max_connections=MAX_IN_FLIGHT + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
+        end = time.monotonic() + minutes * 60
+        while time.monotonic() < end:
+            task = asyncio.create_task(s.arrival(c, random.choice(kinds)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(random.expovariate(rate))
+        await asyncio.gather(*tasks)
+    stop.set()
+    await asyncio.gather(*background)
+    per_minute: dict[int, float] = {}
+    for t, mib in rss:
+        per_minute[int(t // 60)] = max(per_minute.get(int(t // 60), 0.0), mib)
+    after_first = [mib for t, mib in rss if t >= 60]
+    at_one = next((mib for t, mib in rss if t >= 60), rss[-1][1])
+    growth = (max(after_first) - at_one) / at_one if after_first else float("nan")
+    return dict(
+        capacity_per_s=rate / factor, arrival_rate_per_s=rate, minutes=minutes,
+        statuses={k: dict(v) for k, v in s.statuses.items()},
+        p50_ms={k: statistics.median(v) for k, v in s.latencies.items()},
+        p99_ms={k: float(np.percentile(v, 99)) for k, v in s.latencies.items()},
+        healthz_p50_ms=statistics.median(health), healthz_p99_ms=float(np.percentile(health, 99)),
+        rss_mib_per_minute=per_minute, rss_growth_after_minute_1=growth, client_dropped=s.dropped,
+    )  # fmt: skip
+
+
+async def burst(url: str, pid: int, p: Payloads) -> dict[str, Any]:
+    """RSS before, at the peak of, and 30 s after a burst of the heaviest legitimate work."""
+    idle = rss_mib(pid)
+    peak = idle
+    stop = asyncio.Event()
+    samples: list[tuple[float, float]] = []
+    sampler = asyncio.create_task(sample_rss(pid, stop, samples, 0.2))
+    s = Soak(url, p)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        await asyncio.gather(*(s.hostile(c) for _ in range(12)), *(s.batch(c) for _ in range(6)),
+                             *(s.single(c) for _ in range(12)))  # fmt: skip
+    await asyncio.sleep(30)
+    stop.set()
+    await sampler
+    peak = max(mib for _, mib in samples)
+    return dict(rss_idle_mib=idle, rss_peak_mib=peak, rss_after_30s_mib=samples[-1][1],
+                statuses={k: dict(v) for k, v in s.statuses.items()})  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--factor", type=float, default=2.0)
+    ap.add_argument("--burst", action="store_true")
+    ap.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the server")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    random.seed(1)
+    tmp = Path(tempfile.mkdtemp(prefix="toonserve-soak-"))
+    write_fast_model_dir(tmp / "models" / "anime")
+    port = free_port()
+    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1",
+               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
+               TOONSERVE_DATA_DIR=str(tmp / "data"), TOONSERVE_ALLOW_DOWNLOAD="false",
+               TOONSERVE_LOG_LEVEL="error")  # fmt: skip
+    env.update(item.split("=", 1) for item in args.env)
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise SystemExit("server did not become ready")
+        payloads = Payloads()
+        if args.burst:
+            report = asyncio.run(burst(url, server.pid, payloads))
+        else:
+            report = asyncio.run(soak(url, server.pid, payloads, args.minutes, args.factor))
+    finally:
+        server.terminate()
+        server.wait(120)
+    report["server_env"] = args.env
+    print(json.dumps(report, indent=2))
+    out = args.json or Path("bench/results") / ("burst.json" if args.burst else "soak.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"# wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
