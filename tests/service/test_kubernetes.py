@@ -505,3 +505,20 @@ def test_overlays_differ_only_where_the_device_does(rendered: dict[str, list[Obj
     cpu, gpu = (_config(rendered[o]) for o in OVERLAYS)
     changed = {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)}
     assert {field_name(k) for k in changed} <= {"device", "dtype", "codec_threads"}, changed
+
+
+def test_the_ingress_buffers_requests_and_waits_past_the_deadline(objects: list[Obj]) -> None:
+    """Slow clients are cut off at the edge (uvicorn cannot time out request headers), uploads are
+    buffered there, and the proxy waits longer than the service's own deadline."""
+    (ingress,) = [o for o in objects if o["kind"] == "Ingress"]
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # the events stream
+    deadline = Settings.model_fields["request_timeout_s"].default
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= deadline + 5
+    body_mib = int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].removesuffix("m"))
+    assert body_mib * 1024 * 1024 >= Settings.model_fields["max_job_bytes"].default
+    (path,) = ingress["spec"]["rules"][0]["http"]["paths"]
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "toonserve")
+    assert path["backend"]["service"]["name"] == service["metadata"]["name"]
+    assert path["backend"]["service"]["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
