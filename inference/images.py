@@ -263,22 +263,13 @@ def decode(
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
-    if not data:
-        raise CorruptImageError("the file is empty")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLargeError(
             f"the file is {_bytes_text(len(data))}; the limit is {_bytes_text(max_bytes)}"
         )
-    fmt = _sniff(data)
+    fmt, im = _open_checked(data, max_pixels)
     name = _DISPLAY_NAMES[fmt]
-    if fmt == "webp":
-        # libwebp allocates its canvas when Pillow opens the file: check the declared size first.
-        declared = _webp_declared_size(data)
-        if declared is not None:
-            _check_pixels(*declared, max_pixels)
-    im = _open(data, fmt, max_pixels)
     try:
-        _check_pixels(im.width, im.height, max_pixels)
         detected = _FROM_PILLOW.get(im.format or "")
         if detected is None:  # cannot happen with `formats=` restricted, but never trust it blindly
             raise UnsupportedImageError(f"{im.format} images are not supported; send {_ALLOWED_TEXT}")
@@ -320,17 +311,9 @@ def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
     readable header, a declared size within ``max_pixels``. Raises the errors :func:`decode` raises
     for those; damage in the pixel data is only found by :func:`decode`. The size is upright (the
     EXIF orientation applied), as :func:`decode` will return it."""
-    if not data:
-        raise CorruptImageError("the file is empty")
-    fmt = _sniff(data)
-    if fmt == "webp":
-        declared = _webp_declared_size(data)
-        if declared is not None:
-            _check_pixels(*declared, max_pixels)
-    im = _open(data, fmt, max_pixels)
+    fmt, im = _open_checked(data, max_pixels)
     try:
         width, height = im.size
-        _check_pixels(width, height, max_pixels)
         turned = _orientation(im) in _SWAPS_SIDES
     finally:
         im.close()
@@ -410,6 +393,26 @@ def _webp_declared_size(data: bytes) -> tuple[int, int] | None:
         bits = int.from_bytes(data[21:25], "little")
         return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     return None
+
+
+def _open_checked(data: bytes, max_pixels: int) -> tuple[InputFormat, Image.Image]:
+    """The upload's format (by content) and its image opened on the header only, its declared size
+    checked against ``max_pixels`` before any pixel is decoded; the caller closes it."""
+    if not data:
+        raise CorruptImageError("the file is empty")
+    fmt = _sniff(data)
+    if fmt == "webp":
+        # libwebp allocates its canvas when Pillow opens the file: check the declared size first.
+        declared = _webp_declared_size(data)
+        if declared is not None:
+            _check_pixels(*declared, max_pixels)
+    im = _open(data, fmt, max_pixels)
+    try:
+        _check_pixels(im.width, im.height, max_pixels)
+    except BaseException:
+        im.close()
+        raise
+    return fmt, im
 
 
 def _open(data: bytes, fmt: InputFormat, max_pixels: int) -> Image.Image:
