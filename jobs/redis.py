@@ -62,6 +62,7 @@ def redacted(url: str) -> str:
     if parts.password is None:
         return url
     host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
     netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
 
@@ -103,8 +104,8 @@ class RedisJobStore:
                 socket_timeout=10,
                 health_check_interval=30,
                 # One quick retry, on connection errors only: a pooled connection that Redis closed
-                # (a restart) is replaced without failing the call. Every script is safe to run
-                # twice after a lost reply (see jobs.redis_lua); timeouts are not retried.
+                # (a restart) is replaced without failing the call. The scripts tolerate running
+                # twice after a lost reply (jobs.redis_lua says how); timeouts are not retried.
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, (redis.ConnectionError,)),
             )
         except ValueError as exc:
@@ -282,12 +283,8 @@ class RedisJobStore:
     def claim(self, styles: Collection[str], owner: str) -> Claim | None:
         if not styles:
             return None
-        now = time.time()
-        # The expiry is only used if the claim ends a job (an item of a cancelled job, unrun); the
-        # runner's TTL is not known here, and such a job already has its own.
-        got, dropped = self._run(
-            "CLAIM", owner, int(self.lease_s * 1000), repr(now), repr(now), *sorted(styles)
-        )
+        lease_ms = int(self.lease_s * 1000)
+        got, dropped = self._run("CLAIM", owner, lease_ms, repr(time.time()), *sorted(styles))
         for k in range(0, len(dropped), 2):
             self.input_path(dropped[k], int(dropped[k + 1])).unlink(missing_ok=True)
         if not got:

@@ -142,13 +142,13 @@ return {'created'}
 """
 )
 
-#: ARGV: prefix, consumer, lease (ms), now, expires_at (for a job that ends here), then the styles this
-#: runner can serve. Returns ``{claim, dropped}``: claim is ``{job id, index, filename, options, entry}``
-#: or empty; dropped lists ``job id, index`` pairs of items ended here (their photos can go).
+#: ARGV: prefix, consumer, lease (ms), now, then the styles this runner can serve. Returns
+#: ``{claim, dropped}``: claim is ``{job id, index, filename, options, entry}`` or empty; dropped lists
+#: ``job id, index`` pairs of items ended here (their photos can go).
 CLAIM: Final = (
     _PRELUDE
     + r"""
-local consumer, lease, now, expires = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local consumer, lease, now = ARGV[2], ARGV[3], ARGV[4]
 local dropped = {}
 
 -- Marks the item of a stream entry this consumer now holds as running, or drops a stale entry.
@@ -176,7 +176,7 @@ local function take(style, entry, fields)
   end
   item.owner = consumer
   redis.call('HSET', ikey(id), idx, cjson.encode(item))
-  if status == 'queued' then set_status(id, 'queued', 'running', now, expires) end
+  if status == 'queued' then set_status(id, 'queued', 'running', now, '') end
   return {id, idx, item.filename, redis.call('HGET', jkey(id), 'options'), entry}
 end
 
@@ -198,7 +198,7 @@ local function older(a, b)
 end
 
 -- First, items whose holder has not renewed its lease (it died, or lost Redis for that long).
-for s = 6, #ARGV do
+for s = 5, #ARGV do
   local style = ARGV[s]
   if redis.call('EXISTS', qkey(style)) == 1 then
     local cursor = '0-0'
@@ -219,7 +219,7 @@ end
 -- in job order); stale entries (their job cancelled or deleted) are dropped on the way.
 for _ = 1, 64 do
   local best_style, best_id = nil, nil
-  for s = 6, #ARGV do
+  for s = 5, #ARGV do
     local style = ARGV[s]
     if redis.call('EXISTS', qkey(style)) == 1 then
       local last = last_delivered(qkey(style))

@@ -252,3 +252,4 @@ def test_an_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
     assert "s3cret" not in str(info.value) and ":***@127.0.0.1:" in str(info.value)
     assert redacted("redis://user:pw@host:6380/1") == "redis://user:***@host:6380/1"
     assert redacted("redis://host/0") == "redis://host/0"
+    assert redacted("rediss://:pw@[::1]:6379/0") == "rediss://:***@[::1]:6379/0"
