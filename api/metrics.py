@@ -7,6 +7,7 @@ not collide.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -23,7 +24,10 @@ from prometheus_client import (
 
 from api.state import ServiceState, get_state
 from inference.pipeline import Result
+from jobs.errors import JobStoreError
 from jobs.model import JOB_STATUSES
+
+log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -105,9 +109,17 @@ async def metrics(request: Request, state: Annotated[ServiceState, Depends(get_s
     scheduler = state.engine.scheduler
     m.queue_depth.labels(device=scheduler.name).set(scheduler.depth)
     store = state.jobs.store
-    counts, waiting, usage = await asyncio.to_thread(lambda: (store.counts(), store.waiting(), store.usage()))
-    for status in JOB_STATUSES:
-        m.jobs.labels(status=status).set(counts.get(status, 0))
-    m.job_items_waiting.set(waiting)
-    m.job_storage.set(usage)
+    try:
+        counts, waiting, usage = await asyncio.to_thread(
+            lambda: (store.counts(), store.waiting(), store.usage())
+        )
+    except JobStoreError as exc:
+        # The job store is down (Redis unreachable): every other metric still matters, so the job
+        # gauges keep their last values rather than failing the scrape.
+        log.warning("metrics: job store figures unavailable: %s", exc)
+    else:
+        for status in JOB_STATUSES:
+            m.jobs.labels(status=status).set(counts.get(status, 0))
+        m.job_items_waiting.set(waiting)
+        m.job_storage.set(usage)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,13 +8,17 @@ does not need.
 
 Besides running items, the runner:
 
-* at start-up, hands items a dead process left ``running`` back to the queue (``store.recover``) and
-  resumes webhooks that were not delivered;
+* at start-up, hands items a dead process left ``running`` back to the queue (``store.recover``; a
+  shared store does it through leases instead) and resumes webhooks that were not delivered;
 * fails jobs whose style is not configured on this server (they could never run);
 * cancels a running item when its job is cancelled (it stops between pipeline stages);
 * deletes ended jobs once they expire, with their files;
 * delivers each ended job's webhook;
 * tells listeners (:class:`EventHub`) whenever a job changes, for the events stream.
+
+The store may fail for a while (Redis unreachable, a full disk): the loops log it and try again with
+a growing pause, an item's outcome is recorded again a few times before it is left to run again
+later, and nothing of it stops the runner.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError
 from inference.flow import Flow
 from inference.pipeline import CancelledError, Result
 from inference.scheduler import Ticket
-from jobs.model import Job
+from jobs.errors import JobStoreError
+from jobs.model import ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
 
@@ -43,6 +48,24 @@ log = logging.getLogger(__name__)
 #: How often a runner looks for work when it was not woken, and how often a waiting item checks
 #: whether its job was cancelled elsewhere (another replica).
 POLL_S: Final = 1.0
+#: Longest pause between attempts while the store cannot be used.
+RETRY_MAX_S: Final = 30.0
+#: Tries to record an item's outcome while the store cannot be used (1 s, 2 s, 4 s, 8 s apart: well
+#: within a lease, so the item is not taken over meanwhile).
+FINISH_ATTEMPTS: Final = 5
+
+
+class _LeaseLost(Exception):
+    """Another runner took the item over (this one did not renew its lease in time)."""
+
+
+def _store_trouble(exc: BaseException, doing: str, retry_s: float | None = None) -> None:
+    """Logs a store failure: one line for a known one (unreachable, unusable), a traceback otherwise."""
+    then = f"; trying again in {retry_s:.0f} s" if retry_s is not None else ""
+    if isinstance(exc, JobStoreError):
+        log.warning("jobs: %s failed: %s%s", doing, exc, then)
+    else:
+        log.error("jobs: %s failed unexpectedly%s", doing, then, exc_info=exc)
 
 
 class EventHub:
@@ -84,9 +107,12 @@ class JobRunner:
         hub: EventHub | None = None,
         on_item: Callable[[str], None] | None = None,
         error_code: Callable[[ToonserveError], str] | None = None,
+        fail_unconfigured: bool = True,
     ) -> None:
         """``error_code(exc)``: the code an item that failed with ``exc`` reports (the service passes
-        the HTTP API's, so an item's error reads like the same photo's error from /cartoonize)."""
+        the HTTP API's, so an item's error reads like the same photo's error from /cartoonize).
+        ``fail_unconfigured``: fail jobs whose style is not configured here (right when this process
+        is the only runner; with a shared store another replica may serve that style)."""
         self.store = store
         self.engine = engine
         self.flow = flow
@@ -97,10 +123,14 @@ class JobRunner:
         self.owner = uuid.uuid4().hex
         self._on_item = on_item or (lambda _: None)
         self._error_code = error_code or (lambda exc: type(exc).__name__)
+        self._fail_unconfigured_jobs = fail_unconfigured
         self._wake = asyncio.Event()
         self._stopping = False
+        self._recovered = False
+        self._claiming = False
         self._slots = asyncio.Semaphore(concurrency)
-        self._items: set[asyncio.Task[None]] = set()
+        #: Items in flight and their claims (released if still running at shutdown).
+        self._items: dict[asyncio.Task[None], Claim] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._tickets: dict[str, set[Ticket]] = defaultdict(set)
         self._webhook_tasks: dict[str, asyncio.Task[None]] = {}
@@ -108,11 +138,12 @@ class JobRunner:
     # -- life cycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        requeued = await asyncio.to_thread(self.store.recover)
-        if requeued:
-            log.info("jobs: %d item(s) left running by an earlier process are queued again", requeued)
-        for job in await asyncio.to_thread(self.store.pending_webhooks):
-            self._send_webhook(job)
+        try:
+            await self._recover()
+        except Exception as exc:  # the store is down: the service starts anyway, jobs resume later
+            _store_trouble(exc, "recovering the job store at start-up (the runner tries again)")
+        # Its id is its consumer name in a shared store (XINFO CONSUMERS), to tell replicas apart.
+        log.info("jobs: runner %s started", self.owner)
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="toonserve-jobs"),
             asyncio.create_task(self._sweep_loop(), name="toonserve-jobs-expiry"),
@@ -120,18 +151,37 @@ class JobRunner:
 
     async def stop(self, timeout: float) -> None:
         """Take no more items; let those in flight finish for up to ``timeout`` seconds. Whatever is
-        still running then stays ``running`` in the store and is queued again at the next start."""
+        still running then goes back to the queue (so another replica of a shared store takes it at
+        once rather than after its lease); if even that fails, it is queued again at the next start
+        (or, in a shared store, after its lease)."""
         self._stopping = True
         self._wake.set()
         for task in self._tasks:
-            task.cancel()
+            # A claim in progress is let through (a moment): cancelled, its thread would still take
+            # an item that nobody runs or hands back. The loop ends right after it.
+            if not (task is self._tasks[0] and self._claiming):
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._items:
             await asyncio.wait(self._items, timeout=timeout)
-        for task in [*self._items, *self._webhook_tasks.values()]:
+        unfinished = dict(self._items)
+        for task in [*unfinished, *self._webhook_tasks.values()]:
             task.cancel()
-        await asyncio.gather(
-            *self._tasks, *self._items, *self._webhook_tasks.values(), return_exceptions=True
-        )
+        await asyncio.gather(*unfinished, *self._webhook_tasks.values(), return_exceptions=True)
+        for task, claim in unfinished.items():
+            if task.cancelled():
+                try:
+                    await asyncio.to_thread(self.store.release, claim)
+                except Exception as exc:
+                    _store_trouble(exc, f"handing item {claim.index} of job {claim.job_id} back")
+
+    async def _recover(self) -> None:
+        requeued = await asyncio.to_thread(self.store.recover)
+        if requeued:
+            log.info("jobs: %d item(s) left running by an earlier process are queued again", requeued)
+        self._recovered = True
+        for job in await asyncio.to_thread(self.store.pending_webhooks):
+            self._send_webhook(job)
 
     def wake(self) -> None:
         """New work was stored."""
@@ -154,6 +204,8 @@ class JobRunner:
         return {name for name, status in self.engine.status().items() if status.state == "loaded"}
 
     async def _fail_unconfigured(self) -> None:
+        if not self._fail_unconfigured_jobs:
+            return
         configured = set(self.engine.styles)
         for style in await asyncio.to_thread(self.store.active_styles):
             if style in configured:
@@ -166,39 +218,66 @@ class JobRunner:
                 self.changed(job, job_id)
 
     async def _claim_loop(self) -> None:
-        await self._fail_unconfigured()
+        idle = True  # unconfigured styles are looked for first, then after each idle poll
+        failures = 0
         while not self._stopping:
-            await self._slots.acquire()
-            claim = None
             try:
-                claim = await asyncio.to_thread(self.store.claim, self._servable(), self.owner)
-            finally:
-                if claim is None:
-                    self._slots.release()
-            if claim is None:
+                if not self._recovered:
+                    await self._recover()
+                if idle:
+                    await self._fail_unconfigured()
+                idle = not await self._claim_one()
+                failures = 0
+            except Exception as exc:
+                # The store is unusable for now (Redis down, disk errors): back off, never die.
+                if self._stopping:
+                    return
+                failures += 1
+                delay = min(RETRY_MAX_S, 2.0 ** (failures - 1))
+                _store_trouble(exc, "taking work", delay)
+                await asyncio.sleep(delay)
+                continue
+            if idle:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), POLL_S)
-                await self._fail_unconfigured()
-                continue
-            task = asyncio.create_task(self._run(claim), name=f"toonserve-job-{claim.job_id}-{claim.index}")
-            self._items.add(task)
-            task.add_done_callback(self._item_done)
+
+    async def _claim_one(self) -> bool:
+        """Claim an item and start running it; False if there was none."""
+        await self._slots.acquire()
+        claim = None
+        self._claiming = True
+        try:
+            claim = await asyncio.to_thread(self.store.claim, self._servable(), self.owner)
+        finally:
+            self._claiming = False
+            if claim is None:
+                self._slots.release()
+        if claim is None:
+            return False
+        task = asyncio.create_task(self._run(claim), name=f"toonserve-job-{claim.job_id}-{claim.index}")
+        self._items[task] = claim
+        task.add_done_callback(self._item_done)
+        return True
 
     def _item_done(self, task: asyncio.Task[None]) -> None:
-        self._items.discard(task)
+        claim = self._items.pop(task)
         self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job item failed unexpectedly", exc_info=task.exception())
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its claim stays in the store: queued again at the next start, or after its lease.
+            _store_trouble(exc, f"running item {claim.index} of job {claim.job_id}")
 
     async def _sweep_loop(self) -> None:
         interval = min(60.0, max(0.5, self.ttl_s / 4))
         while True:
             await asyncio.sleep(interval)
-            for job_id in await asyncio.to_thread(self.store.expired, time.time()):
-                await asyncio.to_thread(self.store.delete, job_id)
-                log.info("job %s expired and was deleted", job_id)
-                self.hub.notify(job_id)
+            try:
+                for job_id in await asyncio.to_thread(self.store.expired, time.time()):
+                    await asyncio.to_thread(self.store.delete, job_id)
+                    log.info("job %s expired and was deleted", job_id)
+                    self.hub.notify(job_id)
+            except Exception as exc:
+                _store_trouble(exc, "deleting expired jobs", interval)
 
     # -- one item ----------------------------------------------------------------------------------
 
@@ -226,48 +305,79 @@ class JobRunner:
                 if not self._tickets[claim.job_id]:
                     del self._tickets[claim.job_id]
             outcome = await self.flow.finish(result, params, decoded, ticket)
+        except _LeaseLost:
+            # Another runner holds it now and records it; this one's work is dropped unrecorded.
+            log.warning(
+                "jobs: item %d of job %s is no longer this runner's (taken over after its lease, or its "
+                "job failed); its work here is dropped",
+                claim.index,
+                claim.job_id,
+            )
+            return
         except CancelledError:
-            job = await asyncio.to_thread(self.store.finish, claim, "cancelled", ttl_s=self.ttl_s)
+            job = await self._finish(claim, "cancelled")
             self._on_item("cancelled")
         except asyncio.CancelledError:
-            raise  # shutting down: the item stays running in the store and is queued again at start
+            raise  # shutting down: stop() hands the item back
         except ToonserveError as exc:
             error = {"code": self._error_code(exc), "message": str(exc)}
-            job = await asyncio.to_thread(self.store.finish, claim, "error", error=error, ttl_s=self.ttl_s)
+            job = await self._finish(claim, "error", error=error)
             self._on_item("error")
         except OSError as exc:
-            job = await asyncio.to_thread(
-                self.store.finish,
+            job = await self._finish(
                 claim,
                 "error",
                 error={"code": "internal_error", "message": f"the job's photo cannot be read: {exc}"},
-                ttl_s=self.ttl_s,
             )
             self._on_item("error")
         else:
-            job = await asyncio.to_thread(
-                self.store.finish,
+            job = await self._finish(
                 claim,
                 "ok",
                 result=outcome.data,
                 faces_stylized=outcome.result.faces_stylized,
                 timings_ms=outcome.timings_ms,
-                ttl_s=self.ttl_s,
             )
             self._on_item("ok")
         self.changed(job, claim.job_id)
 
+    async def _finish(self, claim: Claim, status: ItemStatus, **fields: Any) -> Job | None:
+        """``store.finish``, tried again a few times while the store cannot be used (the outcome is
+        kept meanwhile); the last failure is raised, and the item then runs again later."""
+        for attempt in range(1, FINISH_ATTEMPTS + 1):
+            try:
+                return await asyncio.to_thread(self.store.finish, claim, status, ttl_s=self.ttl_s, **fields)
+            except JobStoreError as exc:
+                if attempt == FINISH_ATTEMPTS:
+                    raise
+                delay = 2.0 ** (attempt - 1)
+                _store_trouble(exc, f"recording item {claim.index} of job {claim.job_id}", delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _wait(self, claim: Claim, ticket: Ticket) -> Result:
-        """The ticket's result; cancels it when the job is cancelled here or in another process."""
+        """The ticket's result; cancels it when the job is cancelled here or in another process, and
+        raises :class:`_LeaseLost` (the ticket cancelled) when another runner took the item over."""
         waiting = asyncio.ensure_future(self.flow.wait(ticket))
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
             if done:
                 return waiting.result()
-            job = await asyncio.to_thread(self.store.get, claim.job_id)
-            gone = job is None or job.status == "cancelled"
-            if gone or not await asyncio.to_thread(self.store.renew, claim):
+            try:
+                job = await asyncio.to_thread(self.store.get, claim.job_id)
+                gone = job is None or job.status == "cancelled"
+                held = gone or await asyncio.to_thread(self.store.renew, claim)
+            except JobStoreError as exc:
+                # Cannot check now (Redis away): keep working; the next poll checks again.
+                log.debug("jobs: cannot check item %d of job %s: %s", claim.index, claim.job_id, exc)
+                continue
+            if gone:
                 ticket.cancel()
+            elif not held:
+                ticket.cancel()
+                # Nobody awaits it any more; its outcome (cancelled) is collected here.
+                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
+                raise _LeaseLost
 
     def _send_webhook(self, job: Job) -> None:
         if job.id in self._webhook_tasks or job.webhook is None:
@@ -281,9 +391,16 @@ class JobRunner:
                 )
             except asyncio.CancelledError:
                 raise  # shutting down: still pending, resumed at the next start
+            except JobStoreError as exc:
+                # Still pending in the store: resumed at a start, so it may arrive twice.
+                _store_trouble(exc, f"recording the webhook of job {job.id}")
             except Exception:
+                # A bug in delivering must not leave the job pending for ever: recorded as failed.
                 log.exception("webhook of job %s could not be sent", job.id)
-                await asyncio.to_thread(self.store.set_webhook_state, job.id, "failed")
+                try:
+                    await asyncio.to_thread(self.store.set_webhook_state, job.id, "failed")
+                except JobStoreError as exc:
+                    _store_trouble(exc, f"recording the webhook of job {job.id}")
             finally:
                 self._webhook_tasks.pop(job.id, None)
 

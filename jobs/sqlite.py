@@ -24,7 +24,7 @@ from typing import Any, Final
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import fsync_dir, remove_tree, write_durable
 from jobs.model import TERMINAL, Item, ItemStatus, Job, JobOptions, JobStatus, WebhookState
-from jobs.store import Claim, Upload
+from jobs.store import Claim, Upload, quota_message
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -205,7 +205,7 @@ class SQLiteJobStore:
                 # Decided again under the lock: concurrent submissions cannot both fit.
                 used = db.execute(_USAGE_SQL).fetchone()[0]
                 if used + needed > quota_bytes:
-                    raise StorageQuotaError(_quota_message(needed, used, quota_bytes))
+                    raise StorageQuotaError(quota_message(needed, used, quota_bytes))
                 db.execute(
                     "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "
                     "idempotency_key) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
@@ -246,7 +246,7 @@ class SQLiteJobStore:
     def _check_quota(self, needed: int, quota_bytes: int) -> None:
         used = self.usage()
         if used + needed > quota_bytes:
-            raise StorageQuotaError(_quota_message(needed, used, quota_bytes))
+            raise StorageQuotaError(quota_message(needed, used, quota_bytes))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -427,12 +427,3 @@ class SQLiteJobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-def _quota_message(needed: int, used: int, quota: int) -> str:
-    mib = 1024 * 1024
-    return (
-        f"the job needs {needed / mib:.1f} MiB (its photos and room for their results) but only "
-        f"{max(0, quota - used) / mib:.1f} MiB of the {quota / mib:.0f} MiB job storage is free; "
-        "wait for older jobs to expire, delete finished ones, or raise TOONSERVE_MAX_JOB_STORAGE_BYTES"
-    )

@@ -1,7 +1,8 @@
 """The job store interface: job records and the photos and results that belong to them.
 
 Two backends implement it: :class:`jobs.sqlite.SQLiteJobStore` (embedded, the default: SQLite in WAL
-mode plus files, on a local data directory) and the shared one for several replicas. Both keep files
+mode plus files, on a local data directory) and :class:`jobs.redis.RedisJobStore` (shared by several
+replicas: Redis plus files on a directory every replica mounts). Both keep files
 under ``<data_dir>/jobs/<job id>/`` (``in/<index>`` the photos, ``out/<index>.<suffix>`` the results),
 written durably (:mod:`jobs.files`); a job is recorded only once all its photos are on disk, so an
 accepted job survives ``kill -9``.
@@ -52,6 +53,8 @@ class Claim:
     input_path: Path
     #: Who holds it (a runner's id), for shared stores with leases.
     owner: str
+    #: The shared store's handle of this hand-out (its stream entry); empty for the embedded store.
+    token: str = ""
 
 
 class JobStore(Protocol):
@@ -156,3 +159,13 @@ class JobStore(Protocol):
     def result_path(self, job_id: str, index: int, suffix: str) -> Path: ...
 
     def close(self) -> None: ...
+
+
+def quota_message(needed: int, used: int, quota: int) -> str:
+    """What a :class:`~jobs.errors.StorageQuotaError` says: what the job needs, what is free."""
+    mib = 1024 * 1024
+    return (
+        f"the job needs {needed / mib:.1f} MiB (its photos and room for their results) but only "
+        f"{max(0, quota - used) / mib:.1f} MiB of the {quota / mib:.0f} MiB job storage is free; "
+        "wait for older jobs to expire, delete finished ones, or raise TOONSERVE_MAX_JOB_STORAGE_BYTES"
+    )

@@ -7,6 +7,7 @@ from api.metrics import Metrics
 from api.state import JobsState
 from inference.engine import Engine
 from inference.flow import Flow
+from jobs.redis import RedisJobStore
 from jobs.runner import EventHub, JobRunner
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import JobStore
@@ -15,7 +16,10 @@ from service.settings import Settings
 
 
 def build_job_store(settings: Settings) -> JobStore:
-    """The job store the settings name (the embedded SQLite one on ``settings.jobs_dir``)."""
+    """The job store the settings name: the embedded SQLite one on ``settings.jobs_dir``, or the
+    Redis one shared by several replicas (its files on ``settings.jobs_dir``, which they all mount)."""
+    if settings.jobs_backend == "redis":
+        return RedisJobStore(settings.jobs_dir, settings.redis_url, lease_s=settings.job_lease_s)
     return SQLiteJobStore(settings.jobs_dir)
 
 
@@ -40,6 +44,9 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         hub=hub,
         on_item=lambda outcome: metrics.job_items.labels(outcome=outcome).inc(),
         error_code=code_for,
+        # With a shared store, a style missing here may be served by another replica (a job is only
+        # accepted by one that has it), so jobs are not failed for it.
+        fail_unconfigured=settings.jobs_backend == "sqlite",
     )
     return JobsState(
         store=store,

@@ -202,6 +202,23 @@ class Settings(BaseSettings):
     job_concurrency: int | None = Field(
         None, ge=1, le=256, description="Job items in flight at once; unset: the worker's batch size + 1."
     )
+    jobs_backend: Literal["sqlite", "redis"] = Field(
+        "sqlite",
+        description="Where job records and the work queue live: sqlite (embedded, one replica) or redis "
+        "(shared by several replicas, which must all mount the same data directory).",
+    )
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="The Redis of the redis jobs backend: redis://[user:password@]host:port/db, rediss:// "
+        "(TLS) or unix:///path.sock.",
+    )
+    job_lease_s: float = Field(
+        60.0,
+        ge=2,
+        le=3600,
+        description="Redis backend: a running item whose replica has not renewed it (every second) for "
+        "this long is taken over by another replica.",
+    )
     webhook_secret: str | None = Field(
         None, description="Key of the HMAC-SHA256 signature of job webhooks; webhooks are refused without it."
     )
@@ -234,6 +251,13 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one style must be loaded")
         return list(dict.fromkeys(value))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value.split("://", 1)[0] not in ("redis", "rediss", "unix") or "://" not in value:
+            raise ValueError(f"not a Redis URL: {value!r}; use redis://host:6379/0, rediss://… or unix://…")
+        return value
 
     @field_validator("face_detector")
     @classmethod

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
+from devkit.redis_server import RedisServer
 from devkit.reference_graphs import (
     ReferenceModelDir,
     TFGenerator,
@@ -33,16 +35,25 @@ BG_SEED = 2
 TF_FIXTURES = frozenset({"head_pb", "bg_pb", "tf_head", "tf_mtcnn", "upstream_flow"})
 
 
+#: Fixtures that start a server process; a test that uses one must be marked ``live``, so that
+#: ``make check`` needs neither the process nor its program.
+LIVE_FIXTURES = frozenset({"redis_server"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    unmarked = [
-        item.nodeid
-        for item in items
-        if TF_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("tf") is None
-    ]
-    if unmarked:
-        raise pytest.UsageError(
-            "these tests use a TensorFlow fixture but are not marked tf: " + ", ".join(unmarked)
-        )
+    for fixtures, marker, what in (
+        (TF_FIXTURES, "tf", "a TensorFlow fixture"),
+        (LIVE_FIXTURES, "live", "a server"),
+    ):
+        unmarked = [
+            item.nodeid
+            for item in items
+            if fixtures & set(getattr(item, "fixturenames", ())) and item.get_closest_marker(marker) is None
+        ]
+        if unmarked:
+            raise pytest.UsageError(
+                f"these tests use {what} but are not marked {marker}: " + ", ".join(unmarked)
+            )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -123,3 +134,13 @@ def cartoonizer(model_store: ModelStore, detector: FaceDetector) -> Cartoonizer:
 @pytest.fixture(autouse=True, scope="session")
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh ``redis-server`` on a free loopback port (about 50 ms to start), stopped afterwards.
+    Tests that use it start a server process, so they are marked ``live``; without ``redis-server``
+    they fail (``make test`` installs it)."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

@@ -1,0 +1,310 @@
+"""Both job stores (parametrized): durable acceptance, hand-out order, idempotency, quota, cancel, fail,
+expiry; then what differs: the embedded store's recovery at start-up and the Redis store's.
+
+The Redis cases start a ``redis-server`` (marked ``live``); tests/jobs/test_redis_store.py has the
+Redis-only ones (leases, takeovers, several store instances at once).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devkit.redis_server import RedisServer
+from jobs.errors import StorageQuotaError
+from jobs.model import Job, JobOptions
+from jobs.redis import RedisJobStore
+from jobs.sqlite import SQLiteJobStore
+from jobs.store import Upload
+
+OPTIONS = JobOptions("anime", 1.0, 720, None, "png", 90, "background")
+TTL = 3600.0
+QUOTA = 10**9
+
+Store = SQLiteJobStore | RedisJobStore
+
+
+def _uploads(*sizes: int, refused: tuple[int, ...] = ()) -> list[Upload]:
+    out = []
+    for i, size in enumerate(sizes):
+        if i in refused:
+            out.append(Upload(f"{i}.txt", None, 0, {"code": "unsupported_image", "message": "no"}, 0))
+        else:
+            out.append(Upload(f"{i}.jpg", io.BytesIO(bytes([i]) * size), size, None, 1000))
+    return out
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.live)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    made: Store
+    if request.param == "sqlite":
+        made = SQLiteJobStore(tmp_path / "data")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        made = RedisJobStore(tmp_path / "data", server.url, lease_s=60.0, replica="test")
+    yield made
+    made.close()
+
+
+def _create(store: Store, job_id: str, *sizes: int, key: str | None = None, **kw: object) -> Job:
+    job, created = store.create(
+        job_id,
+        OPTIONS,
+        _uploads(*sizes, **kw),  # type: ignore[arg-type]
+        webhook=None,
+        idempotency_key=key,
+        ttl_s=TTL,
+        quota_bytes=QUOTA,
+    )
+    assert created
+    return job
+
+
+def test_a_job_is_stored_with_its_photos_and_handed_out_in_order(store: Store) -> None:
+    _create(store, "a" * 32, 10, 20, 30, refused=(1,))
+    job = store.get("a" * 32)
+    assert job is not None and job.status == "queued"
+    assert [i.status for i in job.items] == ["queued", "error", "queued"]
+    assert job.items[1].error == {"code": "unsupported_image", "message": "no"}
+    assert store.input_path(job.id, 0).read_bytes() == b"\x00" * 10
+    assert not store.input_path(job.id, 1).exists()
+    assert store.usage() == 10 + 30 + 2 * 1000 and store.waiting() == 2
+
+    first = store.claim({"anime"}, "me")
+    assert first is not None and first.index == 0
+    assert store.get(job.id).status == "running"  # type: ignore[union-attr]
+    assert store.claim({"3d"}, "me") is None  # the job's style cannot run here
+    second = store.claim({"anime"}, "me")
+    assert second is not None and second.index == 2
+    assert store.claim({"anime"}, "me") is None
+    assert store.waiting() == 0
+
+    job = store.finish(first, "ok", result=b"png!", faces_stylized=1, timings_ms={"head": 1.0}, ttl_s=TTL)
+    assert job is not None and job.status == "running"
+    assert job.items[0].faces_stylized == 1 and job.items[0].timings_ms == {"head": 1.0}
+    assert store.result_path(job.id, 0, "png").read_bytes() == b"png!"
+    assert not store.input_path(job.id, 0).exists()  # the photo goes once its item has ended
+    job = store.finish(second, "error", error={"code": "no_face", "message": "none"}, ttl_s=TTL)
+    assert job is not None and job.status == "succeeded" and (job.done, job.failed) == (3, 2)
+    assert job.items[2].error == {"code": "no_face", "message": "none"}
+    assert store.usage() == 4
+    assert job.expires_at > time.time() + TTL - 5
+    assert store.counts() == {"succeeded": 1}
+
+
+def test_a_job_whose_photos_were_all_refused_has_ended_at_once(store: Store) -> None:
+    job = _create(store, "9" * 32, 10, refused=(0,))
+    assert job.status == "succeeded" and job.done == 1 and store.waiting() == 0 and store.usage() == 0
+    assert store.claim({"anime"}, "me") is None
+
+
+def test_oldest_job_first_and_styles_kept_apart(store: Store) -> None:
+    store.create(
+        "7" * 32,
+        JobOptions("3d", 1.0, 720, None, "png", 90, "background"),
+        _uploads(10),
+        webhook=None,
+        idempotency_key=None,
+        ttl_s=TTL,
+        quota_bytes=QUOTA,
+    )
+    time.sleep(0.01)
+    _create(store, "8" * 32, 10, 10)
+    assert store.active_styles() == {"3d", "anime"}
+    assert store.jobs_of_style("3d") == ["7" * 32]
+    assert store.claim({"anime"}, "me").job_id == "8" * 32  # type: ignore[union-attr]
+    got = store.claim({"anime", "3d"}, "me")
+    assert got is not None and got.job_id == "7" * 32 and got.options.style == "3d"
+    assert store.claim({"anime", "3d"}, "me").index == 1  # type: ignore[union-attr]
+
+
+def test_a_released_item_is_handed_out_again(store: Store) -> None:
+    _create(store, "6" * 32, 10)
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None and store.waiting() == 0
+    store.release(claim)
+    assert store.waiting() == 1
+    job = store.get("6" * 32)
+    assert job is not None and job.items[0].status == "queued"
+    again = store.claim({"anime"}, "other")
+    assert again is not None and again.index == 0 and again.job_id == claim.job_id
+
+
+def test_idempotency_key_returns_the_first_job(store: Store) -> None:
+    _create(store, "b" * 32, 10, key="k")
+    again, created = store.create(
+        "c" * 32, OPTIONS, _uploads(10), webhook=None, idempotency_key="k", ttl_s=TTL, quota_bytes=QUOTA
+    )
+    assert not created and again.id == "b" * 32
+    assert store.by_idempotency_key("k").id == "b" * 32  # type: ignore[union-attr]
+    assert store.get("c" * 32) is None and not store.job_dir("c" * 32).exists()
+
+
+def test_concurrent_submissions_with_one_key_make_one_job(store: Store) -> None:
+    ids: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def submit(n: int) -> None:
+        barrier.wait()
+        job, _ = store.create(
+            f"{n:032x}",
+            OPTIONS,
+            _uploads(50),
+            webhook=None,
+            idempotency_key="same",
+            ttl_s=TTL,
+            quota_bytes=QUOTA,
+        )
+        ids.append(job.id)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1
+    assert len(store.recent(None, 10)) == 1
+    assert sorted(p.name for p in store.jobs_dir.iterdir()) == [ids[0]]
+    assert store.usage() == 50 + 1000 and store.waiting() == 1
+
+
+def test_quota_refuses_before_writing(store: Store) -> None:
+    with pytest.raises(StorageQuotaError, match="job storage is free"):
+        store.create(
+            "d" * 32,
+            OPTIONS,
+            _uploads(600, 600),
+            webhook=None,
+            idempotency_key=None,
+            ttl_s=TTL,
+            quota_bytes=2000,
+        )
+    assert store.get("d" * 32) is None and list(store.jobs_dir.iterdir()) == []
+    store.create(
+        "e" * 32, OPTIONS, _uploads(100), webhook=None, idempotency_key=None, ttl_s=TTL, quota_bytes=2000
+    )
+    # 1100 reserved now: a second one of the same size no longer fits.
+    with pytest.raises(StorageQuotaError):
+        store.create(
+            "f" * 32, OPTIONS, _uploads(100), webhook=None, idempotency_key=None, ttl_s=TTL, quota_bytes=2000
+        )
+
+
+def test_cancel_fail_expire_delete(store: Store) -> None:
+    _create(store, "4" * 32, 10, 10, 10)
+    running = store.claim({"anime"}, "me")
+    assert running is not None
+    job = store.cancel("4" * 32, ttl_s=0.0)
+    assert job is not None and job.status == "cancelled"
+    assert [i.status for i in job.items] == ["running", "cancelled", "cancelled"]
+    assert not store.input_path(job.id, 1).exists() and store.waiting() == 0
+    assert store.claim({"anime"}, "me") is None
+    job = store.finish(running, "cancelled", ttl_s=0.0)
+    assert job is not None and job.status == "cancelled" and job.done == 3
+    assert store.usage() == 0
+    assert store.expired(time.time() + 1) == ["4" * 32]
+    assert store.delete("4" * 32) and not store.job_dir("4" * 32).exists() and store.get("4" * 32) is None
+    assert not store.delete("4" * 32)
+    assert store.cancel("4" * 32, ttl_s=0.0) is None and store.fail("4" * 32, "x", ttl_s=0.0) is None
+
+    _create(store, "5" * 32, 10)
+    job = store.fail("5" * 32, "style 'x' is not configured", ttl_s=TTL)
+    assert job is not None and job.status == "failed" and job.error == "style 'x' is not configured"
+    assert job.items[0].error == {"code": "job_failed", "message": "style 'x' is not configured"}
+    assert store.expired(time.time()) == []  # not yet expired
+    assert store.counts() == {"failed": 1}
+    assert store.usage() == 0 and store.waiting() == 0
+
+
+def test_delete_releases_everything_the_job_held(store: Store) -> None:
+    _create(store, "3" * 32, 10, 20, key="gone")
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None and store.usage() == 30 + 2000
+    assert store.delete("3" * 32)
+    assert store.usage() == 0 and store.waiting() == 0 and store.counts() == {}
+    assert store.by_idempotency_key("gone") is None and store.recent(None, 10) == []
+    assert store.finish(claim, "ok", result=b"late", ttl_s=TTL) is None  # deleted while it ran
+    assert not store.job_dir("3" * 32).exists()
+    assert store.claim({"anime"}, "me") is None
+
+
+def test_webhook_state_and_listing(store: Store) -> None:
+    job, _ = store.create(
+        "2" * 32,
+        OPTIONS,
+        _uploads(10),
+        webhook="https://example.com/h",
+        idempotency_key=None,
+        ttl_s=TTL,
+        quota_bytes=QUOTA,
+    )
+    assert job.webhook == "https://example.com/h" and job.webhook_state == "none"
+    assert store.pending_webhooks() == []
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None
+    job = store.finish(claim, "ok", result=b"x", ttl_s=TTL)  # type: ignore[assignment]
+    assert job.status == "succeeded" and job.webhook_state == "pending"
+    assert [j.id for j in store.pending_webhooks()] == [job.id]
+    store.set_webhook_state(job.id, "delivered")
+    assert store.pending_webhooks() == [] and store.get(job.id).webhook_state == "delivered"  # type: ignore[union-attr]
+    time.sleep(0.01)
+    _create(store, "1" * 32, 10)
+    assert [j.id for j in store.recent(None, 10)] == ["1" * 32, "2" * 32]
+    assert [j.id for j in store.recent("succeeded", 10)] == ["2" * 32]
+    assert [j.id for j in store.recent(None, 1)] == ["1" * 32]
+
+
+def test_sqlite_recover_requeues_running_items_and_removes_orphans(tmp_path: Path) -> None:
+    store = SQLiteJobStore(tmp_path / "data")
+    _create(store, "1" * 32, 10, 10)
+    claim = store.claim({"anime"}, "dead")
+    assert claim is not None
+    orphan = store.jobs_dir / ("2" * 32)  # renamed into place, record never committed
+    (orphan / "in").mkdir(parents=True)
+    (store.staging_dir / ("3" * 32)).mkdir()
+    store.close()
+
+    again = SQLiteJobStore(tmp_path / "data")
+    assert again.recover() == 1
+    assert not orphan.exists() and list(again.staging_dir.iterdir()) == []
+    job = again.get("1" * 32)
+    assert job is not None and [i.status for i in job.items] == ["queued", "queued"]
+    assert again.claim({"anime"}, "me").index == 0  # type: ignore[union-attr]
+
+
+@pytest.mark.live
+def test_redis_recover_leaves_other_runners_items_and_fresh_directories(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    data = tmp_path / "data"
+    other = RedisJobStore(data, redis_server.url, lease_s=60.0, replica="other")
+    _create(other, "1" * 32, 10, 10)
+    held = other.claim({"anime"}, "other-runner")
+    assert held is not None
+    old = time.time() - 2 * 3600
+    fresh_orphan = other.jobs_dir / ("2" * 32)  # being accepted by another replica right now
+    (fresh_orphan / "in").mkdir(parents=True)
+    stale_orphan = other.jobs_dir / ("3" * 32)  # left by a replica that died while accepting
+    (stale_orphan / "in").mkdir(parents=True)
+    (other.staging_dir / ("4" * 32)).mkdir()  # the other replica's upload in progress
+    dead_staging = other.staging_root / "dead-replica" / ("5" * 32)
+    dead_staging.mkdir(parents=True)
+    for path in (stale_orphan / "in", stale_orphan, dead_staging, dead_staging.parent):
+        os.utime(path, (old, old))
+
+    store = RedisJobStore(data, redis_server.url, lease_s=60.0, replica="me")
+    (store.staging_dir / ("6" * 32)).mkdir()  # this replica's, from before its restart
+    assert store.recover() == 0
+    assert list(store.staging_dir.iterdir()) == []
+    assert (other.staging_dir / ("4" * 32)).is_dir() and not dead_staging.parent.exists()
+    assert fresh_orphan.is_dir() and not stale_orphan.exists()
+    job = store.get("1" * 32)
+    assert job is not None and [i.status for i in job.items] == ["running", "queued"]
+    assert other.renew(held)  # still the other runner's
+    assert store.claim({"anime"}, "me").index == 1  # type: ignore[union-attr]

@@ -1,0 +1,162 @@
+"""Two replicas on one Redis and one data directory: a job posted to one is followed, run and served by
+the other, which also finishes the items of the first after it is killed (``kill -9``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from devkit import photos
+from devkit.redis_server import RedisServer
+from devkit.reference_graphs import ReferenceModelDir
+from tests.service.test_jobs_live import Service, _photo_set, _post
+from tests.service.test_live import _free_port
+
+pytestmark = pytest.mark.live
+
+#: Short, so the test sees a takeover soon; runners renew every second.
+LEASE_S = 3
+QUEUE = "{toonserve}:queue:anime"
+PHOTOS = 12
+
+
+@pytest.fixture
+def replicas(
+    model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[list[Service]]:
+    services = []
+    for name in ("a", "b"):
+        env = dict(
+            os.environ,
+            TOONSERVE_PORT=str(_free_port()),
+            TOONSERVE_HOST="127.0.0.1",
+            TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
+            TOONSERVE_CACHE_DIR=str(tmp_path / f"cache-{name}"),
+            TOONSERVE_DATA_DIR=str(tmp_path / "data"),  # shared, as a ReadWriteMany volume would be
+            TOONSERVE_ALLOW_DOWNLOAD="false",
+            TOONSERVE_DEVICE="cpu",
+            TOONSERVE_LOG_FORMAT="json",
+            TOONSERVE_JOBS_BACKEND="redis",
+            TOONSERVE_REDIS_URL=redis_server.url,
+            TOONSERVE_JOB_LEASE_S=str(LEASE_S),
+            # Smaller than the default 720: the same code path at a fraction of the time.
+            TOONSERVE_PROCESSING_SIZE="320",
+        )
+        services.append(Service(env, tmp_path / f"server-{name}.log"))
+    starting = [threading.Thread(target=s.start) for s in services]
+    for t in starting:
+        t.start()
+    for t in starting:
+        t.join()
+    for s in services:
+        assert s.proc is not None and s.proc.poll() is None, s.log.read_text()[-3000:]
+    yield services
+    for s in services:
+        s.stop()
+
+
+def _runner_id(service: Service) -> str:
+    for line in service.log.read_text().splitlines():
+        message = json.loads(line).get("message", "") if line.startswith("{") else ""
+        if message.startswith("jobs: runner ") and message.endswith(" started"):
+            return str(message.split()[2])
+    raise AssertionError(f"no runner id in {service.log}")
+
+
+def _events(url: str, out: list[tuple[str, dict[str, Any]]]) -> None:
+    event = ""
+    with httpx.stream("GET", url, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                out.append((event, json.loads(line[6:])))
+
+
+def test_a_job_survives_the_replica_that_took_it(replicas: list[Service], redis_server: RedisServer) -> None:
+    a, b = replicas
+    runner_a = _runner_id(a)
+    files = _photo_set(PHOTOS)
+    status, body = _post(a.url + "/jobs", files, "images", {})
+    assert status == 202, body
+    job_id = json.loads(body)["id"]
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    follower = threading.Thread(target=_events, args=(f"{b.url}/jobs/{job_id}/events", events), daemon=True)
+    follower.start()
+
+    # Interactive requests on B keep being answered the whole time, before and after A dies.
+    interactive: list[int] = []
+    stop = threading.Event()
+    portrait = io.BytesIO()
+    Image.fromarray(photos.grace_hopper()).resize((192, 224)).save(portrait, "JPEG")
+
+    def ask() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                r = http.post(b.url + "/cartoonize", files={"image": ("p.jpg", portrait.getvalue())})
+                interactive.append(r.status_code)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+
+    # Progress made on A (and B) shows on B; A holds items when it dies.
+    redis = redis_server.client()
+    deadline = time.monotonic() + 120
+    while True:
+        job = b.job(job_id)
+        held = redis.xpending_range(QUEUE, "runners", "-", "+", 10, consumername=runner_a)
+        if job["done"] >= 2 and held:
+            break
+        assert time.monotonic() < deadline and job["status"] != "succeeded", (job, held)
+        time.sleep(0.02)
+    a.kill()
+    killed_at = time.monotonic()
+    a.proc = None
+    held_entries = {h["message_id"] for h in held}
+    items = {int(k): json.loads(v) for k, v in redis.hgetall(f"{{toonserve}}:items:{job_id}").items()}
+    held_by_a = [i for i, item in items.items() if item.get("entry") in held_entries]
+    assert held_by_a and job["done"] < PHOTOS, (held, items)
+
+    deadline = time.monotonic() + 300
+    while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job = b.job(job_id)
+    stop.set()
+    asker.join(180)
+    follower.join(30)
+    assert job["status"] == "succeeded" and job["done"] == PHOTOS and job["failed"] == 0, job
+    assert all(job["items"][i]["status"] == "ok" for i in held_by_a)  # finished by B, A being dead
+    assert time.monotonic() - killed_at >= LEASE_S  # they waited out A's lease
+    assert redis.xpending(QUEUE, "runners")["pending"] == 0 and int(redis.get("{toonserve}:waiting")) == 0
+
+    assert len(interactive) >= 3 and set(interactive) == {200}, interactive
+    names = [e for e, _ in events]
+    assert names[0] == "job" and names[-1] == "end" and events[-1][1]["status"] == "succeeded"
+    assert names.count("item") + events[0][1]["done"] == PHOTOS
+
+    status, zipped = b.get(f"/jobs/{job_id}/result")
+    assert status == 200
+    with zipfile.ZipFile(io.BytesIO(zipped)) as zf:
+        names = [n for n in zf.namelist() if n != "results.json"]
+        assert len(names) == len(set(names)) == PHOTOS
+        results = {n.split("-", 1)[1].rsplit(".", 1)[0]: zf.read(n) for n in names}
+    assert sorted(results) == sorted(name.rsplit(".", 1)[0] for name, _ in files)
+    for name, data in files:
+        status, expected = _post(b.url + "/cartoonize", [(name, data)], "image", {})
+        assert status == 200
+        ours = np.asarray(Image.open(io.BytesIO(results[name.rsplit(".", 1)[0]])))
+        theirs = np.asarray(Image.open(io.BytesIO(expected)))
+        np.testing.assert_array_equal(ours, theirs, err_msg=name)
