@@ -276,7 +276,8 @@ async def job_events(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobI
         yield _sse("job", _out(job))
         sent = {item.index for item in job.items if item.ended}
         quiet = 0.0
-        while not job.terminal:
+        # Until every item has ended: a cancelled job's running item still reports how it stopped.
+        while not job.settled:
             await jobs.hub.wait(job_id, _EVENTS_POLL_S)
             job = await asyncio.to_thread(jobs.store.get, job_id)
             if job is None:  # deleted meanwhile

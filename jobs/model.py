@@ -138,6 +138,12 @@ class Job:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def settled(self) -> bool:
+        """Ended, and no item still running: a job cancelled while an item runs is terminal at once
+        but settles when that item stops (between stages) or finishes."""
+        return self.terminal and all(item.ended for item in self.items)
+
 
 def iso(t: float) -> str:
     """An epoch time as ISO 8601 UTC with milliseconds."""

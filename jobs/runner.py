@@ -181,7 +181,7 @@ class JobRunner:
             log.info("jobs: %d item(s) left running by an earlier process are queued again", requeued)
         self._recovered = True
         for job in await asyncio.to_thread(self.store.pending_webhooks):
-            self._send_webhook(job)
+            self.changed(job, job.id)  # sent now if the job has settled, else when it does
 
     def wake(self) -> None:
         """New work was stored."""
@@ -193,9 +193,10 @@ class JobRunner:
             ticket.cancel()
 
     def changed(self, job: Job | None, job_id: str) -> None:
-        """A job changed: wake its listeners; if it just ended, send its webhook."""
+        """A job changed: wake its listeners; once it has settled (ended, nothing running), send its
+        webhook, so the webhook's job object is final."""
         self.hub.notify(job_id)
-        if job is not None and job.terminal and job.webhook_state == "pending":
+        if job is not None and job.settled and job.webhook_state == "pending":
             self._send_webhook(job)
 
     # -- the loops ---------------------------------------------------------------------------------

@@ -388,6 +388,11 @@ class SQLiteJobStore:
             if path.is_dir() and path.name not in known:
                 remove_tree(path)  # renamed into place, but its record was never committed
         with self._tx() as db:
+            # An item of a job that ended meanwhile (cancelled while it ran) will not run again.
+            db.execute(
+                "UPDATE items SET status = 'cancelled', input_bytes = 0 WHERE status = 'running' "
+                "AND job_id IN (SELECT id FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled'))"
+            )
             return db.execute("UPDATE items SET status = 'queued' WHERE status = 'running'").rowcount
 
     def expired(self, now: float) -> list[str]:

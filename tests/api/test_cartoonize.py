@@ -192,6 +192,7 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
     engine, flow = state.engine, state.flow
     real, timeout = engine.scheduler, flow.timeout_s
     stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled", on_outcome=real._on_outcome)
+    stalled._seconds_per_pixel = 1e-9  # admitted as quick work, then never processed (never started)
     engine.scheduler = stalled
     flow.timeout_s = 0.3
     try:
