@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Iterator
@@ -29,7 +26,7 @@ from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwr
 
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
-from tests.service.test_live import Server, _free_port
+from devkit.serve import LiveService, service_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -55,60 +52,33 @@ CHROMIUM_ARGS = [
 STEP_S = 60
 
 
-def _start_server(model_dir: ReferenceModelDir, tmp: Path, **extra: str) -> Server:
-    port = _free_port()
-    env = dict(
-        os.environ,
-        TOONSERVE_PORT=str(port),
-        TOONSERVE_HOST="127.0.0.1",
-        TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
-        TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-        TOONSERVE_DATA_DIR=str(tmp / "data"),
-        TOONSERVE_ALLOW_DOWNLOAD="false",
-        TOONSERVE_DEVICE="cpu",
+def _start_server(model_dir: ReferenceModelDir, tmp: Path, **extra: str) -> LiveService:
+    env = service_env(
+        model_dir.path.parent,
+        tmp,
         TOONSERVE_LOG_FORMAT="text",
         # Small: the page does not care, and the tests stay fast.
         TOONSERVE_PROCESSING_SIZE="128",
         TOONSERVE_MAX_JOB_FILES=str(MAX_JOB_FILES),
         **extra,
     )
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out
-        )
-    srv = Server(port, proc, log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if srv.get("/readyz", timeout=2)[0] == 200:
-                return srv
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
-
-
-def _stop(srv: Server) -> None:
-    if srv.proc.poll() is None:
-        srv.proc.kill()
-        srv.proc.wait(10)
+    return LiveService(env, tmp / "server.log").start()
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     srv = _start_server(model_dir, tmp_path_factory.mktemp("web"))
     yield srv
-    _stop(srv)
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
-def keyed_server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def keyed_server(
+    model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveService]:
     srv = _start_server(model_dir, tmp_path_factory.mktemp("web-key"), TOONSERVE_API_KEY=API_KEY)
     yield srv
-    _stop(srv)
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +131,7 @@ class Session:
         assert unexpected == []
 
 
-def _session(browser: Browser, srv: Server) -> Iterator[Session]:
+def _session(browser: Browser, srv: LiveService) -> Iterator[Session]:
     context = browser.new_context(viewport=DESKTOP, accept_downloads=True)
     context.set_default_timeout(STEP_S * 1000)
     page = context.new_page()
@@ -175,12 +145,12 @@ def _session(browser: Browser, srv: Server) -> Iterator[Session]:
 
 
 @pytest.fixture
-def web(browser: Browser, server: Server) -> Iterator[Session]:
+def web(browser: Browser, server: LiveService) -> Iterator[Session]:
     yield from _session(browser, server)
 
 
 @pytest.fixture
-def keyed_web(browser: Browser, keyed_server: Server) -> Iterator[Session]:
+def keyed_web(browser: Browser, keyed_server: LiveService) -> Iterator[Session]:
     yield from _session(browser, keyed_server)
 
 
@@ -210,7 +180,7 @@ def _choose(page: Page, name: str, rgb: np.ndarray, size: tuple[int, int]) -> No
 NOT_AN_IMAGE = _file("notes.txt", b"not a photo, just some words\n" * 20, "text/plain")
 
 
-def _api_error(srv: Server, path: str, files: list[tuple[str, Any]], data: dict[str, str]) -> str:
+def _api_error(srv: LiveService, path: str, files: list[tuple[str, Any]], data: dict[str, str]) -> str:
     """The message the API itself gives for this request (the page must show exactly that)."""
     r = httpx.post(srv.url + path, files=files, data=data, timeout=60)
     assert r.status_code >= 400, r.text
@@ -284,7 +254,7 @@ def _batch_tab(page: Page) -> None:
     expect(page.get_by_label("Photos", exact=True)).to_be_visible()
 
 
-def _job(srv: Server, page: Page) -> dict[str, Any]:
+def _job(srv: LiveService, page: Page) -> dict[str, Any]:
     job_id = page.evaluate("localStorage.getItem('toonserve.job')")
     status, body = srv.get(f"/jobs/{job_id}")
     assert status == 200, body
@@ -391,7 +361,7 @@ def test_busy_service_is_retried_after_retry_after(web: Session) -> None:
     assert len(answered) == 1
 
 
-def test_errors_are_the_apis_words(web: Session, server: Server) -> None:
+def test_errors_are_the_apis_words(web: Session, server: LiveService) -> None:
     web.allow_status(415, 422)
     page = web.open()
     photo = _jpeg(photos.astronaut(), (160, 160))
@@ -448,7 +418,7 @@ def test_keyboard_alone(web: Session) -> None:
 # -- a batch ---------------------------------------------------------------------------------------
 
 
-def test_a_batch_with_one_bad_file(web: Session, server: Server) -> None:
+def test_a_batch_with_one_bad_file(web: Session, server: LiveService) -> None:
     page = web.open()
     _batch_tab(page)
     files = [
@@ -486,7 +456,7 @@ def test_a_batch_with_one_bad_file(web: Session, server: Server) -> None:
     _screenshot(page, "batch-phone")
 
 
-def test_cancel_during_a_batch(web: Session, server: Server) -> None:
+def test_cancel_during_a_batch(web: Session, server: LiveService) -> None:
     page = web.open()
     # Larger than the service's default, so the batch surely outlasts the click, even on a fast machine.
     page.get_by_label("Processing size").fill("384")
@@ -507,7 +477,7 @@ def test_cancel_during_a_batch(web: Session, server: Server) -> None:
     )
 
 
-def test_a_reload_finds_the_running_batch(web: Session, server: Server) -> None:
+def test_a_reload_finds_the_running_batch(web: Session, server: LiveService) -> None:
     page = web.open()
     _batch_tab(page)
     page.get_by_label("Photos", exact=True).set_input_files(_photos(6))
@@ -523,7 +493,7 @@ def test_a_reload_finds_the_running_batch(web: Session, server: Server) -> None:
     assert _job(server, page)["status"] == "succeeded"
 
 
-def test_too_many_photos_for_a_job_says_so(web: Session, server: Server) -> None:
+def test_too_many_photos_for_a_job_says_so(web: Session, server: LiveService) -> None:
     web.allow_status(413)
     page = web.open()
     _batch_tab(page)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -23,76 +18,15 @@ from PIL import Image
 
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
-from tests.service.test_live import _free_port
+from devkit.serve import LiveService, service_env
 
 pytestmark = pytest.mark.live
 
 
-class Service:
-    """``toonserve serve`` in a subprocess, restartable on the same data directory."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.url = f"http://127.0.0.1:{env['TOONSERVE_PORT']}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve"], env=self.env, stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if self.get("/readyz")[0] == 200:
-                    return
-            except OSError:
-                pass
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            time.sleep(0.2)
-        raise AssertionError(f"not ready: {self.log.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=30) as r:
-                return int(r.status), r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        status, body = self.get(f"/jobs/{job_id}")
-        assert status == 200, body
-        data: dict[str, Any] = json.loads(body)
-        return data
-
-
 @pytest.fixture
-def service(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[Service]:
-    env = dict(
-        os.environ,
-        TOONSERVE_PORT=str(_free_port()),
-        TOONSERVE_HOST="127.0.0.1",
-        TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
-        TOONSERVE_CACHE_DIR=str(tmp_path / "cache"),
-        TOONSERVE_DATA_DIR=str(tmp_path / "data"),
-        TOONSERVE_ALLOW_DOWNLOAD="false",
-        TOONSERVE_DEVICE="cpu",
-        TOONSERVE_LOG_FORMAT="json",
-    )
-    svc = Service(env, tmp_path / "server.log")
-    svc.start()
-    yield svc
-    svc.stop()
+def service(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[LiveService]:
+    with LiveService(service_env(model_dir.path.parent, tmp_path), tmp_path / "server.log") as svc:
+        yield svc
 
 
 def _photo_set(count: int) -> list[tuple[str, bytes]]:
@@ -115,7 +49,7 @@ def _post(url: str, files: list[tuple[str, bytes]], field: str, data: dict[str, 
     return r.status_code, r.content
 
 
-def test_kill_9_half_way_then_restart_finishes_every_photo_once(service: Service) -> None:
+def test_kill_9_half_way_then_restart_finishes_every_photo_once(service: LiveService) -> None:
     files = _photo_set(20)
     status, body = _post(service.url + "/jobs", files, "images", {})
     assert status == 202, body
@@ -124,7 +58,6 @@ def test_kill_9_half_way_then_restart_finishes_every_photo_once(service: Service
     while service.job(job_id)["done"] < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
     service.kill()
-    service.proc = None
     data_dir = Path(service.env["TOONSERVE_DATA_DIR"])
     assert (data_dir / "jobs" / job_id).is_dir()
 
@@ -156,7 +89,7 @@ def test_kill_9_half_way_then_restart_finishes_every_photo_once(service: Service
         np.testing.assert_array_equal(ours, theirs, err_msg=name)
 
 
-def test_the_jobs_cli_submits_follows_and_downloads(service: Service, tmp_path: Path) -> None:
+def test_the_jobs_cli_submits_follows_and_downloads(service: LiveService, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     for name, data in _photo_set(4):

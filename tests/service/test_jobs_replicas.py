@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 import time
 import zipfile
@@ -21,8 +20,8 @@ from PIL import Image
 from devkit import photos
 from devkit.redis_server import RedisServer
 from devkit.reference_graphs import ReferenceModelDir
-from tests.service.test_jobs_live import Service, _photo_set, _post
-from tests.service.test_live import _free_port
+from devkit.serve import LiveService, service_env
+from tests.service.test_jobs_live import _photo_set, _post
 
 pytestmark = pytest.mark.live
 
@@ -35,39 +34,34 @@ PHOTOS = 12
 @pytest.fixture
 def replicas(
     model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer
-) -> Iterator[list[Service]]:
+) -> Iterator[list[LiveService]]:
     services = []
     for name in ("a", "b"):
-        env = dict(
-            os.environ,
-            TOONSERVE_PORT=str(_free_port()),
-            TOONSERVE_HOST="127.0.0.1",
-            TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
+        env = service_env(
+            model_dir.path.parent,
+            tmp_path,
             TOONSERVE_CACHE_DIR=str(tmp_path / f"cache-{name}"),
             TOONSERVE_DATA_DIR=str(tmp_path / "data"),  # shared, as a ReadWriteMany volume would be
-            TOONSERVE_ALLOW_DOWNLOAD="false",
-            TOONSERVE_DEVICE="cpu",
-            TOONSERVE_LOG_FORMAT="json",
             TOONSERVE_JOBS_BACKEND="redis",
             TOONSERVE_REDIS_URL=redis_server.url,
             TOONSERVE_JOB_LEASE_S=str(LEASE_S),
             # Smaller than the default 720: the same code path at a fraction of the time.
             TOONSERVE_PROCESSING_SIZE="320",
         )
-        services.append(Service(env, tmp_path / f"server-{name}.log"))
+        services.append(LiveService(env, tmp_path / f"server-{name}.log"))
     starting = [threading.Thread(target=s.start) for s in services]
     for t in starting:
         t.start()
     for t in starting:
         t.join()
     for s in services:
-        assert s.proc is not None and s.proc.poll() is None, s.log.read_text()[-3000:]
+        assert s.proc is not None and s.proc.poll() is None, s.log_tail()
     yield services
     for s in services:
         s.stop()
 
 
-def _runner_id(service: Service) -> str:
+def _runner_id(service: LiveService) -> str:
     for line in service.log.read_text().splitlines():
         message = json.loads(line).get("message", "") if line.startswith("{") else ""
         if message.startswith("jobs: runner ") and message.endswith(" started"):
@@ -85,7 +79,9 @@ def _events(url: str, out: list[tuple[str, dict[str, Any]]]) -> None:
                 out.append((event, json.loads(line[6:])))
 
 
-def test_a_job_survives_the_replica_that_took_it(replicas: list[Service], redis_server: RedisServer) -> None:
+def test_a_job_survives_the_replica_that_took_it(
+    replicas: list[LiveService], redis_server: RedisServer
+) -> None:
     a, b = replicas
     runner_a = _runner_id(a)
     files = _photo_set(PHOTOS)

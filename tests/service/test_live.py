@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,17 +20,11 @@ from PIL import Image
 
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
+from devkit.serve import LiveService, service_env
 
 pytestmark = pytest.mark.live
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def readme_curl_examples() -> list[str]:
@@ -46,58 +37,14 @@ def readme_curl_examples() -> list[str]:
     ]
 
 
-class Server:
-    def __init__(self, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.port, self.proc, self.log = port, proc, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str, timeout: float = 10) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-                return int(r.status), r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-
 @pytest.fixture(scope="module")
-def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = _free_port()
+def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
     tmp = tmp_path_factory.mktemp("live")
-    env = dict(os.environ)
-    env.update(
-        TOONSERVE_PORT=str(port),
-        TOONSERVE_HOST="127.0.0.1",
-        TOONSERVE_MODEL_DIR=str(model_dir.path.parent),
-        TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-        TOONSERVE_ALLOW_DOWNLOAD="false",
-        TOONSERVE_DEVICE="cpu",
-        TOONSERVE_LOG_FORMAT="json",
-    )
-    log = tmp / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=out, stderr=out
-        )
-    srv = Server(port, proc, log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if srv.get("/readyz", timeout=2)[0] == 200:
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.2)
-    else:
-        proc.kill()
-        raise AssertionError(f"server not ready: {log.read_text()[-3000:]}")
-    yield srv
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
+    with LiveService(service_env(model_dir.path.parent, tmp), tmp / "server.log") as srv:
+        yield srv
 
 
-def test_readme_curl_examples_run_verbatim(server: Server, tmp_path: Path) -> None:
+def test_readme_curl_examples_run_verbatim(server: LiveService, tmp_path: Path) -> None:
     Image.fromarray(photos.astronaut()).save(tmp_path / "me.jpg", quality=92)
     Image.fromarray(photos.grace_hopper()).save(tmp_path / "friends.jpg", quality=92)
     examples = readme_curl_examples()
@@ -120,7 +67,7 @@ def test_readme_curl_examples_run_verbatim(server: Server, tmp_path: Path) -> No
         assert zf.namelist() == ["001-me.png", "002-friends.png", "results.json"]
 
 
-def test_logs_are_json_with_request_ids(server: Server) -> None:
+def test_logs_are_json_with_request_ids(server: LiveService) -> None:
     req = urllib.request.Request(server.url + "/healthz", headers={"X-Request-ID": "trace-42"})
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.headers["X-Request-ID"] == "trace-42"
@@ -130,7 +77,7 @@ def test_logs_are_json_with_request_ids(server: Server) -> None:
     assert access and access[-1]["path"] == "/healthz" and access[-1]["status"] == 200
 
 
-def _metric(server: Server, name: str) -> float:
+def _metric(server: LiveService, name: str) -> float:
     text = server.get("/metrics")[1].decode()
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -138,7 +85,7 @@ def _metric(server: Server, name: str) -> float:
     return 0.0
 
 
-def _slow_post(server: Server, tmp_path: Path) -> list[str]:
+def _slow_post(server: LiveService, tmp_path: Path) -> list[str]:
     """A curl command posting the four-face composite (the slowest photo) and printing the status."""
     body = tmp_path / "big.jpg"
     Image.fromarray(photos.group(4)).save(body, quality=90)
@@ -155,7 +102,7 @@ def _slow_post(server: Server, tmp_path: Path) -> list[str]:
     ]
 
 
-def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp_path: Path) -> None:
+def test_client_that_disconnects_has_its_queued_work_dropped(server: LiveService, tmp_path: Path) -> None:
     cmd = _slow_post(server, tmp_path)
     cancelled = 'toonserve_images_total{outcome="cancelled"}'
     before = _metric(server, cancelled)
@@ -170,7 +117,7 @@ def test_client_that_disconnects_has_its_queued_work_dropped(server: Server, tmp
     assert _metric(server, cancelled) == before + 1
 
 
-def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: Server, tmp_path: Path) -> None:
+def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: LiveService, tmp_path: Path) -> None:
     cmd = _slow_post(server, tmp_path)
     results: list[int] = []
 
@@ -184,12 +131,13 @@ def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: Server, tm
     time.sleep(0.5)  # the worker is now busy with the first images
     status, payload = server.get("/healthz", timeout=5)
     assert status == 200 and json.loads(payload) == {"status": "ok"}
+    assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)  # graceful: accepted requests still complete
     for w in workers:
         w.join(120)
     assert results == [200, 200, 200]
     # Uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM";
     # the lifespan's last log line proves the shutdown ran to its end.
-    assert server.proc.wait(60) in (0, -signal.SIGTERM)
+    assert server.proc is not None and server.proc.wait(60) in (0, -signal.SIGTERM)
     messages = [json.loads(x)["message"] for x in server.log.read_text().splitlines() if x.startswith("{")]
     assert "stopped" in messages
