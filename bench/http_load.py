@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
+from devkit.serve import LiveService, service_env
 from inference.images import decode, encode
 from service.engine import loaded_engine
 from service.settings import Settings
@@ -48,13 +46,6 @@ from service.settings import Settings
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def pipeline_rates(models: Path, cache: Path, dtype: str, body: bytes, n: int) -> tuple[float, float]:
@@ -159,29 +150,10 @@ def main() -> int:
         tmp / "models", tmp / "cache", args.dtype, body, max(4, args.requests // 4)
     )
 
-    port = free_port()
-    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1", TOONSERVE_DTYPE=args.dtype,
-               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-               TOONSERVE_ALLOW_DOWNLOAD="false", TOONSERVE_DEVICE="cpu", TOONSERVE_LOG_LEVEL="warning",
-               TOONSERVE_QUEUE_SIZE="8")  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise SystemExit("server did not become ready")
-        rows = [load(url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
-        health = healthz_while_saturated(url, body, args.requests)
-    finally:
-        server.terminate()
-        server.wait(60)
+    env = service_env(tmp / "models", tmp, TOONSERVE_DTYPE=args.dtype, TOONSERVE_QUEUE_SIZE="8")
+    with LiveService(env, tmp / "server.log") as server:
+        rows = [load(server.url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
+        health = healthz_while_saturated(server.url, body, args.requests)
 
     print(f"# http benchmark: dtype={args.dtype}, photo 1024x768 JPEG ({len(body)} bytes), torch threads "
           f"{torch.get_num_threads()}, queue size 8")  # fmt: skip

@@ -19,9 +19,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,16 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit import photos
 from devkit.reference_graphs import write_fast_model_dir
+from devkit.serve import LiveService, service_env
 from inference.images import decode
 from service.engine import loaded_engine
 from service.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def photo_set(count: int, side: int) -> list[tuple[str, bytes]]:
@@ -134,37 +125,21 @@ def main() -> int:
     files = photo_set(args.photos, args.side)
     reference = pipeline_rate(tmp / "models", tmp / "cache", files)
 
-    port = free_port()
-    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1",
-               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-               TOONSERVE_DATA_DIR=str(tmp / "data"), TOONSERVE_ALLOW_DOWNLOAD="false", TOONSERVE_DEVICE="cpu",
-               TOONSERVE_LOG_LEVEL="warning")  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-            else:
-                raise SystemExit("server did not become ready")
-            probe = files[0]
-            latencies(client, probe, 2)  # warm-up
-            sequential = sequential_rate(client, files)
-            as_job = job_rate(client, files)
-            idle = latencies(client, probe, args.probes)
-            running = submit(client, files)
-            time.sleep(1.0)  # the job's items are flowing
-            during = latencies(client, probe, args.probes)
-            still_running = client.get(f"/jobs/{running}").json()["status"] == "running"
-            wait_job(client, running)
-    finally:
-        server.terminate()
-        server.wait(120)
+    env = service_env(tmp / "models", tmp)
+    with (
+        LiveService(env, tmp / "server.log") as server,
+        httpx.Client(base_url=server.url, timeout=600) as client,
+    ):
+        probe = files[0]
+        latencies(client, probe, 2)  # warm-up
+        sequential = sequential_rate(client, files)
+        as_job = job_rate(client, files)
+        idle = latencies(client, probe, args.probes)
+        running = submit(client, files)
+        time.sleep(1.0)  # the job's items are flowing
+        during = latencies(client, probe, args.probes)
+        still_running = client.get(f"/jobs/{running}").json()["status"] == "running"
+        wait_job(client, running)
 
     rows = [
         ("pipeline alone, in process (reference)", reference),

@@ -29,7 +29,6 @@ import argparse
 import io
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,8 +44,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit import photos
-from devkit.redis_server import RedisServer, free_port
+from devkit.redis_server import RedisServer
 from devkit.reference_graphs import write_fast_model_dir
+from devkit.serve import LiveService, service_env
 from jobs.model import JobOptions
 from jobs.redis import RedisJobStore
 from jobs.sqlite import SQLiteJobStore
@@ -67,67 +67,12 @@ def photo_set(count: int) -> list[tuple[str, bytes]]:
     return out
 
 
-class Replica:
-    def __init__(self, name: str, env: dict[str, str], log: Path) -> None:
-        self.name, self.env, self.log = name, env, log
-        self.url = f"http://127.0.0.1:{env['TOONSERVE_PORT']}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Replica:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve"], env=self.env, stdout=out, stderr=out
-            )
-        return self
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited: {self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        raise SystemExit(f"{self.name} not ready: {self.log.read_text()[-3000:]}")
-
-    def runner_id(self) -> str:
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                message = json.loads(line).get("message", "")
-                if message.startswith("jobs: runner ") and message.endswith(" started"):
-                    return str(message.split()[2])
-        raise SystemExit(f"no runner id in {self.log}")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self.proc = None
-
-
 def replica_env(
     models: Path, cache: Path, data: Path, backend: str, redis_url: str, lease: float, threads: int | None
 ) -> dict[str, str]:
-    env = dict(os.environ, TOONSERVE_PORT=str(free_port()), TOONSERVE_HOST="127.0.0.1",
-               TOONSERVE_MODEL_DIR=str(models), TOONSERVE_CACHE_DIR=str(cache),
-               TOONSERVE_DATA_DIR=str(data), TOONSERVE_ALLOW_DOWNLOAD="false", TOONSERVE_DEVICE="cpu",
-               TOONSERVE_LOG_FORMAT="json", TOONSERVE_LOG_LEVEL="info", TOONSERVE_JOBS_BACKEND=backend,
-               TOONSERVE_REDIS_URL=redis_url, TOONSERVE_JOB_LEASE_S=str(lease))  # fmt: skip
+    env = service_env(models, data.parent, TOONSERVE_CACHE_DIR=str(cache), TOONSERVE_DATA_DIR=str(data),
+                      TOONSERVE_JOBS_BACKEND=backend, TOONSERVE_REDIS_URL=redis_url,
+                      TOONSERVE_JOB_LEASE_S=str(lease))  # fmt: skip
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -166,10 +111,10 @@ def throughput(
     nodes = []
     for i in range(replicas):
         env = replica_env(tmp / "models", run / f"cache-{i}", run / "data", backend, url, 60, threads)
-        nodes.append(Replica(f"r{i}", env, run / f"r{i}.log"))
+        nodes.append(LiveService(env, run / f"r{i}.log"))
     try:
         for node in nodes:
-            node.start()
+            node.launch()
         for node in nodes:
             node.wait_ready()
         # A short job first, so every replica has run the model once (first-call costs aside).
@@ -235,16 +180,16 @@ def takeovers(tmp: Path, lease: float, samples: int, files: list[tuple[str, byte
     server = RedisServer(run / "redis").start()
     redis = server.client()
     a, b = (
-        Replica(n, replica_env(tmp / "models", run / f"cache-{n}", run / "data", "redis", url, lease, None),
+        LiveService(replica_env(tmp / "models", run / f"cache-{n}", run / "data", "redis", url, lease, None),
                 run / f"{n}.log")
         for n, url in (("a", server.url), ("b", server.url))
     )  # fmt: skip
     out = []
     try:
-        b.start()
+        b.launch()
         for sample in range(samples):
             a.log.unlink(missing_ok=True)
-            a.start()
+            a.launch()
             a.wait_ready()
             b.wait_ready()
             runner_a = a.runner_id()

@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
+from devkit.serve import LiveService, service_env
 from inference.models import choose_dtype
 from inference.pipeline import Options, resize_rgb
 from service.engine import loaded_engine
@@ -53,13 +51,6 @@ from service.settings import Settings
 
 #: write_fast_model_dir draws the background generator's weights from this seed (its default).
 BG_SEED = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def median_ms(fn: Any, n: int) -> float:
@@ -127,25 +118,11 @@ def main() -> int:
         png[level] = {"ms": median_ms(save, max(3, n // 3)), "kib": size / 1024}
 
     # 3–4. Through HTTP with the default settings.
-    port = free_port()
-    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1",
-               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-               TOONSERVE_DATA_DIR=str(tmp / "data"), TOONSERVE_ALLOW_DOWNLOAD="false",
-               TOONSERVE_LOG_LEVEL="warning")  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
+    env = service_env(tmp / "models", tmp)
+    server = LiveService(env, tmp / "server.log").start()
+    url = server.url
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.3)
-            else:
-                raise SystemExit("server did not become ready")
             latencies, timings = [], []
             for i in range(n + 1):
                 start = time.perf_counter()
@@ -177,8 +154,7 @@ def main() -> int:
             t.join()
         concurrent = done / (time.perf_counter() - start)
     finally:
-        server.terminate()
-        server.wait(120)
+        server.stop()
 
     env_info = dict(python=platform.python_version(), torch=torch.__version__,
                     threads=torch.get_num_threads(), dtype=auto.name, dtype_reason=auto.reason,

@@ -26,11 +26,8 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,15 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
+from devkit.serve import LiveService, service_env
 
 MAX_IN_FLIGHT = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def encode(rgb: np.ndarray, fmt: str, **kw: Any) -> bytes:
@@ -276,33 +267,18 @@ def main() -> int:
     random.seed(1)
     tmp = Path(tempfile.mkdtemp(prefix="toonserve-soak-"))
     write_fast_model_dir(tmp / "models" / "anime")
-    port = free_port()
-    env = dict(os.environ, TOONSERVE_PORT=str(port), TOONSERVE_HOST="127.0.0.1",
-               TOONSERVE_MODEL_DIR=str(tmp / "models"), TOONSERVE_CACHE_DIR=str(tmp / "cache"),
-               TOONSERVE_DATA_DIR=str(tmp / "data"), TOONSERVE_ALLOW_DOWNLOAD="false",
-               TOONSERVE_LOG_LEVEL="error")  # fmt: skip
+    env = service_env(tmp / "models", tmp, TOONSERVE_LOG_LEVEL="error")
     env.update(item.split("=", 1) for item in args.env)
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env)
-    url = f"http://127.0.0.1:{port}"
+    server = LiveService(env, tmp / "server.log").start()
+    url = server.url
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise SystemExit("server did not become ready")
         payloads = Payloads()
         if args.burst:
             report = asyncio.run(burst(url, server.pid, payloads))
         else:
             report = asyncio.run(soak(url, server.pid, payloads, args.minutes, args.factor))
     finally:
-        server.terminate()
-        server.wait(120)
+        server.stop()
     report["server_env"] = args.env
     print(json.dumps(report, indent=2))
     out = args.json or Path("bench/results") / ("burst.json" if args.burst else "soak.json")

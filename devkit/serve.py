@@ -64,6 +64,14 @@ class LiveService:
 
     def start(self, timeout: float = 180.0) -> LiveService:
         """Start it and wait until ``/readyz`` answers 200 (AssertionError with the log if not)."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> LiveService:
+        """Start the process and return at once (several replicas start side by side)."""
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
         out = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
@@ -72,11 +80,16 @@ class LiveService:
         finally:
             if self.log is not None and not isinstance(out, int):
                 out.close()
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Until ``/readyz`` answers 200; AssertionError with the log's tail if it exits or times out."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 if self.get("/readyz", timeout=2)[0] == 200:
-                    return self
+                    return
             except OSError:
                 pass
             if self.proc.poll() is not None:
@@ -85,14 +98,29 @@ class LiveService:
         self.stop()
         raise AssertionError(f"the service was not ready within {timeout:g} s: {self.log_tail()}")
 
+    def runner_id(self) -> str:
+        """The id its job runner announced in the (JSON) log: whose leases are whose."""
+        text = self.log.read_text() if self.log is not None and self.log.exists() else ""
+        for line in text.splitlines():
+            message = json.loads(line).get("message", "") if line.startswith("{") else ""
+            if message.startswith("jobs: runner ") and message.endswith(" started"):
+                return str(message.split()[2])
+        raise AssertionError(f"no runner id in {self.log}")
+
+    @property
+    def pid(self) -> int:
+        """The server process's id (for measuring its memory)."""
+        assert self.proc is not None
+        return self.proc.pid
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text()[-chars:] if self.log is not None and self.log.exists() else ""
 
     def kill(self) -> None:
         """``kill -9``: no drain, no clean-up."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
         self.proc = None
 
     def terminate(self, timeout: float = 120.0) -> int:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from devkit.redis_server import RedisServer, free_port
+from devkit.redis_server import RedisServer
+from devkit.serve import free_port
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.redis import RedisJobStore, redacted
 from tests.jobs.test_store import OPTIONS, QUOTA, TTL, _create, _uploads

@@ -61,14 +61,6 @@ def replicas(
         s.stop()
 
 
-def _runner_id(service: LiveService) -> str:
-    for line in service.log.read_text().splitlines():
-        message = json.loads(line).get("message", "") if line.startswith("{") else ""
-        if message.startswith("jobs: runner ") and message.endswith(" started"):
-            return str(message.split()[2])
-    raise AssertionError(f"no runner id in {service.log}")
-
-
 def _events(url: str, out: list[tuple[str, dict[str, Any]]]) -> None:
     event = ""
     with httpx.stream("GET", url, timeout=300) as r:
@@ -83,7 +75,7 @@ def test_a_job_survives_the_replica_that_took_it(
     replicas: list[LiveService], redis_server: RedisServer
 ) -> None:
     a, b = replicas
-    runner_a = _runner_id(a)
+    runner_a = a.runner_id()
     files = _photo_set(PHOTOS)
     status, body = _post(a.url + "/jobs", files, "images", {})
     assert status == 202, body
