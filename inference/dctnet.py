@@ -407,22 +407,29 @@ def ieee_fp32_convolutions() -> Iterator[None]:
     and in every mode the guided filter's box means (depthwise convolutions) stay float32, because
     ``var_x = E[x²] - E[x]²`` cancels and a 10-bit mantissa leaves mostly noise. The setting is
     process-wide; the generator runs on its device's one worker thread, so nothing interleaves.
+
+    It goes through ``torch.backends.cudnn.allow_tf32``, which sets cuDNN's convolution and RNN
+    precisions together. Setting only the convolutions' through the newer per-operator API
+    (``torch.backends.cudnn.conv.fp32_precision``) leaves the two different, and then reading
+    ``allow_tf32`` raises (Inductor reads it). Only if someone already left them different is the
+    per-operator setting used.
     """
-    conv: Any = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch ≥ 2.9: the per-operator setting
-        before = conv.fp32_precision
-        conv.fp32_precision = "ieee"
+    cudnn: Any = torch.backends.cudnn
+    try:
+        allowed = cudnn.allow_tf32
+    except RuntimeError:  # mixed per-operator settings: keep to the per-operator API
+        before = cudnn.conv.fp32_precision
+        cudnn.conv.fp32_precision = "ieee"
         try:
             yield
         finally:
-            conv.fp32_precision = before
+            cudnn.conv.fp32_precision = before
         return
-    allowed = torch.backends.cudnn.allow_tf32  # older torch: the legacy flag
-    torch.backends.cudnn.allow_tf32 = False
+    cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = allowed
+        cudnn.allow_tf32 = allowed
 
 
 def check_size(bgr: Tensor) -> None:

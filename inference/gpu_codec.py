@@ -31,9 +31,10 @@ measures it.
 nvJPEG; any failure falls back to Pillow. The bytes differ from Pillow's (another encoder);
 ``bench/gpu.sh`` compares their sizes and their fidelity to the image.
 
-Streams: a decode runs on a stream of its own thread and waits for it before handing the pixels
-over, and marks them as used on the default stream, where the worker reads them. An encode runs on
-the calling thread's current (default) stream, after the work that produced the image.
+Streams: decodes and encodes run on a stream of the calling (codec) thread, so that the worker,
+which runs the models on the default stream and waits only for it, never waits for them. A decode
+waits for its stream before handing the pixels over and marks them as used on the default stream,
+where the worker reads them; an encode first waits for the default stream, where the image was made.
 """
 
 from __future__ import annotations
@@ -205,9 +206,13 @@ def plan(data: bytes, *, max_pixels: int) -> DecodePlan | str:
     return DecodePlan(facts.transpose)
 
 
+#: Side of the self-test's image: small, but not so small that a decoder backend might refuse it.
+_PROBE_SIDE: Final = 64
+
+
 def _probe_jpeg() -> tuple[bytes, np.ndarray]:
-    """A 16×16 colour gradient as a baseline JPEG, and Pillow's decode of it (the self-test's)."""
-    y, x = np.mgrid[0:16, 0:16] * 17
+    """A colour gradient as a baseline JPEG, and Pillow's decode of it (the self-test's)."""
+    y, x = np.mgrid[0:_PROBE_SIDE, 0:_PROBE_SIDE] * 4
     buffer = io.BytesIO()
     Image.fromarray(np.stack([x, y, 255 - x], axis=2).astype(np.uint8)).save(buffer, "JPEG", quality=95)
     data = buffer.getvalue()
@@ -235,7 +240,7 @@ class GpuCodec:
     @classmethod
     def create(cls, device: torch.device) -> GpuCodec | None:
         """The codec for ``device``, or None (logged) where the flow should keep to Pillow."""
-        codec, why = cls._try_create(device)
+        codec, why = cls.try_create(device)
         if codec is None:
             if device.type == "cuda":
                 log.info("JPEG decode and encode with Pillow on the CPU: %s", why)
@@ -244,7 +249,8 @@ class GpuCodec:
         return codec
 
     @classmethod
-    def _try_create(cls, device: torch.device) -> tuple[GpuCodec | None, str]:
+    def try_create(cls, device: torch.device) -> tuple[GpuCodec | None, str]:
+        """The codec, or None and why not (:meth:`create` without the log line)."""
         if device.type != "cuda":
             return None, "the device is not CUDA"
         try:
@@ -265,14 +271,16 @@ class GpuCodec:
         data, pillow = _probe_jpeg()
         decoded = self._decode_full(data)
         expected = torch.from_numpy(pillow.copy()).permute(2, 0, 1)
-        if tuple(decoded.shape) != (3, 16, 16):
-            raise RuntimeError(f"decoded shape {tuple(decoded.shape)}, expected (3, 16, 16)")
+        if tuple(decoded.shape) != (3, _PROBE_SIDE, _PROBE_SIDE):
+            raise RuntimeError(
+                f"decoded shape {tuple(decoded.shape)}, expected {(3, _PROBE_SIDE, _PROBE_SIDE)}"
+            )
         if (decoded.cpu().int() - expected.int()).abs().float().mean() > 8:
             raise RuntimeError("decoded pixels far from Pillow's")
         data = self.encode_bytes(decoded, 90)
         with Image.open(io.BytesIO(data)) as back:
-            if back.size != (16, 16):
-                raise RuntimeError(f"encoded image is {back.size}, expected (16, 16)")
+            if back.size != (_PROBE_SIDE, _PROBE_SIDE):
+                raise RuntimeError(f"encoded image is {back.size}, expected {(_PROBE_SIDE, _PROBE_SIDE)}")
 
     # -- decode ------------------------------------------------------------------------------------
 
@@ -317,8 +325,15 @@ class GpuCodec:
 
     def encode_bytes(self, image: Tensor, quality: int) -> bytes:
         """(3, H, W) uint8 RGB on the device → JPEG bytes (raises on failure)."""
-        encoded = self._io.encode_jpeg(image.contiguous(), quality=quality)
-        return bytes(encoded.cpu().numpy().tobytes())
+        if self.device.type != "cuda":
+            return bytes(self._io.encode_jpeg(image.contiguous(), quality=quality).cpu().numpy().tobytes())
+        stream = self._stream()
+        stream.wait_stream(torch.cuda.default_stream(self.device))  # where the worker made the image
+        with torch.cuda.stream(stream):
+            image.record_stream(stream)
+            encoded = self._io.encode_jpeg(image.contiguous(), quality=quality)
+            data = encoded.cpu()  # waits for this stream only
+        return bytes(data.numpy().tobytes())
 
     def encode(self, image: Tensor, quality: int) -> bytes | None:
         """:meth:`encode_bytes`, or None when Pillow must encode it (a quality out of range, which

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageCms
 
 from devkit import photos
+from devkit.pillow_tvio import PillowTorchvisionIO
 from inference.engine import Engine
 from inference.flow import Defaults, Flow, Limits
 from inference.gpu_codec import DecodePlan, GpuCodec, jpeg_layout, plan
@@ -42,43 +43,21 @@ def jpeg(rgb: np.ndarray | Image.Image, **params: Any) -> bytes:
 PHOTO = photos.grace_hopper()
 
 
-class PillowIO(types.ModuleType):
-    """Stands in for ``torchvision.io``: the same calls, done by Pillow on the CPU."""
-
-    ImageReadMode = types.SimpleNamespace(RGB="RGB")
-
-    def __init__(self, fail: str | None = None) -> None:
-        super().__init__("torchvision.io")
-        self.fail = fail
-
-    def decode_jpeg(self, raw: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
-        if self.fail == "decode":
-            raise RuntimeError("nvjpeg error")
-        with Image.open(io.BytesIO(raw.numpy().tobytes())) as im:
-            return torch.from_numpy(np.asarray(im.convert(mode)).copy()).permute(2, 0, 1).to(device)
-
-    def encode_jpeg(self, image: torch.Tensor, quality: int) -> torch.Tensor:
-        if self.fail == "encode":
-            raise RuntimeError("nvjpeg error")
-        data = jpeg(image.permute(1, 2, 0).numpy(), quality=quality)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
 def pillow_codec(fail: str | None = None) -> GpuCodec:
-    return GpuCodec(torch.device("cpu"), PillowIO(fail), "stand-in")
+    return GpuCodec(torch.device("cpu"), PillowTorchvisionIO(fail), "stand-in")
 
 
 # -- when there is no GPU codec ----------------------------------------------------------------------
 
 
 def test_no_codec_on_a_cpu_device() -> None:
-    assert GpuCodec._try_create(torch.device("cpu")) == (None, "the device is not CUDA")
+    assert GpuCodec.try_create(torch.device("cpu")) == (None, "the device is not CUDA")
     assert GpuCodec.create(torch.device("cpu")) is None
 
 
 def test_no_codec_without_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # `import torchvision` raises ImportError
-    codec, why = GpuCodec._try_create(torch.device("cuda"))
+    codec, why = GpuCodec.try_create(torch.device("cuda"))
     assert codec is None and why.startswith("torchvision does not import (ModuleNotFoundError")
 
 
@@ -90,13 +69,13 @@ def test_no_codec_when_torchvision_lacks_the_functions_or_the_self_test_fails(
     package.io = types.ModuleType("torchvision.io")  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision", package)
     monkeypatch.setitem(sys.modules, "torchvision.io", package.io)  # type: ignore[attr-defined]
-    codec, why = GpuCodec._try_create(torch.device("cuda"))
+    codec, why = GpuCodec.try_create(torch.device("cuda"))
     assert codec is None and why == "torchvision 0.0-test has no JPEG decode/encode"
 
-    package.io = PillowIO(fail="decode")  # type: ignore[attr-defined]
+    package.io = PillowTorchvisionIO(fail="decode")  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision.io", package.io)  # type: ignore[attr-defined]
-    codec, why = GpuCodec._try_create(torch.device("cuda"))
-    assert codec is None and why == "the nvJPEG self-test failed (RuntimeError: nvjpeg error)"
+    codec, why = GpuCodec.try_create(torch.device("cuda"))
+    assert codec is None and why == "the nvJPEG self-test failed (RuntimeError: nvjpeg error (stand-in))"
 
 
 def test_the_self_test_passes_with_a_codec_that_works() -> None:
