@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from inference.device_image import to_device
 from inference.errors import InputShapeError, ToonserveError
 
 Float64Array = npt.NDArray[np.float64]
@@ -314,7 +315,8 @@ def _theta(
     from_out = np.array([[out_w / 2, 0.0, (out_w - 1) / 2], [0.0, out_h / 2, (out_h - 1) / 2]])
     to_in = np.array([[2 / in_w, 0.0, 1 / in_w - 1], [0.0, 2 / in_h, 1 / in_h - 1]])
     theta = _compose(to_in, _compose(out_to_in, from_out))
-    return torch.from_numpy(theta.astype(np.float32)).to(device)
+    # On a GPU without a host wait for the queued work (a plain copy from pageable memory would).
+    return to_device(theta.astype(np.float32), device)
 
 
 def _check_image(image: Tensor, what: str) -> None:

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import torch
 import torch.nn.functional as F
@@ -358,7 +359,8 @@ class GeneratorRunner:
     Backends: ``onednn`` (CPU only: fused oneDNN primitives, no compilation, any size), ``eager``
     (the module's own ops in channels-last layout; what CUDA uses, cuDNN picking the kernels), and
     ``auto`` (``onednn`` where usable, else ``eager``). Both compute the same function; the tests
-    hold them to the TF reference. Calls are inference-only and thread-compatible (no state).
+    hold them to the TF reference. Calls are inference-only and thread-compatible (no state). On
+    CUDA every call runs with cuDNN's TF32 off (:func:`ieee_fp32_convolutions`).
     """
 
     def __init__(self, model: DCTNetGenerator, backend: Backend = "auto") -> None:
@@ -385,12 +387,49 @@ class GeneratorRunner:
     @torch.inference_mode()
     def filtered(self, bgr: Tensor) -> Tensor:
         """(N, 3, H, W) BGR 0..255 → guided-filter output (N, 3, H, W) float32, before the clip."""
+        if self.device.type == "cuda":
+            with ieee_fp32_convolutions():
+                return filtered(self._unet, bgr.to(self.device), self.dtype, self.eps)
         return filtered(self._unet, bgr.to(self.device), self.dtype, self.eps)
 
     @torch.inference_mode()
     def __call__(self, bgr: Tensor) -> Tensor:
         """(N, 3, H, W) BGR 0..255 (uint8 or float), H, W multiples of 4 → (N, 3, H, W) uint8 BGR."""
         return to_uint8(self.filtered(bgr))
+
+
+@contextmanager
+def ieee_fp32_convolutions() -> Iterator[None]:
+    """cuDNN's float32 convolutions in full float32 while inside, whatever the process's setting.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 (a 10-bit mantissa) by default on GPUs that
+    have it. That would break the precision policy (docs/model.md §2.4): float32 is the exact mode,
+    and in every mode the guided filter's box means (depthwise convolutions) stay float32, because
+    ``var_x = E[x²] - E[x]²`` cancels and a 10-bit mantissa leaves mostly noise. The setting is
+    process-wide; the generator runs on its device's one worker thread, so nothing interleaves.
+
+    It goes through ``torch.backends.cudnn.allow_tf32``, which sets cuDNN's convolution and RNN
+    precisions together. Setting only the convolutions' through the newer per-operator API
+    (``torch.backends.cudnn.conv.fp32_precision``) leaves the two different, and then reading
+    ``allow_tf32`` raises (Inductor reads it). Only if someone already left them different is the
+    per-operator setting used.
+    """
+    cudnn: Any = torch.backends.cudnn
+    try:
+        allowed = cudnn.allow_tf32
+    except RuntimeError:  # mixed per-operator settings: keep to the per-operator API
+        before = cudnn.conv.fp32_precision
+        cudnn.conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            cudnn.conv.fp32_precision = before
+        return
+    cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = allowed
 
 
 def check_size(bgr: Tensor) -> None:

@@ -7,7 +7,9 @@ submit and wait; :meth:`Flow.run` chains them for one image.
 
 * ``decode`` and ``encode`` run on the flow's own small thread pool (``codec_threads``), never on the
   event loop, so one request's decode and encode overlap another's model work without a thread per
-  request competing for the cores;
+  request competing for the cores; on a CUDA engine with a :class:`~inference.gpu_codec.GpuCodec`,
+  the JPEGs it takes are decoded (and brought to the processing size) on the device, and JPEG
+  results encoded there, Pillow doing the rest;
 * ``submit`` hands the pixels to the engine's worker (:class:`~inference.scheduler.Scheduler`), which
   refuses at once with :class:`~inference.scheduler.QueueFullError` when its queue is full;
 * ``wait`` is async and cancellable: cancelling the awaiting task (client gone) cancels the ticket, so
@@ -29,8 +31,10 @@ from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
 import numpy as np
+from torch import Tensor
 
 from inference.engine import Engine
+from inference.gpu_codec import GpuCodec
 from inference.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PNG_COMPRESSION,
@@ -106,8 +110,9 @@ class Decoded:
     composited over white if transparent, and brought to its processing size, so that only that
     much stays in memory while it waits."""
 
-    #: (h, w, 3) uint8 RGB at the processing size.
-    pixels: np.ndarray
+    #: (h, w, 3) uint8 RGB at the processing size: a host array, or a tensor on the engine's device
+    #: when the GPU decoder took the file.
+    pixels: np.ndarray | Tensor
     #: The photo's own upright (height, width).
     input_size: tuple[int, int]
     ms: float
@@ -196,8 +201,11 @@ class Flow:
         timeout_s: float,
         codec_threads: int,
         on_result: Callable[[Result], None] | None = None,
+        gpu_codec: GpuCodec | None = None,
     ) -> None:
+        """``gpu_codec``: decode and encode the JPEGs it takes on the engine's device (None: Pillow)."""
         self.engine = engine
+        self.gpu_codec = gpu_codec
         self.defaults = defaults
         self.limits = limits
         self.timeout_s = timeout_s
@@ -312,7 +320,11 @@ class Flow:
                 f"limit of decoded pixels in flight is {self._decoding.capacity / 1e6:.1f} MP"
             )
 
-        def prepare() -> np.ndarray:
+        def prepare() -> np.ndarray | Tensor:
+            if self.gpu_codec is not None and info.format == "jpeg":
+                on_device = self.gpu_codec.decode(data, shape, max_pixels=self.limits.max_pixels)
+                if on_device is not None:
+                    return on_device
             image = decode(data, max_pixels=self.limits.max_pixels, needed=needed)
             return np.ascontiguousarray(resize_rgb(to_rgb_array(image.pixels), *shape))
 
@@ -332,7 +344,12 @@ class Flow:
         """Queue the image on the engine's worker (into the room ``admission`` holds for it, if
         given); raises QueueFullError / SchedulerClosedError. ``background`` (job items): the
         worker's low-priority queue, which never refuses."""
-        options = replace(params.options, input_size=decoded.input_size)
+        options = replace(
+            params.options,
+            input_size=decoded.input_size,
+            # The result stays on the device too when the GPU encoder will take it.
+            device_result=self.gpu_codec is not None and params.fmt == "jpeg",
+        )
         out_hw = output_shape(decoded.input_size, params.output_side)
         if out_hw is not None:
             options = replace(options, output_size=out_hw)
@@ -364,7 +381,16 @@ class Flow:
     async def encode(self, result: Result, params: Params) -> tuple[bytes, float]:
         """The result's image in the requested format (off the event loop), and the time it took."""
         level = self.defaults.png_compression
-        return await self._in_codec(lambda: encode(result.image, params.fmt, params.quality, level))
+        gpu, on_device = self.gpu_codec, result.device_image
+
+        def run() -> bytes:
+            if gpu is not None and on_device is not None and params.fmt == "jpeg":
+                data = gpu.encode(on_device, params.quality)
+                if data is not None:
+                    return data
+            return encode(result.image, params.fmt, params.quality, level)
+
+        return await self._in_codec(run)
 
     async def finish(self, result: Result, params: Params, decoded: Decoded, ticket: Ticket) -> Outcome:
         """Encode a result and put every timing together."""

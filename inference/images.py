@@ -322,6 +322,44 @@ def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
+@dataclass(frozen=True)
+class HeaderFacts:
+    """What an image's header says that decides how :func:`decode` turns it into pixels; lets another
+    decoder (the GPU JPEG decoder, :mod:`inference.gpu_codec`) tell whether it would do the same."""
+
+    #: Pillow's format name ("JPEG"; "MPO" for a JPEG with a multi-picture index, …).
+    pillow_format: str
+    #: Pillow's mode of the file as stored ("RGB" for a YCbCr or RGB JPEG, "L", "CMYK", …).
+    mode: str
+    #: (width, height) as stored, before the orientation is applied.
+    stored_size: tuple[int, int]
+    #: EXIF orientation, 1 when absent or unreadable.
+    orientation: int
+    #: An embedded colour profile that :func:`decode` converts to sRGB (not an sRGB one).
+    converts_colours: bool
+
+    @property
+    def transpose(self) -> Image.Transpose | None:
+        """The turn :func:`decode` applies for the orientation (None: upright already)."""
+        return _TRANSPOSE_FOR_ORIENTATION.get(self.orientation)
+
+
+def header_facts(data: bytes, *, max_pixels: int) -> HeaderFacts:
+    """:class:`HeaderFacts` from the header alone; raises what :func:`probe` raises."""
+    if not data:
+        raise CorruptImageError("the file is empty")
+    im = _open(data, _sniff(data), max_pixels)
+    try:
+        _check_pixels(im.width, im.height, max_pixels)
+        icc = im.info.get("icc_profile")
+        converts = False
+        if isinstance(icc, bytes) and icc and im.mode in (*_RGB_FAMILY, "CMYK"):
+            converts = _srgb_transform(icc, "CMYK" if im.mode == "CMYK" else "RGB") is not None
+        return HeaderFacts(im.format or "", im.mode, (im.width, im.height), _orientation(im), converts)
+    finally:
+        im.close()
+
+
 def encode(
     rgb: np.ndarray,
     fmt: OutputFormat,

@@ -23,6 +23,13 @@ What upstream's ``ImageCartoonPipeline`` does (docs/model.md §4), with its sile
 
 RGB at the boundary; inside, the colour order of docs/model.md §4.4. Every stage is a method, timed
 with the device synchronised, so the timings are what the stage cost.
+
+On a GPU the image crosses to the device once, as uint8 at the processing size (or not at all when
+the GPU decoder already put it there), and comes back once, as the uint8 result at the output size:
+the float conversions, padding, colour flips, blend, strength and the resize to the output size all
+run on the device, the resizes with Pillow's bytes (:mod:`inference.device_image`). Besides the stage
+timer's synchronisations, only the face detector waits for the device (its candidate counts decide
+the next step) and sends its few faces to the host. The CPU path is unchanged: Pillow and numpy.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from PIL import Image
 from torch import Tensor
 
 from inference.align import CROP_SIZE, AlignmentError, crop_matrices, paste_back_regions, warp_crops
+from inference.device_image import resize_like_host, shrinks, to_device
 from inference.errors import ToonserveError
 from inference.faces import DetectedFace, FaceDetector
 from inference.models import LoadedStyle
@@ -116,6 +124,8 @@ class Options:
     the processing size, the default output size and the reported face positions are then those of
     the photo, not of the copy. ``max_processing_pixels`` caps the processing image's area: a photo
     whose processing size would exceed it is shrunk further, keeping its aspect ratio.
+    ``device_result``: also keep the result on the device, as :attr:`Result.device_image` (on a
+    GPU, for an encoder there); the host copy in :attr:`Result.image` is made either way.
     """
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
@@ -127,6 +137,7 @@ class Options:
     max_faces: int = DEFAULT_MAX_FACES
     input_size: tuple[int, int] | None = None
     max_processing_pixels: int = DEFAULT_MAX_PROCESSING_PIXELS
+    device_result: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
@@ -185,6 +196,9 @@ class Result:
     #: What was returned when no face was stylised: "background" | "passthrough" | None (faces found).
     no_face: NoFacePolicy | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The same image as (3, H, W) uint8 RGB on the pipeline's device, when the options asked for it
+    #: (``device_result``) and the device is not the CPU; None otherwise.
+    device_image: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def faces_stylized(self) -> int:
@@ -241,7 +255,7 @@ def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     bilinear when enlarging."""
     if rgb.shape[:2] == (height, width):
         return rgb
-    shrink = height <= rgb.shape[0] and width <= rgb.shape[1]
+    shrink = shrinks((rgb.shape[0], rgb.shape[1]), height, width)
     resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
     return np.array(Image.fromarray(rgb).resize((width, height), resample))
 
@@ -254,15 +268,26 @@ def upstream_pad16(height: int, width: int) -> tuple[int, int]:
     return height, width
 
 
+def resize_out_on_device(
+    image: Tensor, height: int, width: int, keep: bool
+) -> tuple[np.ndarray, Tensor | None]:
+    """The result (3, h, w) uint8 RGB on the device → (height, width, 3) on the host, resized on the
+    device first with the bytes :func:`resize_rgb` gives on the host, then copied back once; and,
+    if ``keep``, the resized (3, height, width) tensor left on the device."""
+    sized = resize_like_host(image, height, width).contiguous()
+    host = sized.permute(1, 2, 0).contiguous().cpu().numpy()  # the one device → host copy
+    return host, sized if keep else None
+
+
 @dataclass
 class _Job:
     """The state one image carries through the stages."""
 
-    rgb: np.ndarray  # input, (H, W, 3) uint8 RGB
+    #: Input, (H, W, 3) uint8 RGB: a host array, or a tensor already on the device (GPU decode).
+    rgb: np.ndarray | Tensor
     options: Options
     timings: dict[str, float] = field(default_factory=dict)
-    photo: np.ndarray | None = None  # processing image, (h, w, 3) uint8 RGB
-    photo_t: Tensor | None = None  # (3, h, w) uint8 RGB on the device
+    photo_t: Tensor | None = None  # processing image, (3, h, w) uint8 RGB on the device
     result_t: Tensor | None = None  # (3, h, w) float32 BGR 0..255 on the device
     faces: list[FaceReport] = field(default_factory=list)
     chosen: list[DetectedFace] = field(default_factory=list)
@@ -318,36 +343,46 @@ class Cartoonizer:
 
     @contextmanager
     def _timed(self, jobs: Sequence[_Job], stage: str) -> Iterator[None]:
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else None
+        """Time a stage with the device synchronised before and after, so the time is the stage's.
+        On CUDA only this thread's stream is waited for: a device-wide synchronisation would also
+        wait for the GPU decodes and encodes the codec threads run on their own streams."""
+        sync = torch.cuda.current_stream(self.device).synchronize if self.device.type == "cuda" else None
         if sync:
-            sync(self.device)
+            sync()
         start = time.perf_counter()
         yield
         if sync:
-            sync(self.device)
+            sync()
         elapsed = (time.perf_counter() - start) * 1000
         for job in jobs:
             job.timings[stage] = job.timings.get(stage, 0.0) + elapsed
 
-    def run(self, image: np.ndarray, options: Options | None = None) -> Result:
-        """(H, W[, C]) uint8 image (RGB, grey or with alpha) → :class:`Result`; raises domain errors."""
+    def run(self, image: np.ndarray | Tensor, options: Options | None = None) -> Result:
+        """(H, W[, C]) uint8 image (RGB, grey or with alpha; or an (H, W, 3) uint8 RGB tensor) →
+        :class:`Result`; raises domain errors."""
         outcome = self.run_many([(image, options or Options())])[0]
         if isinstance(outcome, ToonserveError):
             raise outcome
         return outcome
 
     def run_many(
-        self, items: Sequence[tuple[np.ndarray, Options]], alive: Callable[[int], bool] = lambda _: True
+        self,
+        items: Sequence[tuple[np.ndarray | Tensor, Options]],
+        alive: Callable[[int], bool] = lambda _: True,
     ) -> list[Result | ToonserveError]:
         """Several images, batched stage by stage. Each outcome is a Result or the domain error of
         that image alone. ``alive(i)`` is asked between stages; an image that is no longer wanted
         (deadline passed, client gone) stops there and gets a :class:`CancelledError`.
+
+        An image is a host array (any of :func:`to_rgb_array`'s layouts) or an (H, W, 3) uint8 RGB
+        tensor, which may already be on the device (the GPU decoder's output): it is not copied
+        back to the host.
         """
         outcomes: dict[int, Result | ToonserveError] = {}
         jobs: dict[int, _Job] = {}
         for i, (image, options) in enumerate(items):
             try:
-                jobs[i] = _Job(to_rgb_array(image), options)
+                jobs[i] = _Job(self._input(image), options)
             except ToonserveError as exc:
                 outcomes[i] = exc
 
@@ -383,6 +418,15 @@ class Cartoonizer:
                     outcomes[i] = _stage_error("finish", exc)
         return [outcomes[i] for i in range(len(items))]
 
+    def _input(self, image: np.ndarray | Tensor) -> np.ndarray | Tensor:
+        if not isinstance(image, Tensor):
+            return to_rgb_array(image)
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+            raise OptionsError(
+                f"an image tensor must be (H, W, 3) uint8 RGB, got {tuple(image.shape)} {image.dtype}"
+            )
+        return image.to(self.device)
+
     def _guard(self, jobs: Sequence[_Job], stage: str, run: Callable[[Sequence[_Job]], None]) -> None:
         """``run(jobs)``; if it raises, once more for each image alone, so only the culprit fails."""
         if not jobs:
@@ -403,10 +447,17 @@ class Cartoonizer:
     # -- stages ------------------------------------------------------------------------------------
 
     def resize(self, job: _Job) -> None:
+        """The processing image on the device: a host image is resized on the host (usually already
+        done: the flow decodes to the processing size) and copied over once; a tensor already on
+        the device (the GPU decoder's) is resized there, to the same bytes (:mod:`inference.device_image`)."""
         with self._timed([job], "resize"):
             h, w = job.options.processing_shape(job.input_size)
-            job.photo = resize_rgb(job.rgb, h, w)
-            job.photo_t = torch.from_numpy(job.photo).permute(2, 0, 1).to(self.device)
+            if isinstance(job.rgb, Tensor):
+                job.photo_t = resize_like_host(job.rgb.permute(2, 0, 1), h, w)
+            elif self.device.type == "cpu":
+                job.photo_t = torch.from_numpy(resize_rgb(job.rgb, h, w)).permute(2, 0, 1)
+            else:
+                job.photo_t = to_device(resize_rgb(job.rgb, h, w), self.device).permute(2, 0, 1)
 
     def background(self, jobs: Sequence[_Job]) -> None:
         """The background pass; images of the same padded size share generator calls."""
@@ -520,8 +571,13 @@ class Cartoonizer:
                 region.mul_(1.0 - m).add_(head * m)
 
     def finish(self, job: _Job) -> Result:
-        """Apply the no-face policy and strength, resize out, and report."""
-        assert job.photo is not None and job.photo_t is not None
+        """Apply the no-face policy and strength, resize out, and report.
+
+        Off the CPU, everything up to the output size stays on the device (the resize to the
+        output size gives Pillow's bytes there: :mod:`inference.device_image`), and the uint8 result
+        is copied to the host once, at the end.
+        """
+        assert job.photo_t is not None
         opts = job.options
         policy: NoFacePolicy | None = None
         if not job.chosen:
@@ -538,10 +594,16 @@ class Cartoonizer:
                 out_t = job.result_t.flip(0)  # BGR → RGB
                 if opts.strength < 1.0:
                     out_t = torch.lerp(job.photo_t.float(), out_t, opts.strength)
-            out = out_t.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            out_u8 = out_t.round_().clamp_(0, 255).to(torch.uint8)
+            if on_cpu := self.device.type == "cpu":
+                out = out_u8.permute(1, 2, 0).numpy()
+        oh, ow = opts.output_size or job.input_size
+        device_image = None
         with self._timed([job], "resize_out"):
-            oh, ow = opts.output_size or job.input_size
-            out = np.ascontiguousarray(resize_rgb(out, oh, ow))
+            if on_cpu:
+                out = np.ascontiguousarray(resize_rgb(out, oh, ow))
+            else:
+                out, device_image = resize_out_on_device(out_u8, oh, ow, keep=opts.device_result)
         for stage in STAGES:
             job.timings.setdefault(stage, 0.0)
         return Result(
@@ -549,10 +611,11 @@ class Cartoonizer:
             style=self.style.name,
             faces=job.faces,
             input_size=job.input_size,
-            processing_size=(job.photo.shape[0], job.photo.shape[1]),
+            processing_size=(job.photo_t.shape[1], job.photo_t.shape[2]),
             output_size=(oh, ow),
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             no_face=policy,
             timings_ms={s: round(job.timings[s], 3) for s in STAGES},
+            device_image=device_image,
         )

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
+from torch import Tensor
 
 from inference.errors import ToonserveError
 from inference.models import StyleNotLoadedError
@@ -87,7 +88,8 @@ class Ticket:
     """One image waiting for, or going through, the worker."""
 
     style: str
-    image: np.ndarray
+    #: (H, W, 3) uint8 RGB: a host array, or a tensor already on the device (GPU decode).
+    image: np.ndarray | Tensor
     options: Options
     deadline: float  # time.monotonic() seconds
     future: Future[Result] = field(default_factory=Future)
@@ -99,7 +101,8 @@ class Ticket:
     @property
     def pixels(self) -> int:
         """Its cost: the processing pixels the models will run on."""
-        return int(np.prod(self.options.processing_shape(self.options.input_size or self.image.shape[:2])))
+        size = self.options.input_size or (int(self.image.shape[0]), int(self.image.shape[1]))
+        return int(np.prod(self.options.processing_shape(size)))
 
     def cancel(self) -> None:
         """The client is gone: drop the work (now if queued, between stages if running)."""
@@ -266,7 +269,7 @@ class Scheduler:
     def submit(
         self,
         style: str,
-        image: np.ndarray,
+        image: np.ndarray | Tensor,
         options: Options,
         deadline: float,
         background: bool = False,

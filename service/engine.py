@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
 from inference.flow import Defaults, Flow, Limits
+from inference.gpu_codec import GpuCodec
 from inference.models import ModelStore, choose_dtype, parse_device
 from inference.pipeline import Result
 from service.settings import Settings
@@ -100,7 +101,9 @@ def loaded_engine(settings: Settings, style: str | None = None) -> Engine:
 
 
 def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result], None] | None = None) -> Flow:
-    """The request flow over ``engine`` with the settings' per-request defaults and limits."""
+    """The request flow over ``engine`` with the settings' per-request defaults and limits; on a
+    CUDA engine, with JPEG decode and encode on the GPU where torchvision allows
+    (:meth:`GpuCodec.create`; Pillow otherwise)."""
     defaults = Defaults(
         style=engine.default_style,
         processing_size=settings.processing_size,
@@ -125,4 +128,5 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         timeout_s=settings.request_timeout_s,
         codec_threads=settings.codec_threads or default_codec_threads(),
         on_result=on_result,
+        gpu_codec=GpuCodec.create(engine.store.device),
     )
