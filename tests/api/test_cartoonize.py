@@ -256,6 +256,7 @@ def test_api_key_and_cors(model_dir: ReferenceModelDir, tmp_path: Path, portrait
         assert "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.slow
 def test_a_failing_image_does_not_sink_its_batch(
     client: TestClient, portrait_jpeg: bytes, coffee_jpeg: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:

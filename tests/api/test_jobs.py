@@ -238,6 +238,7 @@ def receiver() -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "jobs_client", [{"webhook_secret": "whsec", "webhook_allow_private": True}], indirect=True
 )

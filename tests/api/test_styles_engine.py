@@ -42,6 +42,7 @@ def _settings(models: Path, cache: Path, **overrides: object) -> Settings:
     return Settings(**{**values, **overrides})  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_missing_style_does_not_block_the_others_and_recovers(
     model_dir: ReferenceModelDir, tmp_path: Path, portrait_jpeg: bytes
 ) -> None:

@@ -174,6 +174,7 @@ def test_fast_graph_is_deterministic_and_carries_eps(tmp_path: Path) -> None:
     assert sum(v.size for v in weights.tensors.values()) == PARAMETER_COUNT
 
 
+@pytest.mark.slow
 def test_inference_never_imports_tensorflow() -> None:
     code = (
         "import sys, inference.convert, inference.weights, inference.dctnet, inference._graphdef;"

@@ -226,6 +226,7 @@ def _flow(cartoonizer: Cartoonizer, codec: GpuCodec | None) -> tuple[Flow, Sched
     return flow, scheduler
 
 
+@pytest.mark.slow
 def test_the_flow_decodes_on_the_codec_and_gets_the_same_result(cartoonizer: Cartoonizer) -> None:
     data = jpeg(photos.one_face_1024x768())
     codec = pillow_codec()

@@ -72,6 +72,7 @@ class _CountingRunner:
         return self.inner(bgr)
 
 
+@pytest.mark.slow
 def test_group_photo_all_faces_in_one_head_batch(cartoonizer: Cartoonizer) -> None:
     counting = _CountingRunner(cartoonizer.style.head)
     c = Cartoonizer(replace(cartoonizer.style, head=counting), cartoonizer.detector)  # type: ignore[arg-type]
@@ -103,6 +104,7 @@ def test_no_face_policies(cartoonizer: Cartoonizer) -> None:
         cartoonizer.run(rgb, Options(no_face="error"))
 
 
+@pytest.mark.slow
 def test_skipped_faces_are_reported(cartoonizer: Cartoonizer) -> None:
     rgb = photos.group(4)
     small = cartoonizer.run(rgb, Options(min_face_size=1000, no_face="passthrough"))
@@ -174,6 +176,7 @@ def test_output_size_option(cartoonizer: Cartoonizer) -> None:
     assert result.image.shape == (123, 77, 3) and result.output_size == (123, 77)
 
 
+@pytest.mark.slow
 def test_strength(cartoonizer: Cartoonizer) -> None:
     rgb = photos.astronaut()
     photo = cartoonizer.run(rgb, Options(strength=0.0))
@@ -293,6 +296,7 @@ def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:
         Cartoonizer(cartoonizer.style, cartoonizer.detector, head_batch=0)
 
 
+@pytest.mark.slow
 def test_a_stage_failure_fails_that_image_alone(
     cartoonizer: Cartoonizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

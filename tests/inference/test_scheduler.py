@@ -39,6 +39,7 @@ def _scheduler(
     return Scheduler({"anime": rec}, name="test", **kw), rec  # type: ignore[dict-item, arg-type]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_share_a_batch(cartoonizer: Cartoonizer) -> None:
     sched, rec = _scheduler(cartoonizer, max_batch=4, batch_wait=0.5)
     img = photos.astronaut()

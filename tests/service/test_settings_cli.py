@@ -55,6 +55,7 @@ def test_download_offline_is_one_clear_line(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cartoonize_a_folder(
     model_dir: ReferenceModelDir,
     tmp_path: Path,
