@@ -53,7 +53,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit import photos
 from devkit.pillow_tvio import PillowTorchvisionIO
 from devkit.reference_graphs import write_fast_model_dir
+from devkit.serve import LiveService, service_env
 from inference import device_image
 from inference.dctnet import GeneratorRunner, filtered, ieee_fp32_convolutions, load_generator, to_uint8
 from inference.gpu_codec import GpuCodec
@@ -1038,13 +1038,6 @@ def _pair(stats: dict[str, Any] | None) -> str | None:
 # -- HTTP ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _load(
     url: str, body: bytes, concurrency: int, requests: int, max_s: float, keep: int = 0
 ) -> dict[str, Any]:
@@ -1144,44 +1137,18 @@ class _GpuSampler(threading.Thread):
 
 
 def section_http(ctx: Context, deadline: float) -> dict[str, Any]:
-    import httpx
 
     body = jpeg_bytes(next(iter(ctx.photos.values())))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(
-        os.environ,
-        TOONSERVE_HOST="127.0.0.1",
-        TOONSERVE_PORT=str(port),
-        TOONSERVE_DEVICE=ctx.device.type,
-        TOONSERVE_DTYPE="auto",
-        TOONSERVE_MODEL_DIR=str(ctx.tmp / "models"),
-        TOONSERVE_CACHE_DIR=str(ctx.tmp / "cache"),
-        TOONSERVE_ALLOW_DOWNLOAD="false",
-        TOONSERVE_STYLES="anime",
-        TOONSERVE_DEFAULT_STYLE="anime",
-        TOONSERVE_LOG_LEVEL="warning",
-    )
+    env = service_env(ctx.tmp / "models", ctx.tmp, TOONSERVE_DEVICE=ctx.device.type, TOONSERVE_DTYPE="auto",
+                      TOONSERVE_STYLES="anime", TOONSERVE_DEFAULT_STYLE="anime")  # fmt: skip
     log_path = ctx.out / ("http-server-dry.log" if ctx.plan.dry else "http-server.log")
-    repo = Path(__file__).resolve().parents[1]
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"], env=env, cwd=repo, stdout=log, stderr=log
-        )
+    server = LiveService(env, log_path).launch()
+    url = server.url
     result: dict[str, Any] = dict(photo_bytes=len(body), server_log=str(log_path))
     try:
         start = time.monotonic()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with status {server.returncode}; see {log_path}")
-            if time.monotonic() > deadline - 10:
-                raise RuntimeError(f"the server was not ready in time; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(url + "/readyz", timeout=2)
-                if r.status_code == 200:
-                    result["readyz"] = r.json()
-                    break
-            time.sleep(0.3)
+        server.wait_ready(max(1.0, deadline - 10 - start))
+        result["readyz"] = json.loads(server.get("/readyz")[1])
         result["ready_s"] = round(time.monotonic() - start, 1)
         plan = ctx.plan
         _load(url, body, plan.http_concurrency, plan.http_warmup, plan.http_max_s)  # warm-up
@@ -1194,12 +1161,7 @@ def section_http(ctx: Context, deadline: float) -> dict[str, Any]:
         result["gpu_while_loaded"] = sampler.summary()
         result["nvidia_smi_after"] = nvidia_smi()
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        server.stop()
     bodies = load.pop("bodies")
     result.update(load)
     result["check"] = _http_check(ctx, body, bodies)
