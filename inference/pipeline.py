@@ -72,7 +72,7 @@ MAX_OUTPUT_SIDE: Final = 8192
 DEFAULT_MAX_FACES: Final = 10
 MAX_MAX_FACES: Final = 100
 #: Smallest face box side (processing-image pixels) we stylise. Upstream: > 60 px in width or height.
-DEFAULT_MIN_FACE_SIZE: Final = 24.0
+DEFAULT_MIN_FACE_SIZE: Final = 40.0
 #: Smallest detector score we stylise (the detector itself keeps faces above its own threshold).
 DEFAULT_MIN_FACE_SCORE: Final = 0.9
 #: Most images per background call. On CPU a batch of large images is slower per image than one at
