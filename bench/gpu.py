@@ -60,7 +60,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -1041,71 +1041,11 @@ def _pair(stats: dict[str, Any] | None) -> str | None:
 def _load(
     url: str, body: bytes, concurrency: int, requests: int, max_s: float, keep: int = 0
 ) -> dict[str, Any]:
-    """``requests`` POSTs from ``concurrency`` client threads (stopping at ``max_s``): photos/s, latency
-    percentiles, statuses, Server-Timing medians, and the first and last ``keep`` response bodies."""
-    import httpx
+    """The load generator of the HTTP benchmarks, asking for JPEG (imported here: httpx is needed by
+    this section only)."""
+    from bench.loadgen import post_load
 
-    latencies: list[float] = []
-    timings: dict[str, list[float]] = {}
-    statuses: Counter[str] = Counter()
-    first: list[bytes] = []
-    last: deque[bytes] = deque(maxlen=keep)
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    stop_at = time.monotonic() + max_s
-
-    def client() -> None:
-        with httpx.Client(timeout=120) as http:
-            while time.monotonic() < stop_at:
-                with lock:
-                    if next(counter, None) is None:
-                        return
-                start = time.perf_counter()
-                try:
-                    r = http.post(
-                        url + "/cartoonize",
-                        files={"image": ("me.jpg", body, "image/jpeg")},
-                        data={"format": "jpeg"},
-                    )
-                except httpx.HTTPError as exc:
-                    with lock:
-                        statuses[type(exc).__name__] += 1
-                    continue
-                elapsed = (time.perf_counter() - start) * 1000
-                with lock:
-                    statuses[str(r.status_code)] += 1
-                    if r.status_code != 200:
-                        continue
-                    latencies.append(elapsed)
-                    if len(first) < keep:
-                        first.append(r.content)
-                    elif keep:
-                        last.append(r.content)
-                    for part in r.headers.get("server-timing", "").split(","):
-                        name, _, dur = part.strip().partition(";dur=")
-                        if dur:
-                            timings.setdefault(name, []).append(float(dur))
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
-    return dict(
-        concurrency=concurrency,
-        requests=sum(statuses.values()),
-        ok=len(latencies),
-        statuses=dict(statuses),
-        photos_per_s=round(len(latencies) / wall, 2),
-        wall_s=round(wall, 2),
-        p50_ms=round(float(np.percentile(lat, 50)), 1),
-        p99_ms=round(float(np.percentile(lat, 99)), 1),
-        server_timing_median_ms={k: round(statistics.median(v), 2) for k, v in timings.items()},
-        bodies=first + list(last),
-    )
+    return post_load(url, body, concurrency, requests, max_s, data={"format": "jpeg"}, keep=keep)
 
 
 class _GpuSampler(threading.Thread):

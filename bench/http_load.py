@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.loadgen import post_load
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -67,54 +67,12 @@ def pipeline_rates(models: Path, cache: Path, dtype: str, body: bytes, n: int) -
     return alone, with_codec
 
 
-def load(url: str, body: bytes, concurrency: int, requests: int, timeout_s: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    statuses: Counter[str] = Counter()
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    stop_at = time.monotonic() + timeout_s
-
-    def client() -> None:
-        with httpx.Client(timeout=120) as http:
-            while time.monotonic() < stop_at:
-                with lock:
-                    if next(counter, None) is None:
-                        return
-                t = time.perf_counter()
-                r = http.post(url + "/cartoonize", files={"image": ("me.jpg", body, "image/jpeg")})
-                elapsed = time.perf_counter() - t
-                with lock:
-                    key = str(r.status_code)
-                    if r.status_code == 503 and "retry-after" not in r.headers:
-                        key += " without Retry-After"
-                    statuses[key] += 1
-                    if r.status_code == 200:
-                        latencies.append(elapsed * 1000)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
-    return dict(
-        concurrency=concurrency,
-        ok=len(latencies),
-        statuses=dict(statuses),
-        p50_ms=percentile(latencies, 50),
-        p95_ms=percentile(latencies, 95),
-        p99_ms=percentile(latencies, 99),
-        images_per_s=len(latencies) / wall,
-    )
-
-
 def healthz_while_saturated(url: str, body: bytes, requests: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     done = threading.Event()
 
     def saturate() -> None:
-        result.update(load(url, body, 16, requests, 300))
+        result.update(post_load(url, body, 16, requests, 300))
         done.set()
 
     threading.Thread(target=saturate).start()
@@ -152,7 +110,7 @@ def main() -> int:
 
     env = service_env(tmp / "models", tmp, TOONSERVE_DTYPE=args.dtype, TOONSERVE_QUEUE_SIZE="8")
     with LiveService(env, tmp / "server.log") as server:
-        rows = [load(server.url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
+        rows = [post_load(server.url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
         health = healthz_while_saturated(server.url, body, args.requests)
 
     print(f"# http benchmark: dtype={args.dtype}, photo 1024x768 JPEG ({len(body)} bytes), torch threads "
@@ -165,7 +123,7 @@ def main() -> int:
     )
     for r in rows:
         print(f"{r['concurrency']:>7} {r['ok']:>4} {r['p50_ms']:8.0f} {r['p95_ms']:8.0f} {r['p99_ms']:8.0f} "
-              f"{r['images_per_s']:6.2f} {r['images_per_s'] / reference:10.0%}  {r['statuses']}")  # fmt: skip
+              f"{r['photos_per_s']:6.2f} {r['photos_per_s'] / reference:10.0%}  {r['statuses']}")  # fmt: skip
     print(f"/healthz while 16 clients saturate: {health['probes']} probes, p50 {health['p50_ms']:.1f} ms, "
           f"p99 {health['p99_ms']:.1f} ms, max {health['max_ms']:.1f} ms")  # fmt: skip
     print(f"  saturating load statuses: {health['load']['statuses']}")

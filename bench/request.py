@@ -29,7 +29,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.loadgen import post_load
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -134,25 +134,10 @@ def main() -> int:
             sequential = statistics.median(latencies)
             served = {k: statistics.median(t[k] for t in timings) for k in timings[0]}
 
-        done = 0
-        lock = threading.Lock()
-
-        def client_loop(count: int) -> None:
-            nonlocal done
-            with httpx.Client(base_url=url, timeout=120) as c:
-                for _ in range(count):
-                    c.post("/cartoonize", files={"image": ("me.jpg", photo, "image/jpeg")}).raise_for_status()
-                    with lock:
-                        done += 1
-
-        per_client = max(2, n // 2)
-        threads = [threading.Thread(target=client_loop, args=(per_client,)) for _ in range(4)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        concurrent = done / (time.perf_counter() - start)
+        loaded = post_load(url, photo, 4, 4 * max(2, n // 2), 600)
+        if loaded["ok"] != loaded["requests"]:
+            raise SystemExit(f"at concurrency 4 not every request succeeded: {loaded['statuses']}")
+        concurrent = loaded["photos_per_s"]
     finally:
         server.stop()
 
