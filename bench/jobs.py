@@ -5,7 +5,9 @@
 Starts ``toonserve serve`` on a free loopback port with the synthetic model (default settings
 otherwise), then in one run:
 
-1. the pipeline alone, in this process, on the same photos: images/s (the reference);
+1. the pipeline alone, in this process, on the same photos: images/s (the reference); and the same
+   with each photo's decode and PNG encode (one after another): the work a job item does, without
+   the job;
 2. the same photos as ``--photos`` sequential ``POST /cartoonize`` calls: images/s;
 3. the same photos as one job (``POST /jobs``, followed to its end): images/s from the 202 to the end;
 4. ``/cartoonize`` latency of one photo, ``--probes`` sequential calls, with the service idle, and
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit import photos
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
-from inference.images import decode
+from inference.images import decode, encode
 from service.engine import loaded_engine
 from service.settings import Settings
 
@@ -57,7 +59,8 @@ def photo_set(count: int, side: int) -> list[tuple[str, bytes]]:
     return out
 
 
-def pipeline_rate(models: Path, cache: Path, files: list[tuple[str, bytes]]) -> float:
+def pipeline_rates(models: Path, cache: Path, files: list[tuple[str, bytes]]) -> tuple[float, float]:
+    """Images/s in this process: the pipeline alone on decoded photos, and decode + pipeline + PNG."""
     engine = loaded_engine(Settings(model_dir=models, cache_dir=cache, allow_download=False, device="cpu"))
     c = engine.cartoonizer("anime")
     images = [decode(data, max_pixels=40_000_000).pixels for _, data in files]
@@ -65,9 +68,13 @@ def pipeline_rate(models: Path, cache: Path, files: list[tuple[str, bytes]]) -> 
     start = time.perf_counter()
     for rgb in images:
         c.run(rgb)
-    rate = len(images) / (time.perf_counter() - start)
+    alone = len(images) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _, data in files:
+        encode(c.run(decode(data, max_pixels=40_000_000).pixels).image, "png")
+    with_codec = len(files) / (time.perf_counter() - start)
     engine.close()
-    return rate
+    return alone, with_codec
 
 
 def sequential_rate(client: httpx.Client, files: list[tuple[str, bytes]]) -> float:
@@ -123,7 +130,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="toonserve-bench-"))
     write_fast_model_dir(tmp / "models" / "anime")
     files = photo_set(args.photos, args.side)
-    reference = pipeline_rate(tmp / "models", tmp / "cache", files)
+    reference, with_codec = pipeline_rates(tmp / "models", tmp / "cache", files)
 
     env = service_env(tmp / "models", tmp)
     with (
@@ -143,6 +150,7 @@ def main() -> int:
 
     rows = [
         ("pipeline alone, in process (reference)", reference),
+        ("decode + pipeline + PNG encode, in process", with_codec),
         (f"{args.photos} sequential POST /cartoonize", sequential),
         (f"one job of {args.photos} photos", as_job),
     ]
@@ -158,6 +166,7 @@ def main() -> int:
           "running at the end)")  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = dict(photos=args.photos, side=args.side, reference_images_per_s=reference,
+                  with_codec_images_per_s=with_codec,
                   sequential_images_per_s=sequential, job_images_per_s=as_job, idle_ms=idle,
                   during_job_ms=during, job_still_running=still_running)  # fmt: skip
     args.json.write_text(json.dumps(report, indent=2))
