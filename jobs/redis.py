@@ -43,9 +43,9 @@ from redis.retry import Retry
 
 from jobs import redis_lua
 from jobs.errors import JobStoreError, StorageQuotaError
-from jobs.files import fsync_dir, remove_tree, write_durable
+from jobs.files import remove_tree, write_durable
 from jobs.model import JOB_STATUSES, Item, ItemStatus, Job, JobOptions, WebhookState
-from jobs.store import Claim, Upload, quota_message
+from jobs.store import Claim, Upload, quota_message, write_photos
 
 #: Directories under ``jobs/`` with no record, and other replicas' staging directories, untouched for
 #: this long are left over from a process that died while accepting a job; accepting one takes
@@ -200,18 +200,8 @@ class RedisJobStore:
         used = self.usage()
         if used + needed > quota_bytes:  # refused before writing; decided again atomically below
             raise StorageQuotaError(quota_message(needed, used, quota_bytes))
-        staging = self.staging_dir / job_id
         final = self.job_dir(job_id)
-        try:
-            for index, upload in enumerate(uploads):
-                if upload.stream is not None and upload.error is None:
-                    write_durable(staging / "in" / f"{index:04d}", upload.stream)
-            staging.mkdir(parents=True, exist_ok=True)
-            staging.rename(final)
-            fsync_dir(self.jobs_dir)
-        except OSError as exc:
-            remove_tree(staging)
-            raise JobStoreError(f"cannot write the job's photos under {self.data_dir}: {exc}") from exc
+        write_photos(uploads, self.staging_dir / job_id, final, self.data_dir)
         items = [
             {
                 "filename": u.filename,

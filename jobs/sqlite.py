@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from jobs.errors import JobStoreError, StorageQuotaError
-from jobs.files import fsync_dir, remove_tree, write_durable
+from jobs.files import remove_tree, write_durable
 from jobs.model import TERMINAL, Item, ItemStatus, Job, JobOptions, JobStatus, WebhookState
-from jobs.store import Claim, Upload, quota_message
+from jobs.store import Claim, Upload, quota_message, write_photos
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -187,18 +187,8 @@ class SQLiteJobStore:
                 return existing, False
         needed = sum(u.size + u.estimate for u in uploads if u.error is None)
         self._check_quota(needed, quota_bytes)
-        staging = self.staging_dir / job_id
         final = self.job_dir(job_id)
-        try:
-            for index, upload in enumerate(uploads):
-                if upload.stream is not None and upload.error is None:
-                    write_durable(staging / "in" / f"{index:04d}", upload.stream)
-            staging.mkdir(parents=True, exist_ok=True)
-            staging.rename(final)
-            fsync_dir(self.jobs_dir)
-        except OSError as exc:
-            remove_tree(staging)
-            raise JobStoreError(f"cannot write the job's photos under {self.data_dir}: {exc}") from exc
+        write_photos(uploads, self.staging_dir / job_id, final, self.data_dir)
         now = time.time()
         try:
             with self._tx() as db:
