@@ -34,18 +34,27 @@ _ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, me
 EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After", "Location")
 
 
-def _openapi(app: FastAPI, styles: list[str]) -> dict[str, Any]:
+#: Multipart request bodies' extension naming the largest body this server reads (then 413).
+MAX_BODY_BYTES_KEY = "x-max-body-bytes"
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     """The generated schema, made exact where FastAPI's is not:
 
     * ``X-Request-ID`` and ``X-Content-Type-Options`` declared on every response (the middleware adds
       them to all);
     * optional multipart fields are optional, not nullable (a form part cannot be null: it is sent
-      or left out), and a list of files holds at least one;
-    * ``style`` takes the styles this server is configured with.
+      or left out), and a list of files holds at least one and at most this server's limit
+      (``TOONSERVE_MAX_BATCH_FILES``, ``TOONSERVE_MAX_JOB_FILES``);
+    * ``style`` takes the styles this server is configured with;
+    * each multipart body says its byte limit in ``x-max-body-bytes`` (clients, the web page among
+      them, can refuse a choice before sending it).
     """
+    most_files = {"/cartoonize/batch": settings.max_batch_files, "/jobs": settings.max_job_files}
+    most_bytes = {"/jobs": settings.max_job_bytes}
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)
-        for path in schema.get("paths", {}).values():
+        for route, path in schema.get("paths", {}).items():
             for operation in path.values():
                 for response in operation.get("responses", {}).values():
                     headers = response.setdefault("headers", {})
@@ -53,12 +62,13 @@ def _openapi(app: FastAPI, styles: list[str]) -> dict[str, Any]:
                     headers["X-Content-Type-Options"] = HEADERS["X-Content-Type-Options"]
                 body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
                 if body:
-                    _exact_form(schema, body["schema"], styles)
+                    _exact_form(schema, body["schema"], settings.styles, most_files.get(route))
+                    body[MAX_BODY_BYTES_KEY] = most_bytes.get(route, settings.max_upload_bytes)
         app.openapi_schema = schema
     return app.openapi_schema
 
 
-def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str]) -> None:
+def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str], most: int | None) -> None:
     ref = form.get("$ref", "")
     target = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else form
     if "style" in target.get("properties", {}):
@@ -76,6 +86,8 @@ def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str])
                 del prop["default"]
         if prop.get("type") == "array":
             prop["minItems"] = max(1, prop.get("minItems", 1))
+            if most is not None:
+                prop["maxItems"] = most
 
 
 #: How often the worker is looked at; memory is given back once it has been idle that long after work.
@@ -128,7 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Portrait photos to cartoons with DCT-Net, exact to the official models.",
         lifespan=lifespan,
     )
-    app.openapi = lambda: _openapi(app, settings.styles)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     app.state.metrics = metrics
     routes = [route for router in _ROUTERS for route in router.routes]
     errors.install(app, routes)

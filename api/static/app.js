@@ -185,9 +185,20 @@ function settingsForm() {
   return form;
 }
 
+// What one batch (a job) may hold, from the API's schema; unknown until it is read.
+const batchLimits = { files: Infinity, bytes: Infinity };
+
 // Bounds and choices come from the API's own schema, so the page never disagrees with the service.
 async function loadBounds() {
   const spec = await (await api("/openapi.json")).json();
+  const jobBody = spec.paths["/jobs"].post.requestBody.content["multipart/form-data"];
+  const jobProps = spec.components.schemas[jobBody.schema.$ref.split("/").pop()].properties;
+  batchLimits.files = jobProps.images.maxItems ?? Infinity;
+  batchLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
+  $("photos-limit").textContent = Number.isFinite(batchLimits.files)
+    ? ` At most ${plural(batchLimits.files, "photo")} and ${megabytes(batchLimits.bytes)} in one batch.`
+    : "";
+  if ($("photos").files.length) describeChoice();
   const body = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"].schema;
   const props = spec.components.schemas[body.$ref.split("/").pop()].properties;
   // Optional fields are `anyOf: [{the type}, {null}]`.
@@ -427,16 +438,31 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+const megabytes = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
+
+// Why the chosen photos cannot go as one batch (over the service's limits), or "" when they can.
+function overLimits(files, bytes) {
+  if (files.length > batchLimits.files)
+    return `${plural(files.length, "photo")} chosen; this service takes at most ${batchLimits.files} in one batch. Choose fewer, or send them as several batches.`;
+  if (bytes > batchLimits.bytes)
+    return `The chosen photos come to ${megabytes(bytes)}; this service takes at most ${megabytes(batchLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
+  return "";
+}
+
 function describeChoice() {
   const files = [...$("photos").files];
   const bytes = files.reduce((n, f) => n + f.size, 0);
-  say("batch", files.length ? `${plural(files.length, "photo")} chosen (${(bytes / 1e6).toFixed(1)} MB).` : "");
-  fail("batch", "");
+  say("batch", files.length ? `${plural(files.length, "photo")} chosen (${megabytes(bytes)}).` : "");
+  const refusal = overLimits(files, bytes);
+  fail("batch", refusal);
+  $("start-batch").disabled = refusal !== "";
 }
 
 async function startBatch(event) {
   event.preventDefault();
   const files = [...$("photos").files];
+  const refusal = overLimits(files, files.reduce((n, f) => n + f.size, 0));
+  if (refusal) return fail("batch", refusal);
   const form = settingsForm();
   for (const file of files) form.append("images", file, file.name);
   fail("batch", "");

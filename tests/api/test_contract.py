@@ -141,6 +141,25 @@ def test_openapi_form_bounds_and_choices_are_the_constants(client: TestClient) -
         assert tuple(props["no_face"]["enum"]) == NO_FACE_POLICIES
 
 
+def test_openapi_states_this_servers_file_and_byte_limits(client: TestClient) -> None:
+    """Clients (the web page among them) read the limits from the schema: the files a list may hold
+    and the body a route reads, as this server is configured."""
+    defaults = {name: f.default for name, f in Settings.model_fields.items()}
+    upload = 3_000_000  # the fixture's TOONSERVE_MAX_UPLOAD_BYTES
+    spec = client.get("/openapi.json").json()
+    expected = {
+        "/cartoonize": (None, upload),
+        "/cartoonize/batch": (defaults["max_batch_files"], upload),
+        "/jobs": (defaults["max_job_files"], defaults["max_job_bytes"]),
+    }
+    for route, (files, body_bytes) in expected.items():
+        body = spec["paths"][route]["post"]["requestBody"]["content"]["multipart/form-data"]
+        props = spec["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]["properties"]
+        assert body["x-max-body-bytes"] == body_bytes, route
+        if files is not None:
+            assert props["images"]["minItems"] == 1 and props["images"]["maxItems"] == files, route
+
+
 def test_readme_form_table_states_the_constants() -> None:
     form = _section("API summary")
     assert f"| `processing_size` | {MIN_PROCESSING_SIZE}…{MAX_PROCESSING_SIZE}" in form
