@@ -154,11 +154,18 @@ const waiting = (side) => (seconds, message) =>
 
 // -- settings (shared by both sides, remembered in localStorage) ---------------------------------
 
-const settingInputs = () => [$("style"), $("strength"), $("processing-size"), $("format")];
+// Each shared setting: its control, the API's form field, and its key in the page's storage.
+const SETTINGS = [
+  { id: "style", field: "style", key: "style" },
+  { id: "strength", field: "strength", key: "strength" },
+  { id: "processing-size", field: "processing_size", key: "processingSize" },
+  { id: "output-size", field: "output_size", key: "outputSize" },
+  { id: "format", field: "format", key: "format" },
+  { id: "quality", field: "quality", key: "quality" },
+];
 
 function saveSettings() {
-  const [style, strength, size, format] = settingInputs();
-  const saved = { style: style.value, strength: strength.value, processingSize: size.value, format: format.value };
+  const saved = Object.fromEntries(SETTINGS.map((s) => [s.key, $(s.id).value]));
   localStorage.setItem(SETTINGS_STORE, JSON.stringify(saved));
 }
 
@@ -177,11 +184,10 @@ function showStrength() {
 // The form fields every request shares. Empty fields are left out: the service's defaults apply.
 function settingsForm() {
   const form = new FormData();
-  const [style, strength, size, format] = settingInputs();
-  if (style.value) form.append("style", style.value);
-  form.append("strength", strength.value);
-  if (size.value.trim()) form.append("processing_size", size.value.trim());
-  if (format.value) form.append("format", format.value);
+  for (const { id, field } of SETTINGS) {
+    const value = $(id).value.trim();
+    if (value) form.append(field, value);
+  }
   return form;
 }
 
@@ -206,12 +212,19 @@ async function loadBounds() {
   const strength = typed(props.strength);
   $("strength").min = strength.minimum;
   $("strength").max = strength.maximum;
-  const size = typed(props.processing_size);
-  $("processing-size").min = size.minimum;
-  $("processing-size").max = size.maximum;
+  const bound = (id, field) => {
+    const { minimum, maximum } = typed(props[field]);
+    $(id).min = minimum;
+    $(id).max = maximum;
+    return `${minimum} to ${maximum}`;
+  };
   $("processing-hint").textContent =
-    `The photo's short side while it is worked on, ${size.minimum} to ${size.maximum} pixels: ` +
+    `The photo's short side while it is worked on, ${bound("processing-size", "processing_size")} pixels: ` +
     "more is sharper and slower. Empty: the service's default.";
+  $("output-hint").textContent =
+    `The result's long side, ${bound("output-size", "output_size")} pixels. Empty: the photo's own size.`;
+  $("quality-hint").textContent =
+    `JPEG and WebP only, ${bound("quality", "quality")}: more is finer and larger. Empty: the service's default.`;
   const format = $("format");
   for (const name of typed(props.format).enum) {
     const option = new Option(name === "jpeg" ? "JPEG" : name === "webp" ? "WebP" : name.toUpperCase(), name);
@@ -244,12 +257,13 @@ function showStyleHint() {
 }
 
 function restoreSettings(saved) {
-  const [style, strength, size, format] = settingInputs();
-  if (saved.strength !== undefined) strength.value = saved.strength;
-  if (saved.processingSize !== undefined) size.value = saved.processingSize;
-  // Only choices the service offers now: a remembered style that is not loaded here is skipped.
-  if ([...style.options].some((o) => o.value === saved.style)) style.value = saved.style;
-  if ([...format.options].some((o) => o.value === saved.format)) format.value = saved.format;
+  for (const { id, key } of SETTINGS) {
+    const control = $(id);
+    if (typeof saved[key] !== "string") continue;
+    // Only choices the service offers now: a remembered style that is not loaded here is skipped.
+    if (control.tagName === "SELECT" && ![...control.options].some((o) => o.value === saved[key])) continue;
+    control.value = saved[key];
+  }
   showStrength();
   showStyleHint();
 }
@@ -697,7 +711,7 @@ async function start() {
   $("compare-slider").addEventListener("input", compare);
   $("strength").addEventListener("input", showStrength);
   $("style").addEventListener("change", showStyleHint);
-  for (const input of settingInputs()) input.addEventListener("change", saveSettings);
+  for (const { id } of SETTINGS) $(id).addEventListener("change", saveSettings);
   $("photo-preview").addEventListener("error", () => {
     if ($("photo").files.length) $("photo-caption").textContent = "This browser cannot show this photo; the service may still read it.";
   });

@@ -27,6 +27,8 @@ from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwr
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
+from inference.images import MAX_QUALITY, MIN_QUALITY
+from inference.pipeline import MAX_OUTPUT_SIDE
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -179,6 +181,16 @@ def _choose(page: Page, name: str, rgb: np.ndarray, size: tuple[int, int]) -> No
     page.get_by_label("Photo", exact=True).set_input_files([_file(name, _jpeg(rgb, size))])
 
 
+#: Keeps the text fields of the last FormData the page sends, as ``window.sentFields``.
+SENT_FIELDS_SCRIPT = """
+const send = window.fetch;
+window.fetch = (url, init) => {
+  if (init && init.body instanceof FormData)
+    window.sentFields = Object.fromEntries([...init.body.entries()].filter(([, v]) => typeof v === "string"));
+  return send(url, init);
+};
+"""
+
 NOT_AN_IMAGE = _file("notes.txt", b"not a photo, just some words\n" * 20, "text/plain")
 
 
@@ -319,16 +331,26 @@ def test_one_photo_end_to_end(web: Session) -> None:
 
 def test_settings_are_remembered_and_used(web: Session) -> None:
     page = web.open()
+    # The number fields take their bounds from /openapi.json.
+    expect(page.get_by_label("Output size")).to_have_attribute("max", str(MAX_OUTPUT_SIDE))
+    expect(page.get_by_label("Quality")).to_have_attribute("min", str(MIN_QUALITY))
+    expect(page.get_by_label("Quality")).to_have_attribute("max", str(MAX_QUALITY))
     page.get_by_label("Strength").fill("0.5")
-    page.get_by_label("Processing size").fill("96")
-    page.get_by_label("Processing size").dispatch_event("change")
+    for label, value in (("Processing size", "96"), ("Output size", "120"), ("Quality", "70")):
+        page.get_by_label(label).fill(value)
+        page.get_by_label(label).dispatch_event("change")
     page.get_by_label("Format").select_option("webp")
+    # What the page sends: the text fields of its last form upload (the browser does not expose
+    # multipart bodies with files to Playwright).
+    page.add_init_script(SENT_FIELDS_SCRIPT)
     page.reload()
     page.wait_for_selector("body[data-ready]")
     expect(page.get_by_label("Strength")).to_have_value("0.5")
     expect(page.locator("#strength-value")).to_have_text("0.50")
     expect(page.get_by_label("Processing size")).to_have_value("96")
+    expect(page.get_by_label("Output size")).to_have_value("120")
     expect(page.get_by_label("Format")).to_have_value("webp")
+    expect(page.get_by_label("Quality")).to_have_value("70")
 
     _choose(page, "me.jpg", photos.grace_hopper(), (200, 240))
     page.get_by_role("button", name="Cartoonize").click()
@@ -336,6 +358,19 @@ def test_settings_are_remembered_and_used(web: Session) -> None:
     expect(download).to_have_attribute("download", "me-anime.webp")
     assert _blob_type(page, "Download") == "image/webp"
     expect(page.locator("#run-info")).to_contain_text("worked at 96×115")
+    # The result's long side is the output size asked for; the quality went with the request.
+    _, data = _download(page, "Download")
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "WEBP" and im.size == (100, 120)
+    assert page.evaluate("window.sentFields") == {
+        "style": "anime",
+        "strength": "0.5",
+        "processing_size": "96",
+        "output_size": "120",
+        "format": "webp",
+        "quality": "70",
+        "response": "json",  # the single side reads faces and timings from the JSON answer
+    }
 
 
 def test_busy_service_is_retried_after_retry_after(web: Session) -> None:
@@ -387,10 +422,13 @@ def test_keyboard_alone(web: Session) -> None:
     page = web.open()
     order = []
     page.keyboard.press("Tab")
-    for _ in range(7):
+    for _ in range(9):
         order.append(page.evaluate("document.activeElement.id"))
         page.keyboard.press("Tab")
-    assert order == ["style", "strength", "processing-size", "format", "tab-single", "photo", "cartoonize"]
+    assert order == [
+        *("style", "strength", "processing-size", "output-size", "format", "quality"),
+        *("tab-single", "photo", "cartoonize"),
+    ]
     # The focused control shows it.
     page.get_by_role("tab", name="One photo").focus()
     page.keyboard.press("Tab")
