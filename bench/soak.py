@@ -233,7 +233,8 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
     typical = {m: statistics.median(v) for m, v in minutes_seen.items()}
     # Growth is a trend, not the largest photo in flight: the median RSS of the last whole minute of
     # load against that of minute 1 (peaks move with whatever hostile work happens to be running).
-    whole = [m for m in typical if m >= 1 and len(minutes_seen[m]) >= 6]
+    # The minutes after the arrivals stop (the queue and the jobs draining) are not load.
+    whole = [m for m in typical if 1 <= m < minutes and len(minutes_seen[m]) >= 6]
     growth = (typical[whole[-1]] - typical[1]) / typical[1] if len(whole) >= 2 else float("nan")
     return dict(
         capacity_per_s=rate / factor, arrival_rate_per_s=rate, minutes=minutes,

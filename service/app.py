@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import version
@@ -90,17 +91,18 @@ def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str],
                 prop["maxItems"] = most
 
 
-#: How often the worker is looked at; memory is given back once it has been idle that long after work.
+#: How often the worker is looked at; memory is given back once it has been idle that long after work
+#: (and every memory.TRIM_BUSY_EVERY_S while it works without a pause).
 _TRIM_EVERY_S = 5.0
 
 
-async def _trim_when_idle(scheduler: Scheduler) -> None:
-    """Give freed memory back to the system after each burst of work (see service.memory)."""
-    seen = scheduler.batches_done
+async def _give_memory_back(scheduler: Scheduler) -> None:
+    """Give freed memory back to the system after each burst of work and during long ones (see
+    service.memory)."""
+    policy = memory.TrimPolicy(last_trim=time.monotonic(), seen=scheduler.batches_done)
     while True:
         await asyncio.sleep(_TRIM_EVERY_S)
-        if scheduler.idle and scheduler.batches_done != seen:
-            seen = scheduler.batches_done
+        if policy.due(time.monotonic(), scheduler.idle, scheduler.batches_done):
             await asyncio.to_thread(memory.trim)
 
 
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.toonserve = ServiceState(engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs)
         engine.start()
         await jobs.runner.start()
-        trimmer = asyncio.create_task(_trim_when_idle(engine.scheduler), name="toonserve-trim")
+        trimmer = asyncio.create_task(_give_memory_back(engine.scheduler), name="toonserve-trim")
         try:
             yield
         finally:

@@ -9,8 +9,10 @@ longer uses, spread over arenas no single ``free`` returns. Two measures, both m
 * fewer arenas (``mallopt(M_ARENA_MAX, n)``, set before the threads start; like the
   ``MALLOC_ARENA_MAX`` environment variable) — less memory stranded in idle arenas, for a little more
   lock contention in malloc, which this service hardly feels: its hot loops are in oneDNN and zlib;
-* ``malloc_trim(0)`` whenever the device's worker has been idle for a moment — returns the free pages
-  of every arena to the system.
+* ``malloc_trim(0)`` whenever the device's worker has been idle for a moment after work, and at least
+  every half minute while it works without a pause (under steady load it is never idle, and the
+  arenas' high-water mark would ratchet up with each mix of large requests) — returns the free pages
+  of every arena to the system, in a few milliseconds.
 
 On other platforms or C libraries both are no-ops.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from dataclasses import dataclass
 from functools import cache
 from typing import Final
 
@@ -27,6 +30,27 @@ log = logging.getLogger(__name__)
 
 #: glibc's mallopt parameter number for the arena limit (malloc.h: M_ARENA_MAX).
 _M_ARENA_MAX: Final = -8
+
+#: Seconds between trims while the worker works without a pause.
+TRIM_BUSY_EVERY_S: Final = 30.0
+
+
+@dataclass
+class TrimPolicy:
+    """When to give memory back: once the worker is idle after work, or when it has worked for
+    ``busy_every_s`` since the last trim; never twice without work in between."""
+
+    last_trim: float
+    busy_every_s: float = TRIM_BUSY_EVERY_S
+    seen: int = 0
+
+    def due(self, now: float, idle: bool, batches_done: int) -> bool:
+        if batches_done == self.seen:
+            return False
+        if idle or now - self.last_trim >= self.busy_every_s:
+            self.seen, self.last_trim = batches_done, now
+            return True
+        return False
 
 
 @cache
