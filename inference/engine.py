@@ -33,7 +33,7 @@ from inference.errors import StyleLoadingError, StyleUnavailableError, Toonserve
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore, StyleNotLoadedError
 from inference.pipeline import Cartoonizer, Options
-from inference.scheduler import Scheduler
+from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_INTERACTIVE_GRACE_S, Scheduler
 from inference.weights import get_style
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ class Engine:
         max_batch: int = 1,
         head_batch: int = 16,
         queue_size: int = 32,
-        batch_wait_s: float = 0.005,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+        interactive_grace_s: float = DEFAULT_INTERACTIVE_GRACE_S,
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
         retry: bool = True,
@@ -130,6 +131,7 @@ class Engine:
             batch_wait=batch_wait_s,
             name=str(store.device),
             on_outcome=on_outcome,
+            interactive_grace=interactive_grace_s,
         )
         self.detector: FaceDetector | None = None
         #: Why the face detector could not be built (then nothing can serve).

@@ -19,7 +19,11 @@ queue, or stops between stages if already running; its future gets :class:`Deadl
 or :class:`~inference.pipeline.CancelledError`, counted apart (``deadline`` vs ``cancelled``).
 
 Background work (job items, ``submit(background=True)``) waits in its own queue, is taken only when
-no interactive ticket waits, and is neither counted against ``queue_size`` nor refused.
+no interactive ticket waits, and is neither counted against ``queue_size`` nor refused. It also
+waits ``interactive_grace`` seconds after interactive work was admitted or finished: a client that
+was just served often sends its next photo at once, and an admitted image is still decoding; a job
+item started in that moment would make that request wait for the whole item (background work cannot
+be interrupted). The grace costs a job at most that long per interactive request.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_SIZE: Final = 32
 DEFAULT_BATCH_WAIT_S: Final = 0.005
+#: Background work waits this long after interactive work was admitted or finished (see above).
+DEFAULT_INTERACTIVE_GRACE_S: Final = 0.05
 #: Starting estimate of the time per image, before anything was measured (seconds).
 _INITIAL_SERVICE_S: Final = 1.0
 #: Starting estimate of the time per processing pixel (seconds): 1 s per million, about what a
@@ -136,13 +142,18 @@ class Scheduler:
         batch_wait: float = DEFAULT_BATCH_WAIT_S,
         name: str = "cpu",
         on_outcome: Callable[[str], None] | None = None,
+        interactive_grace: float = DEFAULT_INTERACTIVE_GRACE_S,
     ) -> None:
-        if queue_size < 1 or max_batch < 1 or batch_wait < 0:
-            raise ValueError("queue_size and max_batch must be >= 1 and batch_wait >= 0")
+        if queue_size < 1 or max_batch < 1 or batch_wait < 0 or interactive_grace < 0:
+            raise ValueError("queue_size and max_batch must be >= 1, batch_wait and interactive_grace >= 0")
         self.cartoonizers = cartoonizers
         self.queue_size = queue_size
         self.max_batch = max_batch
         self.batch_wait = batch_wait
+        self.interactive_grace = interactive_grace
+        #: Background work is not started before this (time.monotonic()): interactive work was just
+        #: admitted or finished.
+        self._background_after = 0.0
         self.name = name
         #: Told how each ticket ended: ok, no_face, cancelled, deadline, rejected (queue full), error.
         self._on_outcome = on_outcome or (lambda _: None)
@@ -162,6 +173,7 @@ class Scheduler:
         self._queued_px = 0
         self._running_px = 0
         self._running_since = 0.0
+        self._running_interactive = False
         #: Batches processed so far (to notice that work happened since some moment).
         self.batches_done = 0
         self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
@@ -247,6 +259,7 @@ class Scheduler:
                 )
             self._reserved += len(pixels)
             self._reserved_px += sum(pixels)
+            self._background_after = max(self._background_after, now + self.interactive_grace)
             return Admission(list(pixels), deadline)
 
     def release(self, admission: Admission) -> None:
@@ -348,7 +361,13 @@ class Scheduler:
     def _take_batch(self) -> list[Ticket] | None:
         """Block for the next tickets; None when closed and drained."""
         with self._cond:
-            while not (self._queue or self._background):
+            while not self._queue:
+                if self._background:
+                    hold = 0.0 if self._closed else self._background_after - time.monotonic()
+                    if hold <= 0:
+                        break
+                    self._cond.wait(hold)  # interactive work may be on its way (see the module)
+                    continue
                 if self._closed:
                     return None
                 self._cond.wait()
@@ -366,6 +385,7 @@ class Scheduler:
                     break
                 self._cond.wait(remaining)
             self._running = len(batch)
+            self._running_interactive = interactive
             pixels = sum(t.pixels for t in batch)
             if interactive:
                 self._queued_px -= pixels
@@ -390,6 +410,8 @@ class Scheduler:
                     self._running = 0
                     self._running_px = 0
                     self.batches_done += 1
+                    if self._running_interactive:
+                        self._background_after = time.monotonic() + self.interactive_grace
 
     def _process(self, batch: list[Ticket]) -> None:
         now = time.monotonic()

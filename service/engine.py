@@ -80,6 +80,7 @@ def build_engine(
         head_batch=settings.head_batch,
         queue_size=settings.queue_size,
         batch_wait_s=settings.batch_wait_ms / 1000,
+        interactive_grace_s=settings.interactive_grace_ms / 1000,
         retry_max_s=settings.weights_retry_max_s,
         retry=retry,
         on_outcome=on_outcome,

@@ -41,7 +41,7 @@ from inference.pipeline import (
     MAX_PROCESSING_SIZE,
     MIN_PROCESSING_SIZE,
 )
-from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_QUEUE_SIZE
+from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_INTERACTIVE_GRACE_S, DEFAULT_QUEUE_SIZE
 from inference.weights import STYLES
 
 
@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     )
     batch_wait_ms: float = Field(
         DEFAULT_BATCH_WAIT_S * 1000, ge=0, le=1000, description="How long the worker waits to fill a batch."
+    )
+    interactive_grace_ms: float = Field(
+        DEFAULT_INTERACTIVE_GRACE_S * 1000,
+        ge=0,
+        le=1000,
+        description="How long job items wait after a request was admitted or served, for the next one.",
     )
     body_timeout_s: float = Field(
         30.0,

@@ -146,3 +146,38 @@ def test_interactive_work_goes_before_background_work(cartoonizer: Cartoonizer) 
         t.future.result(60)
     sched.close()
     assert order == ["bg", "fg", "fg", "bg", "bg", "bg", "bg", "bg"]
+
+
+@pytest.mark.parametrize(("grace", "expected"), [(0.5, ["fg", "fg", "bg"]), (0.0, ["fg", "bg", "fg"])])
+def test_background_work_waits_a_moment_for_the_next_interactive_request(
+    cartoonizer: Cartoonizer, grace: float, expected: list[str]
+) -> None:
+    """A client just served sends its next photo at once: within the grace it goes before the job
+    item queued ahead of it (without one, it waits for the whole item). With no next request, the
+    item starts once the grace is over."""
+    order: list[str] = []
+
+    class Tagging(_Recorder):
+        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
+            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
+            return super().run_many(items, alive)
+
+    rec = Tagging(cartoonizer)
+    sched = Scheduler({"anime": rec}, max_batch=1, name="test", interactive_grace=grace)  # type: ignore[dict-item]
+    img = photos.coffee()
+    bg = Options(no_face="passthrough", strength=0.5)
+    fg = Options(no_face="passthrough")
+    sched.start()
+    sched.submit("anime", img, fg, time.monotonic() + 60).future.result(60)
+    item = sched.submit("anime", img, bg, float("inf"), background=True)
+    # The next request: admitted (then decoding), submitted a moment later.
+    admission = sched.admit([img.shape[0] * img.shape[1]], time.monotonic() + 60)
+    time.sleep(0.1)
+    nxt = sched.submit("anime", img, fg, time.monotonic() + 60, admission=admission)
+    nxt.future.result(60)
+    item.future.result(60)
+    assert order == expected
+    alone = sched.submit("anime", img, bg, float("inf"), background=True)
+    alone.future.result(60)
+    assert order[-1] == "bg"
+    sched.close()
