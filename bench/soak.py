@@ -10,9 +10,11 @@ Starts ``toonserve serve`` (default settings, synthetic model) on a free loopbac
    wait for answers, at most 64 in flight): 70 % single photos, 10 % batches of three, 10 % small jobs
    (two photos, their events followed to the end), 10 % hostile requests (below); ``/healthz`` is
    probed ten times a second on its own connection;
-3. samples the server's RSS every 5 s and reports, per minute, its peak and median; the growth after
-   minute 1 (median of the last whole minute against minute 1's: a trend, not a transient peak); and
-   the RSS before the load and 30 s after it.
+3. samples the server's RSS every 5 s and reports, per minute, its peak, median and floor (least);
+   the growth after minute 1 of the median and of the floor (the last whole minute of load against
+   minute 1: a trend, not a transient peak; the floor is what the process keeps with the least work
+   in flight, which a leak raises and a large photo running does not); and the RSS before the load
+   and 30 s after it.
 
 Hostile requests, from the ways small uploads used to buy large work: a 40000×1000 PNG with
 ``processing_size=2048``; a tiny lossless WebP that decodes to 6300×6300; a 1×1 PNG with
@@ -231,11 +233,17 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
         minutes_seen.setdefault(int(t // 60), []).append(mib)
     peak = {m: max(v) for m, v in minutes_seen.items()}
     typical = {m: statistics.median(v) for m, v in minutes_seen.items()}
+    # The least RSS of each minute: what the process keeps when the least work is in flight (a leak
+    # raises it; large photos that happen to be running do not).
+    floor = {m: min(v) for m, v in minutes_seen.items()}
     # Growth is a trend, not the largest photo in flight: the median RSS of the last whole minute of
     # load against that of minute 1 (peaks move with whatever hostile work happens to be running).
     # The minutes after the arrivals stop (the queue and the jobs draining) are not load.
     whole = [m for m in typical if 1 <= m < minutes and len(minutes_seen[m]) >= 6]
-    growth = (typical[whole[-1]] - typical[1]) / typical[1] if len(whole) >= 2 else float("nan")
+
+    def growth(per_minute: dict[int, float]) -> float:
+        return (per_minute[whole[-1]] - per_minute[1]) / per_minute[1] if len(whole) >= 2 else float("nan")
+
     return dict(
         capacity_per_s=rate / factor, arrival_rate_per_s=rate, minutes=minutes,
         statuses={k: dict(v) for k, v in s.statuses.items()},
@@ -243,7 +251,8 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
         p99_ms={k: float(np.percentile(v, 99)) for k, v in s.latencies.items()},
         healthz_p50_ms=statistics.median(health), healthz_p99_ms=float(np.percentile(health, 99)),
         rss_before_mib=rss_before, rss_peak_mib_per_minute=peak, rss_median_mib_per_minute=typical,
-        rss_growth_after_minute_1=growth, rss_30s_after_mib=rss_after, client_dropped=s.dropped,
+        rss_floor_mib_per_minute=floor, rss_growth_after_minute_1=growth(typical),
+        rss_floor_growth_after_minute_1=growth(floor), rss_30s_after_mib=rss_after, client_dropped=s.dropped,
     )  # fmt: skip
 
 

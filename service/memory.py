@@ -10,7 +10,7 @@ longer uses, spread over arenas no single ``free`` returns. Two measures, both m
   ``MALLOC_ARENA_MAX`` environment variable) — less memory stranded in idle arenas, for a little more
   lock contention in malloc, which this service hardly feels: its hot loops are in oneDNN and zlib;
 * ``malloc_trim(0)`` whenever the device's worker has been idle for a moment after work, and at least
-  every half minute while it works without a pause (under steady load it is never idle, and the
+  every 10 s while it works without a pause (under steady load it is never idle, and the
   arenas' high-water mark would ratchet up with each mix of large requests) — returns the free pages
   of every arena to the system, in a few milliseconds.
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _M_ARENA_MAX: Final = -8
 
 #: Seconds between trims while the worker works without a pause.
-TRIM_BUSY_EVERY_S: Final = 30.0
+TRIM_BUSY_EVERY_S: Final = 10.0
 
 
 @dataclass
