@@ -23,7 +23,9 @@ no interactive ticket waits, and is neither counted against ``queue_size`` nor r
 waits ``interactive_grace`` seconds after interactive work was admitted or finished: a client that
 was just served often sends its next photo at once, and an admitted image is still decoding; a job
 item started in that moment would make that request wait for the whole item (background work cannot
-be interrupted). The grace costs a job at most that long per interactive request.
+be interrupted). The grace costs a job at most that long per interactive request, and holds a waiting
+job item back for at most ``GRACE_AT_MOST`` interactive batches in a row: a client that sends photos
+back to back would otherwise starve jobs for as long as it keeps sending.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ DEFAULT_QUEUE_SIZE: Final = 32
 DEFAULT_BATCH_WAIT_S: Final = 0.005
 #: Background work waits this long after interactive work was admitted or finished (see above).
 DEFAULT_INTERACTIVE_GRACE_S: Final = 0.05
+#: Interactive batches in a row for which the grace holds a waiting job item back; then the item goes
+#: (before the next interactive request only if that one is not queued yet: queued ones always go first).
+GRACE_AT_MOST: Final = 4
 #: Starting estimate of the time per image, before anything was measured (seconds).
 _INITIAL_SERVICE_S: Final = 1.0
 #: Starting estimate of the time per processing pixel (seconds): 1 s per million, about what a
@@ -154,6 +159,8 @@ class Scheduler:
         #: Background work is not started before this (time.monotonic()): interactive work was just
         #: admitted or finished.
         self._background_after = 0.0
+        #: Interactive batches finished while background work waited, since background work last ran.
+        self._passed_over = 0
         self.name = name
         #: Told how each ticket ended: ok, no_face, cancelled, deadline, rejected (queue full), error.
         self._on_outcome = on_outcome or (lambda _: None)
@@ -363,7 +370,9 @@ class Scheduler:
         with self._cond:
             while not self._queue:
                 if self._background:
-                    hold = 0.0 if self._closed else self._background_after - time.monotonic()
+                    if self._closed or self._passed_over >= GRACE_AT_MOST:
+                        break
+                    hold = self._background_after - time.monotonic()
                     if hold <= 0:
                         break
                     self._cond.wait(hold)  # interactive work may be on its way (see the module)
@@ -386,6 +395,8 @@ class Scheduler:
                 self._cond.wait(remaining)
             self._running = len(batch)
             self._running_interactive = interactive
+            if not interactive:
+                self._passed_over = 0
             pixels = sum(t.pixels for t in batch)
             if interactive:
                 self._queued_px -= pixels
@@ -412,6 +423,8 @@ class Scheduler:
                     self.batches_done += 1
                     if self._running_interactive:
                         self._background_after = time.monotonic() + self.interactive_grace
+                        if self._background:
+                            self._passed_over += 1
 
     def _process(self, batch: list[Ticket]) -> None:
         now = time.monotonic()

@@ -12,7 +12,13 @@ import pytest
 from devkit import photos
 from inference.errors import ToonserveError
 from inference.pipeline import CancelledError, Cartoonizer, Options, Result
-from inference.scheduler import DeadlineExceededError, QueueFullError, Scheduler, SchedulerClosedError
+from inference.scheduler import (
+    GRACE_AT_MOST,
+    DeadlineExceededError,
+    QueueFullError,
+    Scheduler,
+    SchedulerClosedError,
+)
 
 
 class _Recorder:
@@ -181,3 +187,29 @@ def test_background_work_waits_a_moment_for_the_next_interactive_request(
     alone.future.result(60)
     assert order[-1] == "bg"
     sched.close()
+
+
+def test_a_client_sending_back_to_back_does_not_starve_jobs(cartoonizer: Cartoonizer) -> None:
+    """The grace holds a waiting job item back for GRACE_AT_MOST interactive batches in a row, then the
+    item goes before the next request (which was not queued yet)."""
+    order: list[str] = []
+
+    class Tagging(_Recorder):
+        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
+            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
+            return super().run_many(items, alive)
+
+    sched = Scheduler({"anime": Tagging(cartoonizer)}, max_batch=1, name="test", interactive_grace=0.5)  # type: ignore[dict-item]
+    img = photos.coffee()
+    bg = Options(no_face="passthrough", strength=0.5)
+    fg = Options(no_face="passthrough")
+    sched.start()
+    sched.submit("anime", img, fg, time.monotonic() + 60).future.result(60)
+    item = sched.submit("anime", img, bg, float("inf"), background=True)
+    for _ in range(GRACE_AT_MOST + 1):
+        admission = sched.admit([img.shape[0] * img.shape[1]], time.monotonic() + 60)
+        time.sleep(0.1)  # decoding, within the grace
+        sched.submit("anime", img, fg, time.monotonic() + 60, admission=admission).future.result(60)
+    item.future.result(60)
+    sched.close()
+    assert order == ["fg"] * (GRACE_AT_MOST + 1) + ["bg", "fg"]
