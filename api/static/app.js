@@ -202,7 +202,7 @@ async function loadBounds() {
   batchLimits.files = jobProps.images.maxItems ?? Infinity;
   batchLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
   $("photos-limit").textContent = Number.isFinite(batchLimits.files)
-    ? ` At most ${plural(batchLimits.files, "photo")} and ${megabytes(batchLimits.bytes)} in one batch.`
+    ? ` At most ${plural(batchLimits.files, "photo")} and ${byteSize(batchLimits.bytes)} in one batch.`
     : "";
   if ($("photos").files.length) describeChoice();
   const body = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"].schema;
@@ -452,21 +452,23 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-const megabytes = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
+// A byte count as people read it: "0.4 MB", "35 MB", "1.1 GB".
+const byteSize = (bytes) =>
+  bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
 
 // Why the chosen photos cannot go as one batch (over the service's limits), or "" when they can.
 function overLimits(files, bytes) {
   if (files.length > batchLimits.files)
     return `${plural(files.length, "photo")} chosen; this service takes at most ${batchLimits.files} in one batch. Choose fewer, or send them as several batches.`;
   if (bytes > batchLimits.bytes)
-    return `The chosen photos come to ${megabytes(bytes)}; this service takes at most ${megabytes(batchLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
+    return `The chosen photos come to ${byteSize(bytes)}; this service takes at most ${byteSize(batchLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
   return "";
 }
 
 function describeChoice() {
   const files = [...$("photos").files];
   const bytes = files.reduce((n, f) => n + f.size, 0);
-  say("batch", files.length ? `${plural(files.length, "photo")} chosen (${megabytes(bytes)}).` : "");
+  say("batch", files.length ? `${plural(files.length, "photo")} chosen (${byteSize(bytes)}).` : "");
   const refusal = overLimits(files, bytes);
   fail("batch", refusal);
   $("start-batch").disabled = refusal !== "";

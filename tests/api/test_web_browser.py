@@ -37,8 +37,9 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 360, "height": 780}
 API_KEY = "page-test-key"
-#: A job takes at most this many photos on the test service (the page shows the API's 413 message).
+#: A job takes at most this many photos, and this many bytes, on the test service.
 MAX_JOB_FILES = 12
+MAX_JOB_BYTES = 4_000_000
 #: Chromium must not talk to anything but the page's service: no updates, sync, field trials, QUIC.
 CHROMIUM_ARGS = [
     "--no-sandbox",  # root in a container
@@ -64,6 +65,7 @@ def _start_server(model_dir: ReferenceModelDir, tmp: Path, **extra: str) -> Live
         TOONSERVE_PROCESSING_SIZE="128",
         TOONSERVE_MIN_FACE_SIZE="16",
         TOONSERVE_MAX_JOB_FILES=str(MAX_JOB_FILES),
+        TOONSERVE_MAX_JOB_BYTES=str(MAX_JOB_BYTES),
         **extra,
     )
     return LiveService(env, tmp / "server.log").start()
@@ -538,7 +540,9 @@ def test_too_many_photos_for_a_job_are_refused_before_sending(web: Session) -> N
     them at once, in words, without uploading anything."""
     page = web.open()
     _batch_tab(page)
-    expect(page.locator("#photos-hint")).to_contain_text(f"At most {MAX_JOB_FILES} photos")
+    expect(page.locator("#photos-hint")).to_contain_text(
+        f"At most {MAX_JOB_FILES} photos and 4.0 MB in one batch."
+    )
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     tiny = _jpeg(photos.coffee(), (32, 32))
@@ -551,6 +555,18 @@ def test_too_many_photos_for_a_job_are_refused_before_sending(web: Session) -> N
     page.get_by_label("Photos", exact=True).set_input_files(files[:MAX_JOB_FILES])
     expect(page.locator("#batch-error")).to_have_text("")
     expect(page.get_by_role("button", name="Start batch")).to_be_enabled()
+    # Over the byte limit: three photos of noise, about 1.6 MB each as PNG.
+    noise = np.random.default_rng(0).integers(0, 256, (740, 740, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(noise).save(png, "PNG", compress_level=0)
+    heavy = [_file(f"n{i}.png", png.getvalue(), "image/png") for i in range(3)]
+    total = 3 * len(png.getvalue())
+    page.get_by_label("Photos", exact=True).set_input_files(heavy)
+    expect(page.locator("#batch-error")).to_have_text(
+        f"The chosen photos come to {total / 1e6:.1f} MB; this service takes at most 4.0 MB in one batch. "
+        "Choose fewer, or send them as several batches."
+    )
+    expect(page.get_by_role("button", name="Start batch")).to_be_disabled()
     assert posts == []
     assert page.evaluate("localStorage.getItem('toonserve.job')") is None
 
