@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from devkit.serve import server_timing
+
 
 def post_load(
     url: str,
@@ -63,10 +65,8 @@ def post_load(
                         first.append(r.content)
                     elif keep:
                         last.append(r.content)
-                    for part in r.headers.get("server-timing", "").split(","):
-                        name, _, dur = part.strip().partition(";dur=")
-                        if dur:
-                            timings.setdefault(name, []).append(float(dur))
+                    for name, ms in server_timing(r.headers.get("server-timing", "")).items():
+                        timings.setdefault(name, []).append(ms)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]

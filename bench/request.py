@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.loadgen import post_load
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
-from devkit.serve import LiveService, service_env
+from devkit.serve import LiveService, server_timing, service_env
 from inference.models import choose_dtype
 from inference.pipeline import Options, resize_rgb
 from service.engine import loaded_engine
@@ -61,14 +61,6 @@ def median_ms(fn: Any, n: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
-
-
-def server_timing(header: str) -> dict[str, float]:
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
 
 
 def main() -> int:

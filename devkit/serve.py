@@ -25,6 +25,17 @@ from types import TracebackType
 from typing import Any
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """A ``Server-Timing`` header as ``{stage: milliseconds}``; entries without a duration are left
+    out."""
+    stages = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            stages[name] = float(dur)
+    return stages
+
+
 def free_port() -> int:
     """A TCP port free on the loopback interface right now."""
     with socket.socket() as s:

@@ -16,18 +16,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from devkit.reference_graphs import ReferenceModelDir
+from devkit.serve import server_timing
 from inference.pipeline import Options
 from inference.scheduler import Scheduler
 from service.app import create_app
 from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
-
-
-def _stages(server_timing: str) -> dict[str, float]:
-    out = {}
-    for part in server_timing.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
 
 
 def test_image_response(client: TestClient, portrait_jpeg: bytes) -> None:
@@ -36,7 +29,7 @@ def test_image_response(client: TestClient, portrait_jpeg: bytes) -> None:
     assert r.headers["content-type"] == "image/png"
     assert r.headers["x-faces-stylized"] == "1"
     assert len(r.headers["x-request-id"]) == 32
-    timing = _stages(r.headers["server-timing"])
+    timing = server_timing(r.headers["server-timing"])
     stages = ["resize", "background", "detect", "align", "head", "blend", "strength", "resize_out"]
     assert list(timing) == ["decode", "queue", *stages, "encode"]
     assert timing["background"] > 0 and timing["head"] > 0
