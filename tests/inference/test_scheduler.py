@@ -45,6 +45,25 @@ def _scheduler(
     return Scheduler({"anime": rec}, name="test", **kw), rec  # type: ignore[dict-item, arg-type]
 
 
+#: Options of the tests' job items (background) and interactive requests, told apart by strength.
+BG = Options(no_face="passthrough", strength=0.5)
+FG = Options(no_face="passthrough")
+
+
+class _Tagging(_Recorder):
+    """A recorder that also notes, in ``order``, "bg" or "fg" for each image it runs (by BG / FG)."""
+
+    def __init__(self, real: Cartoonizer, gate: threading.Event | None = None) -> None:
+        super().__init__(real, gate)
+        self.order: list[str] = []
+
+    def run_many(
+        self, items: Sequence[tuple[np.ndarray, Options]], alive: Callable[[int], bool] = lambda _: True
+    ) -> list[Result | ToonserveError]:
+        self.order.extend("bg" if options == BG else "fg" for _, options in items)
+        return super().run_many(items, alive)
+
+
 @pytest.mark.slow
 def test_concurrent_requests_share_a_batch(cartoonizer: Cartoonizer) -> None:
     sched, rec = _scheduler(cartoonizer, max_batch=4, batch_wait=0.5)
@@ -128,30 +147,21 @@ def test_a_failing_batch_does_not_kill_the_worker(cartoonizer: Cartoonizer) -> N
 def test_interactive_work_goes_before_background_work(cartoonizer: Cartoonizer) -> None:
     """Job items (background) wait while interactive tickets are queued, and never fill the
     interactive queue."""
-    order: list[str] = []
-
-    class Tagging(_Recorder):
-        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
-            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
-            return super().run_many(items, alive)
-
     gate = threading.Event()
-    rec = Tagging(cartoonizer, gate)
+    rec = _Tagging(cartoonizer, gate)
     sched = Scheduler({"anime": rec}, queue_size=2, max_batch=1, name="test")  # type: ignore[dict-item]
     img = photos.coffee()
-    bg = Options(no_face="passthrough", strength=0.5)
-    fg = Options(no_face="passthrough")
-    first = sched.submit("anime", img, bg, time.monotonic() + 60, background=True)
+    first = sched.submit("anime", img, BG, time.monotonic() + 60, background=True)
     sched.start()
     time.sleep(0.2)  # the worker holds the first background ticket at the gate
-    background = [sched.submit("anime", img, bg, float("inf"), background=True) for _ in range(5)]
-    interactive = [sched.submit("anime", img, fg, time.monotonic() + 60) for _ in range(2)]
+    background = [sched.submit("anime", img, BG, float("inf"), background=True) for _ in range(5)]
+    interactive = [sched.submit("anime", img, FG, time.monotonic() + 60) for _ in range(2)]
     assert sched.depth == 2 and sched.background_depth == 5  # background work is not counted
     gate.set()
     for t in [first, *background, *interactive]:
         t.future.result(60)
     sched.close()
-    assert order == ["bg", "fg", "fg", "bg", "bg", "bg", "bg", "bg"]
+    assert rec.order == ["bg", "fg", "fg", "bg", "bg", "bg", "bg", "bg"]
 
 
 @pytest.mark.parametrize(("grace", "expected"), [(0.5, ["fg", "fg", "bg"]), (0.0, ["fg", "bg", "fg"])])
@@ -161,55 +171,38 @@ def test_background_work_waits_a_moment_for_the_next_interactive_request(
     """A client just served sends its next photo at once: within the grace it goes before the job
     item queued ahead of it (without one, it waits for the whole item). With no next request, the
     item starts once the grace is over."""
-    order: list[str] = []
-
-    class Tagging(_Recorder):
-        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
-            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
-            return super().run_many(items, alive)
-
-    rec = Tagging(cartoonizer)
+    rec = _Tagging(cartoonizer)
     sched = Scheduler({"anime": rec}, max_batch=1, name="test", interactive_grace=grace)  # type: ignore[dict-item]
     img = photos.coffee()
-    bg = Options(no_face="passthrough", strength=0.5)
-    fg = Options(no_face="passthrough")
     sched.start()
-    sched.submit("anime", img, fg, time.monotonic() + 60).future.result(60)
-    item = sched.submit("anime", img, bg, float("inf"), background=True)
+    sched.submit("anime", img, FG, time.monotonic() + 60).future.result(60)
+    item = sched.submit("anime", img, BG, float("inf"), background=True)
     # The next request: admitted (then decoding), submitted a moment later.
     admission = sched.admit([img.shape[0] * img.shape[1]], time.monotonic() + 60)
     time.sleep(0.1)
-    nxt = sched.submit("anime", img, fg, time.monotonic() + 60, admission=admission)
+    nxt = sched.submit("anime", img, FG, time.monotonic() + 60, admission=admission)
     nxt.future.result(60)
     item.future.result(60)
-    assert order == expected
-    alone = sched.submit("anime", img, bg, float("inf"), background=True)
+    assert rec.order == expected
+    alone = sched.submit("anime", img, BG, float("inf"), background=True)
     alone.future.result(60)
-    assert order[-1] == "bg"
+    assert rec.order[-1] == "bg"
     sched.close()
 
 
 def test_a_client_sending_back_to_back_does_not_starve_jobs(cartoonizer: Cartoonizer) -> None:
     """The grace holds a waiting job item back for GRACE_AT_MOST interactive batches in a row, then the
     item goes before the next request (which was not queued yet)."""
-    order: list[str] = []
-
-    class Tagging(_Recorder):
-        def run_many(self, items, alive=lambda _: True):  # type: ignore[no-untyped-def]
-            order.extend("bg" if options.strength == 0.5 else "fg" for _, options in items)
-            return super().run_many(items, alive)
-
-    sched = Scheduler({"anime": Tagging(cartoonizer)}, max_batch=1, name="test", interactive_grace=0.5)  # type: ignore[dict-item]
+    rec = _Tagging(cartoonizer)
+    sched = Scheduler({"anime": rec}, max_batch=1, name="test", interactive_grace=0.5)  # type: ignore[dict-item]
     img = photos.coffee()
-    bg = Options(no_face="passthrough", strength=0.5)
-    fg = Options(no_face="passthrough")
     sched.start()
-    sched.submit("anime", img, fg, time.monotonic() + 60).future.result(60)
-    item = sched.submit("anime", img, bg, float("inf"), background=True)
+    sched.submit("anime", img, FG, time.monotonic() + 60).future.result(60)
+    item = sched.submit("anime", img, BG, float("inf"), background=True)
     for _ in range(GRACE_AT_MOST + 1):
         admission = sched.admit([img.shape[0] * img.shape[1]], time.monotonic() + 60)
         time.sleep(0.1)  # decoding, within the grace
-        sched.submit("anime", img, fg, time.monotonic() + 60, admission=admission).future.result(60)
+        sched.submit("anime", img, FG, time.monotonic() + 60, admission=admission).future.result(60)
     item.future.result(60)
     sched.close()
-    assert order == ["fg"] * (GRACE_AT_MOST + 1) + ["bg", "fg"]
+    assert rec.order == ["fg"] * (GRACE_AT_MOST + 1) + ["bg", "fg"]
