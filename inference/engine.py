@@ -32,8 +32,13 @@ import numpy as np
 from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore, StyleNotLoadedError
-from inference.pipeline import Cartoonizer, Options
-from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_INTERACTIVE_GRACE_S, Scheduler
+from inference.pipeline import DEFAULT_HEAD_BATCH, Cartoonizer, Options
+from inference.scheduler import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_INTERACTIVE_GRACE_S,
+    DEFAULT_QUEUE_SIZE,
+    Scheduler,
+)
 from inference.weights import get_style
 
 log = logging.getLogger(__name__)
@@ -90,8 +95,8 @@ class Engine:
         smallest_face: float | None = None,
         detector_options: dict[str, Any] | None = None,
         max_batch: int = 1,
-        head_batch: int = 16,
-        queue_size: int = 32,
+        head_batch: int = DEFAULT_HEAD_BATCH,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
         batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
         interactive_grace_s: float = DEFAULT_INTERACTIVE_GRACE_S,
         retry_initial_s: float = RETRY_INITIAL_S,
