@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from api.clients import Caller
 from api.errors import BODY_CODES, COMMON_CODES, HEADERS, APIError, all_refused, responses, status_for
 from api.forms import RequestParams, check_filenames
+from api.middleware import get_caller
 from api.state import ServiceState, get_state
 from inference.errors import ToonserveError
 from inference.flow import TIMINGS, Decoded, Outcome, Params
@@ -169,6 +171,31 @@ async def _single_upload(request: Request, name: str) -> None:
         raise APIError("invalid_request", f"{name}: send exactly one file (got {len(form.getlist(name))})")
 
 
+def _take_rate(state: ServiceState, caller: Caller, images: int) -> dict[str, str]:
+    """Count ``images`` against the caller's images per minute, if it has a rate: the RateLimit
+    headers to answer with; 429 ``too_many_requests`` when they do not fit now, 413 when they never
+    will (more at once than a minute's allowance)."""
+    rate = caller.images_per_minute
+    if rate is None:
+        return {}
+    if images > rate:
+        raise APIError(
+            "too_many_files",
+            f"{images} images at once is more than this client may send in a minute ({rate}); "
+            f"send at most {rate} per request",
+        )
+    taken = state.rates.take(caller.client.key, images, rate)
+    if not taken.allowed:
+        what = f"{images} more images" if images > 1 else "another image"
+        raise APIError(
+            "too_many_requests",
+            f"this client may send {rate} images a minute and has {taken.remaining} left now; {what} "
+            f"would exceed that. Retry in about {taken.retry_after} s",
+            headers=taken.headers(),
+        )
+    return taken.headers()
+
+
 def _size(hw: tuple[int, int]) -> Size:
     return Size(width=hw[1], height=hw[0])
 
@@ -219,6 +246,7 @@ _ROUTE_CODES: Final = (
     "not_ready",
     "style_unavailable",
     "queue_full",
+    "too_many_requests",
     "shutting_down",
     "deadline_exceeded",
 )
@@ -246,9 +274,11 @@ async def cartoonize(
 ) -> Response:
     await _single_upload(request, "image")
     check_filenames([image])
+    caller = get_caller(request.scope)
+    rate_headers = _take_rate(state, caller, 1)
     data = await image.read()
-    outcome = await _until_disconnected(request, state.flow.run(data, params))
-    headers = {"Server-Timing": _server_timing(outcome.timings_ms)}
+    outcome = await _until_disconnected(request, state.flow.run(data, params, client=caller.client))
+    headers = {"Server-Timing": _server_timing(outcome.timings_ms), **rate_headers}
     if response == "json":
         body = _json(outcome, state.engine.store.dtype_reason)
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
@@ -270,7 +300,7 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
 
 
 async def _batch(
-    state: ServiceState, params: Params, uploads: Sequence[UploadFile]
+    state: ServiceState, params: Params, uploads: Sequence[UploadFile], caller: Caller
 ) -> list[Outcome | Exception]:
     """Every upload checked from its header, room asked for all of them at once (503 up front if
     there is none), then each decoded and submitted, then all awaited together; each entry is the
@@ -286,7 +316,7 @@ async def _batch(
             infos.append(probed)
         except ToonserveError as exc:
             infos.append(exc)
-    admission = flow.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline)
+    admission = flow.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline, caller.client)
     prepared: list[tuple[Decoded, Ticket] | Exception] = []
     try:
         for data, info in zip(datas, infos, strict=True):
@@ -345,7 +375,9 @@ async def cartoonize_batch(
     if len(images) > state.max_batch_files:
         raise APIError("too_many_files", f"{len(images)} files; the limit is {state.max_batch_files}")
     check_filenames(images)
-    outcomes = await _until_disconnected(request, _batch(state, params, images))
+    caller = get_caller(request.scope)
+    rate_headers = _take_rate(state, caller, len(images))
+    outcomes = await _until_disconnected(request, _batch(state, params, images, caller))
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
     totals = dict.fromkeys(TIMINGS, 0.0)
@@ -368,7 +400,7 @@ async def cartoonize_batch(
         # Not one photo among them: say so as an error, not as a success with nothing in it.
         raise all_refused([(item.filename, (item.error or {}).get("message", "")) for item in items])
     body = BatchJSON(results=items)
-    headers = {"Server-Timing": _server_timing(totals)}
+    headers = {"Server-Timing": _server_timing(totals), **rate_headers}
     if response == "json":
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     zipped = await run_in_threadpool(_zip, files, body)

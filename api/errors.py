@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
+from api.clients import queue_headers
 from inference.align import AlignmentError
 from inference.errors import (
     ConfigurationError,
@@ -44,7 +45,12 @@ from inference.images import (
 from inference.models import StyleNotLoadedError
 from inference.pipeline import CancelledError, NoFaceError, OptionsError, PipelineError
 from inference.reference import ReferenceEngineError
-from inference.scheduler import DeadlineExceededError, QueueFullError, SchedulerClosedError
+from inference.scheduler import (
+    ClientQueueFullError,
+    DeadlineExceededError,
+    QueueFullError,
+    SchedulerClosedError,
+)
 from jobs.errors import (
     JobNotFoundError,
     JobsError,
@@ -83,10 +89,19 @@ CODES: Final[dict[str, Code]] = {
     "field_too_large": Code(413, "a text field over 1 MiB"),
     "header_too_large": Code(413, "a part's header (its file name, usually) over 4224 bytes"),
     "image_too_large": Code(413, "the image is over TOONSERVE_MAX_PIXELS, or a decompression bomb"),
-    "too_many_files": Code(413, "a batch of more than TOONSERVE_MAX_BATCH_FILES images"),
+    "too_many_files": Code(
+        413,
+        "a batch of more than TOONSERVE_MAX_BATCH_FILES images, or of more than the client may send in "
+        "a minute",
+    ),
     "unsupported_image": Code(415, "not a JPEG, PNG, WebP, BMP, TIFF or GIF (decided by content)"),
     "invalid_request": Code(422, "a field is missing, malformed or out of range"),
     "filename_too_long": Code(422, "an uploaded file's name over 255 characters"),
+    "too_many_requests": Code(
+        429,
+        "this client has TOONSERVE_CLIENT_QUEUE_SIZE images waiting, or sent its "
+        "TOONSERVE_CLIENT_IMAGES_PER_MINUTE; Retry-After, RateLimit and RateLimit-Policy say more",
+    ),
     "all_files_refused": Code(
         422, "a batch or job in which not one file could be taken (each one's reason is listed)"
     ),
@@ -129,6 +144,7 @@ STATUS: Final[dict[type[ToonserveError], str]] = {
     ImageTooLargeError: "image_too_large",
     CorruptImageError: "corrupt_image",
     QueueFullError: "queue_full",
+    ClientQueueFullError: "too_many_requests",
     DeadlineExceededError: "deadline_exceeded",
     SchedulerClosedError: "shutting_down",
     # The client is gone; nobody reads this, but the access log should say what happened.
@@ -202,7 +218,13 @@ def status_for(exc: ToonserveError) -> tuple[int, str]:
 
 
 def retry_headers(exc: ToonserveError) -> dict[str, str] | None:
-    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    """``Retry-After`` for errors that pass, plus the RateLimit fields of a client's full share."""
+    if exc.retry_after is None:
+        return None
+    headers = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, ClientQueueFullError):
+        headers.update(queue_headers(exc.limit, exc.retry_after))
+    return headers
 
 
 #: OpenAPI description of the headers the service sends.
@@ -221,6 +243,17 @@ HEADERS: Final[dict[str, dict[str, Any]]] = {
         "schema": {"type": "string"},
     },
     "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
+    "RateLimit": {
+        "description": 'what is left of this client\'s allowance: "images";r=<images left>;t=<seconds '
+        'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), or "queue";r=0;t=<seconds> when its '
+        "queue share is full (IETF draft-ietf-httpapi-ratelimit-headers)",
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": 'this client\'s allowance: "images";q=<images>;w=60 (a minute), or "queue";q=<images '
+        "waiting at once>",
+        "schema": {"type": "string"},
+    },
     "X-Content-Type-Options": {
         "description": "always nosniff: the body is what Content-Type says",
         "schema": {"type": "string", "enum": ["nosniff"]},
@@ -242,6 +275,10 @@ def responses(*codes: str) -> dict[int | str, dict[str, Any]]:
         }
         if status == 503:
             entry["headers"] = {"Retry-After": HEADERS["Retry-After"]}
+        elif status == 429:
+            entry["headers"] = {
+                name: HEADERS[name] for name in ("Retry-After", "RateLimit", "RateLimit-Policy")
+            }
         out[status] = entry
     return out
 

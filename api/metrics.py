@@ -47,12 +47,15 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "toonserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "toonserve_requests",
+            "HTTP requests by route, status and client (API key name, or anonymous)",
+            ["route", "status", "client"],
+            registry=r,
         )
         self.latency = Histogram(
             "toonserve_request_duration_seconds",
-            "HTTP request latency",
-            ["route"],
+            "HTTP request latency by route and client",
+            ["route", "client"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -75,8 +78,9 @@ class Metrics:
         )
         self.images = Counter(
             "toonserve_images",
-            "Images by outcome: ok, no_face, cancelled (client gone), deadline, rejected (queue full), error",
-            ["outcome"],
+            "Images by outcome (ok, no_face, cancelled: client gone, deadline, rejected: queue full or the "
+            "client's share full, error) and client",
+            ["outcome", "client"],
             registry=r,
         )
         self.jobs = Gauge("toonserve_jobs", "Stored jobs by status", ["status"], registry=r)

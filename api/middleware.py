@@ -1,10 +1,10 @@
-"""Cross-cutting request handling (plain ASGI): request id, access log, metrics, API key, body limit."""
+"""Cross-cutting request handling (plain ASGI): request id, caller (API key), access log, metrics, body
+limit."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import logging
 import re
 import time
@@ -16,6 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.clients import Caller, Clients
 from api.errors import error_response
 from api.metrics import Metrics
 
@@ -23,6 +24,8 @@ log = logging.getLogger("toonserve.access")
 
 #: The current request's id, for log records (see service/logging).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+#: The current request's client name (its API key's name, or anonymous), for log records.
+client_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="-")
 
 #: Routes that stay open when an API key is configured: orchestrator probes and scrapers, the API
 #: documentation and the web page (a browser cannot add the key to a page load; neither the schema nor
@@ -128,16 +131,23 @@ def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     return "unmatched"
 
 
+def get_caller(scope: Scope) -> Caller:
+    """The request's caller, as :class:`RequestContextMiddleware` found it."""
+    caller: Caller = scope["state"]["caller"]
+    return caller
+
+
 class RequestContextMiddleware:
-    """Request id (kept from ``X-Request-ID`` when sane, else new), API key check, metrics and one
-    access-log line per request. Plain ASGI, so disconnects reach the endpoints unchanged."""
+    """Request id (kept from ``X-Request-ID`` when sane, else new), the caller (its API key, checked
+    unless the route is open; :mod:`api.clients`), metrics and one access-log line per request, each
+    labelled with the caller's name. Plain ASGI, so disconnects reach the endpoints unchanged."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, api_key: str | None, routes: Sequence[BaseRoute] = ()
+        self, app: ASGIApp, metrics: Metrics, clients: Clients, routes: Sequence[BaseRoute] = ()
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.api_key = api_key
+        self.clients = clients
         #: The app's routes, to label requests answered before routing (a 401) with their route.
         self.routes = routes
 
@@ -149,7 +159,12 @@ class RequestContextMiddleware:
         incoming = headers.get("x-request-id", "")
         rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
+        caller = self.clients.caller(scope, headers)
+        is_open = scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES)
+        name = (caller or self.clients.anonymous()).name
+        client_token = client_var.set(name)
         scope.setdefault("state", {})["request_id"] = rid
+        scope["state"]["caller"] = caller or self.clients.anonymous()
         start = time.perf_counter()
         status = 500
         started = False
@@ -167,12 +182,7 @@ class RequestContextMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            if (
-                self.api_key is not None
-                and scope["path"] not in OPEN_PATHS
-                and not scope["path"].startswith(OPEN_PREFIXES)
-                and not _authorized(headers, self.api_key)
-            ):
+            if caller is None and not is_open:
                 response = error_response(
                     "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
                 )
@@ -190,18 +200,10 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = _route_label(scope, self.routes)
             self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            self.metrics.latency.labels(route=route).observe(elapsed)
+            self.metrics.requests.labels(route=route, status=str(status), client=name).inc()
+            self.metrics.latency.labels(route=route, client=name).observe(elapsed)
             method, path, ms = scope["method"], scope["path"], round(elapsed * 1000, 2)
-            fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
+            fields = {"method": method, "path": path, "status": status, "duration_ms": ms, "client": name}
             log.info("%s %s %d %.1fms", method, path, status, ms, extra=fields)
+            client_var.reset(client_token)
             request_id_var.reset(token)
-
-
-def _authorized(headers: Headers, api_key: str) -> bool:
-    given = headers.get("x-api-key")
-    if given is None:
-        auth = headers.get("authorization", "")
-        scheme, _, value = auth.partition(" ")
-        given = value.strip() if scheme.lower() == "bearer" else None
-    return given is not None and hmac.compare_digest(given.encode(), api_key.encode())

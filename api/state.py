@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from api.clients import Clients, RateLimiter
 from inference.engine import Engine
 from inference.flow import Flow
 from jobs.runner import EventHub, JobRunner
@@ -37,6 +38,9 @@ class ServiceState:
     #: Most files in one ``POST /cartoonize/batch``.
     max_batch_files: int
     jobs: JobsState
+    clients: Clients = field(default_factory=Clients)
+    #: Images per minute per client (when a rate is configured).
+    rates: RateLimiter = field(default_factory=RateLimiter)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from inference.cost import cost_pixels
 from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore, StyleNotLoadedError
@@ -51,6 +52,10 @@ RETRY_INITIAL_S: Final = 5.0
 DEFAULT_RETRY_MAX_S: Final = 300.0
 #: Side of the blank photo pushed through a style's whole pipeline before it serves.
 WARMUP_SIDE: Final = 128
+#: Sides of the small and large blank photos whose times anchor the worker's cost model, measured
+#: (twice each, the faster kept: a first run at a new size pays one-off set-up) when the first style
+#: loads: 64 px costs about the fixed part alone, 512 px mostly the per-pixel part.
+CALIBRATION_SIDES: Final = (64, 512)
 #: Retry-After for a style that is still loading (seconds).
 LOADING_RETRY_AFTER_S: Final = 5
 
@@ -75,6 +80,18 @@ class StyleStatus:
         if self.next_attempt is None:
             return None
         return max(0.0, self.next_attempt - (time.monotonic() if now is None else now))
+
+
+#: The cost model's anchors measured in this process, by device, dtype and backend.
+_ANCHORS: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
+
+
+def _run_blank(cartoonizer: Cartoonizer, side: int) -> float:
+    """Seconds a blank ``side``×``side`` photo takes through the whole pipeline."""
+    blank = np.full((side, side, 3), 128, dtype=np.uint8)
+    start = time.perf_counter()
+    cartoonizer.run(blank, Options(no_face="background"))
+    return time.perf_counter() - start
 
 
 def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
@@ -102,7 +119,7 @@ class Engine:
         retry_initial_s: float = RETRY_INITIAL_S,
         retry_max_s: float = DEFAULT_RETRY_MAX_S,
         retry: bool = True,
-        on_outcome: Callable[[str], None] | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
         explain: Callable[[str, ToonserveError], str] | None = None,
     ) -> None:
         """``styles``: the styles to load (``default_style`` among them, loaded first).
@@ -244,6 +261,28 @@ class Engine:
 
     # -- loading -----------------------------------------------------------------------------------
 
+    def _calibrate(self, cartoonizer: Cartoonizer) -> None:
+        """Anchor the worker's cost model on a small and a large blank photo (before the worker serves
+        anything: the first style is not loaded yet). Measured once per process for a device, dtype
+        and backend: every style has the same networks."""
+        store = self.store
+        hardware = (str(store.device), str(store.dtype), store.backend)
+        anchors = _ANCHORS.get(hardware)
+        if anchors is None:
+            anchors = [
+                (cost_pixels(side, side), min(_run_blank(cartoonizer, side) for _ in range(2)))
+                for side in CALIBRATION_SIDES
+            ]
+            _ANCHORS[hardware] = anchors
+        self.scheduler.cost.calibrate(anchors[0], anchors[1])
+        est = self.scheduler.cost.estimate
+        log.info(
+            "worker %s: an image costs about %.0f ms plus %.2f s per million pixels",
+            self.scheduler.name,
+            est.per_image_s * 1000,
+            est.per_pixel_s * 1e6,
+        )
+
     def _set(self, name: str, **changes: Any) -> StyleStatus:
         with self._changed:
             status = replace(self._status[name], **changes)
@@ -291,8 +330,9 @@ class Engine:
             cartoonizer = Cartoonizer(
                 loaded, self.detector, bg_batch=self.max_batch, head_batch=self.head_batch
             )
-            blank = np.full((WARMUP_SIDE, WARMUP_SIDE, 3), 128, dtype=np.uint8)
-            cartoonizer.run(blank, Options(no_face="background"))
+            _run_blank(cartoonizer, WARMUP_SIDE)
+            if not self.scheduler.cost.calibrated:
+                self._calibrate(cartoonizer)
         except ToonserveError as exc:
             failures = status.failures + 1
             delay = backoff_s(failures, self.retry_initial_s, self.retry_max_s) if self.retry else None

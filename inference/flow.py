@@ -33,6 +33,7 @@ from typing import Final, TypeVar
 import numpy as np
 from torch import Tensor
 
+from inference.cost import cost_pixels
 from inference.engine import Engine
 from inference.gpu_codec import GpuCodec
 from inference.images import (
@@ -61,7 +62,7 @@ from inference.pipeline import (
     resize_rgb,
     to_rgb_array,
 )
-from inference.scheduler import Admission, DeadlineExceededError, QueueFullError, Ticket
+from inference.scheduler import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
 
 _T = TypeVar("_T")
 
@@ -285,12 +286,15 @@ class Flow:
                 f"({out[0] * out[1] / 1e6:.1f} MP); the limit is {lim.max_output_pixels / 1e6:.1f} MP"
             )
 
-    def admit(self, params: Params, infos: list[ImageInfo], deadline: float) -> Admission:
-        """Room in the queue for these images, by the pixels the models will run on, before any is
-        decoded: :class:`~inference.scheduler.QueueFullError` at once if there is none, or if they
-        could not be done by ``deadline``."""
-        pixels = [math.prod(params.options.processing_shape((i.height, i.width))) for i in infos]
-        return self.engine.scheduler.admit(pixels, deadline)
+    def admit(
+        self, params: Params, infos: list[ImageInfo], deadline: float, client: Client | None = None
+    ) -> Admission:
+        """Places in ``client``'s line for these images, priced by the pixels the models will run on,
+        before any is decoded: :class:`~inference.scheduler.QueueFullError` at once if there is no
+        room (:class:`~inference.scheduler.ClientQueueFullError` if the client's own share is full),
+        or if they could not be done by ``deadline``."""
+        pixels = [cost_pixels(*params.options.processing_shape((i.height, i.width))) for i in infos]
+        return self.engine.scheduler.admit(pixels, deadline, client)
 
     def release(self, admission: Admission) -> None:
         """Give back the room of admitted images that were not submitted."""
@@ -340,10 +344,11 @@ class Flow:
         deadline: float,
         admission: Admission | None = None,
         background: bool = False,
+        client: Client | None = None,
     ) -> Ticket:
-        """Queue the image on the engine's worker (into the room ``admission`` holds for it, if
-        given); raises QueueFullError / SchedulerClosedError. ``background`` (job items): the
-        worker's low-priority queue, which never refuses."""
+        """Queue the image on the engine's worker (into the place ``admission`` holds for it, if
+        given; else in ``client``'s line); raises QueueFullError / SchedulerClosedError.
+        ``background`` (job items): the worker's low-priority lines, which never refuse."""
         options = replace(
             params.options,
             input_size=decoded.input_size,
@@ -354,7 +359,13 @@ class Flow:
         if out_hw is not None:
             options = replace(options, output_size=out_hw)
         return self.engine.scheduler.submit(
-            params.style, decoded.pixels, options, deadline, background=background, admission=admission
+            params.style,
+            decoded.pixels,
+            options,
+            deadline,
+            background=background,
+            admission=admission,
+            client=client,
         )
 
     async def wait(self, ticket: Ticket) -> Result:
@@ -400,12 +411,14 @@ class Flow:
         timings["encode"] = encode_ms
         return Outcome(result, data, params, {k: round(v, 3) for k, v in timings.items()})
 
-    async def run(self, data: bytes, params: Params, deadline: float | None = None) -> Outcome:
-        """The whole flow for one image: probe, admit, decode, submit, wait, encode."""
+    async def run(
+        self, data: bytes, params: Params, deadline: float | None = None, client: Client | None = None
+    ) -> Outcome:
+        """The whole flow for one image of ``client``: probe, admit, decode, submit, wait, encode."""
         deadline = self.deadline() if deadline is None else deadline
         info = await self.probe(data)
         self.check_output(params, info)
-        admission = self.admit(params, [info], deadline)
+        admission = self.admit(params, [info], deadline, client)
         try:
             decoded = await self.decode(data, params, info, deadline)
             ticket = self.submit(params, decoded, deadline, admission)

@@ -1,31 +1,41 @@
-"""One worker per device, fed by a bounded queue, batching concurrent requests through the pipeline.
+"""One worker per device, fed by bounded queues, batching concurrent requests through the pipeline.
 
 Every model computation of a device (detection, background and head generators, warps) runs on
 that device's single worker thread, so concurrent requests never oversubscribe the CPU cores or
 interleave GPU work; what runs elsewhere (decode, encode, HTTP) does not touch the models.
 
-The worker takes the oldest waiting ticket, then gathers more for up to ``batch_wait`` seconds or
-until ``max_batch`` tickets, and hands each style's tickets to :meth:`Cartoonizer.run_many`, which
-batches head crops across all of them and background passes across images of the same size.
+**Fair shares.** Every ticket belongs to a :class:`Client`. Waiting tickets stand in one line per
+client (:class:`~inference.fair_queue.FairQueue`, start-time fair queuing by estimated seconds), so
+the worker serves clients in turn: a client that floods the service pushes only its own images
+back, and another client's photo waits for at most the work already running plus one image of each
+client ahead of it, whatever is queued. The worker takes the first ticket in that order, then
+gathers more for up to ``batch_wait`` seconds or until ``max_batch`` tickets, and hands each style's
+tickets to :meth:`Cartoonizer.run_many`, which batches head crops across all of them and background
+passes across images of the same size.
 
-Admission happens before a request decodes anything (:meth:`Scheduler.admit`): it asks for room
-for its images by their cost, the pixels the models will run on. It is refused at once, with
-:class:`QueueFullError` and a ``retry_after``, when ``queue_size`` images already wait (or are
-admitted and decoding), or when the work ahead of it plus its own, at the measured seconds per
-processing pixel, would not be done before its deadline: a request that would time out is told so
-at once instead of holding memory and a queue slot until it does. A ticket whose deadline passes
-(:meth:`Ticket.expire`), or whose client went away (:meth:`Ticket.cancel`), is dropped from the
-queue, or stops between stages if already running; its future gets :class:`DeadlineExceededError`
-or :class:`~inference.pipeline.CancelledError`, counted apart (``deadline`` vs ``cancelled``).
+**Admission** happens before a request decodes anything (:meth:`Scheduler.admit`): it asks for
+places in its client's line for its images, each costing what :class:`~inference.cost.CostModel`
+estimates from its cost pixels (:func:`~inference.cost.cost_pixels`). It is refused at once with
+:class:`QueueFullError` and a ``retry_after`` when ``queue_size`` images of all clients already
+wait (or are admitted and decoding), with :class:`ClientQueueFullError` when its own client's
+``max_queued`` would be exceeded, and with :class:`QueueFullError` when the work that would be
+served before its last image, plus its own, would not be done before its deadline: a request that
+would time out is told so at once instead of holding memory and a queue slot until it does. An idle
+worker never refuses for lack of time: with nothing ahead, the image runs, and its deadline is
+enforced while it runs. A ticket whose deadline passes (:meth:`Ticket.expire`), or whose client went
+away (:meth:`Ticket.cancel`), is dropped from the queue, or stops between stages if already running;
+its future gets :class:`DeadlineExceededError` or :class:`~inference.pipeline.CancelledError`,
+counted apart (``deadline`` vs ``cancelled``).
 
-Background work (job items, ``submit(background=True)``) waits in its own queue, is taken only when
-no interactive ticket waits, and is neither counted against ``queue_size`` nor refused. It also
-waits ``interactive_grace`` seconds after interactive work was admitted or finished: a client that
-was just served often sends its next photo at once, and an admitted image is still decoding; a job
-item started in that moment would make that request wait for the whole item (background work cannot
-be interrupted). The grace costs a job at most that long per interactive request, and holds a waiting
-job item back for at most ``GRACE_AT_MOST`` interactive batches in a row: a client that sends photos
-back to back would otherwise starve jobs for as long as it keeps sending.
+Background work (job items, ``submit(background=True)``) has lines of its own, shared between
+clients the same way; it is taken only when no interactive ticket waits, and is neither counted
+against ``queue_size`` nor refused. It also waits ``interactive_grace`` seconds after interactive
+work was admitted or finished: a client that was just served often sends its next photo at once, and
+an admitted image is still decoding; a job item started in that moment would make that request wait
+for the whole item (background work cannot be interrupted). The grace costs a job at most that long
+per interactive request, and holds a waiting job item back for at most ``GRACE_AT_MOST`` interactive
+batches in a row: a client that sends photos back to back would otherwise starve jobs for as long as
+it keeps sending.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ import logging
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -43,7 +52,9 @@ from typing import Final
 import numpy as np
 from torch import Tensor
 
+from inference.cost import CostModel, cost_pixels
 from inference.errors import ToonserveError
+from inference.fair_queue import FairQueue, Slot
 from inference.models import StyleNotLoadedError
 from inference.pipeline import CancelledError, Cartoonizer, NoFaceError, Options, Result
 
@@ -56,17 +67,18 @@ DEFAULT_INTERACTIVE_GRACE_S: Final = 0.05
 #: Interactive batches in a row for which the grace holds a waiting job item back; then the item goes
 #: (before the next interactive request only if that one is not queued yet: queued ones always go first).
 GRACE_AT_MOST: Final = 4
-#: Starting estimate of the time per image, before anything was measured (seconds).
-_INITIAL_SERVICE_S: Final = 1.0
-#: Starting estimate of the time per processing pixel (seconds): 1 s per million, about what a
-#: float32 pass takes on two CPU cores; replaced by measurements after the first batch.
-_INITIAL_SECONDS_PER_PIXEL: Final = 1e-6
-#: Deadline checks count the work ahead and the newcomer's own this many times over: per-pixel cost
-#: varies with the photo (faces, aspect ratio) and with what else runs on the cores, and a 503 now
-#: serves a client better than a 504 a minute from now.
+#: Deadline checks count the work ahead and the newcomer's own this many times over: cost varies
+#: with the photo (faces, aspect ratio) and with what else runs on the cores, and a 503 now serves a
+#: client better than a 504 a minute from now.
 _ESTIMATE_MARGIN: Final = 1.5
-#: Weight of the newest measurement in the moving averages.
-_EMA_WEIGHT: Final = 0.2
+#: The client of work submitted without one (the CLI, benchmarks, tests).
+ANONYMOUS: Final = "anonymous"
+
+
+def default_client_queue_size(queue_size: int) -> int:
+    """Images one client may have waiting or admitted at once, by default: half the queue, so that
+    one client never fills it for everyone."""
+    return max(1, queue_size // 2)
 
 
 class QueueFullError(ToonserveError):
@@ -77,6 +89,14 @@ class QueueFullError(ToonserveError):
         self.retry_after: int = retry_after
 
 
+class ClientQueueFullError(QueueFullError):
+    """This client already has ``limit`` images waiting; ``retry_after`` says when some are done."""
+
+    def __init__(self, message: str, retry_after: int, limit: int) -> None:
+        super().__init__(message, retry_after)
+        self.limit = limit
+
+
 class DeadlineExceededError(ToonserveError):
     """The request's deadline passed before its image was finished."""
 
@@ -85,13 +105,27 @@ class SchedulerClosedError(ToonserveError):
     """The scheduler is shutting down and takes no new work."""
 
 
+@dataclass(frozen=True)
+class Client:
+    """Whom a ticket is for. Fair shares and the per-client limit are kept by ``key``; ``name`` is
+    what metrics and logs call it (an API key's name, or ``anonymous``: never an address)."""
+
+    name: str = ANONYMOUS
+    #: Who shares a line: the name, or (clients without keys) their address.
+    key: str = ANONYMOUS
+    #: Images this client may have waiting or admitted at once; None: only the queue's limit.
+    max_queued: int | None = None
+
+
 @dataclass(eq=False)
 class Admission:
-    """Room held for images a request is decoding, to be submitted with it (or released)."""
+    """Places held in its client's line for images a request is decoding, to be submitted with it
+    (or released)."""
 
-    #: Processing pixels of each image not submitted yet.
-    pixels: list[int]
+    #: One place per image not submitted yet, in the order they will be submitted.
+    slots: list[Slot[Ticket]]
     deadline: float
+    client: Client
 
 
 @dataclass(eq=False)
@@ -103,17 +137,20 @@ class Ticket:
     image: np.ndarray | Tensor
     options: Options
     deadline: float  # time.monotonic() seconds
+    client: Client = field(default_factory=Client)
     future: Future[Result] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
+    #: The worker seconds it was estimated at when it joined the line.
+    cost_s: float = 0.0
     _cancelled: threading.Event = field(default_factory=threading.Event)
     _expired: threading.Event = field(default_factory=threading.Event)
 
     @property
     def pixels(self) -> int:
-        """Its cost: the processing pixels the models will run on."""
+        """Its cost pixels: the processing image's area as the background pass pads it."""
         size = self.options.input_size or (int(self.image.shape[0]), int(self.image.shape[1]))
-        return int(np.prod(self.options.processing_shape(size)))
+        return cost_pixels(*self.options.processing_shape(size))
 
     def cancel(self) -> None:
         """The client is gone: drop the work (now if queued, between stages if running)."""
@@ -137,7 +174,11 @@ class Ticket:
 
 
 class Scheduler:
-    """The worker of one device. ``cartoonizers`` maps a style name to its pipeline on that device."""
+    """The worker of one device. ``cartoonizers`` maps a style name to its pipeline on that device.
+
+    ``on_outcome(outcome, client_name)`` is told how each ticket ended: ok, no_face, cancelled,
+    deadline, rejected (refused at admission), error.
+    """
 
     def __init__(
         self,
@@ -146,8 +187,9 @@ class Scheduler:
         max_batch: int = 4,
         batch_wait: float = DEFAULT_BATCH_WAIT_S,
         name: str = "cpu",
-        on_outcome: Callable[[str], None] | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
         interactive_grace: float = DEFAULT_INTERACTIVE_GRACE_S,
+        cost: CostModel | None = None,
     ) -> None:
         if queue_size < 1 or max_batch < 1 or batch_wait < 0 or interactive_grace < 0:
             raise ValueError("queue_size and max_batch must be >= 1, batch_wait and interactive_grace >= 0")
@@ -156,29 +198,24 @@ class Scheduler:
         self.max_batch = max_batch
         self.batch_wait = batch_wait
         self.interactive_grace = interactive_grace
+        #: What an image costs the worker, learnt from what it ran.
+        self.cost = cost or CostModel()
         #: Background work is not started before this (time.monotonic()): interactive work was just
         #: admitted or finished.
         self._background_after = 0.0
         #: Interactive batches finished while background work waited, since background work last ran.
         self._passed_over = 0
         self.name = name
-        #: Told how each ticket ended: ok, no_face, cancelled, deadline, rejected (queue full), error.
-        self._on_outcome = on_outcome or (lambda _: None)
-        self._queue: deque[Ticket] = deque()
+        self._on_outcome = on_outcome or (lambda _outcome, _client: None)
+        self._queue: FairQueue[Ticket] = FairQueue()
         #: Background work (job items): taken only when no interactive ticket waits, never counted
         #: against ``queue_size`` (its producer bounds how many it keeps here).
-        self._background: deque[Ticket] = deque()
+        self._background: FairQueue[Ticket] = FairQueue()
         self._cond = threading.Condition()
         self._closed = False
         self._running = 0
-        self._service_s = _INITIAL_SERVICE_S
-        self._seconds_per_pixel = _INITIAL_SECONDS_PER_PIXEL
-        #: Admitted images still decoding: their count and pixels (they hold queue room).
-        self._reserved = 0
-        self._reserved_px = 0
-        #: Pixels of the interactive tickets waiting, and of the batch being processed.
-        self._queued_px = 0
-        self._running_px = 0
+        #: Estimated seconds of the batch being processed, and when it started.
+        self._running_cost_s = 0.0
         self._running_since = 0.0
         self._running_interactive = False
         #: Batches processed so far (to notice that work happened since some moment).
@@ -198,7 +235,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing waits, nothing runs."""
-        return not (self._queue or self._background or self._running or self._reserved)
+        return not (self._queue or self._background or self._running or self._queue.held)
 
     @property
     def background_depth(self) -> int:
@@ -210,75 +247,106 @@ class Scheduler:
         """Tickets waiting or being processed."""
         return len(self._queue) + self._running
 
-    @property
-    def seconds_per_image(self) -> float:
-        """Moving average of the worker's time per image (batch time / batch size)."""
-        return self._service_s
-
-    @property
-    def seconds_per_pixel(self) -> float:
-        """Moving average of the worker's time per processing pixel (batch time / batch pixels)."""
-        return self._seconds_per_pixel
+    def _running_left_s(self, now: float) -> float:
+        """Estimated seconds left of the batch being processed (background work included: it cannot
+        be interrupted)."""
+        if not self._running:
+            return 0.0
+        return max(0.0, self._running_cost_s - (now - self._running_since))
 
     def _work_ahead_s(self, now: float) -> float:
-        """Seconds of interactive work ahead of a newcomer: what waits or is admitted, and what is
-        left of the running batch (background work included: it cannot be interrupted)."""
-        left = max(0.0, self._running_px * self._seconds_per_pixel - (now - self._running_since))
-        return (self._queued_px + self._reserved_px) * self._seconds_per_pixel + left
+        """Estimated seconds of all interactive work: what waits or is admitted, and what is left of
+        the running batch."""
+        return self._queue.cost_s + self._running_left_s(now)
 
     def retry_after(self) -> int:
         """Seconds until the work ahead is likely done, at least 1."""
         with self._cond:
             return max(1, math.ceil(self._work_ahead_s(time.monotonic())))
 
-    def admit(self, pixels: list[int], deadline: float) -> Admission:
-        """Hold room for images about to be decoded and submitted (each costs its processing pixels).
+    def _refuse_room(self, count: int, client: Client, now: float) -> None:
+        """Raise if ``count`` more images of ``client`` do not fit: the whole queue, then its share."""
+        waiting = len(self._queue) + self._queue.held
+        if waiting + count > self.queue_size:
+            self._reject(count, client)
+            wait = max(1, math.ceil(self._work_ahead_s(now)))
+            free = max(0, self.queue_size - waiting)
+            what = f"{count} images do" if count > 1 else "the image does"
+            raise QueueFullError(
+                f"{what} not fit the queue on {self.name} ({waiting} waiting, {free} free of "
+                f"{self.queue_size}); retry in about {wait} s",
+                wait,
+            )
+        limit = client.max_queued
+        held = self._queue.places(client.key)
+        if limit is not None and held + count > limit:
+            self._reject(count, client)
+            wait = max(1, math.ceil(self._client_wait_s(client, now)))
+            what = f"{count} more images" if count > 1 else "another image"
+            raise ClientQueueFullError(
+                f"this client already has {held} images waiting and may have at most {limit}; "
+                f"{what} would exceed that. Retry in about {wait} s",
+                wait,
+                limit,
+            )
+
+    def _client_wait_s(self, client: Client, now: float) -> float:
+        """Estimated seconds until ``client``'s places are served: the work before its last place."""
+        last = self._queue.last(client.key)
+        return self._running_left_s(now) + (self._queue.ahead(last) if last is not None else 0.0)
+
+    def _late(self, slot: Slot[Ticket], now: float, deadline: float) -> tuple[bool, float]:
+        """Whether the work served no later than ``slot`` (its own included) cannot be done by
+        ``deadline``, and the seconds ahead of it. Never late with nothing ahead: an image that is
+        next runs, and its deadline is enforced while it runs."""
+        ahead = self._queue.ahead(slot) - slot.cost_s + self._running_left_s(now)
+        if ahead <= 0:
+            return False, 0.0
+        return now + _ESTIMATE_MARGIN * (ahead + slot.cost_s) > deadline, ahead
+
+    def admit(self, pixels: list[int], deadline: float, client: Client | None = None) -> Admission:
+        """Hold places in ``client``'s line for images about to be decoded and submitted, each costing
+        its cost pixels (:func:`~inference.cost.cost_pixels`).
 
         Refused at once with :class:`QueueFullError` when the queue has no room for all of them, or
-        when the work ahead plus theirs would not be done by ``deadline``. Release what is not
-        submitted with :meth:`release`.
+        when the work ahead plus theirs would not be done by ``deadline``; with
+        :class:`ClientQueueFullError` when the client's own limit would be exceeded. Release what is
+        not submitted with :meth:`release`.
         """
+        client = client or Client()
         now = time.monotonic()
         with self._cond:
             if self._closed:
                 raise SchedulerClosedError("the service is shutting down")
-            waiting = len(self._queue) + self._reserved
-            ahead = self._work_ahead_s(now)
-            wait = max(1, math.ceil(ahead))
-            if waiting + len(pixels) > self.queue_size:
-                self._reject(len(pixels))
-                free = max(0, self.queue_size - waiting)
-                what = f"{len(pixels)} images do" if len(pixels) > 1 else "the image does"
-                raise QueueFullError(
-                    f"{what} not fit the queue on {self.name} ({waiting} waiting, {free} free of "
-                    f"{self.queue_size}); retry in about {wait} s",
-                    wait,
-                )
-            own = sum(pixels) * self._seconds_per_pixel
-            if now + _ESTIMATE_MARGIN * (ahead + own) > deadline:
-                self._reject(len(pixels))
-                left = deadline - now
-                raise QueueFullError(
-                    f"the service is too busy to finish this before its deadline: about {ahead:.0f} s of "
-                    f"work is ahead of it and it needs about {own:.1f} s more, with {left:.0f} s left; "
-                    f"retry in about {wait} s",
-                    wait,
-                )
-            self._reserved += len(pixels)
-            self._reserved_px += sum(pixels)
+            self._refuse_room(len(pixels), client, now)
+            slots = [self._queue.hold(client.key, self.cost.seconds(p)) for p in pixels]
+            if slots:
+                late, ahead = self._late(slots[-1], now, deadline)
+                if late:
+                    for slot in slots:
+                        self._queue.drop(slot)
+                    self._reject(len(pixels), client)
+                    own = sum(s.cost_s for s in slots)
+                    wait = max(1, math.ceil(ahead))
+                    raise QueueFullError(
+                        f"the service is too busy to finish this before its deadline: about {ahead:.0f} s "
+                        f"of work is ahead of it and it needs about {own:.1f} s more, with "
+                        f"{deadline - now:.0f} s left; retry in about {wait} s",
+                        wait,
+                    )
             self._background_after = max(self._background_after, now + self.interactive_grace)
-            return Admission(list(pixels), deadline)
+            return Admission(slots, deadline, client)
 
     def release(self, admission: Admission) -> None:
-        """Give back the room of the admitted images that were not submitted (decode failed, …)."""
+        """Give back the places of the admitted images that were not submitted (decode failed, …)."""
         with self._cond:
-            self._reserved -= len(admission.pixels)
-            self._reserved_px -= sum(admission.pixels)
-            admission.pixels.clear()
+            for slot in admission.slots:
+                self._queue.drop(slot)
+            admission.slots.clear()
 
-    def _reject(self, count: int) -> None:
+    def _reject(self, count: int, client: Client) -> None:
         for _ in range(count):
-            self._on_outcome("rejected")
+            self._on_outcome("rejected", client.name)
 
     def add(self, style: str, cartoonizer: Cartoonizer) -> None:
         """Serve ``style`` from now on (a style that finished loading after the worker started)."""
@@ -294,49 +362,49 @@ class Scheduler:
         deadline: float,
         background: bool = False,
         admission: Admission | None = None,
+        client: Client | None = None,
     ) -> Ticket:
         """Queue one image. Raises :class:`QueueFullError` or :class:`SchedulerClosedError` at once.
 
-        With an ``admission`` (from :meth:`admit`) the image takes the room held for it. Without one
-        it is admitted here, by count only. ``background`` work (job items) waits in its own queue,
-        is taken only when no interactive ticket waits, and never fills the interactive queue.
+        With an ``admission`` (from :meth:`admit`) the image takes the place held for it, for the
+        admission's client. Without one it is admitted here, by count only, for ``client``.
+        ``background`` work (job items) waits in its own lines, is taken only when no interactive
+        ticket waits, and never fills the interactive queue.
         """
         if style not in self.cartoonizers:
             raise StyleNotLoadedError(f"style {style!r} is not loaded on {self.name}")
-        ticket = Ticket(style, image, options, deadline)
+        client = admission.client if admission is not None else (client or Client())
+        ticket = Ticket(style, image, options, deadline, client)
         with self._cond:
             if self._closed:
                 raise SchedulerClosedError("the service is shutting down")
+            now = time.monotonic()
             if background:
-                self._background.append(ticket)
+                ticket.cost_s = self.cost.seconds(ticket.pixels)
+                self._background.push(client.key, ticket.cost_s, ticket)
                 self._cond.notify()
                 return ticket
-            if admission is not None and admission.pixels:
-                self._reserved -= 1
-                pixels = admission.pixels.pop(0)
-                self._reserved_px -= pixels
+            if admission is not None and admission.slots:
+                slot = admission.slots.pop(0)
+                # The place was priced from the header; the decoded image may differ (EXIF turns).
+                ticket.cost_s = slot.cost_s
                 # Decoding took its time: if what is ahead now cannot be done by the deadline, say so
                 # at once rather than let the image wait to time out.
-                now = time.monotonic()
-                ahead = self._work_ahead_s(now)
-                if now + _ESTIMATE_MARGIN * (ahead + ticket.pixels * self._seconds_per_pixel) > deadline:
-                    self._reject(1)
+                late, ahead = self._late(slot, now, deadline)
+                if late:
+                    self._queue.drop(slot)
+                    self._reject(1, client)
                     wait = max(1, math.ceil(ahead))
                     raise QueueFullError(
                         f"the service is too busy to finish this before its deadline: about {ahead:.0f} s "
                         f"of work is ahead of it; retry in about {wait} s",
                         wait,
                     )
-            elif len(self._queue) + self._reserved >= self.queue_size:
-                self._reject(1)
-                wait = max(1, math.ceil(self._work_ahead_s(time.monotonic())))
-                raise QueueFullError(
-                    f"{len(self._queue)} images are already waiting on {self.name} (queue size "
-                    f"{self.queue_size}); retry in about {wait} s",
-                    wait,
-                )
-            self._queue.append(ticket)
-            self._queued_px += ticket.pixels
+                self._queue.fill(slot, ticket)
+            else:
+                self._refuse_room(1, client, now)
+                ticket.cost_s = self.cost.seconds(ticket.pixels)
+                self._queue.push(client.key, ticket.cost_s, ticket)
             self._cond.notify()
         return ticket
 
@@ -344,9 +412,8 @@ class Scheduler:
         """Take a ticket whose waiter gave up out of the queue now (its room is free at once); a
         running one stops between stages."""
         with self._cond:
-            if ticket in self._queue:
-                self._queue.remove(ticket)
-                self._queued_px -= ticket.pixels
+            slot = self._queue.find(ticket)
+            if slot is not None and self._queue.drop(slot):
                 self._finish(ticket, self._gone(ticket))
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -355,10 +422,8 @@ class Scheduler:
             self._closed = True
             if not drain:
                 for queue in (self._queue, self._background):
-                    while queue:
-                        queue.popleft().future.set_exception(
-                            SchedulerClosedError("the service is shutting down")
-                        )
+                    for ticket in queue.drain():
+                        ticket.future.set_exception(SchedulerClosedError("the service is shutting down"))
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -380,14 +445,17 @@ class Scheduler:
                 if self._closed:
                     return None
                 self._cond.wait()
-            # Interactive first; a batch is gathered from one queue only.
+            # Interactive first; a batch is gathered from one queue only, in its fair order.
             interactive = bool(self._queue)
             source = self._queue if interactive else self._background
-            batch = [source.popleft()]
+            first = source.pop()
+            assert first is not None
+            batch = [first]
             gather_until = time.monotonic() + self.batch_wait
             while len(batch) < self.max_batch:
-                if source:
-                    batch.append(source.popleft())
+                nxt = source.pop()
+                if nxt is not None:
+                    batch.append(nxt)
                     continue
                 remaining = gather_until - time.monotonic()
                 if remaining <= 0 or self._closed:
@@ -397,10 +465,7 @@ class Scheduler:
             self._running_interactive = interactive
             if not interactive:
                 self._passed_over = 0
-            pixels = sum(t.pixels for t in batch)
-            if interactive:
-                self._queued_px -= pixels
-            self._running_px = pixels
+            self._running_cost_s = sum(t.cost_s for t in batch)
             self._running_since = time.monotonic()
             return batch
 
@@ -419,7 +484,7 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running = 0
-                    self._running_px = 0
+                    self._running_cost_s = 0.0
                     self.batches_done += 1
                     if self._running_interactive:
                         self._background_after = time.monotonic() + self.interactive_grace
@@ -441,6 +506,7 @@ class Scheduler:
         by_style: dict[str, list[Ticket]] = {}
         for t in live:
             by_style.setdefault(t.style, []).append(t)
+        whole = True
         for style, tickets in by_style.items():
             outcomes = self.cartoonizers[style].run_many(
                 [(t.image, t.options) for t in tickets],
@@ -449,13 +515,12 @@ class Scheduler:
             for t, outcome in zip(tickets, outcomes, strict=True):
                 if isinstance(outcome, CancelledError) and t.expired() and not t.cancelled:
                     outcome = DeadlineExceededError("deadline passed while the image was being processed")
+                whole = whole and isinstance(outcome, Result | NoFaceError)
                 self._finish(t, outcome)
-        elapsed = time.perf_counter() - start
-        per_image = elapsed / len(live)
-        per_pixel = elapsed / max(1, sum(t.pixels for t in live))
-        with self._cond:
-            self._service_s = (1 - _EMA_WEIGHT) * self._service_s + _EMA_WEIGHT * per_image
-            self._seconds_per_pixel = (1 - _EMA_WEIGHT) * self._seconds_per_pixel + _EMA_WEIGHT * per_pixel
+        # Only images that went all the way through say what an image costs (one stopped between
+        # stages, or failed half way, would look cheap).
+        if whole:
+            self.cost.observe(len(live), sum(t.pixels for t in live), time.perf_counter() - start)
 
     @staticmethod
     def _gone(ticket: Ticket) -> ToonserveError:
@@ -465,16 +530,17 @@ class Scheduler:
         return DeadlineExceededError(f"deadline passed after {ticket.queue_wait_ms:.0f} ms in the queue")
 
     def _finish(self, ticket: Ticket, outcome: Result | BaseException) -> None:
+        name = ticket.client.name
         if isinstance(outcome, Result):
             ticket.future.set_result(outcome)
-            self._on_outcome("ok" if outcome.no_face is None else "no_face")
+            self._on_outcome("ok" if outcome.no_face is None else "no_face", name)
             return
         ticket.future.set_exception(outcome)
         if isinstance(outcome, CancelledError):
-            self._on_outcome("cancelled")
+            self._on_outcome("cancelled", name)
         elif isinstance(outcome, DeadlineExceededError):
-            self._on_outcome("deadline")
+            self._on_outcome("deadline", name)
         elif isinstance(outcome, NoFaceError):
-            self._on_outcome("no_face")
+            self._on_outcome("no_face", name)
         else:
-            self._on_outcome("error")
+            self._on_outcome("error", name)

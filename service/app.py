@@ -17,6 +17,7 @@ from fastapi_offline import FastAPIOffline
 from api import cartoonize, errors, health, middleware, styles, web
 from api import jobs as jobs_api
 from api import metrics as metrics_api
+from api.clients import Clients, load_keys, parse_networks
 from api.errors import HEADERS
 from api.metrics import Metrics
 from api.state import ServiceState
@@ -32,7 +33,15 @@ log = logging.getLogger("toonserve")
 _ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, metrics_api.router, web.router)
 
 #: The headers a browser app on another origin may read (CORS).
-EXPOSED_HEADERS = ("Server-Timing", "X-Request-ID", "X-Faces-Stylized", "Retry-After", "Location")
+EXPOSED_HEADERS = (
+    "Server-Timing",
+    "X-Request-ID",
+    "X-Faces-Stylized",
+    "Retry-After",
+    "Location",
+    "RateLimit",
+    "RateLimit-Policy",
+)
 
 
 #: Multipart request bodies' extension naming the largest body this server reads (then 413).
@@ -106,21 +115,41 @@ async def _give_memory_back(scheduler: Scheduler) -> None:
             await asyncio.to_thread(memory.trim)
 
 
+def build_clients(settings: Settings) -> Clients:
+    """The API keys and per-client limits the settings describe; raises ConfigurationError (with the
+    entry at fault, never a key) for malformed keys."""
+    keys = load_keys(
+        settings.api_key.get_secret_value() if settings.api_key is not None else None,
+        settings.api_keys.get_secret_value() if settings.api_keys is not None else None,
+        settings.api_keys_file,
+    )
+    return Clients(
+        keys,
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+        queue_size=settings.client_share,
+        images_per_minute=settings.client_images_per_minute,
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The engine loads in the background after start-up; ``/readyz`` says when the
     default style is in, ``/styles`` how every style stands."""
     settings = settings or get_settings()
     metrics = Metrics()
+    clients = build_clients(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         memory.limit_arenas(settings.malloc_arenas)
         engine = build_engine(
-            settings, on_outcome=lambda outcome: metrics.images.labels(outcome=outcome).inc()
+            settings,
+            on_outcome=lambda outcome, client: metrics.images.labels(outcome=outcome, client=client).inc(),
         )
         flow = build_flow(settings, engine, on_result=metrics.record)
         jobs = build_jobs(settings, engine, flow, metrics)
-        app.state.toonserve = ServiceState(engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs)
+        app.state.toonserve = ServiceState(
+            engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs, clients=clients
+        )
         engine.start()
         await jobs.runner.start()
         trimmer = asyncio.create_task(_give_memory_back(engine.scheduler), name="toonserve-trim")
@@ -157,7 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         middleware.RequestContextMiddleware,
         metrics=metrics,
-        api_key=settings.api_key,
+        clients=clients,
         # The routes themselves (FastAPI's router wraps included ones), to label early answers.
         routes=routes,
     )

@@ -52,7 +52,7 @@ def build_engine(
     styles: Sequence[str] | None = None,
     default_style: str | None = None,
     retry: bool = True,
-    on_outcome: Callable[[str], None] | None = None,
+    on_outcome: Callable[[str, str], None] | None = None,
 ) -> Engine:
     """The engine the settings describe (not started). ``styles``/``default_style`` narrow it (the
     CLI loads only the style it uses); ``retry=False`` for one-shot tools."""

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Final
 
-from api.middleware import request_id_var
+from api.middleware import client_var, request_id_var
 
 _EXTRA_KEYS: Final = ("method", "path", "status", "duration_ms")
 
@@ -21,6 +21,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": request_id_var.get(),
+            "client": client_var.get(),
         }
         for key in _EXTRA_KEYS:
             if hasattr(record, key):
@@ -33,6 +34,7 @@ class JSONFormatter(logging.Formatter):
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        record.client = client_var.get()
         return True
 
 
@@ -43,7 +45,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s %(client)s] %(message)s")
         )
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()

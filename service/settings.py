@@ -11,9 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.clients import parse_networks
 from inference.dctnet import Backend
 from inference.engine import DEFAULT_RETRY_MAX_S
 from inference.faces import available_detectors
@@ -41,7 +42,12 @@ from inference.pipeline import (
     MAX_PROCESSING_SIZE,
     MIN_PROCESSING_SIZE,
 )
-from inference.scheduler import DEFAULT_BATCH_WAIT_S, DEFAULT_INTERACTIVE_GRACE_S, DEFAULT_QUEUE_SIZE
+from inference.scheduler import (
+    DEFAULT_BATCH_WAIT_S,
+    DEFAULT_INTERACTIVE_GRACE_S,
+    DEFAULT_QUEUE_SIZE,
+    default_client_queue_size,
+)
 from inference.weights import STYLES
 
 
@@ -234,18 +240,57 @@ class Settings(BaseSettings):
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook (1 s, 2 s, 4 s … apart).")
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook request.")
 
-    # Access.
-    api_key: str | None = Field(None, description="If set, requests must send it (X-API-Key or Bearer).")
+    # Access and clients.
+    api_key: SecretStr | None = Field(
+        None,
+        description="One API key (the client named default); if any key is set, requests must send one "
+        "(X-API-Key or Bearer).",
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="Named API keys, name=key,name=key: each name is a client of its own."
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of named API keys, one name=key a line, optionally followed by that "
+        "client's queue_size=N and images_per_minute=N (e.g. a mounted Kubernetes Secret).",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses or CIDR ranges of proxies whose X-Forwarded-For is "
+        "believed (to tell clients without keys apart by address).",
+    )
+    client_queue_size: int | None = Field(
+        None,
+        ge=1,
+        description="Images one client may have waiting for the worker; beyond it: 429. Unset: half "
+        "the queue size.",
+    )
+    client_images_per_minute: int = Field(
+        0, ge=0, description="Images one client may send a minute (0: no limit); beyond it: 429."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)."
     )
 
-    @field_validator("styles", "cors_origins", mode="before")
+    @field_validator("styles", "cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # TOONSERVE_STYLES=anime,3d and TOONSERVE_CORS_ORIGINS=https://a.example,https://b.example
         if isinstance(value, str):
             return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        parse_networks(value)
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty; unset it to run without a key, or give it a value")
         return value
 
     @field_validator("styles")
@@ -291,12 +336,26 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _client_share_fits(self) -> Settings:
+        if self.client_queue_size is not None and self.client_queue_size > self.queue_size:
+            raise ValueError(
+                f"client_queue_size ({self.client_queue_size}) must not exceed queue_size "
+                f"({self.queue_size}): one client could then fill the queue for everyone"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _default_is_loaded(self) -> Settings:
         if self.default_style not in self.styles:
             raise ValueError(
                 f"default_style {self.default_style!r} is not among the loaded styles {self.styles}"
             )
         return self
+
+    @property
+    def client_share(self) -> int:
+        """Images one client may have waiting (``client_queue_size``, or half the queue)."""
+        return self.client_queue_size or default_client_queue_size(self.queue_size)
 
     @property
     def jobs_dir(self) -> Path:

@@ -184,8 +184,8 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
     state = service_state(client)
     engine, flow = state.engine, state.flow
     real, timeout = engine.scheduler, flow.timeout_s
+    # Admitted (nothing is ahead of it), then never processed: the worker is never started.
     stalled = Scheduler(real.cartoonizers, queue_size=4, name="stalled", on_outcome=real._on_outcome)
-    stalled._seconds_per_pixel = 1e-9  # admitted as quick work, then never processed (never started)
     engine.scheduler = stalled
     flow.timeout_s = 0.3
     try:
@@ -200,21 +200,23 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
         engine.scheduler, flow.timeout_s = real, timeout
 
 
-def _counter(metrics: str, outcome: str) -> float:
-    prefix = f'toonserve_images_total{{outcome="{outcome}"}} '
+def _counter(metrics: str, outcome: str, client: str = "anonymous") -> float:
+    prefix = f'toonserve_images_total{{client="{client}",outcome="{outcome}"}} '
     return next((float(line[len(prefix) :]) for line in metrics.splitlines() if line.startswith(prefix)), 0.0)
 
 
 def test_metrics(client: TestClient, portrait_jpeg: bytes) -> None:
     client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
     text = client.get("/metrics").text
-    assert 'toonserve_requests_total{route="/cartoonize",status="200"}' in text
-    assert 'toonserve_request_duration_seconds_bucket{le="0.5",route="/cartoonize"}' in text
+    assert 'toonserve_requests_total{client="anonymous",route="/cartoonize",status="200"}' in text
+    assert (
+        'toonserve_request_duration_seconds_bucket{client="anonymous",le="0.5",route="/cartoonize"}' in text
+    )
     assert 'toonserve_stage_duration_seconds_count{stage="background"}' in text
     assert "toonserve_faces_per_image_count" in text
     assert 'toonserve_queue_depth{device="cpu"}' in text
     assert "toonserve_in_flight_requests" in text
-    assert 'toonserve_images_total{outcome="ok"}' in text
+    assert 'toonserve_images_total{client="anonymous",outcome="ok"}' in text
 
 
 def test_openapi_documents_the_endpoints(client: TestClient) -> None:
@@ -359,4 +361,4 @@ def test_a_401_is_counted_under_its_route(model_dir: ReferenceModelDir, tmp_path
     with TestClient(create_app(settings)) as c:
         assert c.post("/cartoonize", files={"image": ("a.jpg", b"x")}).status_code == 401
         metrics = c.get("/metrics").text
-    assert 'toonserve_requests_total{route="/cartoonize",status="401"} 1.0' in metrics
+    assert 'toonserve_requests_total{client="anonymous",route="/cartoonize",status="401"} 1.0' in metrics

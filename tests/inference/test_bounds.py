@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from devkit import photos
+from inference.cost import CostModel
 from inference.engine import Engine
 from inference.flow import Defaults, Flow, Limits, _PixelBudget
 from inference.images import decode, probe, reduction
@@ -123,8 +124,15 @@ def _png(rgb: np.ndarray) -> bytes:
 
 def test_admission_refuses_at_once_what_cannot_meet_its_deadline(cartoonizer: Cartoonizer) -> None:
     outcomes: list[str] = []
-    sched = Scheduler({"anime": cartoonizer}, queue_size=8, name="test", on_outcome=outcomes.append)
-    sched._seconds_per_pixel = 1e-5  # 10 s per megapixel, as measured by a slow device
+    # 10 s per megapixel, as measured by a slow device.
+    slow = CostModel(per_image_s=0.0, per_pixel_s=1e-5)
+    sched = Scheduler(
+        {"anime": cartoonizer},
+        queue_size=8,
+        name="test",
+        on_outcome=lambda outcome, _client: outcomes.append(outcome),
+        cost=slow,
+    )
     now = time.monotonic()
     held = sched.admit([500_000], now + 60)  # 5 s of work: fits a 60 s deadline
     with pytest.raises(QueueFullError, match="before its deadline") as info:
@@ -133,5 +141,5 @@ def test_admission_refuses_at_once_what_cannot_meet_its_deadline(cartoonizer: Ca
     with pytest.raises(QueueFullError, match="do not fit the queue"):
         sched.admit([1] * 8, now + 600)
     sched.release(held)
-    assert sched.admit([1] * 8, now + 600).pixels == [1] * 8
+    assert len(sched.admit([1] * 8, now + 600).slots) == 8
     sched.close(drain=False)
