@@ -4,6 +4,11 @@
 (:mod:`jobs.runner`) then puts each photo through the same request flow as ``/cartoonize``, after
 interactive requests. A photo that is not an image (or too large) becomes a failed item at once; it
 does not refuse the job.
+
+A job belongs to the client that handed it in (its API key's name; ``anonymous`` without keys): it is
+seen, listed, followed, downloaded and deleted only with that client's key. Any other client gets 404
+``job_not_found``, exactly as for a job that does not exist, so it cannot even learn that the id is
+taken. An ``Idempotency-Key`` is the client's own too: two clients using the same key get two jobs.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import zipfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Final
 
-from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from api.clients import Caller
 from api.errors import BODY_CODES, COMMON_CODES, APIError, ErrorDetail, all_refused, code_for, responses
 from api.forms import RequestParams, check_filenames
+from api.middleware import get_caller
 from api.state import JobsState, ServiceState, get_state
 from inference.flow import Params, output_shape
 from inference.images import MEDIA_TYPES, ImageError, probe
@@ -43,6 +50,13 @@ _ESTIMATE_SLACK: Final = 64 * 1024
 
 def get_jobs(state: Annotated[ServiceState, Depends(get_state)]) -> JobsState:
     return state.jobs
+
+
+def _caller(request: Request) -> Caller:
+    return get_caller(request.scope)
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
 
 
 # -- schemas ---------------------------------------------------------------------------------------
@@ -149,6 +163,7 @@ _SUBMIT_CODES: Final = (
 async def submit_job(
     state: Annotated[ServiceState, Depends(get_state)],
     jobs: Annotated[JobsState, Depends(get_jobs)],
+    caller: CallerDep,
     images: Annotated[list[UploadFile], File(description="the photos, one part each")],
     params: RequestParams,
     webhook: Annotated[
@@ -163,14 +178,18 @@ async def submit_job(
         str | None,
         Header(
             alias="Idempotency-Key",
+            min_length=1,
             max_length=200,
-            description="the same key again returns the job it created, never a second one",
+            description="the same key again (from the same client) returns the job it created, never a "
+            "second one",
         ),
     ] = None,
 ) -> JSONResponse:
     store = jobs.store
-    if idempotency_key is not None:
-        existing = await asyncio.to_thread(store.by_idempotency_key, idempotency_key)
+    # Scoped to the client: another client's key never finds this client's job.
+    scoped_key = None if idempotency_key is None else f"{caller.name}/{idempotency_key}"
+    if scoped_key is not None:
+        existing = await asyncio.to_thread(store.by_idempotency_key, scoped_key)
         if existing is not None:
             return _job_response(existing, 200)
     if len(images) > jobs.max_files:
@@ -194,9 +213,10 @@ async def submit_job(
         JobOptions.from_params(params),
         uploads,
         webhook=webhook,
-        idempotency_key=idempotency_key,
+        idempotency_key=scoped_key,
         ttl_s=jobs.ttl_s,
         quota_bytes=jobs.quota_bytes,
+        client=caller.name,
     )
     if created:
         jobs.runner.wake()
@@ -213,9 +233,10 @@ def _job_response(job: Job, status: int) -> JSONResponse:
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the job's id")]
 
 
-async def _job(jobs: JobsState, job_id: str) -> Job:
+async def _job(jobs: JobsState, job_id: str, caller: Caller) -> Job:
+    """The caller's job ``job_id``; the same 404 whether it does not exist or is another client's."""
     job = await asyncio.to_thread(jobs.store.get, job_id)
-    if job is None:
+    if job is None or job.client != caller.name:
         raise JobNotFoundError(f"no job {job_id}: never created, expired or deleted")
     return job
 
@@ -229,24 +250,27 @@ _READ_CODES: Final = (*COMMON_CODES, "invalid_request", "job_not_found")
     response_model=JobOut,
     responses=responses(*_READ_CODES),
 )
-async def get_job(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> JSONResponse:
-    return JSONResponse(_out(await _job(jobs, job_id)))
+async def get_job(
+    jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
+) -> JSONResponse:
+    return JSONResponse(_out(await _job(jobs, job_id, caller)))
 
 
 @router.get(
     "/jobs",
-    summary="The most recent jobs",
+    summary="The most recent jobs (this client's)",
     response_model=JobList,
     responses=responses(*COMMON_CODES, "invalid_request"),
 )
 async def list_jobs(
     jobs: Annotated[JobsState, Depends(get_jobs)],
+    caller: CallerDep,
     status: Annotated[
         JobStatus | None, Query(description=f"only jobs in this status: {', '.join(JOB_STATUSES)}")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100, description="at most this many")] = 20,
 ) -> JSONResponse:
-    found = await asyncio.to_thread(jobs.store.recent, status, limit)
+    found = await asyncio.to_thread(jobs.store.recent, status, limit, caller.name)
     return JSONResponse({"jobs": [_out(job, with_items=False) for job in found]})
 
 
@@ -267,8 +291,10 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
         **responses(*_READ_CODES),
     },
 )
-async def job_events(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> StreamingResponse:
-    first = await _job(jobs, job_id)
+async def job_events(
+    jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
+) -> StreamingResponse:
+    first = await _job(jobs, job_id, caller)
 
     async def stream() -> AsyncIterator[bytes]:
         job: Job | None = first
@@ -308,10 +334,11 @@ async def job_events(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobI
 )
 async def get_item(
     jobs: Annotated[JobsState, Depends(get_jobs)],
+    caller: CallerDep,
     job_id: JobId,
     index: Annotated[int, Path(ge=0, description="the photo's position in the upload, from 0")],
 ) -> FileResponse:
-    job = await _job(jobs, job_id)
+    job = await _job(jobs, job_id, caller)
     if index >= len(job.items):
         raise JobNotFoundError(f"job {job_id} has {len(job.items)} items; there is no item {index}")
     item = job.items[index]
@@ -382,8 +409,10 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
         **responses(*_READ_CODES),
     },
 )
-async def get_result(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> StreamingResponse:
-    job = await _job(jobs, job_id)
+async def get_result(
+    jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
+) -> StreamingResponse:
+    job = await _job(jobs, job_id, caller)
     headers = {"Content-Disposition": f'attachment; filename="toonserve-{job_id}.zip"'}
     return StreamingResponse(_zip_stream(jobs.store, job), media_type="application/zip", headers=headers)
 
@@ -398,8 +427,10 @@ async def get_result(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobI
         **responses(*_READ_CODES),
     },
 )
-async def delete_job(jobs: Annotated[JobsState, Depends(get_jobs)], job_id: JobId) -> Response:
-    job = await _job(jobs, job_id)
+async def delete_job(
+    jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
+) -> Response:
+    job = await _job(jobs, job_id, caller)
     if job.terminal:
         await asyncio.to_thread(jobs.store.delete, job_id)
         jobs.hub.notify(job_id)

@@ -16,7 +16,7 @@ asked, and the decoding time does not cost it its turn. Only filled places are s
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -41,14 +41,43 @@ class Slot(Generic[T]):
         return self.start, self.seq
 
 
+class Turns:
+    """Whose turn it is, without the items: the start and finish tags of start-time fair queuing.
+    :class:`FairQueue` keeps its lines with it; a job store that picks the next client's item itself
+    uses it alone."""
+
+    def __init__(self) -> None:
+        #: Finish tag of each client's last booking (kept while it is ahead of the virtual time).
+        self._finish: dict[str, float] = {}
+        self.vtime = 0.0
+
+    def start(self, key: str) -> float:
+        """The start tag ``key``'s next booking would get."""
+        return max(self.vtime, self._finish.get(key, 0.0))
+
+    def book(self, key: str, cost: float) -> float:
+        """Book ``cost`` for ``key``: its start tag."""
+        start = self.start(key)
+        self._finish[key] = start + max(cost, _MIN_COST_S)
+        return start
+
+    def served(self, start: float, waiting: Container[str] = ()) -> None:
+        """A booking that started at ``start`` is being served: the virtual time moves there. Clients
+        not ``waiting`` whose tags it has passed start afresh (credit does not pile up)."""
+        self.vtime = max(self.vtime, start)
+        for key in [k for k, f in self._finish.items() if f <= self.vtime and k not in waiting]:
+            del self._finish[key]
+
+    def clear(self) -> None:
+        self._finish.clear()
+
+
 class FairQueue(Generic[T]):
     """The lines of every client (module docstring). Not thread-safe: the scheduler holds its lock."""
 
     def __init__(self) -> None:
         self._lines: dict[str, list[Slot[T]]] = {}
-        #: Finish tag of each client's last image (kept while it is ahead of the virtual time).
-        self._finish: dict[str, float] = {}
-        self._vtime = 0.0
+        self._turns = Turns()
         self._seq = itertools.count()
         #: Filled places (items waiting for the worker) and held ones (being decoded).
         self.queued = 0
@@ -78,9 +107,7 @@ class FairQueue(Generic[T]):
     def hold(self, key: str, cost_s: float) -> Slot[T]:
         """A place at the end of ``key``'s line for an image of ``cost_s`` estimated seconds."""
         cost_s = max(cost_s, _MIN_COST_S)
-        start = max(self._vtime, self._finish.get(key, 0.0))
-        slot: Slot[T] = Slot(key, start, next(self._seq), cost_s)
-        self._finish[key] = start + cost_s
+        slot: Slot[T] = Slot(key, self._turns.book(key, cost_s), next(self._seq), cost_s)
         self._lines.setdefault(key, []).append(slot)
         self.held += 1
         self.cost_s += cost_s
@@ -133,10 +160,7 @@ class FairQueue(Generic[T]):
         if best is None:
             return None
         self.drop(best)
-        self._vtime = max(self._vtime, best.start)
-        # Clients with nothing in line whose tags the virtual time has passed start afresh anyway.
-        for key in [k for k, f in self._finish.items() if f <= self._vtime and k not in self._lines]:
-            del self._finish[key]
+        self._turns.served(best.start, self._lines)
         assert best.item is not None
         return best.item
 
@@ -149,7 +173,7 @@ class FairQueue(Generic[T]):
         """Every waiting item, out of line (held places are dropped too)."""
         items = list(self)
         self._lines.clear()
-        self._finish.clear()
+        self._turns.clear()
         self.queued = self.held = 0
         self.cost_s = 0.0
         return items

@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args
 from inference.flow import Flow, Params
 from inference.images import OUTPUTS, OutputFormat
 from inference.pipeline import NoFacePolicy
+from inference.scheduler import ANONYMOUS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ItemStatus = Literal["queued", "running", "ok", "error", "cancelled"]
@@ -119,6 +120,9 @@ class Job:
     idempotency_key: str | None = None
     #: Why the job failed, when it did.
     error: str | None = None
+    #: Who handed it in (an API key's name, or ``anonymous``): only that client sees it, and its
+    #: items share the worker fairly with other clients' items.
+    client: str = ANONYMOUS
 
     @property
     def total(self) -> int:

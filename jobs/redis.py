@@ -6,10 +6,12 @@ by any of them is seen, run and served by all, and outlives the replica that acc
 * **Records** are Redis hashes; every change that checks and writes (idempotency keys, the storage
   quota, finishing an item once, settling, cancelling, failing, deleting) is one Lua script
   (:mod:`jobs.redis_lua`, which also lists the keys), so replicas never see or make half a change.
-* **Work** is a Redis stream per style with one consumer group: each queued item is an entry. A runner
-  (one consumer) reads new entries of the styles it serves (``XREADGROUP … >``), so an item is never
-  handed to a replica that cannot run its style; while it runs, the entry is pending for that
-  runner, which renews its lease every second by resetting the entry's idle time (``XCLAIM … JUSTID``).
+* **Work** is a Redis stream per style and client with one consumer group: each queued item is an
+  entry. A runner (one consumer) reads new entries of the styles it serves (``XREADGROUP … >``), so an
+  item is never handed to a replica that cannot run its style, and clients take turns (start-time
+  fair queuing by item, the tags shared by every replica in Redis); while it runs, the entry is
+  pending for that runner, which renews its lease every second by resetting the entry's idle time
+  (``XCLAIM … JUSTID``).
   An entry idle longer than the lease (its runner died, or lost Redis for that long) is taken over
   by the next runner that asks (``XAUTOCLAIM``). Only the entry's current holder can finish or release
   the item, so a runner that lost its lease and finishes late changes nothing.
@@ -41,6 +43,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from inference.scheduler import ANONYMOUS
 from jobs import redis_lua
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import remove_tree, write_durable
@@ -191,6 +194,7 @@ class RedisJobStore:
         idempotency_key: str | None,
         ttl_s: float,
         quota_bytes: int,
+        client: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
         if idempotency_key is not None:
             existing = self.by_idempotency_key(idempotency_key)
@@ -229,6 +233,7 @@ class RedisJobStore:
                 quota_bytes,
                 needed,
                 json.dumps(items),
+                client,
             )
         except JobStoreError:
             # Redis went away between the checks above and the record. If it ran the script but
@@ -267,8 +272,22 @@ class RedisJobStore:
             job_id = self._redis.get(self._key("idem", key))
         return self.get(str(job_id)) if job_id else None
 
-    def recent(self, status: str | None, limit: int) -> list[Job]:
-        return self._load_many(self._ids("created" if status is None else f"status:{status}", limit))
+    def recent(self, status: str | None, limit: int, client: str | None = None) -> list[Job]:
+        if client is None:
+            return self._load_many(self._ids("created" if status is None else f"status:{status}", limit))
+        # A client's jobs, newest first, in pages until enough of them have that status.
+        found: list[Job] = []
+        page, offset = max(limit, 100), 0
+        while len(found) < limit:
+            with self._errors():
+                ids = self._redis.zrevrange(self._key("client", client), offset, offset + page - 1)
+            if not ids:
+                break
+            found += [
+                j for j in self._load_many([str(i) for i in ids]) if status is None or j.status == status
+            ]
+            offset += page
+        return found[:limit]
 
     def claim(self, styles: Collection[str], owner: str) -> Claim | None:
         if not styles:
@@ -279,7 +298,7 @@ class RedisJobStore:
             self.input_path(dropped[k], int(dropped[k + 1])).unlink(missing_ok=True)
         if not got:
             return None
-        job_id, index, filename, options, entry = got
+        job_id, index, filename, options, entry, queue, client = got
         return Claim(
             job_id,
             int(index),
@@ -288,14 +307,16 @@ class RedisJobStore:
             self.input_path(job_id, int(index)),
             owner,
             token=entry,
+            client=client,
+            queue=queue,
         )
 
     def renew(self, claim: Claim) -> bool:
-        return bool(self._run("RENEW", claim.owner, claim.options.style, claim.token))
+        return bool(self._run("RENEW", claim.owner, claim.queue, claim.token))
 
     def release(self, claim: Claim) -> None:
-        style, now = claim.options.style, repr(time.time())
-        outcome = self._run("RELEASE", claim.owner, style, claim.token, claim.job_id, claim.index, now)
+        now = repr(time.time())
+        outcome = self._run("RELEASE", claim.owner, claim.queue, claim.token, claim.job_id, claim.index, now)
         if outcome == "cancelled":
             self.input_path(claim.job_id, claim.index).unlink(missing_ok=True)
 
@@ -325,7 +346,7 @@ class RedisJobStore:
         outcome = self._run(
             "FINISH",
             claim.owner,
-            claim.options.style,
+            claim.queue,
             claim.token,
             job_id,
             index,
@@ -478,6 +499,7 @@ def _job(fields: dict[str, str], items: dict[str, str]) -> Job | None:
         webhook_state=fields.get("webhook_state", "none"),  # type: ignore[arg-type]
         idempotency_key=fields.get("idempotency_key") or None,
         error=fields.get("error") or None,
+        client=fields.get("client") or ANONYMOUS,
     )
 
 

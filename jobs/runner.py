@@ -37,7 +37,7 @@ from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError
 from inference.flow import Flow
 from inference.pipeline import CancelledError, Result
-from inference.scheduler import Ticket
+from inference.scheduler import Client, Ticket
 from jobs.errors import JobStoreError
 from jobs.model import ItemStatus, Job
 from jobs.store import Claim, JobStore
@@ -297,7 +297,9 @@ class JobRunner:
         try:
             data = await asyncio.to_thread(claim.input_path.read_bytes)
             decoded = await self.flow.decode(data, params)
-            ticket = self.flow.submit(params, decoded, math.inf, background=True)
+            # The job's client takes its turn with other clients' items (fair shares of background work).
+            client = Client(claim.client, claim.client)
+            ticket = self.flow.submit(params, decoded, math.inf, background=True, client=client)
             self._tickets[claim.job_id].add(ticket)
             try:
                 result = await self._wait(claim, ticket)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
+from inference.fair_queue import Turns
+from inference.scheduler import ANONYMOUS
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import remove_tree, write_durable
 from jobs.model import TERMINAL, Item, ItemStatus, Job, JobOptions, JobStatus, WebhookState
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook TEXT,
     webhook_state TEXT NOT NULL DEFAULT 'none',
     idempotency_key TEXT UNIQUE,
-    error TEXT
+    error TEXT,
+    client TEXT NOT NULL DEFAULT 'anonymous'
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -55,6 +58,10 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_by_status ON items(status, job_id, idx);
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(created_at);
 """
+#: Indexes of columns a database made by an earlier version gains at start-up (after the migration).
+_INDEXES: Final = "CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client, created_at);"
+#: Columns added since the first schema: (table, column, definition).
+_ADDED_COLUMNS: Final = (("jobs", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),)
 
 #: What an item still holds on disk: its photo until it ends, then its result; plus the estimate
 #: reserved for a result not yet written.
@@ -79,9 +86,16 @@ class SQLiteJobStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            self._db.executescript(_INDEXES)
         except (OSError, sqlite3.Error) as exc:
             raise JobStoreError(f"the job store at {data_dir} cannot be used: {exc}") from exc
         self._lock = threading.Lock()
+        #: Which client's item is claimed next.
+        self._turns = Turns()
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -112,7 +126,7 @@ class SQLiteJobStore:
     def _load(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute(
             "SELECT id, status, options, created_at, updated_at, expires_at, webhook, webhook_state, "
-            "idempotency_key, error FROM jobs WHERE id = ?",
+            "idempotency_key, error, client FROM jobs WHERE id = ?",
             (job_id,),
         ).fetchone()
         if row is None:
@@ -147,6 +161,7 @@ class SQLiteJobStore:
             webhook_state=row[7],
             idempotency_key=row[8],
             error=row[9],
+            client=row[10],
         )
 
     def _set_job(
@@ -180,6 +195,7 @@ class SQLiteJobStore:
         idempotency_key: str | None,
         ttl_s: float,
         quota_bytes: int,
+        client: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
         if idempotency_key is not None:
             existing = self.by_idempotency_key(idempotency_key)
@@ -198,8 +214,17 @@ class SQLiteJobStore:
                     raise StorageQuotaError(quota_message(needed, used, quota_bytes))
                 db.execute(
                     "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "
-                    "idempotency_key) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
-                    (job_id, json.dumps(options.to_dict()), now, now, now + ttl_s, webhook, idempotency_key),
+                    "idempotency_key, client) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        json.dumps(options.to_dict()),
+                        now,
+                        now,
+                        now + ttl_s,
+                        webhook,
+                        idempotency_key,
+                        client,
+                    ),
                 )
                 db.executemany(
                     "INSERT INTO items (job_id, idx, filename, status, error, input_bytes, estimate) "
@@ -246,29 +271,40 @@ class SQLiteJobStore:
         rows = self._read("SELECT id FROM jobs WHERE idempotency_key = ?", (key,))
         return self.get(rows[0][0]) if rows else None
 
-    def recent(self, status: str | None, limit: int) -> list[Job]:
-        if status is None:
-            rows = self._read("SELECT id FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
-        else:
-            rows = self._read(
-                "SELECT id FROM jobs WHERE status = ? ORDER BY created_at DESC LIMIT ?", (status, limit)
-            )
+    def recent(self, status: str | None, limit: int, client: str | None = None) -> list[Job]:
+        where = [
+            (clause, value) for clause, value in (("status = ?", status), ("client = ?", client)) if value
+        ]
+        condition = f"WHERE {' AND '.join(c for c, _ in where)} " if where else ""
+        rows = self._read(
+            f"SELECT id FROM jobs {condition}ORDER BY created_at DESC LIMIT ?",
+            (*(v for _, v in where), limit),
+        )
         jobs = [self.get(r[0]) for r in rows]
         return [j for j in jobs if j is not None]
 
     def claim(self, styles: Collection[str], owner: str) -> Claim | None:
         if not styles:
             return None
+        marks = ", ".join("?" * len(styles))
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT j.id, j.options, i.idx, i.filename FROM items i JOIN jobs j ON j.id = i.job_id "
-                "WHERE i.status = 'queued' AND j.status IN ('queued', 'running') "
-                "ORDER BY j.created_at, i.idx LIMIT 256"
+            # Clients with work, in the order of their turns (the oldest job first among equals).
+            waiting = db.execute(
+                "SELECT client, MIN(created_at) FROM jobs WHERE status IN ('queued', 'running') "
+                "GROUP BY client"
             ).fetchall()
-            for job_id, options_json, index, filename in rows:
-                options = JobOptions.from_dict(json.loads(options_json))
-                if options.style not in styles:
+            order = sorted(waiting, key=lambda row: (self._turns.start(row[0]), row[1]))
+            for client, _ in order:
+                row = db.execute(
+                    "SELECT j.id, j.options, i.idx, i.filename FROM items i JOIN jobs j ON j.id = i.job_id "
+                    "WHERE j.client = ? AND i.status = 'queued' AND j.status IN ('queued', 'running') "
+                    f"AND json_extract(j.options, '$.style') IN ({marks}) "
+                    "ORDER BY j.created_at, i.idx LIMIT 1",
+                    (client, *styles),
+                ).fetchone()
+                if row is None:
                     continue
+                job_id, options_json, index, filename = row
                 db.execute(
                     "UPDATE items SET status = 'running' WHERE job_id = ? AND idx = ?", (job_id, index)
                 )
@@ -276,7 +312,10 @@ class SQLiteJobStore:
                     "UPDATE jobs SET status = 'running', updated_at = ? WHERE id = ? AND status = 'queued'",
                     (time.time(), job_id),
                 )
-                return Claim(job_id, index, filename, options, self.input_path(job_id, index), owner)
+                self._turns.served(self._turns.book(client, 1.0), {c for c, _ in waiting})
+                options = JobOptions.from_dict(json.loads(options_json))
+                path = self.input_path(job_id, index)
+                return Claim(job_id, index, filename, options, path, owner, client=client)
         return None
 
     def renew(self, claim: Claim) -> bool:

@@ -7,11 +7,11 @@ under ``<data_dir>/jobs/<job id>/`` (``in/<index>`` the photos, ``out/<index>.<s
 written durably (:mod:`jobs.files`); a job is recorded only once all its photos are on disk, so an
 accepted job survives ``kill -9``.
 
-Work is handed out by :meth:`JobStore.claim`: the oldest queued item of the oldest unfinished job
-whose style can run here. An item that was claimed and never finished (its process died) goes back
-to the queue: at start-up for the embedded store, after its lease for a shared one. Finishing an item
-is idempotent per (job, index): a result written twice replaces itself, so a job never holds two
-results for one photo.
+Work is handed out by :meth:`JobStore.claim`: clients (who handed the jobs in) take turns, and each
+client's next item is the oldest queued item of its oldest unfinished job whose style can run here.
+An item that was claimed and never finished (its process died) goes back to the queue: at start-up
+for the embedded store, after its lease for a shared one. Finishing an item is idempotent per (job,
+index): a result written twice replaces itself, so a job never holds two results for one photo.
 
 Storage is bounded: every photo counts from acceptance until its item ends; every result counts
 from acceptance as an upper-bound estimate, then as its real size. :meth:`JobStore.usage` is the sum,
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from inference.scheduler import ANONYMOUS
 from jobs.errors import JobStoreError
 from jobs.files import fsync_dir, remove_tree, write_durable
 from jobs.model import ItemStatus, Job, JobOptions, WebhookState
@@ -57,6 +58,10 @@ class Claim:
     owner: str
     #: The shared store's handle of this hand-out (its stream entry); empty for the embedded store.
     token: str = ""
+    #: The client whose job it is (the worker shares its time fairly between clients).
+    client: str = ANONYMOUS
+    #: The shared store's queue the item came from (its style and client); empty for the embedded store.
+    queue: str = ""
 
 
 class JobStore(Protocol):
@@ -72,21 +77,25 @@ class JobStore(Protocol):
         idempotency_key: str | None,
         ttl_s: float,
         quota_bytes: int,
+        client: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
-        """Store a new job and its photos durably; ``(job, True)``. With an ``idempotency_key`` that
-        is already known: ``(that job, False)`` and nothing is stored. Raises StorageQuotaError."""
+        """Store a new job of ``client`` and its photos durably; ``(job, True)``. With an
+        ``idempotency_key`` that is already known: ``(that job, False)`` and nothing is stored.
+        Raises StorageQuotaError."""
         ...
 
     def get(self, job_id: str) -> Job | None: ...
 
     def by_idempotency_key(self, key: str) -> Job | None: ...
 
-    def recent(self, status: str | None, limit: int) -> list[Job]:
-        """The most recent jobs first, optionally of one status."""
+    def recent(self, status: str | None, limit: int, client: str | None = None) -> list[Job]:
+        """The most recent jobs first, optionally of one status, optionally of one client."""
         ...
 
     def claim(self, styles: Collection[str], owner: str) -> Claim | None:
-        """The next item to run among jobs whose style is in ``styles``, marked running; None if none."""
+        """The next item to run among jobs whose style is in ``styles``, marked running; None if none.
+        Clients take turns (start-time fair queuing by item): one client's long job does not hold
+        back another client's short one; a client's own items come oldest job first."""
         ...
 
     def renew(self, claim: Claim) -> bool:

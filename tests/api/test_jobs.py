@@ -297,6 +297,48 @@ def test_jobs_need_the_api_key(jobs_client: TestClient) -> None:
     assert jobs_client.get("/jobs", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
+@pytest.mark.parametrize("jobs_client", [{"api_keys": "alice=a-key,bob=b-key"}], indirect=True)
+def test_a_job_belongs_to_its_client(jobs_client: TestClient) -> None:
+    """Another client's key gets the same 404 as for a job that does not exist, on every route."""
+    alice, bob = {"X-API-Key": "a-key"}, {"X-API-Key": "b-key"}
+    files = [("images", ("a.jpg", _small(photos.astronaut(), 64)))]
+    created = jobs_client.post("/jobs", files=files, headers={**alice, "Idempotency-Key": "k1"})
+    assert created.status_code == 202
+    job_id = created.json()["id"]
+    _wait_job_as(jobs_client, job_id, alice)
+    for method, path in [
+        ("GET", f"/jobs/{job_id}"),
+        ("GET", f"/jobs/{job_id}/events"),
+        ("GET", f"/jobs/{job_id}/items/0"),
+        ("GET", f"/jobs/{job_id}/result"),
+        ("DELETE", f"/jobs/{job_id}"),
+    ]:
+        theirs = jobs_client.request(method, path, headers=bob)
+        assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "job_not_found", path
+        missing = jobs_client.request(method, path.replace(job_id, "0" * 32), headers=bob)
+        assert (
+            theirs.json()["error"]["message"].replace(job_id, "0" * 32) == missing.json()["error"]["message"]
+        )
+    assert jobs_client.get("/jobs", headers=bob).json() == {"jobs": []}
+    assert [j["id"] for j in jobs_client.get("/jobs", headers=alice).json()["jobs"]] == [job_id]
+    assert jobs_client.get(f"/jobs/{job_id}/items/0", headers=alice).status_code == 200
+    # The same Idempotency-Key from another client is that client's own: a second job.
+    again = jobs_client.post("/jobs", files=files, headers={**bob, "Idempotency-Key": "k1"})
+    assert again.status_code == 202 and again.json()["id"] != job_id
+    same = jobs_client.post("/jobs", files=files, headers={**alice, "Idempotency-Key": "k1"})
+    assert same.status_code == 200 and same.json()["id"] == job_id
+    empty = jobs_client.post("/jobs", files=files, headers={**alice, "Idempotency-Key": ""})
+    assert empty.status_code == 422 and "Idempotency-Key" in empty.json()["error"]["message"]
+    assert jobs_client.delete(f"/jobs/{job_id}", headers=alice).status_code == 204
+
+
+def _wait_job_as(client: TestClient, job_id: str, headers: dict[str, str]) -> None:
+    deadline = time.monotonic() + 120
+    while client.get(f"/jobs/{job_id}", headers=headers).json()["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_metrics_count_jobs_and_items(jobs_client: TestClient) -> None:
     files = [("images", ("a.jpg", _small(photos.astronaut()))), ("images", ("b.txt", b"nope"))]
     job = jobs_client.post("/jobs", files=files).json()

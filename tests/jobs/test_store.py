@@ -52,7 +52,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     made.close()
 
 
-def _create(store: Store, job_id: str, *sizes: int, key: str | None = None, **kw: object) -> Job:
+def _create(
+    store: Store, job_id: str, *sizes: int, key: str | None = None, client: str = "anonymous", **kw: object
+) -> Job:
     job, created = store.create(
         job_id,
         OPTIONS,
@@ -61,6 +63,7 @@ def _create(store: Store, job_id: str, *sizes: int, key: str | None = None, **kw
         idempotency_key=key,
         ttl_s=TTL,
         quota_bytes=QUOTA,
+        client=client,
     )
     assert created
     return job
@@ -122,6 +125,25 @@ def test_oldest_job_first_and_styles_kept_apart(store: Store) -> None:
     got = store.claim({"anime", "3d"}, "me")
     assert got is not None and got.job_id == "7" * 32 and got.options.style == "3d"
     assert store.claim({"anime", "3d"}, "me").index == 1  # type: ignore[union-attr]
+
+
+def test_clients_take_turns_and_each_sees_its_own_jobs(store: Store) -> None:
+    """A long job handed in first does not hold back another client's short one: items go to the
+    clients in turn, each client's own items oldest job first."""
+    _create(store, "1" * 32, *[10] * 5, client="big")
+    time.sleep(0.01)
+    _create(store, "2" * 32, 10, 10, client="small")
+    time.sleep(0.01)
+    _create(store, "3" * 32, 10, client="big")
+    order = []
+    while (claim := store.claim({"anime"}, "me")) is not None:
+        order.append((claim.client, claim.job_id[0], claim.index))
+    assert order[:4] == [("big", "1", 0), ("small", "2", 0), ("big", "1", 1), ("small", "2", 1)]
+    assert order[4:] == [("big", "1", 2), ("big", "1", 3), ("big", "1", 4), ("big", "3", 0)]
+    assert [j.id[0] for j in store.recent(None, 10, "big")] == ["3", "1"]
+    assert [j.id[0] for j in store.recent("running", 10, "small")] == ["2"]
+    assert store.recent(None, 10, "nobody") == []
+    assert [j.client for j in store.recent(None, 10)] == ["big", "small", "big"]
 
 
 def test_a_released_item_is_handed_out_again(store: Store) -> None:
