@@ -311,7 +311,7 @@ async def _batch(
     infos: list[ImageInfo | Exception] = []
     for data in datas:
         try:
-            probed = await flow.probe(data)
+            probed = await flow.probe(data, caller.client)
             flow.check_output(params, probed)
             infos.append(probed)
         except ToonserveError as exc:
@@ -324,20 +324,26 @@ async def _batch(
                 prepared.append(info)
                 continue
             try:
-                decoded = await flow.decode(data, params, info, deadline)
+                decoded = await flow.decode(data, params, info, deadline, caller.client)
                 prepared.append((decoded, flow.submit(params, decoded, deadline, admission)))
             except ToonserveError as exc:
                 prepared.append(exc)
     finally:
         flow.release(admission)
 
-    async def one(entry: tuple[Decoded, Ticket] | Exception) -> Outcome:
+    # Each image's ticket (whose future holds its full-size result) is let go as soon as that image is
+    # encoded, not when the whole batch is.
+    pending = dict(enumerate(prepared))
+    del prepared
+
+    async def one(index: int) -> Outcome:
+        entry = pending.pop(index)
         if isinstance(entry, Exception):
             raise entry
         decoded, ticket = entry
         return await flow.finish(await flow.wait(ticket), params, decoded, ticket)
 
-    done = await asyncio.gather(*(one(p) for p in prepared), return_exceptions=True)
+    done = await asyncio.gather(*(one(i) for i in range(len(pending))), return_exceptions=True)
     out: list[Outcome | Exception] = []
     for item in done:
         if isinstance(item, BaseException) and not isinstance(item, Exception):

@@ -2,6 +2,8 @@
 
     python bench/soak.py [--minutes 10] [--factor 2] [--json bench/results/soak.json]
     python bench/soak.py --burst        # RSS before, at the peak of, and after a burst of hostile work
+    python bench/soak.py --clients      # fair shares: one client floods, another sends photos one by one
+    python bench/soak.py --bombs        # peak RSS under decompression bombs, and a photo behind them
 
 Starts ``toonserve serve`` (default settings, synthetic model) on a free loopback port and:
 
@@ -22,6 +24,15 @@ Hostile requests, from the ways small uploads used to buy large work: a 40000×1
 limit sent chunked. Each must be answered at once or within its deadline, with a 4xx or a 503.
 
 Reports status counts and p50/p99 per route, ``/healthz`` p99, RSS per minute. Loopback only.
+
+``--clients`` (two named API keys): the *polite* client sends ``--photos`` photos one at a time, first
+alone (idle), then while the *flood* client keeps ``--streams`` batches of 16 photos in flight back to
+back (a 429 waits its Retry-After, as a well-behaved client does); reports the polite client's p50
+and p99 in both phases, their ratio, and the flood's statuses and photos/s.
+
+``--bombs``: 16 lossless 6300×6300 WebPs of 1.6 KB each, sent as three concurrent batches by one
+client, then by three clients, then as 8 concurrent single requests; for each, the server's peak RSS
+and the latency of a photo another client sends right behind them.
 """
 
 from __future__ import annotations
@@ -275,11 +286,111 @@ async def burst(url: str, pid: int, p: Payloads) -> dict[str, Any]:
                 statuses={k: dict(v) for k, v in s.statuses.items()})  # fmt: skip
 
 
+#: The API keys of the --clients and --bombs modes (name=key).
+CLIENT_KEYS = "flood=flood-key,polite=polite-key,bomber1=b1,bomber2=b2,bomber3=b3"
+
+
+def _key(name: str) -> dict[str, str]:
+    return {"X-API-Key": dict(k.split("=") for k in CLIENT_KEYS.split(","))[name]}
+
+
+def _percentiles(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": statistics.median(ms), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+async def _one_by_one(c: httpx.AsyncClient, body: bytes, count: int, statuses: Counter[str]) -> list[float]:
+    """The polite client: ``count`` photos, each sent when the previous one is answered."""
+    out = []
+    for _ in range(count):
+        start = time.perf_counter()
+        r = await c.post("/cartoonize", files={"image": ("me.jpg", body)}, headers=_key("polite"))
+        out.append((time.perf_counter() - start) * 1000)
+        statuses[str(r.status_code)] += 1
+        await asyncio.sleep(0.1)
+    return out
+
+
+async def clients(url: str, p: Payloads, photos: int, streams: int) -> dict[str, Any]:
+    """Fair shares (module docstring, --clients)."""
+    idle_statuses: Counter[str] = Counter()
+    flood_statuses: Counter[str] = Counter()
+    polite_statuses: Counter[str] = Counter()
+    flooded = 0
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=streams + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as c:
+        idle = await _one_by_one(c, p.photo, photos, idle_statuses)
+
+        async def flood() -> None:
+            nonlocal flooded
+            files = [("images", (f"{i}.jpg", p.photo)) for i in range(16)]
+            while not stop.is_set():
+                r = await c.post("/cartoonize/batch", files=files, headers=_key("flood"))
+                flood_statuses[str(r.status_code)] += 1
+                if r.status_code == 200:
+                    flooded += 16
+                elif "retry-after" in r.headers:
+                    await asyncio.sleep(float(r.headers["retry-after"]))
+
+        flooders = [asyncio.create_task(flood()) for _ in range(streams)]
+        await asyncio.sleep(3.0)  # the flood fills its share of the queue first
+        start = time.monotonic()
+        during = await _one_by_one(c, p.photo, photos, polite_statuses)
+        elapsed = time.monotonic() - start
+        stop.set()
+        await asyncio.gather(*flooders)
+    a, b = _percentiles(idle), _percentiles(during)
+    return dict(
+        polite_idle=a, polite_during_flood=b, p50_ratio=b["p50_ms"] / a["p50_ms"],
+        p99_ratio=b["p99_ms"] / a["p99_ms"], target_p99_ms=max(4 * a["p50_ms"], 3000.0),
+        polite_statuses=dict(polite_statuses), idle_statuses=dict(idle_statuses),
+        flood_statuses=dict(flood_statuses), flood_photos_per_s=flooded / elapsed, flood_streams=streams,
+    )  # fmt: skip
+
+
+async def bombs(url: str, pid: int, p: Payloads) -> dict[str, Any]:
+    """Decompression bombs (module docstring, --bombs)."""
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        idle = await _one_by_one(c, p.photo, 5, Counter())
+        out["photo_idle_p50_ms"] = statistics.median(idle)
+        batch = [("images", (f"{i}.webp", p.webp_bomb)) for i in range(16)]
+        cases: dict[str, Callable[[], list[Awaitable[httpx.Response]]]] = {
+            "3 batches of 16, one client": lambda: [
+                c.post("/cartoonize/batch", files=batch, headers=_key("bomber1")) for _ in range(3)],
+            "3 batches of 16, three clients": lambda: [
+                c.post("/cartoonize/batch", files=batch, headers=_key(f"bomber{k}")) for k in (1, 2, 3)],
+            "8 single requests": lambda: [
+                c.post("/cartoonize", files={"image": ("b.webp", p.webp_bomb)}, headers=_key("bomber1"))
+                for _ in range(8)],
+        }  # fmt: skip
+        for name, make in cases.items():
+            await asyncio.sleep(5)  # what the previous case freed is given back (the trim)
+            stop = asyncio.Event()
+            samples: list[tuple[float, float]] = []
+            sampler = asyncio.create_task(sample_rss(pid, stop, samples, 0.05))
+            sent = [asyncio.ensure_future(call) for call in make()]
+            await asyncio.sleep(0.3)
+            behind = await _one_by_one(c, p.photo, 1, Counter())
+            answers = await asyncio.gather(*sent)
+            stop.set()
+            await sampler
+            out[name] = dict(
+                rss_before_mib=samples[0][1], rss_peak_mib=max(m for _, m in samples),
+                statuses=dict(Counter(str(r.status_code) for r in answers)), photo_behind_ms=behind[0],
+            )  # fmt: skip
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--burst", action="store_true")
+    ap.add_argument("--clients", action="store_true", help="two clients: one floods, one sends one by one")
+    ap.add_argument("--bombs", action="store_true", help="peak RSS under decompression bombs")
+    ap.add_argument("--photos", type=int, default=30, help="--clients: the polite client's photos per phase")
+    ap.add_argument("--streams", type=int, default=3, help="--clients: the flood's batches in flight")
     ap.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for the server")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -287,6 +398,8 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="toonserve-soak-"))
     write_fast_model_dir(tmp / "models" / "anime")
     env = service_env(tmp / "models", tmp, TOONSERVE_LOG_LEVEL="error")
+    if args.clients or args.bombs:
+        env["TOONSERVE_API_KEYS"] = CLIENT_KEYS
     env.update(item.split("=", 1) for item in args.env)
     server = LiveService(env, tmp / "server.log").start()
     url = server.url
@@ -294,13 +407,18 @@ def main() -> int:
         payloads = Payloads()
         if args.burst:
             report = asyncio.run(burst(url, server.pid, payloads))
+        elif args.clients:
+            report = asyncio.run(clients(url, payloads, args.photos, args.streams))
+        elif args.bombs:
+            report = asyncio.run(bombs(url, server.pid, payloads))
         else:
             report = asyncio.run(soak(url, server.pid, payloads, args.minutes, args.factor))
     finally:
         server.stop()
     report["server_env"] = args.env
     print(json.dumps(report, indent=2))
-    out = args.json or Path("bench/results") / ("burst.json" if args.burst else "soak.json")
+    mode = next((m for m in ("burst", "clients", "bombs") if getattr(args, m)), "soak")
+    out = args.json or Path("bench/results") / f"{mode}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"# wrote {out}")

@@ -5,11 +5,12 @@ through :class:`Flow`; routes only parse their form and shape the response. The 
 a caller that handles several images (the batch route) can decode them all, ask for room once, then
 submit and wait; :meth:`Flow.run` chains them for one image.
 
-* ``decode`` and ``encode`` run on the flow's own small thread pool (``codec_threads``), never on the
+* ``decode`` and ``encode`` run on the flow's own few threads (``codec_threads``), never on the
   event loop, so one request's decode and encode overlap another's model work without a thread per
-  request competing for the cores; on a CUDA engine with a :class:`~inference.gpu_codec.GpuCodec`,
-  the JPEGs it takes are decoded (and brought to the processing size) on the device, and JPEG
-  results encoded there, Pillow doing the rest;
+  request competing for the cores; those threads are shared between clients in fair shares
+  (:class:`~inference.codec_pool.CodecPool`); on a CUDA engine with a
+  :class:`~inference.gpu_codec.GpuCodec`, the JPEGs it takes are decoded (and brought to the
+  processing size) on the device, and JPEG results encoded there, Pillow doing the rest;
 * ``submit`` hands the pixels to the engine's worker (:class:`~inference.scheduler.Scheduler`), which
   refuses at once with :class:`~inference.scheduler.QueueFullError` when its queue is full;
 * ``wait`` is async and cancellable: cancelling the awaiting task (client gone) cancels the ticket, so
@@ -26,27 +27,28 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
 import numpy as np
 from torch import Tensor
 
+from inference.codec_pool import CodecPool
 from inference.cost import cost_pixels
 from inference.engine import Engine
 from inference.gpu_codec import GpuCodec
 from inference.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PNG_COMPRESSION,
+    MAX_DECODER_COPIES,
     MEDIA_TYPES,
     ImageInfo,
     ImageTooLargeError,
     OutputFormat,
     decode,
     encode,
+    plan_decode,
     probe,
-    reduction,
 )
 from inference.pipeline import (
     DEFAULT_MAX_PROCESSING_PIXELS,
@@ -68,8 +70,11 @@ _T = TypeVar("_T")
 
 #: How much a requested output's long side may exceed the photo's, by default.
 DEFAULT_MAX_UPSCALE: Final = 4.0
-#: Decoded pixels held at once by all decodes in progress, by default: two of the largest photos.
-DEFAULT_MAX_INFLIGHT_PIXELS: Final = 2 * DEFAULT_MAX_PIXELS
+#: Decoded pixels held at once by all decodes in progress, every copy a decoder makes counted
+#: (:attr:`~inference.images.DecodePlan.held`), by default: what the largest photo takes through the
+#: hungriest decoder (160 M, about 560 MB). Large PNGs, WebPs and JPEGs are decoded reduced, so
+#: several of those fit at once.
+DEFAULT_MAX_INFLIGHT_PIXELS: Final = MAX_DECODER_COPIES * DEFAULT_MAX_PIXELS
 
 #: Names of the flow's timings, in order.
 TIMINGS: Final = ("decode", "queue", *STAGES, "encode")
@@ -119,9 +124,15 @@ class Decoded:
     ms: float
 
 
+#: What an :class:`Outcome`'s result holds in place of its pixels once they are encoded.
+_NO_PIXELS: Final = np.zeros((0, 0, 3), np.uint8)
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """One finished image: the pipeline's result, its encoded bytes and every timing."""
+    """One finished image: the pipeline's report (faces, sizes, timings; its pixels let go once
+    encoded: a batch of sixteen 40 MP results would otherwise hold 1.9 GB until the last is done), its
+    encoded bytes and every timing."""
 
     result: Result
     data: bytes
@@ -211,7 +222,7 @@ class Flow:
         self.limits = limits
         self.timeout_s = timeout_s
         self._on_result = on_result or (lambda _: None)
-        self._codec = ThreadPoolExecutor(max_workers=codec_threads, thread_name_prefix="toonserve-codec")
+        self._codec = CodecPool(codec_threads)
         self._decoding = _PixelBudget(limits.max_inflight_pixels)
 
     @property
@@ -257,15 +268,23 @@ class Flow:
 
     # -- stages ------------------------------------------------------------------------------------
 
-    async def _in_codec(self, fn: Callable[[], _T]) -> tuple[_T, float]:
+    async def _in_codec(
+        self, fn: Callable[[], _T], client: Client | None, megapixels: float, finishing: bool
+    ) -> tuple[_T, float]:
+        """``fn`` on the codec threads in ``client``'s turn (:class:`CodecPool`), and its milliseconds."""
         start = time.perf_counter()
-        value = await asyncio.get_running_loop().run_in_executor(self._codec, fn)
+        key = (client or Client()).key
+        value: _T = await asyncio.wrap_future(
+            self._codec.submit(fn, key=key, megapixels=megapixels, finishing=finishing)
+        )
         return value, (time.perf_counter() - start) * 1000
 
-    async def probe(self, data: bytes) -> ImageInfo:
+    async def probe(self, data: bytes, client: Client | None = None) -> ImageInfo:
         """The upload's format and size from its header (off the event loop); raises the
         :mod:`inference.images` errors for what is not an image we take, or is too large."""
-        info, _ = await self._in_codec(lambda: probe(data, max_pixels=self.limits.max_pixels))
+        info, _ = await self._in_codec(
+            lambda: probe(data, max_pixels=self.limits.max_pixels), client, 0.0, finishing=True
+        )
         return info
 
     def check_output(self, params: Params, info: ImageInfo) -> None:
@@ -301,14 +320,19 @@ class Flow:
         self.engine.scheduler.release(admission)
 
     async def decode(
-        self, data: bytes, params: Params, info: ImageInfo | None = None, deadline: float | None = None
+        self,
+        data: bytes,
+        params: Params,
+        info: ImageInfo | None = None,
+        deadline: float | None = None,
+        client: Client | None = None,
     ) -> Decoded:
         """The upload ready for the pipeline (:class:`Decoded`), decoded off the event loop, within
         the budget of decoded pixels in flight: a decode waits while others hold it, until
         ``deadline`` at most (then 503 rather than a decode that could not be used in time)."""
         start = time.perf_counter()
         if info is None:
-            info = await self.probe(data)
+            info = await self.probe(data, client)
         size = (info.height, info.width)
         shape = params.options.processing_shape(size)
         # Twice the processing size: the area filter then averages at least 2×2 decoded pixels per
@@ -316,11 +340,12 @@ class Flow:
         # 148 ms against 336 ms in full, the result within 1.1 levels (mean) of the full decode's;
         # decoding at 1/4 (just above the processing size) took 98 ms but differed by 2.0.
         needed = (2 * shape[0], 2 * shape[1]) if self.limits.reduced_decode else None
-        factor = reduction(info.format, size, needed)
-        cost = -(-size[0] // factor) * -(-size[1] // factor)
+        # A decode holds what its decoder really allocates at its peak (every copy it makes).
+        plan = plan_decode(info, needed)
+        cost = plan.held
         if cost > self._decoding.capacity:
             raise ImageTooLargeError(
-                f"decoding this {info.width}×{info.height} image needs {cost / 1e6:.1f} MP at once; the "
+                f"decoding this {info.width}×{info.height} image holds {cost / 1e6:.1f} MP at once; the "
                 f"limit of decoded pixels in flight is {self._decoding.capacity / 1e6:.1f} MP"
             )
 
@@ -334,7 +359,7 @@ class Flow:
 
         wait = None if deadline is None or math.isinf(deadline) else max(0.0, deadline - time.monotonic())
         async with self._decoding.hold(cost, wait):
-            pixels, _ = await self._in_codec(prepare)
+            pixels, _ = await self._in_codec(prepare, client, plan.held / 1e6, finishing=False)
         return Decoded(pixels, size, (time.perf_counter() - start) * 1000)
 
     def submit(
@@ -354,6 +379,9 @@ class Flow:
             input_size=decoded.input_size,
             # The result stays on the device too when the GPU encoder will take it.
             device_result=self.gpu_codec is not None and params.fmt == "jpeg",
+            # On the CPU the resize to the output size is codec work (encode): a 40 MP result takes
+            # the worker 0.4-0.6 s that the next image's models can have.
+            resize_later=True,
         )
         out_hw = output_shape(decoded.input_size, params.output_side)
         if out_hw is not None:
@@ -389,38 +417,60 @@ class Flow:
         self._on_result(result)
         return result
 
-    async def encode(self, result: Result, params: Params) -> tuple[bytes, float]:
-        """The result's image in the requested format (off the event loop), and the time it took."""
+    async def encode(
+        self, result: Result, params: Params, client: Client | None = None
+    ) -> tuple[bytes, float]:
+        """The result's image in the requested format (off the event loop, in ``client``'s turn), and
+        the time it took (the resize to the output size included, when it was left to it)."""
+        data, resize_ms, encode_ms = await self._encode(result, params, client)
+        return data, resize_ms + encode_ms
+
+    async def _encode(
+        self, result: Result, params: Params, client: Client | None
+    ) -> tuple[bytes, float, float]:
+        """:meth:`encode`: the bytes, the milliseconds of the resize to the output size (0 when the
+        pipeline made it) and of the encoding."""
         level = self.defaults.png_compression
         gpu, on_device = self.gpu_codec, result.device_image
+        resize_ms = 0.0
 
         def run() -> bytes:
+            nonlocal resize_ms
             if gpu is not None and on_device is not None and params.fmt == "jpeg":
                 data = gpu.encode(on_device, params.quality)
                 if data is not None:
                     return data
-            return encode(result.image, params.fmt, params.quality, level)
+            image = result.image
+            if image.shape[:2] != result.output_size:  # left to us (Options.resize_later)
+                start = time.perf_counter()
+                image = np.ascontiguousarray(resize_rgb(image, *result.output_size))
+                resize_ms = (time.perf_counter() - start) * 1000
+            return encode(image, params.fmt, params.quality, level)
 
-        return await self._in_codec(run)
+        h, w = result.output_size
+        data, ms = await self._in_codec(run, client, h * w / 1e6, finishing=True)
+        return data, resize_ms, ms - resize_ms
 
     async def finish(self, result: Result, params: Params, decoded: Decoded, ticket: Ticket) -> Outcome:
-        """Encode a result and put every timing together."""
-        data, encode_ms = await self.encode(result, params)
+        """Encode a result (in the ticket's client's turn) and put every timing together."""
+        data, resize_ms, encode_ms = await self._encode(result, params, ticket.client)
         timings = {"decode": decoded.ms, "queue": ticket.queue_wait_ms}
         timings.update((s, result.timings_ms[s]) for s in STAGES)
+        timings["resize_out"] += resize_ms
         timings["encode"] = encode_ms
-        return Outcome(result, data, params, {k: round(v, 3) for k, v in timings.items()})
+        report = replace(result, image=_NO_PIXELS, device_image=None)
+        return Outcome(report, data, params, {k: round(v, 3) for k, v in timings.items()})
 
     async def run(
         self, data: bytes, params: Params, deadline: float | None = None, client: Client | None = None
     ) -> Outcome:
         """The whole flow for one image of ``client``: probe, admit, decode, submit, wait, encode."""
         deadline = self.deadline() if deadline is None else deadline
-        info = await self.probe(data)
+        info = await self.probe(data, client)
         self.check_output(params, info)
         admission = self.admit(params, [info], deadline, client)
         try:
-            decoded = await self.decode(data, params, info, deadline)
+            decoded = await self.decode(data, params, info, deadline, client)
             ticket = self.submit(params, decoded, deadline, admission)
         finally:
             self.release(admission)

@@ -14,6 +14,13 @@ The result is what the pipeline wants: (H, W, 3) uint8 RGB, or (H, W, 4) uint8 R
 really transparent, upright (EXIF orientation applied), in sRGB (an embedded ICC profile is converted),
 8 bits a channel (16-bit samples are scaled, not clipped).
 
+When the caller needs less than the whole image (``decode(needed=...)``), large files are decoded at
+a reduced scale (:func:`plan_decode`): JPEGs by Pillow's DCT scaling (1/2, 1/4, 1/8), 8-bit PNGs and
+WebPs by libvips (pyvips): libwebp scales while it decodes, and a PNG streams through a box shrink
+row by row, so a 6300×6300 lossless WebP of 1.6 KB is never 160 MB of pixels. Every decode says
+what it holds at its peak (:attr:`DecodePlan.held`), so a caller can budget decodes by what they
+really allocate.
+
 :func:`encode` builds a fresh image from the array, so nothing of the upload's metadata (EXIF, GPS,
 XMP, ICC, text chunks) can leak into the response.
 """
@@ -29,7 +36,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, Literal, get_args
+from typing import Any, Final, Literal, get_args
 
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
@@ -235,16 +242,77 @@ class DecodedImage:
 
 #: JPEG can be decoded at these fractions of its size, for a fraction of the work (DCT scaling).
 JPEG_SCALES: Final = (8, 4, 2, 1)
+#: Formats libvips decodes at a reduced scale when they are 8-bit and need no colour conversion.
+VIPS_FORMATS: Final[frozenset[InputFormat]] = frozenset({"png", "webp"})
+_VIPS_MODES: Final = frozenset({"L", "LA", "P", "PA", "RGB", "RGBA"})
+#: Copies of the decoded image a decoder holds at its peak. Pillow: its image (4 bytes a pixel), the
+#: bytes numpy is made from and the array; for WebP also libwebp's canvas (4 bytes a pixel; measured
+#: with memray: 6300×6300 lossless WebP, 151 + 151 + 114 + 114 MB). libvips streams: the array and
+#: what it is made from.
+DECODER_COPIES: Final[Mapping[str, int]] = MappingProxyType({"pillow": 3, "pillow-webp": 4, "vips": 2})
+#: The most copies any decode holds (the budget of decodes in flight must hold the largest photo).
+MAX_DECODER_COPIES: Final = max(DECODER_COPIES.values())
+
+Decoder = Literal["pillow", "vips"]
 
 
 def reduction(format: InputFormat, size: tuple[int, int], needed: tuple[int, int] | None) -> int:
-    """The factor :func:`decode` divides an image's sides by when only ``needed`` (height, width) is
-    needed of an image of ``size`` (height, width): the largest JPEG scale that keeps both sides at
-    least ``needed`` (Pillow's ``draft`` rule); 1 for other formats or when nothing smaller will do."""
+    """The factor Pillow divides a JPEG's sides by when only ``needed`` (height, width) is needed of
+    an image of ``size`` (height, width): the largest JPEG scale that keeps both sides at least
+    ``needed`` (Pillow's ``draft`` rule); 1 for other formats or when nothing smaller will do."""
     if format != "jpeg" or needed is None:
         return 1
     fit = min(size[0] // max(1, needed[0]), size[1] // max(1, needed[1]))
     return next(s for s in JPEG_SCALES if s <= max(1, fit))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How :func:`decode` will decode a file for a caller that needs ``needed`` of it."""
+
+    #: Sides divided by (1: full size).
+    factor: int
+    decoder: Decoder
+    #: Pixels held at the decode's peak: the decoded pixels times the copies the decoder holds.
+    held: int
+
+    @property
+    def reduced(self) -> bool:
+        return self.factor > 1
+
+
+def plan_decode(info: ImageInfo, needed: tuple[int, int] | None) -> DecodePlan:
+    """The plan for a file of ``info``: a JPEG scaled by Pillow (:func:`reduction`); an 8-bit PNG or
+    WebP with no colour profile to convert, at least twice as large as ``needed``, shrunk by libvips
+    while decoding (by the largest whole factor that keeps ``needed``); anything else in full by
+    Pillow."""
+    size = (info.height, info.width)
+    factor, decoder = reduction(info.format, size, needed), "pillow"
+    if (
+        needed is not None
+        and info.format in VIPS_FORMATS
+        and info.mode in _VIPS_MODES
+        and not info.converts_colours
+        and _vips() is not None
+    ):
+        fit = min(size[0] // max(1, needed[0]), size[1] // max(1, needed[1]))
+        if fit >= 2:
+            factor, decoder = fit, "vips"
+    pixels = -(-size[0] // factor) * -(-size[1] // factor)
+    copies = DECODER_COPIES["pillow-webp" if decoder == "pillow" and info.format == "webp" else decoder]
+    return DecodePlan(factor, decoder, pixels * copies)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _vips() -> Any:
+    """pyvips, set up for decoding uploads (no operation cache: nothing decoded is kept), or None when
+    libvips cannot be loaded (then Pillow decodes everything in full)."""
+    try:
+        import pyvips
+    except (ImportError, OSError):  # no wheel for this platform, or no libvips
+        return None
+    pyvips.cache_set_max(0)
+    return pyvips
 
 
 def decode(
@@ -252,14 +320,16 @@ def decode(
 ) -> DecodedImage:
     """Decode an uploaded image (first frame) to uint8 RGB or RGBA; see :class:`DecodedImage`.
 
-    ``needed``: the (height, width) the caller will use of the upright image at most; a JPEG is then
-    decoded at 1/2, 1/4 or 1/8 of its size when both sides stay at least that big (:func:`reduction`),
-    which costs a fraction of the time and memory. ``original_size`` is the full size either way.
+    ``needed``: the (height, width) the caller will use of the upright image at most; the file is
+    then decoded at a reduced scale when it is large enough (:func:`plan_decode`: a JPEG at 1/2, 1/4 or
+    1/8, an 8-bit PNG or WebP by libvips at any whole factor), which costs a fraction of the time
+    and memory. ``original_size`` is the full size either way.
 
     Raises :class:`UnsupportedImageError`, :class:`ImageTooLargeError` or :class:`CorruptImageError`,
-    never a Pillow exception. The pixel limit is checked against the size declared in the header,
-    before any pixel is decoded. Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``,
-    89.5 MP by default) also applies, so a ``max_pixels`` above it is capped there.
+    never a Pillow or libvips exception. The pixel limit is checked against the size declared in the
+    header, before any pixel is decoded. Pillow's own decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, 89.5 MP by default) also applies, so a ``max_pixels`` above it is
+    capped there.
     """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
@@ -274,36 +344,90 @@ def decode(
         if detected is None:  # cannot happen with `formats=` restricted, but never trust it blindly
             raise UnsupportedImageError(f"{im.format} images are not supported; send {_ALLOWED_TEXT}")
         mode = im.mode
-        turned = _orientation(im) in _SWAPS_SIDES
+        orientation = _orientation(im)
+        turned = orientation in _SWAPS_SIDES
         original = (im.width, im.height) if turned else (im.height, im.width)
-        factor = reduction(detected, original, needed)
+        plan = plan_decode(_info(detected, im, orientation), needed)
         try:
             frames = _count_frames(im)
-            if factor > 1:
-                # Pillow's draft picks the largest DCT scale whose result is at least this size.
-                im.draft(im.mode, (im.width // factor, im.height // factor))
-            im.load()
+            if plan.decoder == "pillow":
+                if plan.reduced:
+                    # Pillow's draft picks the largest DCT scale whose result is at least this size.
+                    im.draft(im.mode, (im.width // plan.factor, im.height // plan.factor))
+                im.load()
         except Image.DecompressionBombError as exc:
             raise ImageTooLargeError(f"the {name} image is too large to decode safely") from exc
         except _DECODE_FAILURES as exc:
             raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
-        upright = _apply_orientation(im)
-        try:
-            pixels = _to_pixels(upright)
-        except _DECODE_FAILURES as exc:
-            raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
+        if plan.decoder == "vips":
+            pixels = _vips_pixels(data, detected, plan.factor, name)
+            method = _TRANSPOSE_FOR_ORIENTATION.get(orientation)
+            if method is not None:
+                pixels = np.array(Image.fromarray(pixels).transpose(method))
+        else:
+            upright = _apply_orientation(im)
+            try:
+                pixels = _to_pixels(upright)
+            except _DECODE_FAILURES as exc:
+                raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
     finally:
         im.close()
     return DecodedImage(pixels=pixels, format=detected, original_size=original, mode=mode, frames=frames)
 
 
+def _vips_pixels(data: bytes, fmt: InputFormat, factor: int, name: str) -> np.ndarray:
+    """An 8-bit PNG or WebP decoded by libvips at 1/``factor`` of its size (as stored), as (h, w, 3)
+    RGB or (h, w, 4) RGBA uint8. A WebP is scaled by libwebp while it decodes; a PNG streams through
+    a box shrink (each output pixel the mean of factor × factor pixels, as Pillow's BOX filter)."""
+    vips = _vips()
+    try:
+        if fmt == "webp":
+            image = vips.Image.new_from_buffer(
+                data, "", scale=1 / factor, access="sequential", fail_on="error"
+            )
+        else:
+            image = vips.Image.new_from_buffer(data, "", access="sequential", fail_on="error")
+            image = image.shrink(factor, factor)
+        if image.format != "uchar" or not 1 <= image.bands <= 4:
+            raise UnsupportedImageError(f"{name} images of this pixel format are not supported")
+        pixels = np.asarray(image.numpy()).reshape(image.height, image.width, image.bands)
+    except vips.Error as exc:
+        detail = str(exc).strip().splitlines()
+        reason = detail[1] if len(detail) > 1 else (detail[0] if detail else "damaged")
+        raise CorruptImageError(f"the {name} file is truncated or damaged: {reason.strip()}") from exc
+    bands = pixels.shape[2]
+    if bands in (1, 2):  # grey (and alpha): to RGB (and alpha)
+        pixels = np.concatenate([pixels[:, :, :1]] * 3 + ([pixels[:, :, 1:]] if bands == 2 else []), axis=2)
+    return _drop_opaque_alpha(np.ascontiguousarray(pixels))
+
+
 @dataclass(frozen=True)
 class ImageInfo:
-    """What :func:`probe` learns from a file's header: its format and its upright size."""
+    """What :func:`probe` learns from a file's header: its format, its upright size, and what decides
+    how it can be decoded (:func:`plan_decode`)."""
 
     format: InputFormat
     width: int
     height: int
+    #: Pillow's mode of the file as stored ("RGB", "P", "I;16", …).
+    mode: str = "RGB"
+    #: It embeds a colour profile that decoding converts to sRGB (not an sRGB one).
+    converts_colours: bool = False
+
+
+def _info(fmt: InputFormat, im: Image.Image, orientation: int) -> ImageInfo:
+    width, height = im.size
+    if orientation in _SWAPS_SIDES:
+        width, height = height, width
+    return ImageInfo(fmt, width, height, im.mode, _converts_colours(im))
+
+
+def _converts_colours(im: Image.Image) -> bool:
+    """Whether the image embeds a colour profile that decoding converts to sRGB."""
+    icc = im.info.get("icc_profile")
+    if not (isinstance(icc, bytes) and icc and im.mode in (*_RGB_FAMILY, "CMYK")):
+        return False
+    return _srgb_transform(icc, "CMYK" if im.mode == "CMYK" else "RGB") is not None
 
 
 def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
@@ -313,13 +437,9 @@ def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
     EXIF orientation applied), as :func:`decode` will return it."""
     fmt, im = _open_checked(data, max_pixels)
     try:
-        width, height = im.size
-        turned = _orientation(im) in _SWAPS_SIDES
+        return _info(fmt, im, _orientation(im))
     finally:
         im.close()
-    if turned:
-        width, height = height, width
-    return ImageInfo(fmt, width, height)
 
 
 @dataclass(frozen=True)
@@ -351,10 +471,7 @@ def header_facts(data: bytes, *, max_pixels: int) -> HeaderFacts:
     im = _open(data, _sniff(data), max_pixels)
     try:
         _check_pixels(im.width, im.height, max_pixels)
-        icc = im.info.get("icc_profile")
-        converts = False
-        if isinstance(icc, bytes) and icc and im.mode in (*_RGB_FAMILY, "CMYK"):
-            converts = _srgb_transform(icc, "CMYK" if im.mode == "CMYK" else "RGB") is not None
+        converts = _converts_colours(im)
         return HeaderFacts(im.format or "", im.mode, (im.width, im.height), _orientation(im), converts)
     finally:
         im.close()

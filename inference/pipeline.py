@@ -126,6 +126,10 @@ class Options:
     whose processing size would exceed it is shrunk further, keeping its aspect ratio.
     ``device_result``: also keep the result on the device, as :attr:`Result.device_image` (on a
     GPU, for an encoder there); the host copy in :attr:`Result.image` is made either way.
+    ``resize_later``: on the CPU, leave the resize to the output size to the caller (the request
+    flow does it on its codec threads, beside the next image's model work, rather than on the
+    worker): :attr:`Result.image` is then at the processing size, :attr:`Result.output_size` what it
+    is to become. Elsewhere the resize stays on the device.
     """
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
@@ -138,6 +142,7 @@ class Options:
     input_size: tuple[int, int] | None = None
     max_processing_pixels: int = DEFAULT_MAX_PROCESSING_PIXELS
     device_result: bool = False
+    resize_later: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
@@ -210,6 +215,10 @@ def box_area(box: tuple[float, float, float, float]) -> float:
     return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
 
 
+#: Rows composited over white at once by :func:`to_rgb_array`.
+_COMPOSITE_ROWS: Final = 256
+
+
 def to_rgb_array(image: np.ndarray) -> np.ndarray:
     """Any uint8 image array → (H, W, 3) uint8 RGB.
 
@@ -224,9 +233,14 @@ def to_rgb_array(image: np.ndarray) -> np.ndarray:
         raise OptionsError(f"image must be (H, W), (H, W, 1|2|3|4), got {image.shape}")
     channels = image.shape[2]
     if channels in (2, 4):
-        colour = image[:, :, :-1].astype(np.float32)
-        alpha = image[:, :, -1:].astype(np.float32) / 255.0
-        image = np.rint(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        out = np.empty((*image.shape[:2], channels - 1), np.uint8)
+        # A band of rows at a time: the float temporaries of a 40 MP image at once would take 1.6 GB.
+        for top in range(0, image.shape[0], _COMPOSITE_ROWS):
+            band = image[top : top + _COMPOSITE_ROWS]
+            colour = band[:, :, :-1].astype(np.float32)
+            alpha = band[:, :, -1:].astype(np.float32) / 255.0
+            out[top : top + _COMPOSITE_ROWS] = np.rint(colour * alpha + 255.0 * (1.0 - alpha))
+        image = out
         channels -= 1
     if channels == 1:
         image = np.repeat(image, 3, axis=2)
@@ -600,7 +614,9 @@ class Cartoonizer:
         oh, ow = opts.output_size or job.input_size
         device_image = None
         with self._timed([job], "resize_out"):
-            if on_cpu:
+            if on_cpu and opts.resize_later:
+                out = np.ascontiguousarray(out)
+            elif on_cpu:
                 out = np.ascontiguousarray(resize_rgb(out, oh, ow))
             else:
                 out, device_image = resize_out_on_device(out_u8, oh, ow, keep=opts.device_result)

@@ -295,10 +295,10 @@ class JobRunner:
             self.changed(job, claim.job_id)
             return
         try:
-            data = await asyncio.to_thread(claim.input_path.read_bytes)
-            decoded = await self.flow.decode(data, params)
-            # The job's client takes its turn with other clients' items (fair shares of background work).
+            # The job's client takes its turn with other clients' work (codec threads, background lines).
             client = Client(claim.client, claim.client)
+            data = await asyncio.to_thread(claim.input_path.read_bytes)
+            decoded = await self.flow.decode(data, params, client=client)
             ticket = self.flow.submit(params, decoded, math.inf, background=True, client=client)
             self._tickets[claim.job_id].add(ticket)
             try:

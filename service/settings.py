@@ -25,6 +25,7 @@ from inference.images import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_PNG_COMPRESSION,
     DEFAULT_QUALITY,
+    MAX_DECODER_COPIES,
     MAX_PNG_COMPRESSION,
     MAX_QUALITY,
     MIN_PNG_COMPRESSION,
@@ -135,7 +136,8 @@ class Settings(BaseSettings):
     max_inflight_pixels: int = Field(
         DEFAULT_MAX_INFLIGHT_PIXELS,
         ge=10_000,
-        description="Decoded pixels held at once by all decodes in progress (bounds decode memory).",
+        description="Decoded pixels held at once by all decodes in progress, every copy a decoder makes "
+        "counted (bounds decode memory).",
     )
     reduced_decode: bool = Field(
         True,
@@ -328,10 +330,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _inflight_holds_one_photo(self) -> Settings:
-        if self.max_inflight_pixels < self.max_pixels:
+        if self.max_inflight_pixels < MAX_DECODER_COPIES * self.max_pixels:
             raise ValueError(
-                f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least max_pixels "
-                f"({self.max_pixels}), or the largest photos could never be decoded"
+                f"max_inflight_pixels ({self.max_inflight_pixels}) must be at least {MAX_DECODER_COPIES} "
+                f"times max_pixels ({self.max_pixels}): every copy a decoder makes counts, and the largest "
+                "photos could otherwise never be decoded"
             )
         return self
 

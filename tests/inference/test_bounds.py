@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from devkit import photos
 from inference.cost import CostModel
 from inference.engine import Engine
 from inference.flow import Defaults, Flow, Limits, _PixelBudget
-from inference.images import decode, probe, reduction
+from inference.images import ImageTooLargeError, decode, probe, reduction
 from inference.pipeline import Cartoonizer, Options, OptionsError, processing_shape
 from inference.scheduler import QueueFullError, Scheduler
 
@@ -143,3 +144,67 @@ def test_admission_refuses_at_once_what_cannot_meet_its_deadline(cartoonizer: Ca
     sched.release(held)
     assert len(sched.admit([1] * 8, now + 600).slots) == 8
     sched.close(drain=False)
+
+
+def _flow(cartoonizer: Cartoonizer, **limits: Any) -> tuple[Flow, Scheduler]:
+    engine = Engine.__new__(Engine)  # a loaded style and a worker, nothing else
+    engine.check = lambda style: None  # type: ignore[method-assign]
+    engine.scheduler = Scheduler({"anime": cartoonizer}, name="test")
+    engine.scheduler.start()
+    flow = Flow(
+        engine,
+        Defaults("anime", 720, "png", 90, 24.0, 10),
+        limits=Limits(**limits),
+        timeout_s=60,
+        codec_threads=1,
+    )
+    return flow, engine.scheduler
+
+
+def test_a_decode_counts_every_copy_its_decoder_makes(cartoonizer: Cartoonizer) -> None:
+    """A 16-bit PNG goes through Pillow in full (3 copies); an 8-bit one of the same size is shrunk by
+    libvips while it is decoded, and fits a budget the first does not."""
+    flow, sched = _flow(cartoonizer, max_inflight_pixels=2_000_000, max_pixels=10**7)
+    try:
+        rgb = np.asarray(Image.fromarray(photos.astronaut()).resize((1000, 1000)))
+        eight = _png(rgb)
+        sixteen = io.BytesIO()
+        Image.fromarray(rgb[:, :, 0]).convert("I;16").save(sixteen, "PNG")
+        params = flow.params(processing_size=128)
+        decoded = asyncio.run(flow.decode(eight, params))
+        assert decoded.pixels.shape == (128, 128, 3) and decoded.input_size == (1000, 1000)
+        with pytest.raises(ImageTooLargeError, match=r"holds 3\.0 MP at once; the limit .* is 2\.0 MP"):
+            asyncio.run(flow.decode(sixteen.getvalue(), params))
+    finally:
+        flow.close()
+        sched.close()
+
+
+def test_the_output_is_resized_with_the_encoding_and_let_go_once_encoded(cartoonizer: Cartoonizer) -> None:
+    """On the CPU the worker hands back the processing-size image; the resize to the output size is
+    codec work, timed as resize_out; the outcome keeps the report and the bytes, not the pixels."""
+    flow, sched = _flow(cartoonizer)
+    try:
+        photo = np.asarray(Image.fromarray(photos.astronaut()).resize((1024, 1024)))
+
+        async def run() -> Any:
+            return await flow.run(_png(photo), flow.params(processing_size=256, output_size=2000))
+
+        outcome = asyncio.run(run())
+        assert Image.open(io.BytesIO(outcome.data)).size == (2000, 2000)
+        assert outcome.result.output_size == (2000, 2000) and outcome.result.image.size == 0
+        assert outcome.timings_ms["resize_out"] > 0
+    finally:
+        flow.close()
+        sched.close()
+
+
+def test_the_pipeline_can_leave_the_output_resize_to_its_caller(cartoonizer: Cartoonizer) -> None:
+    photo = np.asarray(Image.fromarray(photos.astronaut()).resize((400, 400)))
+    later = cartoonizer.run(photo, Options(processing_size=200, resize_later=True, no_face="passthrough"))
+    now = cartoonizer.run(photo, Options(processing_size=200, no_face="passthrough"))
+    assert later.image.shape == (200, 200, 3) and later.output_size == (400, 400)
+    assert now.image.shape == (400, 400, 3)
+    assert np.array_equal(
+        np.asarray(Image.fromarray(later.image).resize((400, 400), Image.Resampling.BILINEAR)), now.image
+    )

@@ -12,6 +12,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,18 +23,22 @@ from devkit import photos
 from inference.errors import ToonserveError
 from inference.images import (
     ALLOWED_FORMATS,
+    DECODER_COPIES,
     DEFAULT_MAX_PIXELS,
     MAX_COUNTED_PAGES,
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     CorruptImageError,
     DecodedImage,
+    DecodePlan,
     EncodeOptionsError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
     decode,
     encode,
+    plan_decode,
+    probe,
 )
 
 # Pillow warns about the damaged metadata some tests feed it on purpose.
@@ -647,3 +652,85 @@ def test_error_classes() -> None:
     assert issubclass(EncodeOptionsError, ToonserveError) and issubclass(EncodeOptionsError, ValueError)
     assert not issubclass(EncodeOptionsError, ImageError)
     assert set(MEDIA_TYPES) == set(OUTPUT_FORMATS)
+
+
+# -- reduced decode of large PNGs and WebPs (libvips) ------------------------------------------------
+
+
+def _encoded(rgb: np.ndarray, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _large(photo: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(photo).resize((1200, 900)))
+
+
+@pytest.mark.parametrize(("fmt", "kw"), [("PNG", {}), ("WEBP", {"lossless": True})])
+def test_large_png_and_webp_are_decoded_reduced_by_libvips(photo: np.ndarray, fmt: str, kw: Any) -> None:
+    rgb = _large(photo)
+    data = _encoded(rgb, fmt, **kw)
+    info = probe(data, max_pixels=10**8)
+    plan = plan_decode(info, (300, 400))
+    assert plan.decoder == "vips" and plan.factor == 3
+    assert plan.held == 300 * 400 * DECODER_COPIES["vips"]
+    reduced = decode(data, max_pixels=10**8, needed=(300, 400))
+    assert reduced.pixels.shape == (300, 400, 3) and reduced.original_size == (900, 1200)
+    box = np.asarray(Image.fromarray(rgb).resize((400, 300), Image.Resampling.BOX), dtype=float)
+    assert np.abs(reduced.pixels.astype(float) - box).mean() < 1.0  # as Pillow's box filter does
+    # Too small to be worth it, or not needed: Pillow, in full.
+    assert plan_decode(info, (600, 800)).decoder == "pillow"
+    assert plan_decode(info, None) == DecodePlan(1, "pillow", 900 * 1200 * DECODER_COPIES[
+        "pillow-webp" if fmt == "WEBP" else "pillow"])  # fmt: skip
+
+
+def test_reduced_decode_keeps_orientation_transparency_and_grey(photo: np.ndarray) -> None:
+    rgb = _large(photo)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter clockwise
+    data = _encoded(rgb, "PNG", exif=exif.tobytes())
+    turned = decode(data, max_pixels=10**8, needed=(200, 150))
+    assert turned.original_size == (1200, 900) and turned.pixels.shape[:2] == (200, 150)
+    upright = Image.fromarray(decode(data, max_pixels=10**8).pixels).resize((150, 200), Image.Resampling.BOX)
+    assert np.abs(turned.pixels.astype(float) - np.asarray(upright, dtype=float)).mean() < 1.0
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:, :600, 3] = 0
+    clear = decode(_encoded(rgba, "PNG"), max_pixels=10**8, needed=(300, 400))
+    assert clear.pixels.shape == (300, 400, 4) and clear.pixels[:, :150, 3].max() == 0
+    grey = decode(_encoded(rgb[:, :, 0], "PNG"), max_pixels=10**8, needed=(300, 400))
+    assert grey.pixels.shape == (300, 400, 3) and (grey.pixels[..., 0] == grey.pixels[..., 2]).all()
+    palette = Image.fromarray(rgb).convert("P")
+    buf = io.BytesIO()
+    palette.save(buf, "PNG")
+    assert decode(buf.getvalue(), max_pixels=10**8, needed=(300, 400)).pixels.shape == (300, 400, 3)
+
+
+def test_what_libvips_does_not_take_goes_to_pillow(photo: np.ndarray) -> None:
+    rgb = _large(photo)
+    wide = np.asarray(Image.fromarray(rgb).convert("I;16"))
+    sixteen = probe(_encoded(wide, "PNG"), max_pixels=10**8)
+    assert plan_decode(sixteen, (300, 400)).decoder == "pillow"
+    assert plan_decode(replace(sixteen, mode="RGB", converts_colours=True), (300, 400)).decoder == "pillow"
+    jpeg = probe(_encoded(rgb, "JPEG"), max_pixels=10**8)
+    assert plan_decode(jpeg, (300, 400)) == DecodePlan(2, "pillow", 450 * 600 * DECODER_COPIES["pillow"])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_a_truncated_large_file_is_corrupt_in_the_reduced_decode_too(photo: np.ndarray, fmt: str) -> None:
+    noisy = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), np.uint8)
+    data = _encoded(noisy, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    assert plan_decode(probe(data, max_pixels=10**8), (300, 400)).decoder == "vips"
+    with pytest.raises(CorruptImageError):
+        decode(data[: len(data) * 2 // 3], max_pixels=10**8, needed=(300, 400))
+
+
+def test_a_lossless_webp_bomb_decodes_reduced_in_little_memory() -> None:
+    """A 1.6 KB lossless WebP of 6300×6300: through Pillow 4 copies of 40 MP (600 MB), through
+    libvips an image of the size asked for."""
+    bomb = _encoded(np.zeros((6300, 6300, 3), np.uint8), "WEBP", lossless=True, quality=100)
+    assert len(bomb) < 4096
+    plan = plan_decode(probe(bomb, max_pixels=40_000_000), (1440, 1440))
+    assert plan.decoder == "vips" and plan.factor == 4 and plan.held < 40_000_000 // 4
+    out = decode(bomb, max_pixels=40_000_000, needed=(1440, 1440))
+    assert out.pixels.shape == (1575, 1575, 3) and out.original_size == (6300, 6300)
