@@ -52,7 +52,7 @@ from jobs.redis import RedisJobStore
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import Upload
 
-QUEUE = "{toonserve}:queue:anime"
+QUEUE = "{toonserve}:queue:anime:anonymous"  # the stream of the anime jobs of clients without keys
 
 
 def photo_set(count: int) -> list[tuple[str, bytes]]:

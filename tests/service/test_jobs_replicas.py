@@ -27,7 +27,7 @@ pytestmark = pytest.mark.live
 
 #: Short, so the test sees a takeover soon; runners renew every second.
 LEASE_S = 3
-QUEUE = "{toonserve}:queue:anime"
+QUEUE = "{toonserve}:queue:anime:anonymous"  # the stream of the anime jobs of clients without keys
 PHOTOS = 12
 
 

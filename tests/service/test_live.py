@@ -104,7 +104,7 @@ def _slow_post(server: LiveService, tmp_path: Path) -> list[str]:
 
 def test_client_that_disconnects_has_its_queued_work_dropped(server: LiveService, tmp_path: Path) -> None:
     cmd = _slow_post(server, tmp_path)
-    cancelled = 'toonserve_images_total{outcome="cancelled"}'
+    cancelled = 'toonserve_images_total{client="anonymous",outcome="cancelled"}'
     before = _metric(server, cancelled)
     busy = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(2)]
     time.sleep(0.3)  # both are accepted; the worker is on the first
