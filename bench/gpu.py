@@ -84,6 +84,7 @@ from inference.gpu_codec import plan as decode_plan
 from inference.images import decode, encode
 from inference.models import choose_dtype
 from inference.pipeline import STAGES, Options, resize_rgb
+from inference.scheduler import DEFAULT_QUEUE_SIZE
 from inference.weights import StyleWeights, resolve
 from service.engine import build_flow, loaded_engine
 from service.settings import Settings
@@ -1079,8 +1080,10 @@ class _GpuSampler(threading.Thread):
 def section_http(ctx: Context, deadline: float) -> dict[str, Any]:
 
     body = jpeg_bytes(next(iter(ctx.photos.values())))
+    # 32 clients from one address stand for 32 users: one client may fill the whole queue here.
     env = service_env(ctx.tmp / "models", ctx.tmp, TOONSERVE_DEVICE=ctx.device.type, TOONSERVE_DTYPE="auto",
-                      TOONSERVE_STYLES="anime", TOONSERVE_DEFAULT_STYLE="anime")  # fmt: skip
+                      TOONSERVE_STYLES="anime", TOONSERVE_DEFAULT_STYLE="anime",
+                      TOONSERVE_CLIENT_QUEUE_SIZE=str(DEFAULT_QUEUE_SIZE))  # fmt: skip
     log_path = ctx.out / ("http-server-dry.log" if ctx.plan.dry else "http-server.log")
     server = LiveService(env, log_path).launch()
     url = server.url

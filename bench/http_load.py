@@ -108,7 +108,14 @@ def main() -> int:
         tmp / "models", tmp / "cache", args.dtype, body, max(4, args.requests // 4)
     )
 
-    env = service_env(tmp / "models", tmp, TOONSERVE_DTYPE=args.dtype, TOONSERVE_QUEUE_SIZE="8")
+    # Its clients stand for as many users (from one address): one client may fill the whole queue.
+    env = service_env(
+        tmp / "models",
+        tmp,
+        TOONSERVE_DTYPE=args.dtype,
+        TOONSERVE_QUEUE_SIZE="8",
+        TOONSERVE_CLIENT_QUEUE_SIZE="8",
+    )
     with LiveService(env, tmp / "server.log") as server:
         rows = [post_load(server.url, body, int(c), args.requests, 600) for c in args.concurrency.split(",")]
         health = healthz_while_saturated(server.url, body, args.requests)

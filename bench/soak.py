@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
+from inference.scheduler import DEFAULT_QUEUE_SIZE
 
 MAX_IN_FLIGHT = 64
 
@@ -400,6 +401,10 @@ def main() -> int:
     env = service_env(tmp / "models", tmp, TOONSERVE_LOG_LEVEL="error")
     if args.clients or args.bombs:
         env["TOONSERVE_API_KEYS"] = CLIENT_KEYS
+    else:
+        # The soak's and the burst's requests stand for many users (from one address): one client
+        # may fill the whole queue, as before there were per-client shares.
+        env["TOONSERVE_CLIENT_QUEUE_SIZE"] = str(DEFAULT_QUEUE_SIZE)
     env.update(item.split("=", 1) for item in args.env)
     server = LiveService(env, tmp / "server.log").start()
     url = server.url
