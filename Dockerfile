@@ -100,6 +100,7 @@ COPY README.md ./
 COPY service ./service
 COPY api ./api
 COPY jobs ./jobs
+COPY serving ./serving
 COPY inference ./inference
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
     && pip install --no-cache-dir --no-deps /tmp/dist/toonserve-*.whl \

@@ -19,9 +19,9 @@ serve: venv
 	$(BIN)/toonserve serve
 
 lint:
-	$(BIN)/ruff check service api inference jobs tests bench devkit
-	$(BIN)/ruff format --check service api inference jobs tests bench devkit
-	$(BIN)/mypy --strict service api inference jobs devkit
+	$(BIN)/ruff check service api jobs serving inference tests bench devkit
+	$(BIN)/ruff format --check service api jobs serving inference tests bench devkit
+	$(BIN)/mypy --strict service api jobs serving inference devkit
 	$(BIN)/hadolint Dockerfile
 
 # tests/service/test_kubernetes.py renders deploy/kubernetes with `kubectl kustomize` (kustomize v4+,

@@ -1,8 +1,9 @@
 """``POST /cartoonize`` and ``POST /cartoonize/batch``: photos in, cartoons out.
 
 The routes parse the form and shape the response; the work is the one request flow
-(:class:`inference.flow.Flow`: decode → submit → wait → encode). A client that disconnects has its
-work cancelled: queued images are dropped, running ones stop between stages.
+(:meth:`serving.flow.Flow.run` for one photo, :meth:`~serving.flow.Flow.run_many` for a batch). A
+client that disconnects has its work cancelled: queued images are dropped, running ones stop between
+stages.
 """
 
 from __future__ import annotations
@@ -25,16 +26,12 @@ from api.errors import BODY_CODES, COMMON_CODES, HEADERS, APIError, all_refused,
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller
 from api.state import ServiceState, get_state
+from inference.constants import SKIP_REASONS, NoFacePolicy
 from inference.errors import ToonserveError
-from inference.flow import TIMINGS, Decoded, Outcome, Params
-from inference.images import OUTPUTS, ImageInfo, OutputFormat
-from inference.pipeline import (
-    SKIP_REASONS,
-    CancelledError,
-    NoFacePolicy,
-)
-from inference.scheduler import Ticket
+from inference.pipeline import AbandonedError
 from jobs.model import zip_name
+from serving.flow import TIMINGS, Outcome
+from serving.images import OUTPUTS, OutputFormat
 
 router = APIRouter(tags=["cartoonize"])
 
@@ -159,7 +156,7 @@ async def _until_disconnected(request: Request, work: Awaitable[_T]) -> _T:
         return await task
     except asyncio.CancelledError:
         if gone:
-            raise CancelledError("the client went away; its work was dropped") from None
+            raise AbandonedError("the client went away; its work was dropped") from None
         raise
     finally:
         watcher.cancel()
@@ -209,7 +206,7 @@ def _json(outcome: Outcome, dtype_reason: str, with_image: bool = True) -> Carto
     return CartoonJSON(
         image=base64.b64encode(outcome.data).decode("ascii") if with_image else "",
         media_type=outcome.params.media_type,
-        format=outcome.params.fmt,
+        format=outcome.params.format,
         style=result.style,
         faces=[
             FaceOut(
@@ -299,59 +296,6 @@ def _error_item(name: str, exc: Exception) -> BatchItem:
     raise exc
 
 
-async def _batch(
-    state: ServiceState, params: Params, uploads: Sequence[UploadFile], caller: Caller
-) -> list[Outcome | Exception]:
-    """Every upload checked from its header, room asked for all of them at once (503 up front if
-    there is none), then each decoded and submitted, then all awaited together; each entry is the
-    image's outcome or its own error."""
-    flow = state.flow
-    deadline = flow.deadline()
-    datas = [await upload.read() for upload in uploads]
-    infos: list[ImageInfo | Exception] = []
-    for data in datas:
-        try:
-            probed = await flow.probe(data, caller.client)
-            flow.check_output(params, probed)
-            infos.append(probed)
-        except ToonserveError as exc:
-            infos.append(exc)
-    admission = flow.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline, caller.client)
-    prepared: list[tuple[Decoded, Ticket] | Exception] = []
-    try:
-        for data, info in zip(datas, infos, strict=True):
-            if isinstance(info, Exception):
-                prepared.append(info)
-                continue
-            try:
-                decoded = await flow.decode(data, params, info, deadline, caller.client)
-                prepared.append((decoded, flow.submit(params, decoded, deadline, admission)))
-            except ToonserveError as exc:
-                prepared.append(exc)
-    finally:
-        flow.release(admission)
-
-    # Each image's ticket (whose future holds its full-size result) is let go as soon as that image is
-    # encoded, not when the whole batch is.
-    pending = dict(enumerate(prepared))
-    del prepared
-
-    async def one(index: int) -> Outcome:
-        entry = pending.pop(index)
-        if isinstance(entry, Exception):
-            raise entry
-        decoded, ticket = entry
-        return await flow.finish(await flow.wait(ticket), params, decoded, ticket)
-
-    done = await asyncio.gather(*(one(i) for i in range(len(pending))), return_exceptions=True)
-    out: list[Outcome | Exception] = []
-    for item in done:
-        if isinstance(item, BaseException) and not isinstance(item, Exception):
-            raise item
-        out.append(item)
-    return out
-
-
 @router.post(
     "/cartoonize/batch",
     summary="Cartoonize several photos in one request",
@@ -383,7 +327,8 @@ async def cartoonize_batch(
     check_filenames(images)
     caller = get_caller(request.scope)
     rate_headers = _take_rate(state, caller, len(images))
-    outcomes = await _until_disconnected(request, _batch(state, params, images, caller))
+    datas = [await upload.read() for upload in images]
+    outcomes = await _until_disconnected(request, state.flow.run_many(datas, params, client=caller.client))
     items: list[BatchItem] = []
     files: list[tuple[str, bytes]] = []
     totals = dict.fromkeys(TIMINGS, 0.0)
@@ -397,7 +342,7 @@ async def cartoonize_batch(
         # In the ZIP the image is a file of its own; its report carries no base64 copy.
         report = _json(outcome, state.engine.store.dtype_reason, with_image=response == "json")
         if response == "image":
-            zip_name = _zip_name(i, name, params.fmt)
+            zip_name = _zip_name(i, name, params.format)
             files.append((zip_name, outcome.data))
             items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
         else:

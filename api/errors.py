@@ -3,7 +3,7 @@
 Shape: ``{"error": {"code": "<machine-readable>", "message": "<for a person>"}}``.
 
 :data:`CODES` lists every code the service can send, with its status and when it is sent; the
-routes' OpenAPI responses, the README's error table and :data:`STATUS` (domain exception → code)
+routes' OpenAPI responses, the README's error table and :data:`ERROR_CODES` (domain exception → code)
 are all checked against it by the tests.
 """
 
@@ -28,6 +28,7 @@ from inference.errors import (
     ConfigurationError,
     ConversionError,
     InputShapeError,
+    OptionsError,
     StyleLoadingError,
     StyleUnavailableError,
     ToonserveError,
@@ -35,22 +36,9 @@ from inference.errors import (
     WeightsUnavailableError,
 )
 from inference.faces import FaceDetectorError
-from inference.images import (
-    CorruptImageError,
-    EncodeOptionsError,
-    ImageError,
-    ImageTooLargeError,
-    UnsupportedImageError,
-)
 from inference.models import StyleNotLoadedError
-from inference.pipeline import CancelledError, NoFaceError, OptionsError, PipelineError
+from inference.pipeline import AbandonedError, NoFaceError, PipelineError
 from inference.reference import ReferenceEngineError
-from inference.scheduler import (
-    ClientQueueFullError,
-    DeadlineExceededError,
-    QueueFullError,
-    SchedulerClosedError,
-)
 from jobs.errors import (
     JobNotFoundError,
     JobsError,
@@ -58,6 +46,19 @@ from jobs.errors import (
     ResultNotReadyError,
     StorageQuotaError,
     WebhookRefusedError,
+)
+from serving.images import (
+    CorruptImageError,
+    EncodeOptionsError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
+from serving.scheduler import (
+    ClientQueueFullError,
+    DeadlineExceededError,
+    QueueFullError,
+    SchedulerClosedError,
 )
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ CODES: Final[dict[str, Code]] = {
 
 #: Domain exception → error code. Every ToonserveError subclass of ``inference`` has its own entry
 #: (a test walks them); lookups go by the exception's class and its bases, most specific first.
-STATUS: Final[dict[type[ToonserveError], str]] = {
+ERROR_CODES: Final[dict[type[ToonserveError], str]] = {
     UnknownStyleError: "unknown_style",
     StyleNotLoadedError: "style_not_loaded",
     StyleLoadingError: "not_ready",
@@ -148,7 +149,7 @@ STATUS: Final[dict[type[ToonserveError], str]] = {
     DeadlineExceededError: "deadline_exceeded",
     SchedulerClosedError: "shutting_down",
     # The client is gone; nobody reads this, but the access log should say what happened.
-    CancelledError: "client_closed_request",
+    AbandonedError: "client_closed_request",
     WeightsUnavailableError: "weights_unavailable",
     ConversionError: "weights_invalid",
     FaceDetectorError: "detector_unavailable",
@@ -206,7 +207,7 @@ def error_response(code: str, message: str, headers: dict[str, str] | None = Non
 def code_for(exc: ToonserveError) -> str:
     """The error code of a domain exception (its own class's entry, else its nearest base's)."""
     for cls in type(exc).__mro__:
-        code = STATUS.get(cls)
+        code = ERROR_CODES.get(cls)
         if code is not None:
             return code
     return "internal_error"

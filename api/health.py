@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from api.errors import error_response, responses
 from api.state import ServiceState, get_state
-from inference.engine import Engine, StyleState
+from serving.engine import Engine, StyleState
 
 router = APIRouter(tags=["probes"])
 

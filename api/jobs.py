@@ -29,13 +29,13 @@ from api.errors import BODY_CODES, COMMON_CODES, APIError, ErrorDetail, all_refu
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller
 from api.state import JobsState, ServiceState, get_state
-from inference.flow import Params, output_shape
-from inference.images import MEDIA_TYPES, ImageError, probe
-from inference.pipeline import NoFacePolicy
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
-from jobs.model import JOB_STATUSES, ItemStatus, Job, JobOptions, JobStatus, public_item, public_job, zip_name
+from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, public_job, zip_name
 from jobs.store import JobStore, Upload
 from jobs.webhooks import MAX_URL_LENGTH, check_url
+from serving.flow import output_shape
+from serving.images import MEDIA_TYPES, ImageError, probe
+from serving.options import ResolvedOptions
 
 router = APIRouter(tags=["jobs"])
 
@@ -62,16 +62,6 @@ CallerDep = Annotated[Caller, Depends(_caller)]
 # -- schemas ---------------------------------------------------------------------------------------
 
 
-class JobOptionsOut(BaseModel):
-    style: str = Field(description="the style every photo is drawn in")
-    strength: float = Field(description="1 = the cartoon, 0 = the photo")
-    processing_size: int = Field(description="short side the photos are processed at")
-    output_size: int | None = Field(description="long side of the results; null: each photo's own size")
-    format: str = Field(description="the results' format")
-    quality: int = Field(description="JPEG/WebP quality")
-    no_face: NoFacePolicy = Field(description="what a photo without a face becomes")
-
-
 class JobItemOut(BaseModel):
     index: int = Field(description="the photo's position in the upload, from 0")
     filename: str = Field(description="the uploaded file's name")
@@ -95,7 +85,7 @@ class JobOut(BaseModel):
     done: int = Field(description="items that have ended (ok, error or cancelled)")
     failed: int = Field(description="items that ended in error")
     error: str | None = Field(description="why the job failed (status failed)")
-    options: JobOptionsOut = Field(description="the options every photo is processed with")
+    options: ResolvedOptions = Field(description="the options every photo is processed with")
     webhook: str | None = Field(description="where the job object is POSTed when it ends")
     result_url: str = Field(description="the ZIP of every result plus results.json")
     items: list[JobItemOut] | None = Field(None, description="every photo, in upload order (not in listings)")
@@ -112,13 +102,13 @@ def _out(job: Job, with_items: bool = True) -> dict[str, Any]:
 # -- submit ----------------------------------------------------------------------------------------
 
 
-def _estimate(width: int, height: int, params: Params) -> int:
+def _estimate(width: int, height: int, params: ResolvedOptions) -> int:
     """An upper bound of a result's size: its pixels uncompressed, plus slack."""
-    h, w = output_shape((height, width), params.output_side) or (height, width)
+    h, w = output_shape((height, width), params.output_size) or (height, width)
     return h * w * 3 + _ESTIMATE_SLACK
 
 
-async def _accept(upload: UploadFile, params: Params, max_pixels: int) -> Upload:
+async def _accept(upload: UploadFile, params: ResolvedOptions, max_pixels: int) -> Upload:
     """Check one photo as it is handed in (format and size from its header); a refused one becomes
     a failed item, with the code and message ``/cartoonize`` would have given it."""
     name = upload.filename or "image"
@@ -210,7 +200,7 @@ async def submit_job(
     job, created = await asyncio.to_thread(
         store.create,
         uuid.uuid4().hex,
-        JobOptions.from_params(params),
+        params,
         uploads,
         webhook=webhook,
         idempotency_key=scoped_key,

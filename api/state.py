@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from api.clients import Clients, RateLimiter
-from inference.engine import Engine
-from inference.flow import Flow
 from jobs.runner import EventHub, JobRunner
 from jobs.store import JobStore
+from serving.engine import Engine
+from serving.flow import Flow
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from api.errors import COMMON_CODES, responses
 from api.state import ServiceState, get_state
-from inference.weights import STYLES
+from inference.styles import STYLES
 
 router = APIRouter(tags=["styles"])
 

@@ -78,16 +78,18 @@ from devkit.pillow_tvio import PillowTorchvisionIO
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
 from inference import device_image
+from inference.constants import STAGES
 from inference.dctnet import GeneratorRunner, filtered, ieee_fp32_convolutions, load_generator, to_uint8
-from inference.gpu_codec import GpuCodec
-from inference.gpu_codec import plan as decode_plan
-from inference.images import decode, encode
 from inference.models import choose_dtype
-from inference.pipeline import STAGES, Options, resize_rgb
-from inference.scheduler import DEFAULT_QUEUE_SIZE
+from inference.pipeline import Options, resize_rgb
 from inference.weights import StyleWeights, resolve
-from service.engine import build_flow, loaded_engine
+from service.factory import build_flow, loaded_engine
 from service.settings import Settings
+from serving.gpu_codec import GpuCodec
+from serving.gpu_codec import plan as decode_plan
+from serving.images import decode, encode
+from serving.options import RequestOptions
+from serving.scheduler import DEFAULT_QUEUE_SIZE
 
 TARGET_PASSES_PER_S = 1000.0
 TARGET_PHOTOS_PER_S = 300.0
@@ -1155,7 +1157,7 @@ def _http_check(ctx: Context, body: bytes, bodies: list[bytes]) -> dict[str, Any
     engine = ctx.engine(ctx.device.type, "auto")
     flow = build_flow(settings, engine)
     try:
-        outcome = asyncio.run(flow.run(body, flow.params(fmt="jpeg")))
+        outcome = asyncio.run(flow.run(body, flow.options(RequestOptions(format="jpeg"))))
     finally:
         flow.close()
     reference = np.asarray(Image.open(io.BytesIO(outcome.data)).convert("RGB"))

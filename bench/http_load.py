@@ -39,9 +39,9 @@ from bench.loadgen import post_load
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
-from inference.images import decode, encode
-from service.engine import loaded_engine
+from service.factory import loaded_engine
 from service.settings import Settings
+from serving.images import decode, encode
 
 
 def percentile(values: list[float], q: float) -> float:

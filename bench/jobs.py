@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit import photos
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
-from inference.images import decode, encode
-from service.engine import loaded_engine
+from service.factory import loaded_engine
 from service.settings import Settings
+from serving.images import decode, encode
 
 
 def photo_set(count: int, side: int) -> list[tuple[str, bytes]]:

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit import photos
 from devkit.reference_graphs import write_model_dir
 from devkit.upstream import UpstreamFlow
-from inference.pipeline import STAGES, box_area
-from service.engine import loaded_engine
+from inference.constants import STAGES
+from inference.pipeline import box_area
+from service.factory import loaded_engine
 from service.settings import Settings
 
 

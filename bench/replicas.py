@@ -47,10 +47,10 @@ from devkit import photos
 from devkit.redis_server import RedisServer
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
-from jobs.model import JobOptions
 from jobs.redis import RedisJobStore
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import Upload
+from serving.options import ResolvedOptions
 
 QUEUE = "{toonserve}:queue:anime:anonymous"  # the stream of the anime jobs of clients without keys
 
@@ -138,7 +138,7 @@ def throughput(
 def store_overhead(tmp: Path, cycles: int) -> dict[str, dict[str, float]]:
     """Median ms of each store call for one item (create with one photo, claim, renew, finish), per
     store; the two stores alternate cycle by cycle, so both see the same disk and load."""
-    options = JobOptions("anime", 1.0, 720, None, "png", 90, "background")
+    options = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
     photo = b"x" * 50_000
     result = b"y" * 200_000
     server = RedisServer(tmp / "overhead-redis").start()

@@ -46,7 +46,7 @@ from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_
 from devkit.serve import LiveService, server_timing, service_env
 from inference.models import choose_dtype
 from inference.pipeline import Options, resize_rgb
-from service.engine import loaded_engine
+from service.factory import loaded_engine
 from service.settings import Settings
 
 #: write_fast_model_dir draws the background generator's weights from this seed (its default).

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
-from inference.scheduler import DEFAULT_QUEUE_SIZE
+from serving.scheduler import DEFAULT_QUEUE_SIZE
 
 MAX_IN_FLIGHT = 64
 

@@ -1,6 +1,6 @@
 """A stand-in for ``torchvision.io``'s JPEG calls, done by Pillow on the CPU.
 
-``inference.gpu_codec.GpuCodec`` drives nvJPEG through ``torchvision.io.decode_jpeg`` and
+``serving.gpu_codec.GpuCodec`` drives nvJPEG through ``torchvision.io.decode_jpeg`` and
 ``encode_jpeg``, which cannot run without a GPU. With this module in their place, the codec's rules,
 its orientation and resize steps, the flow's choice of codec and the fallbacks run on the CPU: the
 tests use it, and ``bench/gpu.sh --dry`` runs its codec section through it.

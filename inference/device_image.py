@@ -1,7 +1,7 @@
 """uint8 image operations on tensors, on any device, that give the same bytes as the host's Pillow ones.
 
 On CUDA the pipeline keeps an image on the device from its one host → device copy to its one
-device → host copy, and the GPU decoder (:mod:`inference.gpu_codec`) hands over device tensors. The
+device → host copy, and the GPU decoder (:mod:`serving.gpu_codec`) hands over device tensors. The
 resizes and EXIF turns done there must not change a single value against the CPU path, which does
 them with Pillow, so they are written here as Pillow computes them, not as torch's interpolation
 does (torch's bilinear and area modes weight and round differently):

@@ -30,6 +30,10 @@ class ToonserveError(Exception):
     retry_after: int | None = None
 
 
+class OptionsError(ToonserveError):
+    """A request option out of range (a processing size, a strength, an output size …)."""
+
+
 class ConfigurationError(ToonserveError):
     """A setting that cannot work on this machine (a device that does not exist, an unknown dtype)."""
 

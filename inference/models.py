@@ -21,7 +21,8 @@ from PIL import Image
 
 from inference.dctnet import Backend, GeneratorRunner, load_generator
 from inference.errors import ConfigurationError, ToonserveError
-from inference.weights import StyleWeights, get_style, resolve
+from inference.styles import get_style
+from inference.weights import StyleWeights, resolve
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Final, Literal, get_args
+from typing import Final
 
 import numpy as np
 import torch
@@ -49,62 +49,40 @@ from PIL import Image
 from torch import Tensor
 
 from inference.align import CROP_SIZE, AlignmentError, crop_matrices, paste_back_regions, warp_crops
+from inference.constants import (
+    BACKGROUND_MULTIPLE,
+    DEFAULT_BG_BATCH,
+    DEFAULT_HEAD_BATCH,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MAX_PROCESSING_PIXELS,
+    DEFAULT_MIN_FACE_SCORE,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_NO_FACE,
+    DEFAULT_PROCESSING_SIZE,
+    DEFAULT_STRENGTH,
+    MAX_MAX_FACES,
+    MAX_OUTPUT_SIDE,
+    MAX_PROCESSING_SIZE,
+    MIN_PROCESSING_SIZE,
+    NO_FACE_POLICIES,
+    STAGES,
+    NoFacePolicy,
+    SkipReason,
+)
 from inference.device_image import resize_like_host, shrinks, to_device
-from inference.errors import ToonserveError
+from inference.errors import OptionsError, ToonserveError
 from inference.faces import DetectedFace, FaceDetector
 from inference.models import LoadedStyle
 
-#: Upstream's processing size (short side), and the range we accept.
-DEFAULT_PROCESSING_SIZE: Final = 720
-MIN_PROCESSING_SIZE: Final = 64
-MAX_PROCESSING_SIZE: Final = 2048
-#: Upstream pads the background image to a multiple of this.
-BACKGROUND_MULTIPLE: Final = 16
-#: Most pixels the models run on (the processing image): 1536² by default. The pipeline's peak memory
-#: grows by about 0.44 GB per million processing pixels in float32 on CPU (measured: 0.81 GB at 0.9 MP,
-#: 1.44 GB at 2.4 MP, 2.14 GB at 4.2 MP, 2.78 GB at 5.6 MP, models included), so this keeps one image
-#: under 1.5 GB whatever the photo's aspect ratio or the requested processing size.
-DEFAULT_MAX_PROCESSING_PIXELS: Final = 1536 * 1536
-#: Long side of a requested output size: at least this, at most that.
-MIN_OUTPUT_SIDE: Final = 16
-MAX_OUTPUT_SIDE: Final = 8192
-#: Upstream keeps the 10 largest detections; we allow up to MAX_MAX_FACES.
-DEFAULT_MAX_FACES: Final = 10
-MAX_MAX_FACES: Final = 100
-#: Smallest face box side (processing-image pixels) we stylise. Upstream: > 60 px in width or height.
-DEFAULT_MIN_FACE_SIZE: Final = 40.0
-#: Smallest detector score we stylise (the detector itself keeps faces above its own threshold).
-DEFAULT_MIN_FACE_SCORE: Final = 0.9
-#: Most images per background call. On CPU a batch of large images is slower per image than one at
-#: a time (bf16 720×960: 197 ms alone, 239 ms/image in twos, 292 in fours: memory-bound), so 1 there.
-DEFAULT_BG_BATCH: Final = 1
-#: Most 288×288 crops per head call (per crop, CPU bf16: 17.8 ms alone, 19.9 ms in fours).
-DEFAULT_HEAD_BATCH: Final = 16
-#: Names of the timed stages, in order.
-STAGES: Final = ("resize", "background", "detect", "align", "head", "blend", "strength", "resize_out")
-
-NoFacePolicy = Literal["background", "error", "passthrough"]
-NO_FACE_POLICIES: Final[tuple[NoFacePolicy, ...]] = get_args(NoFacePolicy)
-#: Without a face: a cartoon of the whole photo, as upstream does.
-DEFAULT_NO_FACE: Final[NoFacePolicy] = "background"
-#: 1 = the model's output, 0 = the photo.
-DEFAULT_STRENGTH: Final = 1.0
 log = logging.getLogger(__name__)
 
-SkipReason = Literal["below_threshold", "too_small", "over_limit", "alignment_failed"]
-SKIP_REASONS: Final[tuple[SkipReason, ...]] = get_args(SkipReason)
 
-
-class CancelledError(ToonserveError):
+class AbandonedError(ToonserveError):
     """The image's request was abandoned (deadline passed or client gone) before it was finished."""
 
 
 class NoFaceError(ToonserveError):
     """No face to stylise and the caller asked for ``no_face="error"``."""
-
-
-class OptionsError(ToonserveError):
-    """A pipeline option out of range."""
 
 
 class PipelineError(ToonserveError):
@@ -294,7 +272,7 @@ def resize_out_on_device(
 
 
 @dataclass
-class _Job:
+class _Work:
     """The state one image carries through the stages."""
 
     #: Input, (H, W, 3) uint8 RGB: a host array, or a tensor already on the device (GPU decode).
@@ -356,7 +334,7 @@ class Cartoonizer:
         self.dtype = style.bg.dtype
 
     @contextmanager
-    def _timed(self, jobs: Sequence[_Job], stage: str) -> Iterator[None]:
+    def _timed(self, batch: Sequence[_Work], stage: str) -> Iterator[None]:
         """Time a stage with the device synchronised before and after, so the time is the stage's.
         On CUDA only this thread's stream is waited for: a device-wide synchronisation would also
         wait for the GPU decodes and encodes the codec threads run on their own streams."""
@@ -368,8 +346,8 @@ class Cartoonizer:
         if sync:
             sync()
         elapsed = (time.perf_counter() - start) * 1000
-        for job in jobs:
-            job.timings[stage] = job.timings.get(stage, 0.0) + elapsed
+        for work in batch:
+            work.timings[stage] = work.timings.get(stage, 0.0) + elapsed
 
     def run(self, image: np.ndarray | Tensor, options: Options | None = None) -> Result:
         """(H, W[, C]) uint8 image (RGB, grey or with alpha; or an (H, W, 3) uint8 RGB tensor) →
@@ -386,48 +364,48 @@ class Cartoonizer:
     ) -> list[Result | ToonserveError]:
         """Several images, batched stage by stage. Each outcome is a Result or the domain error of
         that image alone. ``alive(i)`` is asked between stages; an image that is no longer wanted
-        (deadline passed, client gone) stops there and gets a :class:`CancelledError`.
+        (deadline passed, client gone) stops there and gets a :class:`AbandonedError`.
 
         An image is a host array (any of :func:`to_rgb_array`'s layouts) or an (H, W, 3) uint8 RGB
         tensor, which may already be on the device (the GPU decoder's output): it is not copied
         back to the host.
         """
         outcomes: dict[int, Result | ToonserveError] = {}
-        jobs: dict[int, _Job] = {}
+        batch: dict[int, _Work] = {}
         for i, (image, options) in enumerate(items):
             try:
-                jobs[i] = _Job(self._input(image), options)
+                batch[i] = _Work(self._input(image), options)
             except ToonserveError as exc:
                 outcomes[i] = exc
 
-        def live() -> list[_Job]:
-            for i, job in list(jobs.items()):
-                if job.error is not None:
-                    outcomes[i] = job.error
-                    del jobs[i]
+        def live() -> list[_Work]:
+            for i, work in list(batch.items()):
+                if work.error is not None:
+                    outcomes[i] = work.error
+                    del batch[i]
                 elif not alive(i):
-                    outcomes[i] = CancelledError("the request was cancelled before its image was finished")
-                    del jobs[i]
-            return list(jobs.values())
+                    outcomes[i] = AbandonedError("the request was cancelled before its image was finished")
+                    del batch[i]
+            return list(batch.values())
 
         with torch.inference_mode():
-            for job in live():
-                self._guard([job], "resize", lambda js: self.resize(js[0]))
-                self._guard([job], "detect", lambda js: self.detect(js[0]))
+            for work in live():
+                self._guard([work], "resize", lambda js: self.resize(js[0]))
+                self._guard([work], "detect", lambda js: self.detect(js[0]))
             # Without a face to stylise, "error" and "passthrough" need no background pass.
             self.background([j for j in live() if j.chosen or j.options.no_face == "background"])
-            for job in [j for j in live() if j.chosen]:
-                self._guard([job], "align", lambda js: self.align(js[0]))
+            for work in [j for j in live() if j.chosen]:
+                self._guard([work], "align", lambda js: self.align(js[0]))
             with_faces = [j for j in live() if j.chosen]
             self._guard(with_faces, "head", self.head)
-            for job in [j for j in live() if j.chosen]:
-                self._guard([job], "blend", lambda js: self.blend(js[0]))
-            for i, job in list(jobs.items()):
-                if job.error is not None:
-                    outcomes[i] = job.error
+            for work in [j for j in live() if j.chosen]:
+                self._guard([work], "blend", lambda js: self.blend(js[0]))
+            for i, work in list(batch.items()):
+                if work.error is not None:
+                    outcomes[i] = work.error
                     continue
                 try:
-                    outcomes[i] = self.finish(job)
+                    outcomes[i] = self.finish(work)
                 except Exception as exc:
                     outcomes[i] = _stage_error("finish", exc)
         return [outcomes[i] for i in range(len(items))]
@@ -441,71 +419,71 @@ class Cartoonizer:
             )
         return image.to(self.device)
 
-    def _guard(self, jobs: Sequence[_Job], stage: str, run: Callable[[Sequence[_Job]], None]) -> None:
-        """``run(jobs)``; if it raises, once more for each image alone, so only the culprit fails."""
-        if not jobs:
+    def _guard(self, batch: Sequence[_Work], stage: str, run: Callable[[Sequence[_Work]], None]) -> None:
+        """``run(batch)``; if it raises, once more for each image alone, so only the culprit fails."""
+        if not batch:
             return
         try:
-            run(jobs)
+            run(batch)
             return
         except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].error = _stage_error(stage, exc)
+            if len(batch) == 1:
+                batch[0].error = _stage_error(stage, exc)
                 return
-        for job in jobs:
+        for work in batch:
             try:
-                run([job])
+                run([work])
             except Exception as exc:
-                job.error = _stage_error(stage, exc)
+                work.error = _stage_error(stage, exc)
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def resize(self, job: _Job) -> None:
+    def resize(self, work: _Work) -> None:
         """The processing image on the device: a host image is resized on the host (usually already
         done: the flow decodes to the processing size) and copied over once; a tensor already on
         the device (the GPU decoder's) is resized there, to the same bytes (:mod:`inference.device_image`)."""
-        with self._timed([job], "resize"):
-            h, w = job.options.processing_shape(job.input_size)
-            if isinstance(job.rgb, Tensor):
-                job.photo_t = resize_like_host(job.rgb.permute(2, 0, 1), h, w)
+        with self._timed([work], "resize"):
+            h, w = work.options.processing_shape(work.input_size)
+            if isinstance(work.rgb, Tensor):
+                work.photo_t = resize_like_host(work.rgb.permute(2, 0, 1), h, w)
             elif self.device.type == "cpu":
-                job.photo_t = torch.from_numpy(resize_rgb(job.rgb, h, w)).permute(2, 0, 1)
+                work.photo_t = torch.from_numpy(resize_rgb(work.rgb, h, w)).permute(2, 0, 1)
             else:
-                job.photo_t = to_device(resize_rgb(job.rgb, h, w), self.device).permute(2, 0, 1)
+                work.photo_t = to_device(resize_rgb(work.rgb, h, w), self.device).permute(2, 0, 1)
 
-    def background(self, jobs: Sequence[_Job]) -> None:
+    def background(self, batch: Sequence[_Work]) -> None:
         """The background pass; images of the same padded size share generator calls."""
-        groups: dict[tuple[int, int], list[_Job]] = {}
-        for job in jobs:
-            assert job.photo_t is not None
-            groups.setdefault(upstream_pad16(*job.photo_t.shape[1:]), []).append(job)
+        groups: dict[tuple[int, int], list[_Work]] = {}
+        for work in batch:
+            assert work.photo_t is not None
+            groups.setdefault(upstream_pad16(*work.photo_t.shape[1:]), []).append(work)
         for (ph, pw), group in groups.items():
             for start in range(0, len(group), self.bg_batch):
                 chunk = group[start : start + self.bg_batch]
                 self._guard(chunk, "background", functools.partial(self._background_call, size=(ph, pw)))
 
-    def _background_call(self, chunk: Sequence[_Job], size: tuple[int, int]) -> None:
+    def _background_call(self, chunk: Sequence[_Work], size: tuple[int, int]) -> None:
         """One generator call for images that pad to ``size`` (height, width)."""
         ph, pw = size
         with self._timed(chunk, "background"):
             bgr = torch.full((len(chunk), 3, ph, pw), 255, dtype=torch.uint8, device=self.device)
-            for k, job in enumerate(chunk):
-                assert job.photo_t is not None
-                _, h, w = job.photo_t.shape
-                bgr[k, :, :h, :w] = job.photo_t.flip(0)  # RGB → BGR
+            for k, work in enumerate(chunk):
+                assert work.photo_t is not None
+                _, h, w = work.photo_t.shape
+                bgr[k, :, :h, :w] = work.photo_t.flip(0)  # RGB → BGR
             out = self.style.bg(bgr)
-            for k, job in enumerate(chunk):
-                assert job.photo_t is not None
-                _, h, w = job.photo_t.shape
-                job.result_t = out[k, :, :h, :w].float()
+            for k, work in enumerate(chunk):
+                assert work.photo_t is not None
+                _, h, w = work.photo_t.shape
+                work.result_t = out[k, :, :h, :w].float()
 
-    def detect(self, job: _Job) -> None:
-        assert job.photo_t is not None
-        with self._timed([job], "detect"):
-            found = self.detector.detect(job.photo_t)
-        opts = job.options
-        scale_y = job.input_size[0] / job.photo_t.shape[1]
-        scale_x = job.input_size[1] / job.photo_t.shape[2]
+    def detect(self, work: _Work) -> None:
+        assert work.photo_t is not None
+        with self._timed([work], "detect"):
+            found = self.detector.detect(work.photo_t)
+        opts = work.options
+        scale_y = work.input_size[0] / work.photo_t.shape[1]
+        scale_x = work.input_size[1] / work.photo_t.shape[2]
         eligible: list[int] = []
         reasons: dict[int, SkipReason] = {}
         for i, face in enumerate(found):
@@ -518,12 +496,12 @@ class Cartoonizer:
                 eligible.append(i)
         # Upstream keeps the largest faces and pastes the largest first.
         eligible.sort(key=lambda i: box_area(found[i].box), reverse=True)
-        job.chosen_index = eligible[: opts.max_faces]
-        job.chosen = [found[i] for i in job.chosen_index]
+        work.chosen_index = eligible[: opts.max_faces]
+        work.chosen = [found[i] for i in work.chosen_index]
         reasons.update((i, "over_limit") for i in eligible[opts.max_faces :])
         for i, face in enumerate(found):
             x1, y1, x2, y2 = face.box
-            job.faces.append(
+            work.faces.append(
                 FaceReport(
                     box=(x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y),
                     score=float(face.score),
@@ -533,87 +511,87 @@ class Cartoonizer:
                 )
             )
 
-    def align(self, job: _Job) -> None:
+    def align(self, work: _Work) -> None:
         """Each chosen face → its 288×288 crop; a face whose landmarks admit no crop (degenerate
         points) is reported as ``alignment_failed`` and left out, the others go on."""
-        assert job.photo_t is not None
-        with self._timed([job], "align"):
+        assert work.photo_t is not None
+        with self._timed([work], "align"):
             forward, inverse, kept = [], [], []
-            for face, index in zip(job.chosen, job.chosen_index, strict=True):
+            for face, index in zip(work.chosen, work.chosen_index, strict=True):
                 try:
                     tfm, tfm_inv = crop_matrices(face.landmarks)
                 except AlignmentError:
-                    job.faces[index] = replace(job.faces[index], stylized=False, reason="alignment_failed")
+                    work.faces[index] = replace(work.faces[index], stylized=False, reason="alignment_failed")
                     continue
                 forward.append(tfm)
                 inverse.append(tfm_inv)
                 kept.append((face, index))
-            job.chosen = [face for face, _ in kept]
-            job.chosen_index = [index for _, index in kept]
+            work.chosen = [face for face, _ in kept]
+            work.chosen_index = [index for _, index in kept]
             if not kept:
                 return
-            job.inverses = np.stack(inverse)
+            work.inverses = np.stack(inverse)
             # cv2.warpAffine on uint8 rounds; so do we, to feed the head network what upstream fed it.
-            job.crops = warp_crops(job.photo_t, np.stack(forward)).round_().clamp_(0, 255)
+            work.crops = warp_crops(work.photo_t, np.stack(forward)).round_().clamp_(0, 255)
 
-    def head(self, jobs: Sequence[_Job]) -> None:
+    def head(self, batch: Sequence[_Work]) -> None:
         """Every aligned crop of every image through the head network, ``head_batch`` crops a call."""
-        if not jobs:
+        if not batch:
             return
-        with self._timed(jobs, "head"):
-            crops = torch.cat([j.crops for j in jobs if j.crops is not None]).flip(1)  # RGB → BGR
+        with self._timed(batch, "head"):
+            crops = torch.cat([j.crops for j in batch if j.crops is not None]).flip(1)  # RGB → BGR
             heads = torch.cat(
                 [
                     self.style.head(crops[k : k + self.head_batch])
                     for k in range(0, len(crops), self.head_batch)
                 ]
             )
-            for job, part in zip(jobs, torch.split(heads, [len(j.chosen) for j in jobs]), strict=True):
-                job.heads = part  # uint8 BGR
+            for work, part in zip(batch, torch.split(heads, [len(j.chosen) for j in batch]), strict=True):
+                work.heads = part  # uint8 BGR
 
-    def blend(self, job: _Job) -> None:
-        assert job.heads is not None and job.result_t is not None and job.inverses is not None
-        with self._timed([job], "blend"):
-            result = job.result_t
-            mask = self.style.mask.to(torch.float32).expand(len(job.chosen), 1, CROP_SIZE, CROP_SIZE)
-            layers = torch.cat([job.heads.float(), mask], dim=1)
-            for patch in paste_back_regions(layers, job.inverses, (result.shape[1], result.shape[2])):
+    def blend(self, work: _Work) -> None:
+        assert work.heads is not None and work.result_t is not None and work.inverses is not None
+        with self._timed([work], "blend"):
+            result = work.result_t
+            mask = self.style.mask.to(torch.float32).expand(len(work.chosen), 1, CROP_SIZE, CROP_SIZE)
+            layers = torch.cat([work.heads.float(), mask], dim=1)
+            for patch in paste_back_regions(layers, work.inverses, (result.shape[1], result.shape[2])):
                 if patch.box.is_empty:
                     continue
                 region = result[(slice(None), *patch.box.slices)]
                 head, m = patch.values[:3], patch.values[3:]
                 region.mul_(1.0 - m).add_(head * m)
 
-    def finish(self, job: _Job) -> Result:
+    def finish(self, work: _Work) -> Result:
         """Apply the no-face policy and strength, resize out, and report.
 
         Off the CPU, everything up to the output size stays on the device (the resize to the
         output size gives Pillow's bytes there: :mod:`inference.device_image`), and the uint8 result
         is copied to the host once, at the end.
         """
-        assert job.photo_t is not None
-        opts = job.options
+        assert work.photo_t is not None
+        opts = work.options
         policy: NoFacePolicy | None = None
-        if not job.chosen:
+        if not work.chosen:
             if opts.no_face == "error":
-                found = len(job.faces)
+                found = len(work.faces)
                 detail = f"{found} face(s) found but none stylisable" if found else "no face found"
                 raise NoFaceError(f"{detail} and no_face='error' was requested")
             policy = opts.no_face
-        with self._timed([job], "strength"):
+        with self._timed([work], "strength"):
             if policy == "passthrough" or opts.strength == 0.0:
-                out_t = job.photo_t.float()
+                out_t = work.photo_t.float()
             else:
-                assert job.result_t is not None
-                out_t = job.result_t.flip(0)  # BGR → RGB
+                assert work.result_t is not None
+                out_t = work.result_t.flip(0)  # BGR → RGB
                 if opts.strength < 1.0:
-                    out_t = torch.lerp(job.photo_t.float(), out_t, opts.strength)
+                    out_t = torch.lerp(work.photo_t.float(), out_t, opts.strength)
             out_u8 = out_t.round_().clamp_(0, 255).to(torch.uint8)
             if on_cpu := self.device.type == "cpu":
                 out = out_u8.permute(1, 2, 0).numpy()
-        oh, ow = opts.output_size or job.input_size
+        oh, ow = opts.output_size or work.input_size
         device_image = None
-        with self._timed([job], "resize_out"):
+        with self._timed([work], "resize_out"):
             if on_cpu and opts.resize_later:
                 out = np.ascontiguousarray(out)
             elif on_cpu:
@@ -621,17 +599,17 @@ class Cartoonizer:
             else:
                 out, device_image = resize_out_on_device(out_u8, oh, ow, keep=opts.device_result)
         for stage in STAGES:
-            job.timings.setdefault(stage, 0.0)
+            work.timings.setdefault(stage, 0.0)
         return Result(
             image=out,
             style=self.style.name,
-            faces=job.faces,
-            input_size=job.input_size,
-            processing_size=(job.photo_t.shape[1], job.photo_t.shape[2]),
+            faces=work.faces,
+            input_size=work.input_size,
+            processing_size=(work.photo_t.shape[1], work.photo_t.shape[2]),
             output_size=(oh, ow),
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             no_face=policy,
-            timings_ms={s: round(job.timings[s], 3) for s in STAGES},
+            timings_ms={s: round(work.timings[s], 3) for s in STAGES},
             device_image=device_image,
         )

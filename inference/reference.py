@@ -22,16 +22,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from inference.errors import ToonserveError
-from inference.pipeline import (
-    DEFAULT_PROCESSING_SIZE,
-    Options,
-    OptionsError,
-    Result,
-    processing_shape,
-    resize_rgb,
-    to_rgb_array,
-)
+from inference.constants import DEFAULT_PROCESSING_SIZE
+from inference.errors import OptionsError, ToonserveError
+from inference.pipeline import Options, Result, processing_shape, resize_rgb, to_rgb_array
 
 #: What ModelScope's pipeline opens from the model directory (docs/model.md §1).
 REQUIRED_FILES: Final = (

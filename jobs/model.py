@@ -1,4 +1,5 @@
-"""What a job is: its options, its items, their statuses, and the public JSON of both.
+"""What a job is: its options (:class:`~serving.options.ResolvedOptions`), its items, their statuses,
+and the public JSON of both.
 
 A job is a set of photos handed in at once with one set of options. Each photo is an item that
 goes through the request flow on its own; the job ends when every item has ended.
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
-from inference.flow import Flow, Params
-from inference.images import OUTPUTS, OutputFormat
-from inference.pipeline import NoFacePolicy
-from inference.scheduler import ANONYMOUS
+from serving.options import ResolvedOptions
+from serving.scheduler import ANONYMOUS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ItemStatus = Literal["queued", "running", "ok", "error", "cancelled"]
@@ -31,55 +30,6 @@ TERMINAL: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"}
 ENDED: Final[frozenset[str]] = frozenset({"ok", "error", "cancelled"})
 
 WebhookState = Literal["none", "pending", "delivered", "failed"]
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """A job's choices, stored with it: the request's fields with the server's defaults filled in."""
-
-    style: str
-    strength: float
-    processing_size: int
-    output_size: int | None
-    format: OutputFormat
-    quality: int
-    no_face: NoFacePolicy
-
-    @classmethod
-    def from_params(cls, params: Params) -> JobOptions:
-        o = params.options
-        return cls(
-            style=params.style,
-            strength=o.strength,
-            processing_size=o.processing_size,
-            output_size=params.output_side,
-            format=params.fmt,
-            quality=params.quality,
-            no_face=o.no_face,
-        )
-
-    def params(self, flow: Flow) -> Params:
-        """The flow's parameters for these options (raises if the style cannot serve now)."""
-        return flow.params(
-            style=self.style,
-            strength=self.strength,
-            processing_size=self.processing_size,
-            output_size=self.output_size,
-            fmt=self.format,
-            quality=self.quality,
-            no_face=self.no_face,
-        )
-
-    @property
-    def suffix(self) -> str:
-        return OUTPUTS[self.format].suffix
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobOptions:
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -110,7 +60,8 @@ class Job:
 
     id: str
     status: JobStatus
-    options: JobOptions
+    #: The request's options with the server's defaults of the day filled in.
+    options: ResolvedOptions
     items: tuple[Item, ...]
     created_at: float
     updated_at: float
@@ -188,7 +139,7 @@ def public_job(job: Job, with_items: bool = True) -> dict[str, Any]:
         "done": job.done,
         "failed": job.failed,
         "error": job.error,
-        "options": job.options.to_dict(),
+        "options": job.options.model_dump(),
         "webhook": job.webhook,
         "result_url": f"/jobs/{job.id}/result",
     }

@@ -43,12 +43,13 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from inference.scheduler import ANONYMOUS
 from jobs import redis_lua
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import remove_tree, write_durable
-from jobs.model import JOB_STATUSES, Item, ItemStatus, Job, JobOptions, WebhookState
+from jobs.model import JOB_STATUSES, Item, ItemStatus, Job, WebhookState
 from jobs.store import Claim, Upload, quota_message, write_photos
+from serving.options import ResolvedOptions
+from serving.scheduler import ANONYMOUS
 
 #: Directories under ``jobs/`` with no record, and other replicas' staging directories, untouched for
 #: this long are left over from a process that died while accepting a job; accepting one takes
@@ -187,7 +188,7 @@ class RedisJobStore:
     def create(
         self,
         job_id: str,
-        options: JobOptions,
+        options: ResolvedOptions,
         uploads: list[Upload],
         *,
         webhook: str | None,
@@ -224,7 +225,7 @@ class RedisJobStore:
             outcome = self._run(
                 "CREATE",
                 job_id,
-                json.dumps(options.to_dict()),
+                options.model_dump_json(),
                 options.style,
                 repr(now),
                 repr(now + ttl_s),
@@ -303,7 +304,7 @@ class RedisJobStore:
             job_id,
             int(index),
             filename,
-            JobOptions.from_dict(json.loads(options)),
+            ResolvedOptions.load(json.loads(options)),
             self.input_path(job_id, int(index)),
             owner,
             token=entry,
@@ -490,7 +491,7 @@ def _job(fields: dict[str, str], items: dict[str, str]) -> Job | None:
     return Job(
         id=fields["id"],
         status=fields["status"],  # type: ignore[arg-type]
-        options=JobOptions.from_dict(json.loads(fields["options"])),
+        options=ResolvedOptions.load(json.loads(fields["options"])),
         items=tuple(loaded),
         created_at=float(fields["created_at"]),
         updated_at=float(fields["updated_at"]),

@@ -33,15 +33,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Final
 
-from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError
-from inference.flow import Flow
-from inference.pipeline import CancelledError, Result
-from inference.scheduler import Client, Ticket
+from inference.pipeline import AbandonedError
 from jobs.errors import JobStoreError
 from jobs.model import ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
+from serving.engine import Engine
+from serving.flow import Flow
+from serving.scheduler import Client, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class JobRunner:
     async def _run(self, claim: Claim) -> None:
         job: Job | None
         try:
-            params = claim.options.params(self.flow)
+            params = self.flow.options(claim.options)
         except StyleUnavailableError:
             # Its style went away meanwhile (a reload): the item waits for it again.
             await asyncio.to_thread(self.store.release, claim)
@@ -298,16 +298,14 @@ class JobRunner:
             # The job's client takes its turn with other clients' work (codec threads, background lines).
             client = Client(claim.client, claim.client)
             data = await asyncio.to_thread(claim.input_path.read_bytes)
-            decoded = await self.flow.decode(data, params, client=client)
-            ticket = self.flow.submit(params, decoded, math.inf, background=True, client=client)
-            self._tickets[claim.job_id].add(ticket)
-            try:
-                result = await self._wait(claim, ticket)
-            finally:
-                self._tickets[claim.job_id].discard(ticket)
-                if not self._tickets[claim.job_id]:
-                    del self._tickets[claim.job_id]
-            outcome = await self.flow.finish(result, params, decoded, ticket)
+            outcome = await self.flow.run(
+                data,
+                params,
+                math.inf,
+                client,
+                background=True,
+                watch=lambda ticket: self._watch(claim, ticket),
+            )
         except _LeaseLost:
             # Another runner holds it now and records it; this one's work is dropped unrecorded.
             log.warning(
@@ -317,7 +315,7 @@ class JobRunner:
                 claim.job_id,
             )
             return
-        except CancelledError:
+        except AbandonedError:
             job = await self._finish(claim, "cancelled")
             self._on_item("cancelled")
         except asyncio.CancelledError:
@@ -358,29 +356,32 @@ class JobRunner:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _wait(self, claim: Claim, ticket: Ticket) -> Result:
-        """The ticket's result; cancels it when the job is cancelled here or in another process, and
-        raises :class:`_LeaseLost` (the ticket cancelled) when another runner took the item over."""
-        waiting = asyncio.ensure_future(self.flow.wait(ticket))
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=POLL_S)
-            if done:
-                return waiting.result()
-            try:
-                job = await asyncio.to_thread(self.store.get, claim.job_id)
-                gone = job is None or job.status == "cancelled"
-                held = gone or await asyncio.to_thread(self.store.renew, claim)
-            except JobStoreError as exc:
-                # Cannot check now (Redis away): keep working; the next poll checks again.
-                log.debug("jobs: cannot check item %d of job %s: %s", claim.index, claim.job_id, exc)
-                continue
-            if gone:
-                ticket.cancel()
-            elif not held:
-                ticket.cancel()
-                # Nobody awaits it any more; its outcome (cancelled) is collected here.
-                waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
-                raise _LeaseLost
+    async def _watch(self, claim: Claim, ticket: Ticket) -> None:
+        """Beside an item's wait (:meth:`Flow.wait`): its ticket is cancelled when its job is cancelled
+        here or in another process (it then stops between stages and ends ``cancelled``), and
+        :class:`_LeaseLost` is raised when another runner took the item over (its work here is
+        dropped)."""
+        self._tickets[claim.job_id].add(ticket)
+        try:
+            while True:
+                await asyncio.sleep(POLL_S)
+                try:
+                    job = await asyncio.to_thread(self.store.get, claim.job_id)
+                    gone = job is None or job.status == "cancelled"
+                    held = gone or await asyncio.to_thread(self.store.renew, claim)
+                except JobStoreError as exc:
+                    # Cannot check now (Redis away): keep working; the next poll checks again.
+                    log.debug("jobs: cannot check item %d of job %s: %s", claim.index, claim.job_id, exc)
+                    continue
+                if gone:
+                    ticket.cancel()
+                    return
+                if not held:
+                    raise _LeaseLost
+        finally:
+            self._tickets[claim.job_id].discard(ticket)
+            if not self._tickets[claim.job_id]:
+                del self._tickets[claim.job_id]
 
     def _send_webhook(self, job: Job) -> None:
         if job.id in self._webhook_tasks or job.webhook is None:

@@ -21,12 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from inference.fair_queue import Turns
-from inference.scheduler import ANONYMOUS
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import remove_tree, write_durable
-from jobs.model import TERMINAL, Item, ItemStatus, Job, JobOptions, JobStatus, WebhookState
+from jobs.model import TERMINAL, Item, ItemStatus, Job, JobStatus, WebhookState
 from jobs.store import Claim, Upload, quota_message, write_photos
+from serving.fair_queue import Turns
+from serving.options import ResolvedOptions
+from serving.scheduler import ANONYMOUS
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -152,7 +153,7 @@ class SQLiteJobStore:
         return Job(
             id=row[0],
             status=row[1],
-            options=JobOptions.from_dict(json.loads(row[2])),
+            options=ResolvedOptions.load(json.loads(row[2])),
             items=items,
             created_at=row[3],
             updated_at=row[4],
@@ -188,7 +189,7 @@ class SQLiteJobStore:
     def create(
         self,
         job_id: str,
-        options: JobOptions,
+        options: ResolvedOptions,
         uploads: list[Upload],
         *,
         webhook: str | None,
@@ -217,7 +218,7 @@ class SQLiteJobStore:
                     "idempotency_key, client) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
-                        json.dumps(options.to_dict()),
+                        options.model_dump_json(),
                         now,
                         now,
                         now + ttl_s,
@@ -313,7 +314,7 @@ class SQLiteJobStore:
                     (time.time(), job_id),
                 )
                 self._turns.served(self._turns.book(client, 1.0), {c for c, _ in waiting})
-                options = JobOptions.from_dict(json.loads(options_json))
+                options = ResolvedOptions.load(json.loads(options_json))
                 path = self.input_path(job_id, index)
                 return Claim(job_id, index, filename, options, path, owner, client=client)
         return None
@@ -434,11 +435,11 @@ class SQLiteJobStore:
 
     def active_styles(self) -> set[str]:
         rows = self._read("SELECT options FROM jobs WHERE status IN ('queued', 'running')")
-        return {JobOptions.from_dict(json.loads(r[0])).style for r in rows}
+        return {ResolvedOptions.load(json.loads(r[0])).style for r in rows}
 
     def jobs_of_style(self, style: str) -> list[str]:
         rows = self._read("SELECT id, options FROM jobs WHERE status IN ('queued', 'running')")
-        return [r[0] for r in rows if JobOptions.from_dict(json.loads(r[1])).style == style]
+        return [r[0] for r in rows if ResolvedOptions.load(json.loads(r[1])).style == style]
 
     def usage(self) -> int:
         return int(self._read(_USAGE_SQL)[0][0])

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from inference.scheduler import ANONYMOUS
 from jobs.errors import JobStoreError
 from jobs.files import fsync_dir, remove_tree, write_durable
-from jobs.model import ItemStatus, Job, JobOptions, WebhookState
+from jobs.model import ItemStatus, Job, WebhookState
+from serving.options import ResolvedOptions
+from serving.scheduler import ANONYMOUS
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Claim:
     job_id: str
     index: int
     filename: str
-    options: JobOptions
+    options: ResolvedOptions
     input_path: Path
     #: Who holds it (a runner's id), for shared stores with leases.
     owner: str
@@ -70,7 +71,7 @@ class JobStore(Protocol):
     def create(
         self,
         job_id: str,
-        options: JobOptions,
+        options: ResolvedOptions,
         uploads: list[Upload],
         *,
         webhook: str | None,

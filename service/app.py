@@ -21,11 +21,11 @@ from api.clients import Clients, load_keys, parse_networks
 from api.errors import HEADERS
 from api.metrics import Metrics
 from api.state import ServiceState
-from inference.scheduler import Scheduler
 from service import memory
-from service.engine import build_engine, build_flow
+from service.factory import build_engine, build_flow
 from service.jobs import build_jobs
 from service.settings import Settings, get_settings
+from serving.scheduler import Scheduler
 
 log = logging.getLogger("toonserve")
 
@@ -53,6 +53,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
     * ``X-Request-ID`` and ``X-Content-Type-Options`` declared on every response (the middleware adds
       them to all);
+    * the option fields (a form model) are listed flat with the files, as the form is;
     * optional multipart fields are optional, not nullable (a form part cannot be null: it is sent
       or left out), and a list of files holds at least one and at most this server's limit
       (``TOONSERVE_MAX_BATCH_FILES``, ``TOONSERVE_MAX_JOB_FILES``);
@@ -80,7 +81,16 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
 
 def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str], most: int | None) -> None:
     ref = form.get("$ref", "")
-    target = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else form
+    components = schema["components"]["schemas"]
+    target = components[ref.rsplit("/", 1)[-1]] if ref else form
+    # The option fields come from a form model (serving.options.RequestOptions), which FastAPI puts in
+    # an allOf; a multipart form is flat: its fields are listed with the others.
+    for part in target.pop("allOf", []):
+        merged = components[part["$ref"].rsplit("/", 1)[-1]] if "$ref" in part else part
+        target.setdefault("properties", {}).update(merged.get("properties", {}))
+        required = [*target.get("required", []), *merged.get("required", [])]
+        if required:
+            target["required"] = required
     if "style" in target.get("properties", {}):
         target["properties"]["style"]["enum"] = list(styles)
     for prop in target.get("properties", {}).values():

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from inference.errors import ToonserveError
-from inference.images import OUTPUT_FORMATS
 from inference.models import DtypeSetting
-from inference.pipeline import DEFAULT_NO_FACE, DEFAULT_STRENGTH, NO_FACE_POLICIES
-from inference.weights import STYLES, download, ensure_converted, find_source_dir, get_style, resolve
+from inference.styles import STYLES, get_style
+from inference.weights import download, ensure_converted, find_source_dir, resolve
 from service import jobs_cli
+from service.option_flags import add_option_flags, options_from
 from service.progress import Progress
 
 if TYPE_CHECKING:
-    from inference.flow import Flow, Params
+    from serving.flow import Flow
+    from serving.options import ResolvedOptions
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -117,8 +118,7 @@ _IN_FLIGHT = 2
 def _cmd_cartoonize(args: argparse.Namespace) -> int:
     """Cartoonize every photo of a folder into another folder, through the service's own engine and
     request flow, with every setting the service honours (command-line flags override them)."""
-    from inference.images import OUTPUTS
-    from service.engine import build_flow, loaded_engine
+    from service.factory import build_flow, loaded_engine
     from service.settings import get_settings
 
     src, dst = Path(args.input), Path(args.output)
@@ -139,21 +139,14 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = get_settings().model_copy(update=overrides)
-    engine = loaded_engine(settings, args.style)
+    options = options_from(args)  # out of range: said before the models load
+    engine = loaded_engine(settings, options.style)
     try:
         flow = build_flow(settings, engine)
         try:
-            params = flow.params(
-                style=engine.default_style,
-                strength=args.strength,
-                processing_size=args.processing_size,
-                output_size=args.output_size,
-                fmt=args.format,
-                quality=args.quality,
-                no_face=args.no_face,
-            )
+            params = flow.options(options)
             dst.mkdir(parents=True, exist_ok=True)
-            suffix = OUTPUTS[params.fmt].suffix
+            suffix = params.suffix
             failures = asyncio.run(_cartoonize_all(flow, params, photos, dst, suffix))
         finally:
             flow.close()
@@ -163,7 +156,9 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-async def _cartoonize_all(flow: Flow, params: Params, photos: list[Path], dst: Path, suffix: str) -> int:
+async def _cartoonize_all(
+    flow: Flow, params: ResolvedOptions, photos: list[Path], dst: Path, suffix: str
+) -> int:
     """Every photo through the flow, a few in flight; failures are reported and counted."""
     progress = Progress(len(photos))
     slots = asyncio.Semaphore(_IN_FLIGHT)
@@ -214,20 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     cz = sub.add_parser("cartoonize", help="cartoonize a folder of photos into another folder")
     cz.add_argument("input", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
     cz.add_argument("output", help="folder for the results (created)")
-    cz.add_argument("--style", choices=list(STYLES), help="default: TOONSERVE_DEFAULT_STYLE")
-    cz.add_argument("--format", choices=list(OUTPUT_FORMATS), help="default: TOONSERVE_OUTPUT_FORMAT")
-    cz.add_argument("--quality", type=int, help="JPEG/WebP quality, default: TOONSERVE_QUALITY")
-    cz.add_argument(
-        "--strength", type=float, default=DEFAULT_STRENGTH, help="1 = cartoon, 0 = photo (default 1)"
-    )
-    cz.add_argument("--processing-size", type=int, help="default: TOONSERVE_PROCESSING_SIZE")
-    cz.add_argument("--output-size", type=int, help="long side of the results, default: the input's")
-    cz.add_argument(
-        "--no-face",
-        choices=list(NO_FACE_POLICIES),
-        default=DEFAULT_NO_FACE,
-        help=f"without a face (default {DEFAULT_NO_FACE})",
-    )
+    add_option_flags(cz)
     cz.add_argument("--device", help="override TOONSERVE_DEVICE")
     cz.add_argument("--dtype", choices=list(get_args(DtypeSetting)), help="override TOONSERVE_DTYPE")
     cz.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")

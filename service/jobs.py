@@ -5,14 +5,14 @@ from __future__ import annotations
 from api.errors import code_for
 from api.metrics import Metrics
 from api.state import JobsState
-from inference.engine import Engine
-from inference.flow import Flow
 from jobs.redis import RedisJobStore
 from jobs.runner import EventHub, JobRunner
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import JobStore
 from jobs.webhooks import WebhookSender
 from service.settings import Settings
+from serving.engine import Engine
+from serving.flow import Flow
 
 
 def build_job_store(settings: Settings) -> JobStore:

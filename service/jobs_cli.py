@@ -19,9 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from inference.images import OUTPUT_FORMATS
-from inference.pipeline import NO_FACE_POLICIES
-from inference.weights import STYLES
+from service.option_flags import add_option_flags, options_from
 from service.progress import Progress
 
 _DEFAULT_SERVER = "http://localhost:8000"
@@ -71,14 +69,10 @@ def _cmd_submit(args: argparse.Namespace, suffixes: tuple[str, ...]) -> int:
     if not photos:
         print(f"error: no photos ({', '.join(suffixes)}) in {folder}", file=sys.stderr)
         return 2
-    fields = {
-        "style": args.style,
-        "strength": args.strength,
-        "processing_size": args.processing_size,
-        "output_size": args.output_size,
-        "format": args.format,
-        "quality": args.quality,
-        "no_face": args.no_face,
+    # Checked here first (a value out of range is said at once, before any upload), then sent as the
+    # form fields the service reads into the same options.
+    fields: dict[str, Any] = {
+        **options_from(args).model_dump(exclude_none=True, exclude_unset=True),
         "webhook": args.webhook,
     }
     data = {k: str(v) for k, v in fields.items() if v is not None}
@@ -164,13 +158,7 @@ def add_parser(sub: Any, suffixes: tuple[str, ...]) -> None:
     submit.add_argument("folder", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
     common(submit)
     submit.add_argument("--output", help="where to save the ZIP (default toonserve-<job id>.zip)")
-    submit.add_argument("--style", choices=list(STYLES), help="default: the server's")
-    submit.add_argument("--format", choices=list(OUTPUT_FORMATS), help="default: the server's")
-    submit.add_argument("--quality", type=int, help="JPEG/WebP quality, default: the server's")
-    submit.add_argument("--strength", type=float, help="1 = cartoon, 0 = photo (default 1)")
-    submit.add_argument("--processing-size", type=int, help="default: the server's")
-    submit.add_argument("--output-size", type=int, help="long side of the results, default: the input's")
-    submit.add_argument("--no-face", choices=list(NO_FACE_POLICIES), help="default: background")
+    add_option_flags(submit)
     submit.add_argument("--webhook", help="URL the server POSTs the job to when it ends")
     submit.add_argument("--idempotency-key", help="submitting again with the same key returns the same job")
     submit.set_defaults(func=lambda a: _cmd_submit(a, suffixes))

@@ -15,11 +15,23 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.clients import parse_networks
+from inference.constants import (
+    DEFAULT_HEAD_BATCH,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MAX_PROCESSING_PIXELS,
+    DEFAULT_MIN_FACE_SIZE,
+    DEFAULT_PROCESSING_SIZE,
+    MAX_MAX_FACES,
+    MAX_PROCESSING_SIZE,
+    MIN_PROCESSING_SIZE,
+)
 from inference.dctnet import Backend
-from inference.engine import DEFAULT_RETRY_MAX_S
 from inference.faces import available_detectors
-from inference.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
-from inference.images import (
+from inference.models import DEFAULT_DTYPE, DtypeSetting
+from inference.styles import STYLES
+from serving.engine import DEFAULT_RETRY_MAX_S
+from serving.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
+from serving.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_OUTPUT_FORMAT,
@@ -32,24 +44,12 @@ from inference.images import (
     MIN_QUALITY,
     OutputFormat,
 )
-from inference.models import DEFAULT_DTYPE, DtypeSetting
-from inference.pipeline import (
-    DEFAULT_HEAD_BATCH,
-    DEFAULT_MAX_FACES,
-    DEFAULT_MAX_PROCESSING_PIXELS,
-    DEFAULT_MIN_FACE_SIZE,
-    DEFAULT_PROCESSING_SIZE,
-    MAX_MAX_FACES,
-    MAX_PROCESSING_SIZE,
-    MIN_PROCESSING_SIZE,
-)
-from inference.scheduler import (
+from serving.scheduler import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_INTERACTIVE_GRACE_S,
     DEFAULT_QUEUE_SIZE,
     default_client_queue_size,
 )
-from inference.weights import STYLES
 
 
 def _default_cache_dir() -> Path:

@@ -1,7 +1,8 @@
 """The import rules of the repository, read from the source with :mod:`ast` (nothing is imported).
 
-Imports flow service → api → jobs → inference; ``devkit/`` (development helpers) is shared by ``tests/`` and
-``bench/``, which never import each other; the shipped packages import none of the three.
+Imports flow service → api → jobs → serving → inference; ``devkit/`` (development helpers) is shared by
+``tests/`` and ``bench/``, which never import each other; the shipped packages import none of the three.
+``inference/`` is the synchronous model library: no event loop, no thread of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "tests": frozenset({"bench"}),
     "bench": frozenset({"tests"}),
     "devkit": frozenset({"tests", "bench"}),
-    "inference": frozenset({"api", "service", "jobs", "fastapi", "starlette", "devkit", "tests", "bench"}),
+    "inference": frozenset(
+        {"serving", "jobs", "api", "service", "fastapi", "starlette", "asyncio", "devkit", "tests", "bench"}
+    ),
+    "serving": frozenset({"jobs", "api", "service", "fastapi", "starlette", "devkit", "tests", "bench"}),
     "jobs": frozenset({"api", "service", "fastapi", "starlette", "devkit", "tests", "bench"}),
     "api": frozenset({"service", "devkit", "tests", "bench"}),
     "service": frozenset({"devkit", "tests", "bench"}),
@@ -64,6 +68,24 @@ def test_import_rules(package: str) -> None:
     assert violations(package) == []
 
 
+def test_the_model_library_starts_no_thread() -> None:
+    """``inference/`` runs on its caller's thread: it may guard shared state with a lock, but it never
+    starts a thread or a pool (the worker, the loader and the codec threads belong to ``serving/``)."""
+    starts = []
+    for path in sorted((ROOT / "inference").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in (
+                "Thread",
+                "ThreadPoolExecutor",
+                "ProcessPoolExecutor",
+            ):
+                starts.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module in ("threading", "concurrent.futures"):
+                names = {a.name for a in node.names} & {"Thread", "ThreadPoolExecutor", "ProcessPoolExecutor"}
+                starts += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in sorted(names)]
+    assert starts == []
+
+
 def test_the_checker_sees_every_import_form() -> None:
     """Guards the checker: plain, dotted, from-, relative and function-level imports are all seen."""
     source = (
@@ -88,5 +110,6 @@ def test_dev_packages_are_not_shipped() -> None:
         "service",
         "api",
         "jobs",
+        "serving",
         "inference",
     }

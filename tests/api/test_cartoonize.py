@@ -18,8 +18,8 @@ from PIL import Image
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import server_timing
 from inference.pipeline import Options
-from inference.scheduler import Scheduler
 from service.app import create_app
+from serving.scheduler import Scheduler
 from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
 
 

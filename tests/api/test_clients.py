@@ -20,8 +20,8 @@ from api.clients import Clients, RateLimiter, load_keys, parse_keys, parse_netwo
 from devkit.reference_graphs import ReferenceModelDir
 from inference.errors import ConfigurationError
 from inference.pipeline import Options
-from inference.scheduler import Client, Scheduler
 from service.app import create_app
+from serving.scheduler import Client, Scheduler
 from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
 
 # -- keys ------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ from fastapi.testclient import TestClient
 
 import inference
 import jobs
-from api.errors import CODES, STATUS, code_for
-from inference.errors import ToonserveError
-from inference.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_QUALITY, MIN_QUALITY, OUTPUT_FORMATS
-from inference.pipeline import (
+import serving
+from api.errors import CODES, ERROR_CODES, code_for
+from inference.constants import (
     DEFAULT_MAX_FACES,
     DEFAULT_MIN_FACE_SIZE,
     DEFAULT_PROCESSING_SIZE,
@@ -28,8 +27,10 @@ from inference.pipeline import (
     MIN_PROCESSING_SIZE,
     NO_FACE_POLICIES,
 )
+from inference.errors import ToonserveError
 from inference.weights import REQUIRED_FILES
 from service.settings import Settings
+from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_QUALITY, MIN_QUALITY, OUTPUT_FORMATS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -39,7 +40,7 @@ def _section(title: str) -> str:
 
 
 def _domain_errors() -> list[type[ToonserveError]]:
-    for package in (inference, jobs):
+    for package in (inference, serving, jobs):
         for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
             importlib.import_module(module.name)
     found: list[type[ToonserveError]] = []
@@ -47,7 +48,7 @@ def _domain_errors() -> list[type[ToonserveError]]:
     while todo:
         cls = todo.pop()
         for sub in cls.__subclasses__():
-            if sub.__module__.startswith(("inference.", "jobs.")):
+            if sub.__module__.startswith(("inference.", "serving.", "jobs.")):
                 found.append(sub)
             todo.append(sub)
     return found
@@ -56,13 +57,13 @@ def _domain_errors() -> list[type[ToonserveError]]:
 def test_every_domain_error_has_a_deliberate_code() -> None:
     errors = _domain_errors()
     assert len(errors) >= 25
-    missing = sorted(cls.__qualname__ for cls in errors if cls not in STATUS)
-    assert not missing, f"map these in api.errors.STATUS: {missing}"
-    assert set(STATUS.values()) <= set(CODES)
+    missing = sorted(cls.__qualname__ for cls in errors if cls not in ERROR_CODES)
+    assert not missing, f"map these in api.errors.ERROR_CODES: {missing}"
+    assert set(ERROR_CODES.values()) <= set(CODES)
     # The lookup follows the class, not a base class's entry that happens to come first.
     for cls in errors:
         exc = cls.__new__(cls)
-        assert code_for(exc) == STATUS[cls], cls
+        assert code_for(exc) == ERROR_CODES[cls], cls
 
 
 def test_every_code_is_in_the_readme_error_table() -> None:

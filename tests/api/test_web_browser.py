@@ -27,8 +27,8 @@ from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwr
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
-from inference.images import MAX_QUALITY, MIN_QUALITY
-from inference.pipeline import MAX_OUTPUT_SIDE
+from inference.constants import MAX_OUTPUT_SIDE
+from serving.images import MAX_QUALITY, MIN_QUALITY
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 

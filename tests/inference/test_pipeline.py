@@ -15,17 +15,17 @@ from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.upstream import UpstreamFlow
 from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE, AlignmentError
+from inference.constants import STAGES
 from inference.dctnet import GeneratorRunner
+from inference.errors import OptionsError
 from inference.pipeline import (
-    STAGES,
-    CancelledError,
+    AbandonedError,
     Cartoonizer,
     NoFaceError,
     Options,
-    OptionsError,
     PipelineError,
     Result,
-    _Job,
+    _Work,
     box_area,
     processing_shape,
     to_rgb_array,
@@ -144,7 +144,7 @@ def test_head_region_comes_from_the_head_network(cartoonizer: Cartoonizer) -> No
     outside[max(0, int(y1) - pad) : int(y2) + pad, max(0, int(x1) - pad) : int(x2) + pad] = False
     np.testing.assert_array_equal(with_head.image[outside], bg_only.image[outside])
     # At the nose (mask = 1) it is the head network's output for the aligned crop, not the background.
-    job = _Job(to_rgb_array(rgb), Options())
+    job = _Work(to_rgb_array(rgb), Options())
     with torch.inference_mode():
         cartoonizer.resize(job)
         cartoonizer.detect(job)
@@ -283,7 +283,7 @@ def test_run_many_drops_cancelled_images(cartoonizer: Cartoonizer) -> None:
     items = [(photos.astronaut(), Options()), (photos.grace_hopper(), Options())]
     outcomes = cartoonizer.run_many(items, alive=lambda i: i == 0)
     assert not isinstance(outcomes[0], Exception) and outcomes[0].faces_stylized == 1
-    assert isinstance(outcomes[1], CancelledError)
+    assert isinstance(outcomes[1], AbandonedError)
 
 
 def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:

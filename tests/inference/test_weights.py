@@ -9,7 +9,8 @@ import pytest
 
 from devkit.reference_graphs import ReferenceModelDir, write_model_dir
 from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
-from inference.weights import STYLES, ensure_converted, get_style, resolve
+from inference.styles import STYLES, get_style
+from inference.weights import ensure_converted, resolve
 
 
 def test_registry_has_the_seven_styles() -> None:

@@ -18,12 +18,13 @@ import pytest
 
 from devkit.redis_server import RedisServer
 from jobs.errors import StorageQuotaError
-from jobs.model import Job, JobOptions
+from jobs.model import Job
 from jobs.redis import RedisJobStore
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import Upload
+from serving.options import ResolvedOptions
 
-OPTIONS = JobOptions("anime", 1.0, 720, None, "png", 90, "background")
+OPTIONS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 TTL = 3600.0
 QUOTA = 10**9
 
@@ -110,7 +111,7 @@ def test_a_job_whose_photos_were_all_refused_has_ended_at_once(store: Store) -> 
 def test_oldest_job_first_and_styles_kept_apart(store: Store) -> None:
     store.create(
         "7" * 32,
-        JobOptions("3d", 1.0, 720, None, "png", 90, "background"),
+        ResolvedOptions(style="3d", processing_size=720, format="png", quality=90),
         _uploads(10),
         webhook=None,
         idempotency_key=None,

@@ -2,7 +2,7 @@
 
 :class:`GpuCodec` exists only where the engine's device is CUDA, ``torchvision.io`` imports, and a
 self-test (a small JPEG decoded and encoded on the device) passes: :meth:`GpuCodec.create` returns
-None otherwise, and the flow (:mod:`inference.flow`) then decodes and encodes with Pillow exactly as
+None otherwise, and the flow (:mod:`serving.flow`) then decodes and encodes with Pillow exactly as
 before. Nothing here runs, or is imported, on a CPU service.
 
 **Decode.** An upload goes to the GPU only if it is a JPEG nvJPEG decodes the way :func:`decode`
@@ -54,7 +54,7 @@ from PIL import Image
 from torch import Tensor
 
 from inference.device_image import resize_like_host, transpose
-from inference.images import MAX_QUALITY, MIN_QUALITY, ImageError, header_facts
+from serving.images import MAX_QUALITY, MIN_QUALITY, ImageError, header_facts
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class DecodePlan:
 
 
 def plan(data: bytes, *, max_pixels: int) -> DecodePlan | str:
-    """A :class:`DecodePlan` when nvJPEG would decode ``data`` as :func:`~inference.images.decode`
+    """A :class:`DecodePlan` when nvJPEG would decode ``data`` as :func:`~serving.images.decode`
     does (module docstring), or the reason it goes to Pillow."""
     layout = jpeg_layout(data)
     if isinstance(layout, str):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from devkit import photos
-from inference.cost import CostModel
 from inference.errors import ToonserveError
-from inference.pipeline import CancelledError, Cartoonizer, Options, Result
-from inference.scheduler import (
+from inference.pipeline import AbandonedError, Cartoonizer, Options, Result
+from serving.cost import CostModel
+from serving.scheduler import (
     GRACE_AT_MOST,
     Client,
     ClientQueueFullError,
@@ -103,7 +103,7 @@ def test_expired_and_cancelled_tickets_are_dropped(cartoonizer: Cartoonizer) -> 
     assert kept.future.result(60).no_face == "background"
     with pytest.raises(DeadlineExceededError):
         expired.future.result(1)
-    with pytest.raises(CancelledError):
+    with pytest.raises(AbandonedError):
         gone.future.result(1)
     assert rec.calls == [1]  # only the live ticket reached the pipeline
     sched.close()

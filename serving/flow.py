@@ -8,14 +8,14 @@ submit and wait; :meth:`Flow.run` chains them for one image.
 * ``decode`` and ``encode`` run on the flow's own few threads (``codec_threads``), never on the
   event loop, so one request's decode and encode overlap another's model work without a thread per
   request competing for the cores; those threads are shared between clients in fair shares
-  (:class:`~inference.codec_pool.CodecPool`); on a CUDA engine with a
-  :class:`~inference.gpu_codec.GpuCodec`, the JPEGs it takes are decoded (and brought to the
+  (:class:`~serving.codec_pool.CodecPool`); on a CUDA engine with a
+  :class:`~serving.gpu_codec.GpuCodec`, the JPEGs it takes are decoded (and brought to the
   processing size) on the device, and JPEG results encoded there, Pillow doing the rest;
-* ``submit`` hands the pixels to the engine's worker (:class:`~inference.scheduler.Scheduler`), which
-  refuses at once with :class:`~inference.scheduler.QueueFullError` when its queue is full;
+* ``submit`` hands the pixels to the engine's worker (:class:`~serving.scheduler.Scheduler`), which
+  refuses at once with :class:`~serving.scheduler.QueueFullError` when its queue is full;
 * ``wait`` is async and cancellable: cancelling the awaiting task (client gone) cancels the ticket, so
   queued work is dropped and running work stops between stages; at the deadline it raises
-  :class:`~inference.scheduler.DeadlineExceededError`.
+  :class:`~serving.scheduler.DeadlineExceededError`.
 
 Timings (milliseconds): ``decode``, ``queue`` (wait for the worker), each pipeline stage, ``encode``.
 """
@@ -26,88 +26,51 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import numpy as np
 from torch import Tensor
 
-from inference.codec_pool import CodecPool
-from inference.cost import cost_pixels
-from inference.engine import Engine
-from inference.gpu_codec import GpuCodec
-from inference.images import (
+from inference.constants import (
+    DEFAULT_MAX_FACES,
+    DEFAULT_MAX_PROCESSING_PIXELS,
+    DEFAULT_MIN_FACE_SIZE,
+    STAGES,
+)
+from inference.errors import OptionsError, ToonserveError
+from inference.pipeline import Options, Result, processing_shape, resize_rgb, to_rgb_array
+from serving.codec_pool import CodecPool
+from serving.cost import cost_pixels
+from serving.engine import Engine
+from serving.gpu_codec import GpuCodec
+from serving.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_PNG_COMPRESSION,
     MAX_DECODER_COPIES,
-    MEDIA_TYPES,
     ImageInfo,
     ImageTooLargeError,
-    OutputFormat,
     decode,
     encode,
     plan_decode,
     probe,
 )
-from inference.pipeline import (
-    DEFAULT_MAX_PROCESSING_PIXELS,
-    DEFAULT_NO_FACE,
-    DEFAULT_STRENGTH,
-    MAX_OUTPUT_SIDE,
-    MIN_OUTPUT_SIDE,
-    STAGES,
-    NoFacePolicy,
-    Options,
-    OptionsError,
-    Result,
-    resize_rgb,
-    to_rgb_array,
-)
-from inference.scheduler import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
+from serving.options import RequestOptions, ResolvedOptions
+from serving.scheduler import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
 
 _T = TypeVar("_T")
 
 #: How much a requested output's long side may exceed the photo's, by default.
 DEFAULT_MAX_UPSCALE: Final = 4.0
 #: Decoded pixels held at once by all decodes in progress, every copy a decoder makes counted
-#: (:attr:`~inference.images.DecodePlan.held`), by default: what the largest photo takes through the
+#: (:attr:`~serving.images.DecodePlan.held`), by default: what the largest photo takes through the
 #: hungriest decoder (160 M, about 560 MB). Large PNGs, WebPs and JPEGs are decoded reduced, so
 #: several of those fit at once.
 DEFAULT_MAX_INFLIGHT_PIXELS: Final = MAX_DECODER_COPIES * DEFAULT_MAX_PIXELS
 
 #: Names of the flow's timings, in order.
 TIMINGS: Final = ("decode", "queue", *STAGES, "encode")
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """What a request gets for the fields it leaves out (the service fills it from its settings)."""
-
-    style: str
-    processing_size: int
-    output_format: OutputFormat
-    quality: int
-    min_face_size: float
-    max_faces: int
-    #: PNG's zlib level (0–9): a server setting, not a request field.
-    png_compression: int = DEFAULT_PNG_COMPRESSION
-
-
-@dataclass(frozen=True)
-class Params:
-    """One request's validated choices."""
-
-    style: str
-    options: Options
-    #: Long side of the result; None keeps the input's size.
-    output_side: int | None
-    fmt: OutputFormat
-    quality: int
-
-    @property
-    def media_type(self) -> str:
-        return MEDIA_TYPES[self.fmt]
 
 
 @dataclass(frozen=True)
@@ -136,7 +99,7 @@ class Outcome:
 
     result: Result
     data: bytes
-    params: Params
+    params: ResolvedOptions
     timings_ms: dict[str, float]
 
 
@@ -151,7 +114,8 @@ def output_shape(input_hw: tuple[int, int], long_side: int | None) -> tuple[int,
 
 @dataclass(frozen=True)
 class Limits:
-    """What one image may cost (the service fills it from its settings)."""
+    """What one image may cost, and how the server runs it whatever the request (the service fills it
+    from its settings)."""
 
     #: Largest photo decoded (width × height), checked from its header.
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -163,8 +127,13 @@ class Limits:
     max_output_pixels: int = DEFAULT_MAX_PIXELS
     #: Most a requested output's long side may exceed the photo's.
     max_upscale: float = DEFAULT_MAX_UPSCALE
-    #: Decode JPEGs at 1/2, 1/4 or 1/8 scale when that still leaves twice the processing size.
+    #: Decode large photos at a reduced scale when that still leaves twice the processing size.
     reduced_decode: bool = True
+    #: Smallest face box side (processing pixels) stylised, and most faces stylised per photo.
+    min_face_size: float = DEFAULT_MIN_FACE_SIZE
+    max_faces: int = DEFAULT_MAX_FACES
+    #: PNG's zlib level (0–9).
+    png_compression: int = DEFAULT_PNG_COMPRESSION
 
 
 class _PixelBudget:
@@ -178,7 +147,7 @@ class _PixelBudget:
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int, timeout: float | None = None) -> AsyncIterator[None]:
         """Hold ``pixels`` of the budget; waits at most ``timeout`` seconds for them, then raises
-        :class:`~inference.scheduler.QueueFullError`."""
+        :class:`~serving.scheduler.QueueFullError`."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
@@ -207,7 +176,7 @@ class Flow:
     def __init__(
         self,
         engine: Engine,
-        defaults: Defaults,
+        defaults: ResolvedOptions,
         *,
         limits: Limits,
         timeout_s: float,
@@ -215,7 +184,8 @@ class Flow:
         on_result: Callable[[Result], None] | None = None,
         gpu_codec: GpuCodec | None = None,
     ) -> None:
-        """``gpu_codec``: decode and encode the JPEGs it takes on the engine's device (None: Pillow)."""
+        """``defaults``: what a request gets for the options it leaves out. ``gpu_codec``: decode and
+        encode the JPEGs it takes on the engine's device (None: Pillow)."""
         self.engine = engine
         self.gpu_codec = gpu_codec
         self.defaults = defaults
@@ -232,35 +202,30 @@ class Flow:
     def close(self) -> None:
         self._codec.shutdown(wait=True)
 
-    def params(
-        self,
-        *,
-        style: str | None = None,
-        strength: float = DEFAULT_STRENGTH,
-        processing_size: int | None = None,
-        output_size: int | None = None,
-        fmt: OutputFormat | None = None,
-        quality: int | None = None,
-        no_face: NoFacePolicy = DEFAULT_NO_FACE,
-    ) -> Params:
-        """A request's choices, defaults filled in and checked: the style can serve now
-        (:meth:`Engine.check`), the options are in range (:class:`OptionsError`)."""
-        d = self.defaults
-        style = style or d.style
-        self.engine.check(style)
-        if output_size is not None and not MIN_OUTPUT_SIDE <= output_size <= MAX_OUTPUT_SIDE:
-            raise OptionsError(
-                f"output_size must be in [{MIN_OUTPUT_SIDE}, {MAX_OUTPUT_SIDE}], got {output_size}"
-            )
-        options = Options(
-            processing_size=processing_size or d.processing_size,
-            strength=strength,
-            no_face=no_face,
-            min_face_size=d.min_face_size,
-            max_faces=d.max_faces,
-            max_processing_pixels=self.limits.max_processing_pixels,
+    def options(self, request: RequestOptions) -> ResolvedOptions:
+        """A request's options with the service's defaults filled in, checked that its style can serve
+        now (:meth:`Engine.check`); the ranges were checked when ``request`` was made."""
+        resolved = request.resolved(self.defaults)
+        self.engine.check(resolved.style)
+        return resolved
+
+    def pipeline_options(self, params: ResolvedOptions, **extra: Any) -> Options:
+        """The pipeline's options for a request's (and the server's limits); ``extra`` sets the
+        per-image ones (``input_size``, ``output_size``, …)."""
+        lim = self.limits
+        return Options(
+            processing_size=params.processing_size,
+            strength=params.strength,
+            no_face=params.no_face,
+            min_face_size=lim.min_face_size,
+            max_faces=lim.max_faces,
+            max_processing_pixels=lim.max_processing_pixels,
+            **extra,
         )
-        return Params(style, options, output_size, fmt or d.output_format, quality or d.quality)
+
+    def processing_shape(self, params: ResolvedOptions, size: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) a photo of ``size`` is processed at with these options."""
+        return processing_shape(*size, params.processing_size, self.limits.max_processing_pixels)
 
     def deadline(self) -> float:
         """The ``time.monotonic()`` deadline of an image submitted now."""
@@ -281,38 +246,38 @@ class Flow:
 
     async def probe(self, data: bytes, client: Client | None = None) -> ImageInfo:
         """The upload's format and size from its header (off the event loop); raises the
-        :mod:`inference.images` errors for what is not an image we take, or is too large."""
+        :mod:`serving.images` errors for what is not an image we take, or is too large."""
         info, _ = await self._in_codec(
             lambda: probe(data, max_pixels=self.limits.max_pixels), client, 0.0, finishing=True
         )
         return info
 
-    def check_output(self, params: Params, info: ImageInfo) -> None:
+    def check_output(self, params: ResolvedOptions, info: ImageInfo) -> None:
         """Refuse (:class:`OptionsError`) a requested output over the pixel budget or enlarged more
         than the upscale limit allows. The default output, the photo's own size, always passes."""
-        out = output_shape((info.height, info.width), params.output_side)
+        out = output_shape((info.height, info.width), params.output_size)
         if out is None:
             return
         lim = self.limits
         if max(out) > lim.max_upscale * max(info.height, info.width):
             raise OptionsError(
-                f"output_size {params.output_side} would enlarge a {info.width}×{info.height} photo "
+                f"output_size {params.output_size} would enlarge a {info.width}×{info.height} photo "
                 f"{max(out) / max(info.height, info.width):.1f} times; at most {lim.max_upscale:g} times"
             )
         if out[0] * out[1] > lim.max_output_pixels:
             raise OptionsError(
-                f"output_size {params.output_side} makes a {out[1]}×{out[0]} result "
+                f"output_size {params.output_size} makes a {out[1]}×{out[0]} result "
                 f"({out[0] * out[1] / 1e6:.1f} MP); the limit is {lim.max_output_pixels / 1e6:.1f} MP"
             )
 
     def admit(
-        self, params: Params, infos: list[ImageInfo], deadline: float, client: Client | None = None
+        self, params: ResolvedOptions, infos: list[ImageInfo], deadline: float, client: Client | None = None
     ) -> Admission:
         """Places in ``client``'s line for these images, priced by the pixels the models will run on,
-        before any is decoded: :class:`~inference.scheduler.QueueFullError` at once if there is no
-        room (:class:`~inference.scheduler.ClientQueueFullError` if the client's own share is full),
+        before any is decoded: :class:`~serving.scheduler.QueueFullError` at once if there is no
+        room (:class:`~serving.scheduler.ClientQueueFullError` if the client's own share is full),
         or if they could not be done by ``deadline``."""
-        pixels = [cost_pixels(*params.options.processing_shape((i.height, i.width))) for i in infos]
+        pixels = [cost_pixels(*self.processing_shape(params, (i.height, i.width))) for i in infos]
         return self.engine.scheduler.admit(pixels, deadline, client)
 
     def release(self, admission: Admission) -> None:
@@ -322,7 +287,7 @@ class Flow:
     async def decode(
         self,
         data: bytes,
-        params: Params,
+        params: ResolvedOptions,
         info: ImageInfo | None = None,
         deadline: float | None = None,
         client: Client | None = None,
@@ -334,7 +299,7 @@ class Flow:
         if info is None:
             info = await self.probe(data, client)
         size = (info.height, info.width)
-        shape = params.options.processing_shape(size)
+        shape = self.processing_shape(params, size)
         # Twice the processing size: the area filter then averages at least 2×2 decoded pixels per
         # processing pixel. Measured on a 4032×3024 JPEG brought to 720×960: decoding at 1/2 took
         # 148 ms against 336 ms in full, the result within 1.1 levels (mean) of the full decode's;
@@ -364,7 +329,7 @@ class Flow:
 
     def submit(
         self,
-        params: Params,
+        params: ResolvedOptions,
         decoded: Decoded,
         deadline: float,
         admission: Admission | None = None,
@@ -374,18 +339,17 @@ class Flow:
         """Queue the image on the engine's worker (into the place ``admission`` holds for it, if
         given; else in ``client``'s line); raises QueueFullError / SchedulerClosedError.
         ``background`` (job items): the worker's low-priority lines, which never refuse."""
-        options = replace(
-            params.options,
+        out_hw = output_shape(decoded.input_size, params.output_size)
+        options = self.pipeline_options(
+            params,
             input_size=decoded.input_size,
+            output_size=out_hw,
             # The result stays on the device too when the GPU encoder will take it.
-            device_result=self.gpu_codec is not None and params.fmt == "jpeg",
+            device_result=self.gpu_codec is not None and params.format == "jpeg",
             # On the CPU the resize to the output size is codec work (encode): a 40 MP result takes
             # the worker 0.4-0.6 s that the next image's models can have.
             resize_later=True,
         )
-        out_hw = output_shape(decoded.input_size, params.output_side)
-        if out_hw is not None:
-            options = replace(options, output_size=out_hw)
         return self.engine.scheduler.submit(
             params.style,
             decoded.pixels,
@@ -396,14 +360,26 @@ class Flow:
             client=client,
         )
 
-    async def wait(self, ticket: Ticket) -> Result:
+    async def wait(self, ticket: Ticket, watch: Callable[[Ticket], Awaitable[None]] | None = None) -> Result:
         """The ticket's result. Cancelling the caller cancels the ticket (counted ``cancelled``); at
         its deadline the ticket is dropped (counted ``deadline``) and :class:`DeadlineExceededError`
-        raised."""
+        raised. ``watch(ticket)`` runs beside the wait (:meth:`run`): if it raises, the ticket is
+        cancelled and its error raised here at once."""
         fut = asyncio.wrap_future(ticket.future)
         fut.add_done_callback(_consume)
         timeout = None if math.isinf(ticket.deadline) else max(0.0, ticket.deadline - time.monotonic())
+        watcher = asyncio.ensure_future(watch(ticket)) if watch is not None else None
         try:
+            if watcher is not None:
+                waits: set[asyncio.Future[Any]] = {fut, watcher}
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                failed = watcher.exception() if watcher in done else None
+                if failed is not None and fut not in done:
+                    ticket.cancel()
+                    raise failed
+                if not done:
+                    raise TimeoutError
+            timeout = None if math.isinf(ticket.deadline) else max(0.0, ticket.deadline - time.monotonic())
             result = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             ticket.expire()
@@ -414,11 +390,14 @@ class Flow:
         except asyncio.CancelledError:
             ticket.cancel()
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         self._on_result(result)
         return result
 
     async def encode(
-        self, result: Result, params: Params, client: Client | None = None
+        self, result: Result, params: ResolvedOptions, client: Client | None = None
     ) -> tuple[bytes, float]:
         """The result's image in the requested format (off the event loop, in ``client``'s turn), and
         the time it took (the resize to the output size included, when it was left to it)."""
@@ -426,17 +405,17 @@ class Flow:
         return data, resize_ms + encode_ms
 
     async def _encode(
-        self, result: Result, params: Params, client: Client | None
+        self, result: Result, params: ResolvedOptions, client: Client | None
     ) -> tuple[bytes, float, float]:
         """:meth:`encode`: the bytes, the milliseconds of the resize to the output size (0 when the
         pipeline made it) and of the encoding."""
-        level = self.defaults.png_compression
+        level = self.limits.png_compression
         gpu, on_device = self.gpu_codec, result.device_image
         resize_ms = 0.0
 
         def run() -> bytes:
             nonlocal resize_ms
-            if gpu is not None and on_device is not None and params.fmt == "jpeg":
+            if gpu is not None and on_device is not None and params.format == "jpeg":
                 data = gpu.encode(on_device, params.quality)
                 if data is not None:
                     return data
@@ -445,13 +424,15 @@ class Flow:
                 start = time.perf_counter()
                 image = np.ascontiguousarray(resize_rgb(image, *result.output_size))
                 resize_ms = (time.perf_counter() - start) * 1000
-            return encode(image, params.fmt, params.quality, level)
+            return encode(image, params.format, params.quality, level)
 
         h, w = result.output_size
         data, ms = await self._in_codec(run, client, h * w / 1e6, finishing=True)
         return data, resize_ms, ms - resize_ms
 
-    async def finish(self, result: Result, params: Params, decoded: Decoded, ticket: Ticket) -> Outcome:
+    async def finish(
+        self, result: Result, params: ResolvedOptions, decoded: Decoded, ticket: Ticket
+    ) -> Outcome:
         """Encode a result (in the ticket's client's turn) and put every timing together."""
         data, resize_ms, encode_ms = await self._encode(result, params, ticket.client)
         timings = {"decode": decoded.ms, "queue": ticket.queue_wait_ms}
@@ -462,20 +443,88 @@ class Flow:
         return Outcome(report, data, params, {k: round(v, 3) for k, v in timings.items()})
 
     async def run(
-        self, data: bytes, params: Params, deadline: float | None = None, client: Client | None = None
+        self,
+        data: bytes,
+        params: ResolvedOptions,
+        deadline: float | None = None,
+        client: Client | None = None,
+        *,
+        background: bool = False,
+        watch: Callable[[Ticket], Awaitable[None]] | None = None,
     ) -> Outcome:
-        """The whole flow for one image of ``client``: probe, admit, decode, submit, wait, encode."""
+        """The whole flow for one image of ``client``: probe, admit, decode, submit, wait, encode.
+
+        ``background`` (a job's item): no admission, the worker's low-priority lines. ``watch(ticket)``
+        runs beside the wait; it may cancel the ticket (its job was cancelled), or raise, which stops
+        the image and is raised here (its item was taken over).
+        """
+        outcomes = await self.run_many([data], params, deadline, client, background=background, watch=watch)
+        outcome = outcomes[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def run_many(
+        self,
+        datas: Sequence[bytes],
+        params: ResolvedOptions,
+        deadline: float | None = None,
+        client: Client | None = None,
+        *,
+        background: bool = False,
+        watch: Callable[[Ticket], Awaitable[None]] | None = None,
+    ) -> list[Outcome | ToonserveError]:
+        """Several images of one request, with the same options: every one checked from its header,
+        places asked for all of them at once (:class:`~serving.scheduler.QueueFullError` /
+        :class:`~serving.scheduler.ClientQueueFullError` for the whole request, before anything is
+        decoded), then each decoded and submitted, then all awaited together. Each entry is that
+        image's outcome, or its own error: one bad file does not sink the others."""
         deadline = self.deadline() if deadline is None else deadline
-        info = await self.probe(data, client)
-        self.check_output(params, info)
-        admission = self.admit(params, [info], deadline, client)
+        infos: list[ImageInfo | ToonserveError] = []
+        for data in datas:
+            try:
+                info = await self.probe(data, client)
+                self.check_output(params, info)
+                infos.append(info)
+            except ToonserveError as exc:
+                infos.append(exc)
+        admission = None
+        if not background:
+            admission = self.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline, client)
+        prepared: list[tuple[Decoded, Ticket] | ToonserveError] = []
         try:
-            decoded = await self.decode(data, params, info, deadline, client)
-            ticket = self.submit(params, decoded, deadline, admission)
+            for data, probed in zip(datas, infos, strict=True):
+                if isinstance(probed, ToonserveError):
+                    prepared.append(probed)
+                    continue
+                try:
+                    decoded = await self.decode(data, params, probed, deadline, client)
+                    ticket = self.submit(params, decoded, deadline, admission, background, client)
+                    prepared.append((decoded, ticket))
+                except ToonserveError as exc:
+                    prepared.append(exc)
         finally:
-            self.release(admission)
-        result = await self.wait(ticket)
-        return await self.finish(result, params, decoded, ticket)
+            if admission is not None:
+                self.release(admission)
+        # Each image's ticket (whose future holds its full-size result) is let go as soon as that image
+        # is encoded, not when the whole request is.
+        pending = dict(enumerate(prepared))
+        del prepared
+
+        async def one(index: int) -> Outcome:
+            entry = pending.pop(index)
+            if isinstance(entry, ToonserveError):
+                raise entry
+            decoded, ticket = entry
+            return await self.finish(await self.wait(ticket, watch), params, decoded, ticket)
+
+        done = await asyncio.gather(*(one(i) for i in range(len(pending))), return_exceptions=True)
+        out: list[Outcome | ToonserveError] = []
+        for item in done:
+            if isinstance(item, BaseException) and not isinstance(item, ToonserveError):
+                raise item
+            out.append(item)
+        return out
 
 
 def _consume(fut: asyncio.Future[Result]) -> None:

@@ -12,12 +12,17 @@ import pytest
 from PIL import Image
 
 from devkit import photos
-from inference.cost import CostModel
-from inference.engine import Engine
-from inference.flow import Defaults, Flow, Limits, _PixelBudget
-from inference.images import ImageTooLargeError, decode, probe, reduction
-from inference.pipeline import Cartoonizer, Options, OptionsError, processing_shape
-from inference.scheduler import QueueFullError, Scheduler
+from inference.errors import OptionsError
+from inference.pipeline import Cartoonizer, Options, processing_shape
+from serving.cost import CostModel
+from serving.engine import Engine
+from serving.flow import Flow, Limits, _PixelBudget
+from serving.images import ImageTooLargeError, decode, probe, reduction
+from serving.options import RequestOptions, ResolvedOptions
+from serving.scheduler import QueueFullError, Scheduler
+
+#: The service defaults of these tests (as the settings would make them).
+DEFAULTS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 
 
 def _jpeg(rgb: np.ndarray, **kw: object) -> bytes:
@@ -97,7 +102,7 @@ def test_outputs_over_the_limits_are_refused(cartoonizer: Cartoonizer) -> None:
     engine.check = lambda style: None  # type: ignore[method-assign]
     flow = Flow(
         engine,
-        Defaults("anime", 720, "png", 90, 24.0, 10),
+        DEFAULTS,
         limits=Limits(max_output_pixels=4_000_000, max_upscale=4.0),
         timeout_s=60,
         codec_threads=1,
@@ -105,14 +110,14 @@ def test_outputs_over_the_limits_are_refused(cartoonizer: Cartoonizer) -> None:
     try:
         tiny = probe(_png(np.zeros((1, 1, 3), np.uint8)), max_pixels=100)
         with pytest.raises(OptionsError, match=r"enlarge a 1×1 photo 64\.0 times; at most 4 times"):
-            flow.check_output(flow.params(output_size=64), tiny)
+            flow.check_output(flow.options(RequestOptions(output_size=64)), tiny)
         with pytest.raises(OptionsError, match=r"enlarge a 1×1 photo 8192\.0 times"):
-            flow.check_output(flow.params(output_size=8192), tiny)
+            flow.check_output(flow.options(RequestOptions(output_size=8192)), tiny)
         photo = probe(_jpeg(photos.astronaut()), max_pixels=10**6)
-        flow.check_output(flow.params(output_size=1900), photo)  # 3.7×, 3.6 MP: allowed
+        flow.check_output(flow.options(RequestOptions(output_size=1900)), photo)  # 3.7×, 3.6 MP: allowed
         with pytest.raises(OptionsError, match=r"the limit is 4\.0 MP"):
-            flow.check_output(flow.params(output_size=2047), photo)
-        flow.check_output(flow.params(), photo)  # the photo's own size always passes
+            flow.check_output(flow.options(RequestOptions(output_size=2047)), photo)
+        flow.check_output(flow.options(RequestOptions()), photo)  # the photo's own size always passes
     finally:
         flow.close()
 
@@ -153,7 +158,7 @@ def _flow(cartoonizer: Cartoonizer, **limits: Any) -> tuple[Flow, Scheduler]:
     engine.scheduler.start()
     flow = Flow(
         engine,
-        Defaults("anime", 720, "png", 90, 24.0, 10),
+        DEFAULTS,
         limits=Limits(**limits),
         timeout_s=60,
         codec_threads=1,
@@ -170,7 +175,7 @@ def test_a_decode_counts_every_copy_its_decoder_makes(cartoonizer: Cartoonizer) 
         eight = _png(rgb)
         sixteen = io.BytesIO()
         Image.fromarray(rgb[:, :, 0]).convert("I;16").save(sixteen, "PNG")
-        params = flow.params(processing_size=128)
+        params = flow.options(RequestOptions(processing_size=128))
         decoded = asyncio.run(flow.decode(eight, params))
         assert decoded.pixels.shape == (128, 128, 3) and decoded.input_size == (1000, 1000)
         with pytest.raises(ImageTooLargeError, match=r"holds 3\.0 MP at once; the limit .* is 2\.0 MP"):
@@ -188,7 +193,9 @@ def test_the_output_is_resized_with_the_encoding_and_let_go_once_encoded(cartoon
         photo = np.asarray(Image.fromarray(photos.astronaut()).resize((1024, 1024)))
 
         async def run() -> Any:
-            return await flow.run(_png(photo), flow.params(processing_size=256, output_size=2000))
+            return await flow.run(
+                _png(photo), flow.options(RequestOptions(processing_size=256, output_size=2000))
+            )
 
         outcome = asyncio.run(run())
         assert Image.open(io.BytesIO(outcome.data)).size == (2000, 2000)

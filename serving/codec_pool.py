@@ -4,7 +4,7 @@ Decoding and encoding run beside the device worker on a few threads (``codec_thr
 worker, they are shared: with one first-come-first-served queue, a client that sends sixteen large
 photos at once makes another client's small photo wait for all of their decodes and encodes before
 its own, twice. So the pool keeps a line per client and its threads serve the client whose turn it
-is (start-time fair queuing by megapixels of work, :class:`~inference.fair_queue.Turns`): another
+is (start-time fair queuing by megapixels of work, :class:`~serving.fair_queue.Turns`): another
 client's task waits for at most the tasks already running. Within a client's line, work that
 finishes a request (probing a header, encoding a result) goes before work that starts one
 (decoding): it answers someone, and it lets go of a result's memory before more is decoded.
@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from inference.fair_queue import Turns
+from serving.fair_queue import Turns
 
 #: Megapixels a task counts for at least (a header probe).
 _MIN_COST_MP: Final = 0.01

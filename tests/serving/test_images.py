@@ -1,4 +1,4 @@
-"""Upload decoding and response encoding (inference.images): formats decided by content, limits and
+"""Upload decoding and response encoding (serving.images): formats decided by content, limits and
 decompression bombs, damaged files, EXIF orientation, pixel modes and colour, metadata stripping.
 
 Every test image is made in memory, with Pillow or (16-bit RGB, bomb headers) by hand.
@@ -21,7 +21,7 @@ from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
 from devkit import photos
 from inference.errors import ToonserveError
-from inference.images import (
+from serving.images import (
     ALLOWED_FORMATS,
     DECODER_COPIES,
     DEFAULT_MAX_PIXELS,

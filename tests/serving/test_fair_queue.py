@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference.fair_queue import FairQueue
+from serving.fair_queue import FairQueue
 
 
 def _drain(queue: FairQueue[str]) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.cost import BOUND_FACTOR, CostModel, cost_pixels
+from serving.cost import BOUND_FACTOR, CostModel, cost_pixels
 
 #: The "true" device of these tests: 20 ms an image plus 1.7 s per million pixels (this project's
 #: CPU, float32).

@@ -5,7 +5,7 @@ that device's single worker thread, so concurrent requests never oversubscribe t
 interleave GPU work; what runs elsewhere (decode, encode, HTTP) does not touch the models.
 
 **Fair shares.** Every ticket belongs to a :class:`Client`. Waiting tickets stand in one line per
-client (:class:`~inference.fair_queue.FairQueue`, start-time fair queuing by estimated seconds), so
+client (:class:`~serving.fair_queue.FairQueue`, start-time fair queuing by estimated seconds), so
 the worker serves clients in turn: a client that floods the service pushes only its own images
 back, and another client's photo waits for at most the work already running plus one image of each
 client ahead of it, whatever is queued. The worker takes the first ticket in that order, then
@@ -14,8 +14,8 @@ tickets to :meth:`Cartoonizer.run_many`, which batches head crops across all of 
 passes across images of the same size.
 
 **Admission** happens before a request decodes anything (:meth:`Scheduler.admit`): it asks for
-places in its client's line for its images, each costing what :class:`~inference.cost.CostModel`
-estimates from its cost pixels (:func:`~inference.cost.cost_pixels`). It is refused at once with
+places in its client's line for its images, each costing what :class:`~serving.cost.CostModel`
+estimates from its cost pixels (:func:`~serving.cost.cost_pixels`). It is refused at once with
 :class:`QueueFullError` and a ``retry_after`` when ``queue_size`` images of all clients already
 wait (or are admitted and decoding), with :class:`ClientQueueFullError` when its own client's
 ``max_queued`` would be exceeded, and with :class:`QueueFullError` when the work that would be
@@ -52,11 +52,11 @@ from typing import Final
 import numpy as np
 from torch import Tensor
 
-from inference.cost import CostModel, cost_pixels
 from inference.errors import ToonserveError
-from inference.fair_queue import FairQueue, Slot
 from inference.models import StyleNotLoadedError
-from inference.pipeline import CancelledError, Cartoonizer, NoFaceError, Options, Result
+from inference.pipeline import AbandonedError, Cartoonizer, NoFaceError, Options, Result
+from serving.cost import CostModel, cost_pixels
+from serving.fair_queue import FairQueue, Slot
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ class Scheduler:
 
     def admit(self, pixels: list[int], deadline: float, client: Client | None = None) -> Admission:
         """Hold places in ``client``'s line for images about to be decoded and submitted, each costing
-        its cost pixels (:func:`~inference.cost.cost_pixels`).
+        its cost pixels (:func:`~serving.cost.cost_pixels`).
 
         Refused at once with :class:`QueueFullError` when the queue has no room for all of them, or
         when the work ahead plus theirs would not be done by ``deadline``; with
@@ -513,7 +513,7 @@ class Scheduler:
                 alive=lambda i, tickets=tickets: not (tickets[i].cancelled or tickets[i].expired()),  # type: ignore[misc]
             )
             for t, outcome in zip(tickets, outcomes, strict=True):
-                if isinstance(outcome, CancelledError) and t.expired() and not t.cancelled:
+                if isinstance(outcome, AbandonedError) and t.expired() and not t.cancelled:
                     outcome = DeadlineExceededError("deadline passed while the image was being processed")
                 whole = whole and isinstance(outcome, Result | NoFaceError)
                 self._finish(t, outcome)
@@ -526,7 +526,7 @@ class Scheduler:
     def _gone(ticket: Ticket) -> ToonserveError:
         """Why a ticket is dropped before it runs: its client went away, or its deadline passed."""
         if ticket.cancelled:
-            return CancelledError("the client went away before processing started")
+            return AbandonedError("the client went away before processing started")
         return DeadlineExceededError(f"deadline passed after {ticket.queue_wait_ms:.0f} ms in the queue")
 
     def _finish(self, ticket: Ticket, outcome: Result | BaseException) -> None:
@@ -536,7 +536,7 @@ class Scheduler:
             self._on_outcome("ok" if outcome.no_face is None else "no_face", name)
             return
         ticket.future.set_exception(outcome)
-        if isinstance(outcome, CancelledError):
+        if isinstance(outcome, AbandonedError):
             self._on_outcome("cancelled", name)
         elif isinstance(outcome, DeadlineExceededError):
             self._on_outcome("deadline", name)

@@ -3,7 +3,7 @@
 An :class:`Engine` owns everything that does model work on its device: the :class:`ModelStore`
 (generators and masks), one :class:`FaceDetector`, one :class:`Cartoonizer` per style and the
 :class:`Scheduler` whose single worker thread runs them. The service builds exactly one, in one
-factory (``service.engine.build_engine``), and the app, the CLI and the benchmarks all use it.
+factory (``service.factory.build_engine``), and the app, the CLI and the benchmarks all use it.
 
 Styles load and fail independently, in a background thread, the default style first:
 
@@ -29,18 +29,19 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from inference.cost import cost_pixels
+from inference.constants import DEFAULT_HEAD_BATCH
 from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
 from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore, StyleNotLoadedError
-from inference.pipeline import DEFAULT_HEAD_BATCH, Cartoonizer, Options
-from inference.scheduler import (
+from inference.pipeline import Cartoonizer, Options
+from inference.styles import get_style
+from serving.cost import cost_pixels
+from serving.scheduler import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_INTERACTIVE_GRACE_S,
     DEFAULT_QUEUE_SIZE,
     Scheduler,
 )
-from inference.weights import get_style
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The GPU JPEG codec's guards and fallbacks (inference.gpu_codec), and how the flow uses it, on the CPU.
+"""The GPU JPEG codec's guards and fallbacks (serving.gpu_codec), and how the flow uses it, on the CPU.
 
 nvJPEG cannot run here: the decoder's rules are checked on JPEGs made with Pillow, and the decode and
 encode plumbing (orientation, the resize to the processing size, the flow's choice of codec, the
@@ -23,12 +23,16 @@ from PIL import Image, ImageCms
 
 from devkit import photos
 from devkit.pillow_tvio import PillowTorchvisionIO
-from inference.engine import Engine
-from inference.flow import Defaults, Flow, Limits
-from inference.gpu_codec import DecodePlan, GpuCodec, jpeg_layout, plan
-from inference.images import decode, encode
 from inference.pipeline import Cartoonizer, Result, resize_rgb
-from inference.scheduler import Scheduler
+from serving.engine import Engine
+from serving.flow import Flow, Limits
+from serving.gpu_codec import DecodePlan, GpuCodec, jpeg_layout, plan
+from serving.images import decode, encode
+from serving.options import RequestOptions, ResolvedOptions
+from serving.scheduler import Scheduler
+
+#: The service defaults of these tests (as the settings would make them).
+DEFAULTS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 
 MAX_PIXELS = 40_000_000
 
@@ -193,7 +197,7 @@ def test_a_refused_file_and_a_failing_decoder_fall_back_to_pillow(caplog: pytest
     assert codec.decode(REFUSED["progressive JPEG"], (600, 512), max_pixels=MAX_PIXELS) is None
     assert codec.counts == {"pillow decode: progressive JPEG": 1}
     failing = pillow_codec(fail="decode")
-    with caplog.at_level(logging.WARNING, logger="inference.gpu_codec"):
+    with caplog.at_level(logging.WARNING, logger="serving.gpu_codec"):
         for _ in range(3):
             assert failing.decode(BASELINE, (600, 512), max_pixels=MAX_PIXELS) is None
     assert failing.counts == {"pillow decode: nvJPEG failed (RuntimeError)": 3}
@@ -220,7 +224,7 @@ def _flow(cartoonizer: Cartoonizer, codec: GpuCodec | None) -> tuple[Flow, Sched
     engine.scheduler = scheduler
     scheduler.start()
     flow = Flow(
-        engine, Defaults("anime", 720, "png", 90, 24.0, 10), limits=Limits(), timeout_s=120, codec_threads=1,
+        engine, DEFAULTS, limits=Limits(), timeout_s=120, codec_threads=1,
         gpu_codec=codec,
     )  # fmt: skip
     return flow, scheduler
@@ -235,7 +239,7 @@ def test_the_flow_decodes_on_the_codec_and_gets_the_same_result(cartoonizer: Car
     try:
 
         async def both() -> tuple[Any, Any, Any, Any]:
-            params = with_codec.params()
+            params = with_codec.options(RequestOptions())
             on_device = await with_codec.decode(data, params)
             on_host = await pillow_only.decode(data, params)
             return on_device, on_host, await with_codec.run(data, params), await pillow_only.run(data, params)
@@ -260,9 +264,11 @@ def test_the_flow_asks_for_a_device_result_only_for_jpeg_with_a_codec(cartoonize
     ]:
         flow, sched = _flow(cartoonizer, codec)
         try:
-            from inference.flow import Decoded
+            from serving.flow import Decoded
 
-            ticket = flow.submit(flow.params(fmt=fmt), Decoded(pixels, (64, 64), 0.0), deadline=1e18)
+            ticket = flow.submit(
+                flow.options(RequestOptions(format=fmt)), Decoded(pixels, (64, 64), 0.0), deadline=1e18
+            )
             assert ticket.options.device_result is expected
             ticket.future.result(timeout=120)
         finally:
@@ -277,7 +283,9 @@ def test_the_flow_encodes_a_device_result_on_the_codec_and_falls_back(cartoonize
     for codec, via in [(pillow_codec(), "gpu encode"), (pillow_codec(fail="encode"), None)]:
         flow, sched = _flow(cartoonizer, codec)
         try:
-            data, _ = asyncio.run(flow.encode(result, flow.params(fmt="jpeg", quality=80)))
+            data, _ = asyncio.run(
+                flow.encode(result, flow.options(RequestOptions(format="jpeg", quality=80)))
+            )
         finally:
             flow.close()
             sched.close()

@@ -445,7 +445,7 @@ def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
 @dataclass(frozen=True)
 class HeaderFacts:
     """What an image's header says that decides how :func:`decode` turns it into pixels; lets another
-    decoder (the GPU JPEG decoder, :mod:`inference.gpu_codec`) tell whether it would do the same."""
+    decoder (the GPU JPEG decoder, :mod:`serving.gpu_codec`) tell whether it would do the same."""
 
     #: Pillow's format name ("JPEG"; "MPO" for a JPEG with a multi-picture index, …).
     pillow_format: str

@@ -1,7 +1,7 @@
 """The one place that turns settings into a working engine and request flow.
 
 :func:`build_engine` wires the model store, the face detector (by registry name), the per-style
-pipelines and the device's worker (:class:`inference.engine.Engine`); :func:`build_flow` puts the
+pipelines and the device's worker (:class:`serving.engine.Engine`); :func:`build_flow` puts the
 request flow on top with the per-request defaults and limits. The app, the CLI and the benchmarks
 all call these two; nothing else builds that graph.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from inference.engine import Engine
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
-from inference.flow import Defaults, Flow, Limits
-from inference.gpu_codec import GpuCodec
 from inference.models import ModelStore, choose_dtype, parse_device
 from inference.pipeline import Result
 from service.settings import Settings
+from serving.engine import Engine
+from serving.flow import Flow, Limits
+from serving.gpu_codec import GpuCodec
+from serving.options import ResolvedOptions
 
 
 def default_codec_threads() -> int:
@@ -105,14 +106,12 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
     """The request flow over ``engine`` with the settings' per-request defaults and limits; on a
     CUDA engine, with JPEG decode and encode on the GPU where torchvision allows
     (:meth:`GpuCodec.create`; Pillow otherwise)."""
-    defaults = Defaults(
+    # What a request gets for the options it leaves out.
+    defaults = ResolvedOptions(
         style=engine.default_style,
         processing_size=settings.processing_size,
-        output_format=settings.output_format,
+        format=settings.output_format,
         quality=settings.quality,
-        min_face_size=settings.min_face_size,
-        max_faces=settings.max_faces,
-        png_compression=settings.png_compression,
     )
     limits = Limits(
         max_pixels=settings.max_pixels,
@@ -121,6 +120,9 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         max_output_pixels=settings.max_output_pixels,
         max_upscale=settings.max_upscale,
         reduced_decode=settings.reduced_decode,
+        min_face_size=settings.min_face_size,
+        max_faces=settings.max_faces,
+        png_compression=settings.png_compression,
     )
     return Flow(
         engine,

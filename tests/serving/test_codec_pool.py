@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from inference.codec_pool import CodecPool
+from serving.codec_pool import CodecPool
 
 
 def test_a_client_with_many_tasks_does_not_hold_back_another() -> None:
