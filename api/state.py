@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from api.clients import Clients, RateLimiter
-from jobs.runner import EventHub, JobRunner
+from jobs.events import EventHub
+from jobs.runner import JobRunner
 from jobs.store import JobStore
 from serving.engine import Engine
 from serving.flow import Flow

@@ -1,4 +1,5 @@
-"""Files that survive a crash: written to a temporary name, fsynced, renamed, the directory fsynced.
+"""Files that survive a crash: written to a temporary name, fsynced, renamed, the directory fsynced;
+and the one layout of a data directory's job files (:class:`JobFiles`), which both stores use.
 
 After :func:`write_durable` returns, the file is on disk under its final name with all its bytes, or
 (if the machine died before) not there at all; never half-written under its final name.
@@ -8,9 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+from jobs.errors import JobStoreError
 
 _CHUNK = 1 << 20
 
@@ -61,3 +66,102 @@ def remove_tree(path: Path) -> None:
 def tree_bytes(path: Path) -> int:
     """Bytes of the regular files under ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def newest_mtime(path: Path) -> float:
+    """The latest modification time in a directory tree (0 if it vanished meanwhile)."""
+    newest = 0.0
+    for p in (path, *path.rglob("*")):
+        try:
+            newest = max(newest, p.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+class JobFiles:
+    """The job files of a data directory, laid out the same for both stores:
+
+    * ``jobs/<id>/in/NNNN``: a job's photos, each until its item ends;
+    * ``jobs/<id>/out/NNNN.<suffix>``: the results;
+    * ``staging/<id>/`` (``staging/<replica>/<id>/`` for a shared directory): a job being accepted,
+      renamed into ``jobs/`` whole once every photo is on disk.
+
+    Everything is written durably (:func:`write_durable`). ``replica`` names this process's own
+    staging area when several processes share the directory.
+    """
+
+    def __init__(self, data_dir: Path, replica: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.jobs_dir = data_dir / "jobs"
+        self.staging_root = data_dir / "staging"
+        self.staging_dir = self.staging_root / replica if replica else self.staging_root
+        try:
+            self.jobs_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JobStoreError(f"the job data directory {data_dir} cannot be used: {exc}") from exc
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def input_path(self, job_id: str, index: int) -> Path:
+        return self.job_dir(job_id) / "in" / f"{index:04d}"
+
+    def result_path(self, job_id: str, index: int, suffix: str) -> Path:
+        return self.job_dir(job_id) / "out" / f"{index:04d}.{suffix}"
+
+    def write_photos(self, job_id: str, photos: Sequence[BinaryIO | None]) -> None:
+        """Each photo (None: refused at acceptance, not kept) written durably as ``in/NNNN`` of the
+        job's staging directory, which is then renamed into place and the rename fsynced: a job's
+        folder is there whole or not at all. Raises JobStoreError, with the staging directory
+        removed."""
+        staging = self.staging_dir / job_id
+        try:
+            for index, stream in enumerate(photos):
+                if stream is not None:
+                    write_durable(staging / "in" / f"{index:04d}", stream)
+            staging.mkdir(parents=True, exist_ok=True)
+            staging.rename(self.job_dir(job_id))
+            fsync_dir(self.jobs_dir)
+        except OSError as exc:
+            remove_tree(staging)
+            raise JobStoreError(f"cannot write the job's photos under {self.data_dir}: {exc}") from exc
+
+    def write_result(self, job_id: str, index: int, suffix: str, data: bytes) -> int | None:
+        """The result written under its final name (before its item is recorded: a crash in between
+        runs the item again, which writes the same file); its bytes, or None if the job's folder is
+        gone (deleted while its item ran)."""
+        if not self.job_dir(job_id).exists():
+            return None
+        return write_durable(self.result_path(job_id, index, suffix), data)
+
+    def drop_input(self, job_id: str, index: int) -> None:
+        """An item's photo, once its item has ended (its record says so first)."""
+        self.input_path(job_id, index).unlink(missing_ok=True)
+
+    def remove(self, job_id: str) -> None:
+        """A job's folder, with everything in it."""
+        remove_tree(self.job_dir(job_id))
+
+    def reset_staging(self) -> None:
+        """Empty this process's staging area (what a dead process of the same name left there)."""
+        remove_tree(self.staging_dir)
+        self.staging_dir.mkdir(parents=True, exist_ok=True)
+
+    def sweep(self, recorded: Callable[[list[str]], list[bool]], untouched_s: float = 0.0) -> None:
+        """Remove the job folders without a record (renamed into place, but the record never came),
+        and other processes' staging directories, untouched for ``untouched_s`` seconds (0: now; on a
+        shared directory, long enough that no upload is still in progress). ``recorded(ids)`` says,
+        for each id, whether the store has its job."""
+        cutoff = time.time() - untouched_s
+        others = [] if self.staging_dir == self.staging_root else list(self.staging_root.iterdir())
+        for path in others:
+            if path.is_dir() and path != self.staging_dir and newest_mtime(path) <= cutoff:
+                remove_tree(path)
+        folders = [p for p in self.jobs_dir.iterdir() if p.is_dir()]
+        if not folders:
+            return
+        for path, known in zip(folders, recorded([p.name for p in folders]), strict=True):
+            if not known and (untouched_s == 0 or newest_mtime(path) <= cutoff):
+                remove_tree(path)

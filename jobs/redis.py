@@ -45,9 +45,9 @@ from redis.retry import Retry
 
 from jobs import redis_lua
 from jobs.errors import JobStoreError, StorageQuotaError
-from jobs.files import remove_tree, write_durable
+from jobs.files import JobFiles
 from jobs.model import JOB_STATUSES, Item, ItemStatus, Job, WebhookState
-from jobs.store import Claim, Upload, quota_message, write_photos
+from jobs.store import Claim, Upload, accepted_streams, quota_message
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
 
@@ -88,18 +88,11 @@ class RedisJobStore:
         name and process id). Nothing is sent to Redis here; an unreachable one is reported at the
         first use."""
         self.data_dir = data_dir
-        self.jobs_dir = data_dir / "jobs"
         self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"
-        self.staging_root = data_dir / "staging"
-        self.staging_dir = self.staging_root / self.replica
+        self.files = JobFiles(data_dir, self.replica)
         self.lease_s = lease_s
         self.url = redacted(url)
         self._p = "{" + prefix + "}:"
-        try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            self.staging_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise JobStoreError(f"the job data directory {data_dir} cannot be used: {exc}") from exc
         try:
             self._redis = redis.Redis.from_url(
                 url,
@@ -115,19 +108,7 @@ class RedisJobStore:
         except ValueError as exc:
             raise JobStoreError(f"TOONSERVE_REDIS_URL {self.url!r} is not a Redis URL: {exc}") from exc
         self._scripts: dict[str, Script] = {
-            name: self._redis.register_script(getattr(redis_lua, name))
-            for name in (
-                "CREATE",
-                "CLAIM",
-                "RENEW",
-                "FINISH",
-                "RELEASE",
-                "CANCEL",
-                "FAIL",
-                "DELETE",
-                "SET_WEBHOOK_STATE",
-                "PRUNE_CONSUMERS",
-            )
+            name: self._redis.register_script(redis_lua.script(name)) for name in redis_lua.NAMES
         }
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -152,14 +133,8 @@ class RedisJobStore:
     def _key(self, *parts: str) -> str:
         return self._p + ":".join(parts)
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
-
-    def input_path(self, job_id: str, index: int) -> Path:
-        return self.job_dir(job_id) / "in" / f"{index:04d}"
-
     def result_path(self, job_id: str, index: int, suffix: str) -> Path:
-        return self.job_dir(job_id) / "out" / f"{index:04d}.{suffix}"
+        return self.files.result_path(job_id, index, suffix)
 
     def _load_many(self, job_ids: list[str]) -> list[Job]:
         """The jobs that still exist among ``job_ids``, in that order (one round trip, one snapshot)."""
@@ -205,8 +180,7 @@ class RedisJobStore:
         used = self.usage()
         if used + needed > quota_bytes:  # refused before writing; decided again atomically below
             raise StorageQuotaError(quota_message(needed, used, quota_bytes))
-        final = self.job_dir(job_id)
-        write_photos(uploads, self.staging_dir / job_id, final, self.data_dir)
+        self.files.write_photos(job_id, accepted_streams(uploads))
         items = [
             {
                 "filename": u.filename,
@@ -243,18 +217,18 @@ class RedisJobStore:
             with self._errors():
                 recorded = self._redis.exists(self._key("job", job_id))
             if not recorded:
-                remove_tree(final)
+                self.files.remove(job_id)
                 raise
             outcome = ["created"]
         except BaseException:
-            remove_tree(final)
+            self.files.remove(job_id)
             raise
         if outcome[0] == "quota":
-            remove_tree(final)
+            self.files.remove(job_id)
             raise StorageQuotaError(quota_message(needed, int(outcome[1]), quota_bytes))
         if outcome[0] == "exists":
             # The same idempotency key, recorded by a concurrent submission (any replica) first.
-            remove_tree(final)
+            self.files.remove(job_id)
             existing = self.get(outcome[1])
             if existing is None:  # pragma: no cover - the other one was deleted in between
                 raise JobStoreError(f"job {outcome[1]} of idempotency key {idempotency_key!r} vanished")
@@ -296,7 +270,7 @@ class RedisJobStore:
         lease_ms = int(self.lease_s * 1000)
         got, dropped = self._run("CLAIM", owner, lease_ms, repr(time.time()), *sorted(styles))
         for k in range(0, len(dropped), 2):
-            self.input_path(dropped[k], int(dropped[k + 1])).unlink(missing_ok=True)
+            self.files.drop_input(dropped[k], int(dropped[k + 1]))
         if not got:
             return None
         job_id, index, filename, options, entry, queue, client = got
@@ -305,7 +279,7 @@ class RedisJobStore:
             int(index),
             filename,
             ResolvedOptions.load(json.loads(options)),
-            self.input_path(job_id, int(index)),
+            self.files.input_path(job_id, int(index)),
             owner,
             token=entry,
             client=client,
@@ -319,7 +293,7 @@ class RedisJobStore:
         now = repr(time.time())
         outcome = self._run("RELEASE", claim.owner, claim.queue, claim.token, claim.job_id, claim.index, now)
         if outcome == "cancelled":
-            self.input_path(claim.job_id, claim.index).unlink(missing_ok=True)
+            self.files.drop_input(claim.job_id, claim.index)
 
     def finish(
         self,
@@ -335,14 +309,13 @@ class RedisJobStore:
         job_id, index = claim.job_id, claim.index
         result_bytes = 0
         if result is not None:
-            if not self.job_dir(job_id).exists():
-                return None  # deleted while it ran
             if not self.renew(claim):
                 # Another runner took the item over: its result (the same bytes) is its to write.
                 return self.get(job_id)
-            # Written under its final name before the record says ok: if this runner dies in
-            # between, the next one writes the same file again.
-            result_bytes = write_durable(self.result_path(job_id, index, claim.options.suffix), result)
+            written = self.files.write_result(job_id, index, claim.options.suffix, result)
+            if written is None:
+                return None  # deleted while it ran
+            result_bytes = written
         now = time.time()
         outcome = self._run(
             "FINISH",
@@ -360,11 +333,10 @@ class RedisJobStore:
             repr(now + ttl_s),
         )
         if outcome == "gone":
-            remove_tree(self.job_dir(job_id))  # a result written after the job was deleted
+            self.files.remove(job_id)  # a result written after the job was deleted
             return None
         if outcome == "ok":
-            # The photo is no longer needed once its item has ended (the record says so first).
-            self.input_path(job_id, index).unlink(missing_ok=True)
+            self.files.drop_input(job_id, index)
         return self.get(job_id)
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
@@ -374,7 +346,7 @@ class RedisJobStore:
         job = self.get(job_id)
         for item in job.items if job else ():
             if item.status == "cancelled":
-                self.input_path(job_id, item.index).unlink(missing_ok=True)
+                self.files.drop_input(job_id, item.index)
         return job
 
     def fail(self, job_id: str, message: str, ttl_s: float) -> Job | None:
@@ -386,31 +358,25 @@ class RedisJobStore:
 
     def delete(self, job_id: str) -> bool:
         gone = bool(self._run("DELETE", job_id))
-        remove_tree(self.job_dir(job_id))
+        self.files.remove(job_id)
         return gone
 
     def recover(self) -> int:
         """This replica's staging area is cleaned, and what dead processes left long ago: staging
         directories and job directories without a record. Items other runners hold are not touched
         (they go back through their leases), so 0."""
-        remove_tree(self.staging_dir)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
-        cutoff = time.time() - STALE_S
-        for path in self.staging_root.iterdir():
-            if path.is_dir() and path != self.staging_dir and _newest_mtime(path) < cutoff:
-                remove_tree(path)
-        dirs = [p for p in self.jobs_dir.iterdir() if p.is_dir()]
-        if dirs:
-            with self._errors():
-                pipe = self._redis.pipeline(transaction=False)
-                for path in dirs:
-                    pipe.exists(self._key("job", path.name))
-                known = pipe.execute()
-            for path, exists in zip(dirs, known, strict=True):
-                if not exists and _newest_mtime(path) < cutoff:
-                    remove_tree(path)  # renamed into place, but its record was never written
+        self.files.reset_staging()
+        self.files.sweep(self._recorded, untouched_s=STALE_S)
         self._run("PRUNE_CONSUMERS", int(CONSUMER_IDLE_S * 1000))
         return 0
+
+    def _recorded(self, job_ids: list[str]) -> list[bool]:
+        """Whether each job has a record (one round trip)."""
+        with self._errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id in job_ids:
+                pipe.exists(self._key("job", job_id))
+            return [bool(n) for n in pipe.execute()]
 
     def expired(self, now: float) -> list[str]:
         with self._errors():
@@ -502,14 +468,3 @@ def _job(fields: dict[str, str], items: dict[str, str]) -> Job | None:
         error=fields.get("error") or None,
         client=fields.get("client") or ANONYMOUS,
     )
-
-
-def _newest_mtime(path: Path) -> float:
-    """The latest modification time in a directory tree (0 if it vanished meanwhile)."""
-    newest = 0.0
-    for p in (path, *path.rglob("*")):
-        try:
-            newest = max(newest, p.stat().st_mtime)
-        except OSError:
-            continue
-    return newest

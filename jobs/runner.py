@@ -36,11 +36,13 @@ from typing import Any, Final
 from inference.errors import StyleUnavailableError, ToonserveError
 from inference.pipeline import AbandonedError
 from jobs.errors import JobStoreError
+from jobs.events import EventHub
 from jobs.model import ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
 from serving.engine import Engine
 from serving.flow import Flow
+from serving.retry import backoff_s
 from serving.scheduler import Client, Ticket
 
 log = logging.getLogger(__name__)
@@ -66,29 +68,6 @@ def _store_trouble(exc: BaseException, doing: str, retry_s: float | None = None)
         log.warning("jobs: %s failed: %s%s", doing, exc, then)
     else:
         log.error("jobs: %s failed unexpectedly%s", doing, then, exc_info=exc)
-
-
-class EventHub:
-    """Wakes whoever waits on a job when it changes (this process's changes; others are polled)."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
-
-    def notify(self, job_id: str) -> None:
-        for event in self._events.get(job_id, ()):
-            event.set()
-
-    async def wait(self, job_id: str, timeout: float) -> None:
-        """Until the job changes, or ``timeout`` seconds."""
-        event = asyncio.Event()
-        self._events[job_id].add(event)
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
-        finally:
-            self._events[job_id].discard(event)
-            if not self._events[job_id]:
-                del self._events[job_id]
 
 
 class JobRunner:
@@ -234,7 +213,7 @@ class JobRunner:
                 if self._stopping:
                     return
                 failures += 1
-                delay = min(RETRY_MAX_S, 2.0 ** (failures - 1))
+                delay = backoff_s(failures, max_s=RETRY_MAX_S)
                 _store_trouble(exc, "taking work", delay)
                 await asyncio.sleep(delay)
                 continue
@@ -351,7 +330,7 @@ class JobRunner:
             except JobStoreError as exc:
                 if attempt == FINISH_ATTEMPTS:
                     raise
-                delay = 2.0 ** (attempt - 1)
+                delay = backoff_s(attempt)
                 _store_trouble(exc, f"recording item {claim.index} of job {claim.job_id}", delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from jobs.errors import JobStoreError, StorageQuotaError
-from jobs.files import remove_tree, write_durable
+from jobs.files import JobFiles
 from jobs.model import TERMINAL, Item, ItemStatus, Job, JobStatus, WebhookState
-from jobs.store import Claim, Upload, quota_message, write_photos
+from jobs.store import Claim, Upload, accepted_streams, quota_message
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
@@ -77,11 +77,8 @@ class SQLiteJobStore:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.jobs_dir = data_dir / "jobs"
-        self.staging_dir = data_dir / "staging"
+        self.files = JobFiles(data_dir)
         try:
-            self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            self.staging_dir.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(data_dir / "jobs.db", check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -115,14 +112,8 @@ class SQLiteJobStore:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
-
-    def input_path(self, job_id: str, index: int) -> Path:
-        return self.job_dir(job_id) / "in" / f"{index:04d}"
-
     def result_path(self, job_id: str, index: int, suffix: str) -> Path:
-        return self.job_dir(job_id) / "out" / f"{index:04d}.{suffix}"
+        return self.files.result_path(job_id, index, suffix)
 
     def _load(self, db: sqlite3.Connection, job_id: str) -> Job | None:
         row = db.execute(
@@ -204,8 +195,7 @@ class SQLiteJobStore:
                 return existing, False
         needed = sum(u.size + u.estimate for u in uploads if u.error is None)
         self._check_quota(needed, quota_bytes)
-        final = self.job_dir(job_id)
-        write_photos(uploads, self.staging_dir / job_id, final, self.data_dir)
+        self.files.write_photos(job_id, accepted_streams(uploads))
         now = time.time()
         try:
             with self._tx() as db:
@@ -247,14 +237,14 @@ class SQLiteJobStore:
                 job = self._load(db, job_id)
         except sqlite3.IntegrityError:
             # The same idempotency key, committed by a concurrent submission first.
-            remove_tree(final)
+            self.files.remove(job_id)
             assert idempotency_key is not None
             existing = self.by_idempotency_key(idempotency_key)
             if existing is None:  # pragma: no cover - the other one was deleted in between
                 raise
             return existing, False
         except BaseException:
-            remove_tree(final)
+            self.files.remove(job_id)
             raise
         assert job is not None
         return job, True
@@ -315,7 +305,7 @@ class SQLiteJobStore:
                 )
                 self._turns.served(self._turns.book(client, 1.0), {c for c, _ in waiting})
                 options = ResolvedOptions.load(json.loads(options_json))
-                path = self.input_path(job_id, index)
+                path = self.files.input_path(job_id, index)
                 return Claim(job_id, index, filename, options, path, owner, client=client)
         return None
 
@@ -343,11 +333,10 @@ class SQLiteJobStore:
         job_id, index = claim.job_id, claim.index
         result_bytes = 0
         if result is not None:
-            if not self.job_dir(job_id).exists():
+            written = self.files.write_result(job_id, index, claim.options.suffix, result)
+            if written is None:
                 return None  # deleted while it ran
-            # Written under its final name before the record says ok: a crash in between re-runs
-            # the item, which writes the same file again.
-            result_bytes = write_durable(self.result_path(job_id, index, claim.options.suffix), result)
+            result_bytes = written
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
                 return None
@@ -367,8 +356,7 @@ class SQLiteJobStore:
             db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (time.time(), job_id))
             self._settle(db, job_id, ttl_s)
             job = self._load(db, job_id)
-        # The photo is no longer needed once its item has ended (the record says so first).
-        self.input_path(job_id, index).unlink(missing_ok=True)
+        self.files.drop_input(job_id, index)
         return job
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
@@ -385,7 +373,7 @@ class SQLiteJobStore:
             job = self._load(db, job_id)
         for item in job.items if job else ():
             if item.status == "cancelled":
-                self.input_path(job_id, item.index).unlink(missing_ok=True)
+                self.files.drop_input(job_id, item.index)
         return job
 
     def fail(self, job_id: str, message: str, ttl_s: float) -> Job | None:
@@ -407,16 +395,13 @@ class SQLiteJobStore:
     def delete(self, job_id: str) -> bool:
         with self._tx() as db:
             gone = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount > 0
-        remove_tree(self.job_dir(job_id))
+        self.files.remove(job_id)
         return gone
 
     def recover(self) -> int:
-        remove_tree(self.staging_dir)
-        self.staging_dir.mkdir(parents=True, exist_ok=True)
+        self.files.reset_staging()
         known = {r[0] for r in self._read("SELECT id FROM jobs")}
-        for path in self.jobs_dir.iterdir():
-            if path.is_dir() and path.name not in known:
-                remove_tree(path)  # renamed into place, but its record was never committed
+        self.files.sweep(lambda ids: [i in known for i in ids])
         with self._tx() as db:
             # An item of a job that ended meanwhile (cancelled while it ran) will not run again.
             db.execute(

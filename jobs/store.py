@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from jobs.errors import JobStoreError
-from jobs.files import fsync_dir, remove_tree, write_durable
 from jobs.model import ItemStatus, Job, WebhookState
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
@@ -183,17 +181,6 @@ def quota_message(needed: int, used: int, quota: int) -> str:
     )
 
 
-def write_photos(uploads: list[Upload], staging: Path, final: Path, data_dir: Path) -> None:
-    """Each accepted upload written durably as ``staging/in/NNNN``, then ``staging`` renamed to
-    ``final`` and the rename fsynced: a job's folder is there whole or not at all (what both stores do
-    before they record a job). Raises JobStoreError, with ``staging`` removed."""
-    try:
-        for index, upload in enumerate(uploads):
-            if upload.stream is not None and upload.error is None:
-                write_durable(staging / "in" / f"{index:04d}", upload.stream)
-        staging.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
-        fsync_dir(final.parent)
-    except OSError as exc:
-        remove_tree(staging)
-        raise JobStoreError(f"cannot write the job's photos under {data_dir}: {exc}") from exc
+def accepted_streams(uploads: list[Upload]) -> list[BinaryIO | None]:
+    """Each upload's bytes to keep, None for those refused at acceptance (:meth:`JobFiles.write_photos`)."""
+    return [u.stream if u.error is None else None for u in uploads]

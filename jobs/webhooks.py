@@ -28,6 +28,7 @@ import httpx
 
 from jobs.errors import WebhookRefusedError
 from jobs.model import Job, public_job
+from serving.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,6 @@ class WebhookSender:
         assert job.webhook is not None
         body = self.body(job)
         headers = self.headers(job, body)
-        delay = self.first_delay_s
         async with httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False) as client:
             for attempt in range(1, self.attempts + 1):
                 outcome = await self._attempt(client, job, body, headers)
@@ -124,8 +124,7 @@ class WebhookSender:
                     break
                 self._on_delivery("retried" if attempt < self.attempts else "failed")
                 if attempt < self.attempts:
-                    await asyncio.sleep(delay)
-                    delay *= 2
+                    await asyncio.sleep(backoff_s(attempt, self.first_delay_s))
         if outcome == "refused":
             self._on_delivery("refused")
         log.warning("webhook of job %s not delivered to %s", job.id, job.webhook)

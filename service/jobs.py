@@ -5,8 +5,9 @@ from __future__ import annotations
 from api.errors import code_for
 from api.metrics import Metrics
 from api.state import JobsState
+from jobs.events import EventHub
 from jobs.redis import RedisJobStore
-from jobs.runner import EventHub, JobRunner
+from jobs.runner import JobRunner
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import JobStore
 from jobs.webhooks import WebhookSender

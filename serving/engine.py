@@ -36,6 +36,7 @@ from inference.models import ModelStore, StyleNotLoadedError
 from inference.pipeline import Cartoonizer, Options
 from inference.styles import get_style
 from serving.cost import cost_pixels
+from serving.retry import backoff_s
 from serving.scheduler import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_INTERACTIVE_GRACE_S,
@@ -93,11 +94,6 @@ def _run_blank(cartoonizer: Cartoonizer, side: int) -> float:
     start = time.perf_counter()
     cartoonizer.run(blank, Options(no_face="background"))
     return time.perf_counter() - start
-
-
-def backoff_s(failures: int, initial_s: float, max_s: float) -> float:
-    """Wait before attempt ``failures + 1``: ``initial_s · 2^(failures - 1)``, at most ``max_s``."""
-    return float(min(max_s, initial_s * 2.0 ** max(0, failures - 1)))
 
 
 class Engine:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.settings import Settings
-from serving.engine import backoff_s
+from serving.retry import backoff_s
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

@@ -65,7 +65,7 @@ def test_a_late_finisher_after_a_takeover_changes_nothing(tmp_path: Path, redis_
     assert job is not None and job.items[0].status == "running"
     result = b.result_path(held.job_id, 0, "png")
     assert not result.exists()  # a runner that lost its lease does not write
-    assert a.input_path(held.job_id, 0).exists()  # nor take the photo from the new holder
+    assert a.files.input_path(held.job_id, 0).exists()  # nor take the photo from the new holder
     usage = b.usage()
 
     job = b.finish(taken, "ok", result=b"from b", faces_stylized=1, ttl_s=TTL)
@@ -139,7 +139,7 @@ def test_concurrent_idempotent_submissions_on_two_replicas_make_one_job(
         t.join()
     assert len(ids) == 6 and len(set(ids)) == 1
     assert [j.id for j in a.recent(None, 10)] == ids[:1] == [j.id for j in b.recent(None, 10)]
-    assert sorted(p.name for p in a.jobs_dir.iterdir()) == ids[:1]
+    assert sorted(p.name for p in a.files.jobs_dir.iterdir()) == ids[:1]
     assert a.usage() == 50 + 60 + 2 * 1000 and b.waiting() == 2
 
 
@@ -167,7 +167,7 @@ def test_the_quota_holds_across_replicas(tmp_path: Path, redis_server: RedisServ
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["created", "refused", "refused", "refused"]
-    assert a.usage() == 2200 and len(list(a.jobs_dir.iterdir())) == 1
+    assert a.usage() == 2200 and len(list(a.files.jobs_dir.iterdir())) == 1
 
     # Results count at their real size once written: room frees up for the next job, on either.
     (job,) = b.recent(None, 1)
@@ -206,7 +206,7 @@ def test_a_job_cancelled_while_its_runner_died_ends_at_the_takeover(
     assert b.claim({"anime"}, "runner-b") is None
     job = b.get(held.job_id)
     assert job is not None and [i.status for i in job.items] == ["cancelled", "cancelled"] and job.done == 2
-    assert not b.input_path(held.job_id, 0).exists() and b.usage() == 0
+    assert not b.files.input_path(held.job_id, 0).exists() and b.usage() == 0
 
 
 @pytest.mark.live
@@ -238,7 +238,7 @@ def test_redis_going_away_is_a_job_store_error_and_coming_back_works(
         store.create(
             "7" * 32, OPTIONS, _uploads(10), webhook=None, idempotency_key=None, ttl_s=TTL, quota_bytes=QUOTA
         )
-    assert list(store.jobs_dir.iterdir()) == [store.jobs_dir / ("6" * 32)]
+    assert list(store.files.jobs_dir.iterdir()) == [store.files.jobs_dir / ("6" * 32)]
     redis_server.start()  # the same port, empty (no persistence in this test)
     assert store.get("6" * 32) is None and store.usage() == 0
     _create(store, "8" * 32, 10)

@@ -76,8 +76,8 @@ def test_a_job_is_stored_with_its_photos_and_handed_out_in_order(store: Store) -
     assert job is not None and job.status == "queued"
     assert [i.status for i in job.items] == ["queued", "error", "queued"]
     assert job.items[1].error == {"code": "unsupported_image", "message": "no"}
-    assert store.input_path(job.id, 0).read_bytes() == b"\x00" * 10
-    assert not store.input_path(job.id, 1).exists()
+    assert store.files.input_path(job.id, 0).read_bytes() == b"\x00" * 10
+    assert not store.files.input_path(job.id, 1).exists()
     assert store.usage() == 10 + 30 + 2 * 1000 and store.waiting() == 2
 
     first = store.claim({"anime"}, "me")
@@ -93,7 +93,7 @@ def test_a_job_is_stored_with_its_photos_and_handed_out_in_order(store: Store) -
     assert job is not None and job.status == "running"
     assert job.items[0].faces_stylized == 1 and job.items[0].timings_ms == {"head": 1.0}
     assert store.result_path(job.id, 0, "png").read_bytes() == b"png!"
-    assert not store.input_path(job.id, 0).exists()  # the photo goes once its item has ended
+    assert not store.files.input_path(job.id, 0).exists()  # the photo goes once its item has ended
     job = store.finish(second, "error", error={"code": "no_face", "message": "none"}, ttl_s=TTL)
     assert job is not None and job.status == "succeeded" and (job.done, job.failed) == (3, 2)
     assert job.items[2].error == {"code": "no_face", "message": "none"}
@@ -166,7 +166,7 @@ def test_idempotency_key_returns_the_first_job(store: Store) -> None:
     )
     assert not created and again.id == "b" * 32
     assert store.by_idempotency_key("k").id == "b" * 32  # type: ignore[union-attr]
-    assert store.get("c" * 32) is None and not store.job_dir("c" * 32).exists()
+    assert store.get("c" * 32) is None and not store.files.job_dir("c" * 32).exists()
 
 
 def test_concurrent_submissions_with_one_key_make_one_job(store: Store) -> None:
@@ -193,7 +193,7 @@ def test_concurrent_submissions_with_one_key_make_one_job(store: Store) -> None:
         t.join()
     assert len(set(ids)) == 1
     assert len(store.recent(None, 10)) == 1
-    assert sorted(p.name for p in store.jobs_dir.iterdir()) == [ids[0]]
+    assert sorted(p.name for p in store.files.jobs_dir.iterdir()) == [ids[0]]
     assert store.usage() == 50 + 1000 and store.waiting() == 1
 
 
@@ -208,7 +208,7 @@ def test_quota_refuses_before_writing(store: Store) -> None:
             ttl_s=TTL,
             quota_bytes=2000,
         )
-    assert store.get("d" * 32) is None and list(store.jobs_dir.iterdir()) == []
+    assert store.get("d" * 32) is None and list(store.files.jobs_dir.iterdir()) == []
     store.create(
         "e" * 32, OPTIONS, _uploads(100), webhook=None, idempotency_key=None, ttl_s=TTL, quota_bytes=2000
     )
@@ -226,13 +226,15 @@ def test_cancel_fail_expire_delete(store: Store) -> None:
     job = store.cancel("4" * 32, ttl_s=0.0)
     assert job is not None and job.status == "cancelled"
     assert [i.status for i in job.items] == ["running", "cancelled", "cancelled"]
-    assert not store.input_path(job.id, 1).exists() and store.waiting() == 0
+    assert not store.files.input_path(job.id, 1).exists() and store.waiting() == 0
     assert store.claim({"anime"}, "me") is None
     job = store.finish(running, "cancelled", ttl_s=0.0)
     assert job is not None and job.status == "cancelled" and job.done == 3
     assert store.usage() == 0
     assert store.expired(time.time() + 1) == ["4" * 32]
-    assert store.delete("4" * 32) and not store.job_dir("4" * 32).exists() and store.get("4" * 32) is None
+    assert (
+        store.delete("4" * 32) and not store.files.job_dir("4" * 32).exists() and store.get("4" * 32) is None
+    )
     assert not store.delete("4" * 32)
     assert store.cancel("4" * 32, ttl_s=0.0) is None and store.fail("4" * 32, "x", ttl_s=0.0) is None
 
@@ -253,7 +255,7 @@ def test_delete_releases_everything_the_job_held(store: Store) -> None:
     assert store.usage() == 0 and store.waiting() == 0 and store.counts() == {}
     assert store.by_idempotency_key("gone") is None and store.recent(None, 10) == []
     assert store.finish(claim, "ok", result=b"late", ttl_s=TTL) is None  # deleted while it ran
-    assert not store.job_dir("3" * 32).exists()
+    assert not store.files.job_dir("3" * 32).exists()
     assert store.claim({"anime"}, "me") is None
 
 
@@ -288,14 +290,14 @@ def test_sqlite_recover_requeues_running_items_and_removes_orphans(tmp_path: Pat
     _create(store, "1" * 32, 10, 10)
     claim = store.claim({"anime"}, "dead")
     assert claim is not None
-    orphan = store.jobs_dir / ("2" * 32)  # renamed into place, record never committed
+    orphan = store.files.jobs_dir / ("2" * 32)  # renamed into place, record never committed
     (orphan / "in").mkdir(parents=True)
-    (store.staging_dir / ("3" * 32)).mkdir()
+    (store.files.staging_dir / ("3" * 32)).mkdir()
     store.close()
 
     again = SQLiteJobStore(tmp_path / "data")
     assert again.recover() == 1
-    assert not orphan.exists() and list(again.staging_dir.iterdir()) == []
+    assert not orphan.exists() and list(again.files.staging_dir.iterdir()) == []
     job = again.get("1" * 32)
     assert job is not None and [i.status for i in job.items] == ["queued", "queued"]
     assert again.claim({"anime"}, "me").index == 0  # type: ignore[union-attr]
@@ -311,21 +313,21 @@ def test_redis_recover_leaves_other_runners_items_and_fresh_directories(
     held = other.claim({"anime"}, "other-runner")
     assert held is not None
     old = time.time() - 2 * 3600
-    fresh_orphan = other.jobs_dir / ("2" * 32)  # being accepted by another replica right now
+    fresh_orphan = other.files.jobs_dir / ("2" * 32)  # being accepted by another replica right now
     (fresh_orphan / "in").mkdir(parents=True)
-    stale_orphan = other.jobs_dir / ("3" * 32)  # left by a replica that died while accepting
+    stale_orphan = other.files.jobs_dir / ("3" * 32)  # left by a replica that died while accepting
     (stale_orphan / "in").mkdir(parents=True)
-    (other.staging_dir / ("4" * 32)).mkdir()  # the other replica's upload in progress
-    dead_staging = other.staging_root / "dead-replica" / ("5" * 32)
+    (other.files.staging_dir / ("4" * 32)).mkdir()  # the other replica's upload in progress
+    dead_staging = other.files.staging_root / "dead-replica" / ("5" * 32)
     dead_staging.mkdir(parents=True)
     for path in (stale_orphan / "in", stale_orphan, dead_staging, dead_staging.parent):
         os.utime(path, (old, old))
 
     store = RedisJobStore(data, redis_server.url, lease_s=60.0, replica="me")
-    (store.staging_dir / ("6" * 32)).mkdir()  # this replica's, from before its restart
+    (store.files.staging_dir / ("6" * 32)).mkdir()  # this replica's, from before its restart
     assert store.recover() == 0
-    assert list(store.staging_dir.iterdir()) == []
-    assert (other.staging_dir / ("4" * 32)).is_dir() and not dead_staging.parent.exists()
+    assert list(store.files.staging_dir.iterdir()) == []
+    assert (other.files.staging_dir / ("4" * 32)).is_dir() and not dead_staging.parent.exists()
     assert fresh_orphan.is_dir() and not stale_orphan.exists()
     job = store.get("1" * 32)
     assert job is not None and [i.status for i in job.items] == ["running", "queued"]
