@@ -46,7 +46,8 @@ from redis.retry import Retry
 from jobs import redis_lua
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import JobFiles
-from jobs.model import JOB_STATUSES, Item, ItemStatus, Job, WebhookState
+from jobs.model import JOB_STATUSES, ItemStatus, Job, WebhookState
+from jobs.records import item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, quota_message
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
@@ -181,19 +182,7 @@ class RedisJobStore:
         if used + needed > quota_bytes:  # refused before writing; decided again atomically below
             raise StorageQuotaError(quota_message(needed, used, quota_bytes))
         self.files.write_photos(job_id, accepted_streams(uploads))
-        items = [
-            {
-                "filename": u.filename,
-                "status": "queued" if u.error is None else "error",
-                "error": u.error,
-                "faces_stylized": None,
-                "timings_ms": None,
-                "input_bytes": u.size if u.error is None else 0,
-                "result_bytes": 0,
-                "estimate": u.estimate if u.error is None else 0,
-            }
-            for u in uploads
-        ]
+        items = [new_item(u) for u in uploads]
         now = time.time()
         try:
             outcome = self._run(
@@ -438,33 +427,5 @@ def _job(fields: dict[str, str], items: dict[str, str]) -> Job | None:
     """A job from its hash and its items' hash (None if the job is not there)."""
     if not fields:
         return None
-    loaded = []
-    for index, raw in sorted(items.items(), key=lambda kv: int(kv[0])):
-        data: dict[str, Any] = json.loads(raw)
-        loaded.append(
-            Item(
-                index=int(index),
-                filename=data["filename"],
-                status=data["status"],
-                error=data.get("error"),
-                faces_stylized=data.get("faces_stylized"),
-                timings_ms=data.get("timings_ms"),
-                input_bytes=int(data.get("input_bytes", 0)),
-                result_bytes=int(data.get("result_bytes", 0)),
-                estimate=int(data.get("estimate", 0)),
-            )
-        )
-    return Job(
-        id=fields["id"],
-        status=fields["status"],  # type: ignore[arg-type]
-        options=ResolvedOptions.load(json.loads(fields["options"])),
-        items=tuple(loaded),
-        created_at=float(fields["created_at"]),
-        updated_at=float(fields["updated_at"]),
-        expires_at=float(fields["expires_at"]),
-        webhook=fields.get("webhook") or None,
-        webhook_state=fields.get("webhook_state", "none"),  # type: ignore[arg-type]
-        idempotency_key=fields.get("idempotency_key") or None,
-        error=fields.get("error") or None,
-        client=fields.get("client") or ANONYMOUS,
-    )
+    ordered = sorted(items.items(), key=lambda kv: int(kv[0]))
+    return job_from(fields, (item_from(int(index), json.loads(raw)) for index, raw in ordered))

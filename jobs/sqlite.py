@@ -23,7 +23,8 @@ from typing import Any, Final
 
 from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import JobFiles
-from jobs.model import TERMINAL, Item, ItemStatus, Job, JobStatus, WebhookState
+from jobs.model import TERMINAL, ItemStatus, Job, JobStatus, WebhookState
+from jobs.records import ITEM_FIELDS, item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, quota_message
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
@@ -61,6 +62,21 @@ CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(created_at);
 """
 #: Indexes of columns a database made by an earlier version gains at start-up (after the migration).
 _INDEXES: Final = "CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client, created_at);"
+#: The jobs table's columns of a record (jobs.records), and the items table's (timings_ms is "timings").
+_JOB_COLUMNS: Final = (
+    "id",
+    "status",
+    "options",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "webhook",
+    "webhook_state",
+    "idempotency_key",
+    "error",
+    "client",
+)
+_ITEM_COLUMNS: Final = tuple("timings" if f == "timings_ms" else f for f in ITEM_FIELDS)
 #: Columns added since the first schema: (table, column, definition).
 _ADDED_COLUMNS: Final = (("jobs", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),)
 
@@ -70,6 +86,14 @@ _USAGE_SQL: Final = (
     "SELECT COALESCE(SUM(input_bytes + result_bytes + "
     "CASE WHEN status IN ('queued', 'running') THEN estimate ELSE 0 END), 0) FROM items"
 )
+
+
+def _row(record: dict[str, Any]) -> tuple[Any, ...]:
+    """An item's record as the items table's columns (structured fields as JSON text)."""
+    return tuple(
+        json.dumps(record[f]) if f in ("error", "timings_ms") and record[f] is not None else record[f]
+        for f in ITEM_FIELDS
+    )
 
 
 class SQLiteJobStore:
@@ -116,44 +140,17 @@ class SQLiteJobStore:
         return self.files.result_path(job_id, index, suffix)
 
     def _load(self, db: sqlite3.Connection, job_id: str) -> Job | None:
-        row = db.execute(
-            "SELECT id, status, options, created_at, updated_at, expires_at, webhook, webhook_state, "
-            "idempotency_key, error, client FROM jobs WHERE id = ?",
-            (job_id,),
-        ).fetchone()
+        cursor = db.execute(f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs WHERE id = ?", (job_id,))
+        row = cursor.fetchone()
         if row is None:
             return None
-        items = tuple(
-            Item(
-                index=r[0],
-                filename=r[1],
-                status=r[2],
-                error=json.loads(r[3]) if r[3] else None,
-                faces_stylized=r[4],
-                timings_ms=json.loads(r[5]) if r[5] else None,
-                input_bytes=r[6],
-                result_bytes=r[7],
-                estimate=r[8],
-            )
-            for r in db.execute(
-                "SELECT idx, filename, status, error, faces_stylized, timings, input_bytes, result_bytes, "
-                "estimate FROM items WHERE job_id = ? ORDER BY idx",
-                (job_id,),
-            )
+        items = db.execute(
+            f"SELECT idx, {', '.join(_ITEM_COLUMNS)} FROM items WHERE job_id = ? ORDER BY idx", (job_id,)
         )
-        return Job(
-            id=row[0],
-            status=row[1],
-            options=ResolvedOptions.load(json.loads(row[2])),
-            items=items,
-            created_at=row[3],
-            updated_at=row[4],
-            expires_at=row[5],
-            webhook=row[6],
-            webhook_state=row[7],
-            idempotency_key=row[8],
-            error=row[9],
-            client=row[10],
+        fields = [*ITEM_FIELDS]
+        return job_from(
+            dict(zip(_JOB_COLUMNS, row, strict=True)),
+            (item_from(r[0], dict(zip(fields, r[1:], strict=True))) for r in items),
         )
 
     def _set_job(
@@ -218,20 +215,9 @@ class SQLiteJobStore:
                     ),
                 )
                 db.executemany(
-                    "INSERT INTO items (job_id, idx, filename, status, error, input_bytes, estimate) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            job_id,
-                            i,
-                            u.filename,
-                            "queued" if u.error is None else "error",
-                            json.dumps(u.error) if u.error else None,
-                            u.size if u.error is None else 0,
-                            u.estimate if u.error is None else 0,
-                        )
-                        for i, u in enumerate(uploads)
-                    ],
+                    f"INSERT INTO items (job_id, idx, {', '.join(_ITEM_COLUMNS)}) "
+                    f"VALUES (?, ?, {', '.join('?' * len(_ITEM_COLUMNS))})",
+                    [(job_id, i, *_row(new_item(u))) for i, u in enumerate(uploads)],
                 )
                 self._settle(db, job_id, ttl_s)  # every photo refused: the job has ended already
                 job = self._load(db, job_id)
