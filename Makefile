@@ -21,7 +21,7 @@ serve: venv
 lint:
 	$(BIN)/ruff check service api jobs serving inference tests bench devkit
 	$(BIN)/ruff format --check service api jobs serving inference tests bench devkit
-	$(BIN)/mypy --strict service api jobs serving inference devkit
+	$(BIN)/mypy --strict service api jobs serving inference devkit tests
 	$(BIN)/hadolint Dockerfile
 
 # tests/service/test_kubernetes.py renders deploy/kubernetes with `kubectl kustomize` (kustomize v4+,

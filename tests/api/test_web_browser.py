@@ -22,7 +22,16 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageChops
-from playwright.sync_api import Browser, Error, Page, Route, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    Error,
+    FilePayload,
+    Page,
+    Route,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
@@ -34,8 +43,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.live]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
-DESKTOP = {"width": 1280, "height": 900}
-PHONE = {"width": 360, "height": 780}
+DESKTOP = ViewportSize(width=1280, height=900)
+PHONE = ViewportSize(width=360, height=780)
 API_KEY = "page-test-key"
 #: A job takes at most this many photos, and this many bytes, on the test service.
 MAX_JOB_FILES = 12
@@ -169,11 +178,11 @@ def _jpeg(rgb: np.ndarray, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _file(name: str, data: bytes, mime: str = "image/jpeg") -> dict[str, Any]:
-    return {"name": name, "mimeType": mime, "buffer": data}
+def _file(name: str, data: bytes, mime: str = "image/jpeg") -> FilePayload:
+    return FilePayload(name=name, mimeType=mime, buffer=data)
 
 
-def _photos(count: int) -> list[dict[str, Any]]:
+def _photos(count: int) -> list[FilePayload]:
     sources = [photos.astronaut(), photos.grace_hopper(), photos.coffee()]
     return [_file(f"photo-{i + 1:02d}.jpg", _jpeg(sources[i % 3], (192, 192 + 8 * i))) for i in range(count)]
 
@@ -380,7 +389,7 @@ def test_busy_service_is_retried_after_retry_after(web: Session) -> None:
     is waited out and sent again, and the person is told."""
     web.allow_status(503)
     page = web.open()
-    answered = []
+    answered: list[str] = []
 
     def busy_once(route: Route) -> None:
         if answered:

@@ -33,7 +33,7 @@ BACKENDS = ["eager"] + (["onednn"] if onednn_usable(torch.device("cpu"), torch.f
 def photo_bgr(h: int, w: int, source: str = "hopper") -> np.ndarray:
     """A real photo resized to h×w, HWC uint8 BGR (the generator's colour order)."""
     rgb = photos.grace_hopper() if source == "hopper" else photos.astronaut()
-    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))[:, :, ::-1].copy()
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))[:, :, ::-1].copy()
 
 
 def to_nchw(hwc: np.ndarray) -> torch.Tensor:

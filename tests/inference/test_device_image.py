@@ -5,6 +5,8 @@ The same integer arithmetic runs on a GPU; bench/gpu.sh checks it there against 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ def test_the_installed_pillows_pass_order_is_known() -> None:
 
 
 @pytest.mark.parametrize("kind", ["box", "bilinear"])
-def test_resize_gives_pillows_bytes(kind: str) -> None:
+def test_resize_gives_pillows_bytes(kind: Literal["box", "bilinear"]) -> None:
     rng = np.random.default_rng(7)
     sizes = [tuple(int(v) for v in rng.integers(1, 90, 4)) for _ in range(120)]
     sizes += [(8, 8, 8, 3), (5, 40, 2, 39), (40, 5, 39, 2), (30, 30, 30, 31), (1, 1, 7, 5), (9, 20, 3, 31)]

@@ -224,7 +224,7 @@ def test_pyramid_floor_is_not_a_filter(detector: MTCNNDetector, reference: Refer
     """``pyramid_floor`` sets the first pyramid scale (12 / pyramid_floor), as the package's
     ``min_face_size`` does; it is not a filter. A face half that size can still be found (P-Net's
     12-pixel window and box regression reach it; the package finds it too), one a quarter of it is not."""
-    image = np.asarray(Image.fromarray(photos.astronaut()).resize((64, 64), Image.BILINEAR))
+    image = np.asarray(Image.fromarray(photos.astronaut()).resize((64, 64), Image.Resampling.BILINEAR))
     (face,) = detector.detect(image)
     assert face.box[2] - face.box[0] < 12  # about 10 × 14 px, against pyramid_floor 20
     assert len(reference(image)) == 1
@@ -264,7 +264,7 @@ def test_thresholds_are_honoured(detector: MTCNNDetector) -> None:
         {"max_candidates": 0},
     ],
 )
-def test_bad_parameters_are_refused(options: dict[str, float]) -> None:
+def test_bad_parameters_are_refused(options: dict[str, Any]) -> None:
     with pytest.raises(FaceDetectorError):
         MTCNNConfig(**options)
 
@@ -294,7 +294,12 @@ def test_another_detector_can_be_registered(monkeypatch: pytest.MonkeyPatch) -> 
             return [DetectedFace((0.0, 0.0, 1.0, 1.0), 1.0, np.zeros((5, 2), np.float32))]
 
     given: list[dict[str, object]] = []
-    monkeypatch.setitem(_REGISTRY, "fixed", lambda device, dtype, **options: given.append(options) or Fixed())
+
+    def make(device: object, dtype: object, **options: object) -> Fixed:
+        given.append(options)
+        return Fixed()
+
+    monkeypatch.setitem(_REGISTRY, "fixed", make)
     made = create_detector("fixed")
     assert isinstance(made, FaceDetector)
     assert made.detect(np.zeros((1, 1, 3), np.uint8))[0].score == 1.0
@@ -351,7 +356,8 @@ def test_packed_pyramid_matches_tf_area_resize(detector: MTCNNDetector) -> None:
 def test_packed_pnet_equals_one_pass_per_level(detector: MTCNNDetector) -> None:
     """The -inf overhang makes each level's cells on the packed canvas equal a separate pass."""
     image = photos.coffee()
-    plan = _plan_pyramid(*image.shape[:2], MTCNNConfig(), torch.device("cpu"))
+    height, width = image.shape[:2]
+    plan = _plan_pyramid(height, width, MTCNNConfig(), torch.device("cpu"))
     assert plan is not None and any(lv.pool_overhang() for lv in plan.levels)
     with torch.inference_mode():
         canvas = _pyramid_canvas(detector.prepare(image), plan)
@@ -360,8 +366,12 @@ def test_packed_pnet_equals_one_pass_per_level(detector: MTCNNDetector) -> None:
             alone = canvas[:, :, level.top : level.top + level.height, level.left : level.left + level.width]
             reg_alone, logits_alone = detector.pnet(alone.contiguous(memory_format=torch.channels_last))
             rows, cols = level.cells
-            at = (slice(None), slice(None), slice(level.top // 2, level.top // 2 + rows))
-            at += (slice(level.left // 2, level.left // 2 + cols),)
+            at = (
+                slice(None),
+                slice(None),
+                slice(level.top // 2, level.top // 2 + rows),
+                slice(level.left // 2, level.left // 2 + cols),
+            )
             torch.testing.assert_close(reg[at], reg_alone, atol=1e-5, rtol=0)
             torch.testing.assert_close(logits[at], logits_alone, atol=1e-5, rtol=0)
 

@@ -123,7 +123,7 @@ def test_skipped_faces_are_reported(cartoonizer: Cartoonizer) -> None:
 
 def test_tiny_face_is_skipped_not_silently_dropped(cartoonizer: Cartoonizer) -> None:
     """A real face shrunk to about 20 px on a big canvas: found, and reported as too small."""
-    face = np.asarray(Image.fromarray(photos.astronaut()).resize((120, 120), Image.BILINEAR))
+    face = np.asarray(Image.fromarray(photos.astronaut()).resize((120, 120), Image.Resampling.BILINEAR))
     canvas = np.full((720, 720, 3), 200, dtype=np.uint8)
     canvas[300:420, 300:420] = face
     result = cartoonizer.run(canvas, Options(min_face_size=60))
@@ -164,7 +164,7 @@ def test_head_region_comes_from_the_head_network(cartoonizer: Cartoonizer) -> No
 
 @pytest.mark.parametrize(("h", "w"), [(333, 517), (517, 333), (801, 601)])
 def test_output_size_equals_input_size(cartoonizer: Cartoonizer, h: int, w: int) -> None:
-    rgb = np.asarray(Image.fromarray(photos.astronaut()).resize((w, h), Image.BILINEAR))
+    rgb = np.asarray(Image.fromarray(photos.astronaut()).resize((w, h), Image.Resampling.BILINEAR))
     result = cartoonizer.run(rgb, Options(processing_size=256))
     assert result.image.shape == (h, w, 3)
     assert min(result.processing_size) == 256
@@ -339,7 +339,7 @@ def test_a_batched_stage_failure_is_narrowed_to_its_image(cartoonizer: Cartooniz
         if job.options.strength == 0.5 and job.crops is not None:
             job.crops[:, :, 0, 0] = 7
 
-    c.align = align  # type: ignore[method-assign]
+    c.align = align  # type: ignore[method-assign,assignment]
     outcomes = c.run_many([(photos.astronaut(), Options()), (photos.grace_hopper(), Options(strength=0.5))])
     assert isinstance(outcomes[0], Result) and outcomes[0].faces_stylized == 1
     assert isinstance(outcomes[1], PipelineError) and "head stage" in str(outcomes[1])

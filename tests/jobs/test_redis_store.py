@@ -59,7 +59,7 @@ def test_a_late_finisher_after_a_takeover_changes_nothing(tmp_path: Path, redis_
 
     # The old holder wakes up before the new one is done: nothing of its outcome is recorded.
     for status in ("error", "cancelled"):
-        job = a.finish(held, status, error={"code": "x", "message": "late"}, ttl_s=TTL)  # type: ignore[arg-type]
+        job = a.finish(held, status, error={"code": "x", "message": "late"}, ttl_s=TTL)
         assert job is not None and job.items[0].status == "running" and job.done == 0
     job = a.finish(held, "ok", result=b"from a", ttl_s=TTL)
     assert job is not None and job.items[0].status == "running"

@@ -40,4 +40,5 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         for k, v in env.items()
         if k.startswith(PREFIX) and field_name(k) in Settings.model_fields
     }
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    # Validated from these values alone: neither the environment nor a .env file is read.
+    return Settings.model_validate(values)

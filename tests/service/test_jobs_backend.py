@@ -14,15 +14,16 @@ from service.settings import Settings
 
 
 def test_the_backend_named_is_built(tmp_path: Path) -> None:
-    store = build_job_store(Settings(_env_file=None, data_dir=tmp_path / "a"))  # type: ignore[call-arg]
+    store = build_job_store(Settings.model_validate({"data_dir": tmp_path / "a"}))
     assert isinstance(store, SQLiteJobStore)
     store.close()
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        data_dir=tmp_path / "b",
-        jobs_backend="redis",
-        redis_url="redis://:pw@redis.internal:6380/2",
-        job_lease_s=30,
+    settings = Settings.model_validate(
+        {
+            "data_dir": tmp_path / "b",
+            "jobs_backend": "redis",
+            "redis_url": "redis://:pw@redis.internal:6380/2",
+            "job_lease_s": 30,
+        }
     )
     store = build_job_store(settings)
     assert isinstance(store, RedisJobStore) and store.lease_s == 30 and store.data_dir == tmp_path / "b"
@@ -41,4 +42,4 @@ def test_the_backend_named_is_built(tmp_path: Path) -> None:
 )
 def test_bad_backend_settings_are_refused(field: str, value: object, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
-        Settings(_env_file=None, **{field: value})  # type: ignore[call-arg]
+        Settings.model_validate({field: value})

@@ -73,7 +73,7 @@ def test_kill_9_half_way_then_restart_finishes_every_photo_once(service: LiveSer
         time.sleep(0.1)
         job = service.job(job_id)
     assert job["status"] == "succeeded" and job["done"] == 20 and job["failed"] == 0, job
-    assert "queued again" in service.log.read_text()
+    assert "queued again" in _log(service)
 
     status, zipped = service.get(f"/jobs/{job_id}/result")
     assert status == 200
@@ -126,3 +126,8 @@ def test_the_jobs_cli_submits_follows_and_downloads(service: LiveService, tmp_pa
         timeout=60,
     )
     assert missing.returncode == 2 and "404 job_not_found" in missing.stderr
+
+
+def _log(server: LiveService) -> str:
+    assert server.log is not None
+    return server.log.read_text()

@@ -112,7 +112,7 @@ def _app_pod(objects: list[Obj]) -> Obj:
 
 def _app_container(objects: list[Obj]) -> Obj:
     (container,) = [c for c in _app_pod(objects)["containers"] if c["name"] == APP]
-    return container
+    return dict(container)
 
 
 def _config(objects: list[Obj]) -> dict[str, str]:
@@ -147,9 +147,9 @@ def _quantity(value: str | int) -> float:
     if suffix == "m":
         return number / 1000
     if suffix in binary:
-        return number * 1024 ** binary[suffix]
+        return float(number * 1024 ** binary[suffix])
     if suffix in decimal:
-        return number * 1000 ** decimal[suffix]
+        return float(number * 1000 ** decimal[suffix])
     assert suffix == "", value
     return number
 

@@ -72,7 +72,7 @@ def test_logs_are_json_with_request_ids(server: LiveService) -> None:
     with urllib.request.urlopen(req, timeout=5) as r:
         assert r.headers["X-Request-ID"] == "trace-42"
     time.sleep(0.2)
-    lines = [json.loads(x) for x in server.log.read_text().splitlines() if x.startswith("{")]
+    lines = [json.loads(x) for x in _log(server).splitlines() if x.startswith("{")]
     access = [x for x in lines if x.get("request_id") == "trace-42"]
     assert access and access[-1]["path"] == "/healthz" and access[-1]["status"] == 200
 
@@ -139,5 +139,10 @@ def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: LiveServic
     # Uvicorn re-raises the signal once it has shut down cleanly, so the exit is "killed by SIGTERM";
     # the lifespan's last log line proves the shutdown ran to its end.
     assert server.proc is not None and server.proc.wait(60) in (0, -signal.SIGTERM)
-    messages = [json.loads(x)["message"] for x in server.log.read_text().splitlines() if x.startswith("{")]
+    messages = [json.loads(x)["message"] for x in _log(server).splitlines() if x.startswith("{")]
     assert "stopped" in messages
+
+
+def _log(server: LiveService) -> str:
+    assert server.log is not None
+    return server.log.read_text()

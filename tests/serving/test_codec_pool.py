@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -17,7 +18,7 @@ def test_a_client_with_many_tasks_does_not_hold_back_another() -> None:
     pool.submit(gate.wait, key="flood", megapixels=1, finishing=False)  # running, held at the gate
     time.sleep(0.05)
     futures = [
-        pool.submit(lambda i=i: order.append(f"f{i}"), key="flood", megapixels=1, finishing=False)
+        pool.submit(functools.partial(order.append, f"f{i}"), key="flood", megapixels=1, finishing=False)
         for i in range(5)
     ]
     futures.append(pool.submit(lambda: order.append("p"), key="polite", megapixels=1, finishing=False))
@@ -34,8 +35,10 @@ def test_within_a_client_finishing_work_goes_first() -> None:
     order: list[str] = []
     pool.submit(gate.wait, key="a", megapixels=1, finishing=False)
     time.sleep(0.05)
-    decodes = [pool.submit(lambda i=i: order.append(f"decode{i}"), key="a", megapixels=1, finishing=False)
-               for i in range(2)]  # fmt: skip
+    decodes = [
+        pool.submit(functools.partial(order.append, f"decode{i}"), key="a", megapixels=1, finishing=False)
+        for i in range(2)
+    ]
     encode = pool.submit(lambda: order.append("encode"), key="a", megapixels=1, finishing=True)
     gate.set()
     for f in [*decodes, encode]:
@@ -51,7 +54,12 @@ def test_errors_reach_the_caller_and_shutdown_finishes_what_was_submitted() -> N
         raise ValueError("bad")
 
     failing = pool.submit(boom, key="a", megapixels=0, finishing=True)
-    slow = pool.submit(lambda: time.sleep(0.1) or "done", key="b", megapixels=0, finishing=False)
+
+    def nap() -> str:
+        time.sleep(0.1)
+        return "done"
+
+    slow = pool.submit(nap, key="b", megapixels=0, finishing=False)
     with pytest.raises(ValueError, match="bad"):
         failing.result(10)
     pool.shutdown(wait=True)

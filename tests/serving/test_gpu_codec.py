@@ -72,12 +72,12 @@ def test_no_codec_when_torchvision_lacks_the_functions_or_the_self_test_fails(
     package.__version__ = "0.0-test"  # type: ignore[attr-defined]
     package.io = types.ModuleType("torchvision.io")  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torchvision", package)
-    monkeypatch.setitem(sys.modules, "torchvision.io", package.io)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision.io", package.io)
     codec, why = GpuCodec.try_create(torch.device("cuda"))
     assert codec is None and why == "torchvision 0.0-test has no JPEG decode/encode"
 
     package.io = PillowTorchvisionIO(fail="decode")  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "torchvision.io", package.io)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision.io", package.io)
     codec, why = GpuCodec.try_create(torch.device("cuda"))
     assert codec is None and why == "the nvJPEG self-test failed (RuntimeError: nvjpeg error (stand-in))"
 

@@ -155,7 +155,7 @@ def read_numpy_pickle(path: Path) -> list[np.ndarray]:
         raise FaceDetectorError(f"cannot read face detector weights {path}: {exc}") from exc
     try:
         if raw.startswith(_LZ4_MAGIC):
-            import lz4.frame  # type: ignore[import-untyped]
+            import lz4.frame
 
             raw = lz4.frame.decompress(raw)
         loaded = _NumpyOnlyUnpickler(io.BytesIO(raw)).load()
