@@ -1,6 +1,6 @@
 """Face detection: its time against the pyramid floor, and which face sizes each floor still finds.
 
-    python bench/faces.py [--floors 12,20,24,32,40,48,60] [--repeat 15] [--json bench/results/faces.json]
+    python -m bench.faces [--floors 12,20,24,32,40,48,60] [--repeat 15] [--json bench/results/faces.json]
 
 The detector's floor is the smallest face side it looks for; the service ties it to
 ``TOONSERVE_MIN_FACE_SIZE`` (faces under that are not stylised, so finding them is wasted work).
@@ -15,7 +15,6 @@ For each floor, in one run on this machine's CPU:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,8 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit import photos
 from inference.faces import create_detector
 from inference.pipeline import Options, resize_rgb
@@ -97,9 +95,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['floor']:8.0f} {r['detect_ms']:10.1f} {r['detect_ms'] / base:11.2f}x  "
               f"{', '.join(str(s) for s in r['found_sides'])}")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(ladder=LADDER, rows=rows), indent=2))
-    print(f"# wrote {args.json}")
+    write_report(args.json, dict(ladder=LADDER, rows=rows))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Generator benchmark: the TensorFlow frozen graph against the PyTorch port, same input, one run.
 
-    python bench/generator.py [--repeat 5] [--sizes 720x960,288x288] [--json bench/results/generator.json]
+    python -m bench.generator [--repeat 5] [--sizes 720x960,288x288] [--json bench/results/generator.json]
 
 Builds a reference frozen graph exactly like the official exporter (random weights; the real ones
 cannot be downloaded here), converts it with our converter, and times on the same photo:
@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit import photos
 from devkit.reference_graphs import TFGenerator, build_generator_pb
 from inference.convert import convert_pb
@@ -143,9 +142,7 @@ def main() -> int:
             f"{r['config']:20} {r['size']:>9} {r['batch']:>5} {r['ms_per_image']:8.1f} "
             f"{r['images_per_s']:7.2f} {r['speedup_vs_tf']:5.2f}x {dev}"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-    print(f"# wrote {args.json}")
+    write_report(args.json, {"environment": env, "rows": rows})
     return 0
 
 

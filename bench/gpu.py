@@ -2,7 +2,7 @@
 
     bench/gpu.sh                 # on a GPU machine, at most 8 minutes; files under $OUT or bench/results/gpu/
     bench/gpu.sh --dry           # every section on the CPU with tiny sizes, to keep this script working
-    python bench/gpu.py --only exactness,generator   # some sections (names below)
+    python -m bench.gpu --only exactness,generator   # some sections (names below)
 
 Sections, in this order, each timed and guarded (a failing section records its error in the JSON and
 the next one runs; a section that would overrun the time budget is skipped and says so):
@@ -70,8 +70,6 @@ import numpy as np
 import PIL
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devkit import photos
 from devkit.pillow_tvio import PillowTorchvisionIO
@@ -705,8 +703,9 @@ def section_compile(ctx: Context, deadline: float) -> dict[str, Any]:
     # A fresh Inductor cache: the compile times are those of a first start.
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(ctx.tmp / "inductor"))
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--compile-worker", str(spec_path)],
+        [sys.executable, "-m", "bench.gpu", "--compile-worker", str(spec_path)],
         env=env,
+        cwd=Path(__file__).resolve().parents[1],  # the repository root: bench and devkit are packages there
         start_new_session=True,
     )
     stopped = None

@@ -59,7 +59,7 @@ fi
 # would not fit; this is the backstop, within the 8 minutes.
 limit=$([[ $dry == 1 ]] && echo 170 || echo 460)
 status=0
-timeout --kill-after=10 "$limit" "$python" bench/gpu.py "${args[@]}" 2>&1 | tee "$out/gpu$suffix.log" || status=$?
+timeout --kill-after=10 "$limit" "$python" -m bench.gpu "${args[@]}" 2>&1 | tee "$out/gpu$suffix.log" || status=$?
 if [[ $status == 124 || $status == 137 ]]; then
     echo "error: bench/gpu.py ran past ${limit} s and was stopped; $out/gpu$suffix.json has what it finished" >&2
 fi

@@ -1,7 +1,7 @@
 """HTTP load benchmark (not named http.py: that would shadow the standard library's ``http`` for every
 script in this folder): latency and throughput of POST /cartoonize against the pipeline's own rate.
 
-    python bench/http_load.py [--dtype bfloat16] [--requests 24] [--concurrency 1,4,16] [--json ...]
+    python -m bench.http_load [--dtype bfloat16] [--requests 24] [--concurrency 1,4,16] [--json ...]
 
 Starts ``toonserve serve`` on a free loopback port with the synthetic model (the real weights cannot
 be downloaded here), then in one run:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import threading
@@ -33,9 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.loadgen import post_load
+from bench.report import write_report
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -134,11 +132,7 @@ def main() -> int:
     print(f"/healthz while 16 clients saturate: {health['probes']} probes, p50 {health['p50_ms']:.1f} ms, "
           f"p99 {health['p99_ms']:.1f} ms, max {health['max_ms']:.1f} ms")  # fmt: skip
     print(f"  saturating load statuses: {health['load']['statuses']}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(dict(pipeline_images_per_s=reference, rows=rows, healthz=health), indent=2)
-    )
-    print(f"# wrote {args.json}")
+    write_report(args.json, dict(pipeline_images_per_s=reference, rows=rows, healthz=health))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Jobs benchmark: a job's throughput against the pipeline's own, and interactive latency during a job.
 
-    python bench/jobs.py [--photos 100] [--side 640] [--probes 12] [--json bench/results/jobs.json]
+    python -m bench.jobs [--photos 100] [--side 640] [--probes 12] [--json bench/results/jobs.json]
 
 Starts ``toonserve serve`` on a free loopback port with the synthetic model (default settings
 otherwise), then in one run:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit import photos
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -164,13 +162,11 @@ def main() -> int:
     print(f"  during a job:   p50 {p50_during:7.0f}  p99 {pct(during, 99):7.0f}   "
           f"p50 ratio {p50_during / p50_idle:.2f}x (the job was {'still' if still_running else 'no longer'} "
           "running at the end)")  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     report = dict(photos=args.photos, side=args.side, reference_images_per_s=reference,
                   with_codec_images_per_s=with_codec,
                   sequential_images_per_s=sequential, job_images_per_s=as_job, idle_ms=idle,
                   during_job_ms=during, job_still_running=still_running)  # fmt: skip
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"# wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

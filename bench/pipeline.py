@@ -1,6 +1,6 @@
 """End-to-end pipeline benchmark: our Cartoonizer against the upstream flow, same photos, one run.
 
-    python bench/pipeline.py [--repeat 5] [--json bench/results/pipeline.json]
+    python -m bench.pipeline [--repeat 5] [--json bench/results/pipeline.json]
 
 Photos: a 1024×768 (W×H) one-face portrait (Grace Hopper, widened with reflected borders) and the
 four-face composite of devkit/photos.py (1152×768). Ours: CPU float32 and bfloat16 (and CUDA float32,
@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit import photos
 from devkit.reference_graphs import write_model_dir
 from devkit.upstream import UpstreamFlow
@@ -115,9 +114,7 @@ def main() -> int:
             f"{r['engine']:27} {r['config']:12} {r['image']:17} {r['faces']:>5} {r['total_ms']:9.1f} "
             f"{ratio:5.2f}x  {stages}"
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
-    print(f"# wrote {args.json}")
+    write_report(args.json, {"environment": env, "rows": rows})
     return 0
 
 

@@ -1,7 +1,7 @@
 """Jobs on several replicas: throughput with one and two replicas, the Redis store's overhead against the
 embedded SQLite one, and how long a dead replica's item waits for another.
 
-    python bench/replicas.py [--photos 24] [--lease 60] [--takeovers 2] [--json bench/results/replicas.json]
+    python -m bench.replicas [--photos 24] [--lease 60] [--takeovers 2] [--json bench/results/replicas.json]
 
 Starts ``redis-server`` on a free loopback port (Debian's; ``make test`` installs it) and
 ``toonserve serve`` replicas with the synthetic model (the real weights cannot be downloaded here),
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import subprocess
@@ -41,8 +40,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit import photos
 from devkit.redis_server import RedisServer
 from devkit.reference_graphs import write_fast_model_dir
@@ -264,10 +262,7 @@ def main() -> int:
     samples = [f"{t['takeover_s']:.1f} s (idle {t['idle_at_kill_ms'] / 1000:.1f} s at the kill)"
                for t in taken]  # fmt: skip
     print(f"takeover after kill -9 (lease {args.lease:g} s): " + ", ".join(samples))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(cores=cores, throughput=rows, store_overhead_ms=overhead,
-                                         takeovers=taken), indent=2))  # fmt: skip
-    print(f"# wrote {args.json}")
+    write_report(args.json, dict(cores=cores, throughput=rows, store_overhead_ms=overhead, takeovers=taken))
     return 0
 
 

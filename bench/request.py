@@ -1,6 +1,6 @@
 """One request end to end, with the default settings, against the TensorFlow graph it replaces.
 
-    python bench/request.py [--requests 12] [--json bench/results/request.json]
+    python -m bench.request [--requests 12] [--json bench/results/request.json]
 
 In one run, on this machine:
 
@@ -38,9 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from bench.loadgen import post_load
+from bench.report import write_report
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
 from devkit.serve import LiveService, server_timing, service_env
@@ -156,12 +155,10 @@ def main() -> int:
         "PNG of the result: "
         + ", ".join(f"level {k} {v['ms']:.0f} ms {v['kib']:.0f} KiB" for k, v in png.items())
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     report = dict(environment=env_info, reference_ms=reference, bare_ms=bare, stages_ms=stages,
                   request_ms=sequential, latencies_ms=latencies, server_timing_ms=served,
                   concurrency4_photos_per_s=concurrent, png=png)  # fmt: skip
-    args.json.write_text(json.dumps(report, indent=2))
-    print(f"# wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

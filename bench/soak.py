@@ -1,9 +1,9 @@
 """Soak: a bounded load at twice the measured capacity, mixed traffic and hostile requests, for minutes.
 
-    python bench/soak.py [--minutes 10] [--factor 2] [--json bench/results/soak.json]
-    python bench/soak.py --burst        # RSS before, at the peak of, and after a burst of hostile work
-    python bench/soak.py --clients      # fair shares: one client floods, another sends photos one by one
-    python bench/soak.py --bombs        # peak RSS under decompression bombs, and a photo behind them
+    python -m bench.soak [--minutes 10] [--factor 2] [--json bench/results/soak.json]
+    python -m bench.soak --burst        # RSS before, at the peak of, and after a burst of hostile work
+    python -m bench.soak --clients      # fair shares: one client floods, another sends photos one by one
+    python -m bench.soak --bombs        # peak RSS under decompression bombs, and a photo behind them
 
 Starts ``toonserve serve`` (default settings, synthetic model) on a free loopback port and:
 
@@ -55,8 +55,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench.report import write_report
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -424,9 +423,7 @@ def main() -> int:
     print(json.dumps(report, indent=2))
     mode = next((m for m in ("burst", "clients", "bombs") if getattr(args, m)), "soak")
     out = args.json or Path("bench/results") / f"{mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"# wrote {out}")
+    write_report(out, report)
     return 0
 
 
