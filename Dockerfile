@@ -145,7 +145,8 @@ USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
 
-# Ready = every configured style loaded and warmed up (GET /readyz is 503 until then). The first
+# Ready = the default style loaded and warmed up (GET /readyz is 503 until then; the other styles
+# serve as soon as each is in). The first
 # start may download and convert weights, hence the long start period. urllib raises on a non-2xx
 # answer or no answer, which exits 1 (unhealthy); no curl needed in the image.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \

@@ -48,7 +48,7 @@ from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import JobFiles
 from jobs.model import JOB_STATUSES, ItemStatus, Job, WebhookState
 from jobs.records import item_from, job_from, new_item
-from jobs.store import Claim, Upload, accepted_streams, quota_message
+from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
 
@@ -173,14 +173,9 @@ class RedisJobStore:
         quota_bytes: int,
         client: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
-        if idempotency_key is not None:
-            existing = self.by_idempotency_key(idempotency_key)
-            if existing is not None:
-                return existing, False
-        needed = sum(u.size + u.estimate for u in uploads if u.error is None)
-        used = self.usage()
-        if used + needed > quota_bytes:  # refused before writing; decided again atomically below
-            raise StorageQuotaError(quota_message(needed, used, quota_bytes))
+        existing, needed = existing_or_needed(self, uploads, idempotency_key, quota_bytes)
+        if existing is not None:
+            return existing, False
         self.files.write_photos(job_id, accepted_streams(uploads))
         items = [new_item(u) for u in uploads]
         now = time.time()

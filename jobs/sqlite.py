@@ -25,7 +25,7 @@ from jobs.errors import JobStoreError, StorageQuotaError
 from jobs.files import JobFiles
 from jobs.model import TERMINAL, ItemStatus, Job, JobStatus, WebhookState
 from jobs.records import ITEM_FIELDS, item_from, job_from, new_item
-from jobs.store import Claim, Upload, accepted_streams, quota_message
+from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
@@ -186,12 +186,9 @@ class SQLiteJobStore:
         quota_bytes: int,
         client: str = ANONYMOUS,
     ) -> tuple[Job, bool]:
-        if idempotency_key is not None:
-            existing = self.by_idempotency_key(idempotency_key)
-            if existing is not None:
-                return existing, False
-        needed = sum(u.size + u.estimate for u in uploads if u.error is None)
-        self._check_quota(needed, quota_bytes)
+        existing, needed = existing_or_needed(self, uploads, idempotency_key, quota_bytes)
+        if existing is not None:
+            return existing, False
         self.files.write_photos(job_id, accepted_streams(uploads))
         now = time.time()
         try:
@@ -234,11 +231,6 @@ class SQLiteJobStore:
             raise
         assert job is not None
         return job, True
-
-    def _check_quota(self, needed: int, quota_bytes: int) -> None:
-        used = self.usage()
-        if used + needed > quota_bytes:
-            raise StorageQuotaError(quota_message(needed, used, quota_bytes))
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from jobs.errors import StorageQuotaError
 from jobs.model import ItemStatus, Job, WebhookState
 from serving.options import ResolvedOptions
 from serving.scheduler import ANONYMOUS
@@ -179,6 +180,24 @@ def quota_message(needed: int, used: int, quota: int) -> str:
         f"{max(0, quota - used) / mib:.1f} MiB of the {quota / mib:.0f} MiB job storage is free; "
         "wait for older jobs to expire, delete finished ones, or raise TOONSERVE_MAX_JOB_STORAGE_BYTES"
     )
+
+
+def existing_or_needed(
+    store: JobStore, uploads: list[Upload], idempotency_key: str | None, quota_bytes: int
+) -> tuple[Job | None, int]:
+    """What both stores decide before they write a job: the job an idempotency key already made
+    (then nothing else is done), or the bytes the new one needs, refused at once
+    (:class:`~jobs.errors.StorageQuotaError`) if the storage has no room for them. Each store decides
+    the room again atomically when it records the job."""
+    if idempotency_key is not None:
+        existing = store.by_idempotency_key(idempotency_key)
+        if existing is not None:
+            return existing, 0
+    needed = sum(u.size + u.estimate for u in uploads if u.error is None)
+    used = store.usage()
+    if used + needed > quota_bytes:
+        raise StorageQuotaError(quota_message(needed, used, quota_bytes))
+    return None, needed
 
 
 def accepted_streams(uploads: list[Upload]) -> list[BinaryIO | None]:
