@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.clients import Caller
-from api.errors import BODY_CODES, COMMON_CODES, HEADERS, APIError, all_refused, responses, status_for
+from api.errors import APIError, all_refused, status_for
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller
+from api.openapi import BODY_CODES, COMMON_CODES, HEADERS, responses
 from api.state import ServiceState, get_state
 from inference.constants import SKIP_REASONS, NoFacePolicy
 from inference.errors import ToonserveError

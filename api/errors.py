@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -228,74 +228,6 @@ def retry_headers(exc: ToonserveError) -> dict[str, str] | None:
     return headers
 
 
-#: OpenAPI description of the headers the service sends.
-HEADERS: Final[dict[str, dict[str, Any]]] = {
-    "X-Request-ID": {
-        "description": "the request's id: yours if you sent a sane one, else a new one; in every log line",
-        "schema": {"type": "string"},
-    },
-    "Retry-After": {
-        "description": "seconds after which trying again makes sense",
-        "schema": {"type": "integer"},
-    },
-    "Server-Timing": {
-        "description": "milliseconds per stage: decode, queue, resize, background, detect, align, head, "
-        "blend, strength, resize_out, encode",
-        "schema": {"type": "string"},
-    },
-    "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
-    "RateLimit": {
-        "description": 'what is left of this client\'s allowance: "images";r=<images left>;t=<seconds '
-        'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), or "queue";r=0;t=<seconds> when its '
-        "queue share is full (IETF draft-ietf-httpapi-ratelimit-headers)",
-        "schema": {"type": "string"},
-    },
-    "RateLimit-Policy": {
-        "description": 'this client\'s allowance: "images";q=<images>;w=60 (a minute), or "queue";q=<images '
-        "waiting at once>",
-        "schema": {"type": "string"},
-    },
-    "X-Content-Type-Options": {
-        "description": "always nosniff: the body is what Content-Type says",
-        "schema": {"type": "string", "enum": ["nosniff"]},
-    },
-}
-
-
-def responses(*codes: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for routes that can send these error codes: one entry per status, with
-    the error schema, the codes and when each is sent, and Retry-After on 503."""
-    by_status: dict[int, list[str]] = {}
-    for code in codes:
-        by_status.setdefault(CODES[code].status, []).append(code)
-    out: dict[int | str, dict[str, Any]] = {}
-    for status, names in sorted(by_status.items()):
-        entry: dict[str, Any] = {
-            "model": ErrorBody,
-            "description": "; ".join(f"`{n}`: {CODES[n].when}" for n in names),
-        }
-        if status == 503:
-            entry["headers"] = {"Retry-After": HEADERS["Retry-After"]}
-        elif status == 429:
-            entry["headers"] = {
-                name: HEADERS[name] for name in ("Retry-After", "RateLimit", "RateLimit-Policy")
-            }
-        out[status] = entry
-    return out
-
-
-#: Codes any route may send, whatever it does.
-COMMON_CODES: Final = ("unauthorized", "payload_too_large", "internal_error")
-#: Codes a route that reads a multipart body may send besides.
-BODY_CODES: Final = (
-    "malformed_multipart",
-    "http_error",
-    "request_timeout",
-    "too_many_parts",
-    "field_too_large",
-    "header_too_large",
-    "filename_too_long",
-)
 #: Longest uploaded file name accepted (a common file system limit).
 MAX_FILENAME_LENGTH: Final = 255
 

@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from api.errors import error_response, responses
+from api.errors import error_response
+from api.openapi import responses
 from api.state import ServiceState, get_state
 from serving.engine import Engine, StyleState
 

@@ -25,9 +25,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 
 from api.clients import Caller
-from api.errors import BODY_CODES, COMMON_CODES, APIError, ErrorDetail, all_refused, code_for, responses
+from api.errors import APIError, ErrorDetail, all_refused, code_for
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller
+from api.openapi import BODY_CODES, COMMON_CODES, responses
 from api.state import JobsState, ServiceState, get_state
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
 from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, public_job, zip_name

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.errors import COMMON_CODES, responses
+from api.openapi import COMMON_CODES, responses
 from api.state import ServiceState, get_state
 from inference.styles import STYLES
 

@@ -18,8 +18,8 @@ from api import cartoonize, errors, health, middleware, styles, web
 from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.clients import Clients, load_keys, parse_networks
-from api.errors import HEADERS
 from api.metrics import Metrics
+from api.openapi import exact_schema
 from api.state import ServiceState
 from service import memory
 from service.factory import build_engine, build_flow
@@ -44,70 +44,17 @@ EXPOSED_HEADERS = (
 )
 
 
-#: Multipart request bodies' extension naming the largest body this server reads (then 413).
-MAX_BODY_BYTES_KEY = "x-max-body-bytes"
-
-
 def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """The generated schema, made exact where FastAPI's is not:
-
-    * ``X-Request-ID`` and ``X-Content-Type-Options`` declared on every response (the middleware adds
-      them to all);
-    * the option fields (a form model) are listed flat with the files, as the form is;
-    * optional multipart fields are optional, not nullable (a form part cannot be null: it is sent
-      or left out), and a list of files holds at least one and at most this server's limit
-      (``TOONSERVE_MAX_BATCH_FILES``, ``TOONSERVE_MAX_JOB_FILES``);
-    * ``style`` takes the styles this server is configured with;
-    * each multipart body says its byte limit in ``x-max-body-bytes`` (clients, the web page among
-      them, can refuse a choice before sending it).
-    """
-    most_files = {"/cartoonize/batch": settings.max_batch_files, "/jobs": settings.max_job_files}
-    most_bytes = {"/jobs": settings.max_job_bytes}
+    """The generated schema, made exact (:func:`api.openapi.exact_schema`) for this server's limits."""
     if app.openapi_schema is None:
-        schema = FastAPI.openapi(app)
-        for route, path in schema.get("paths", {}).items():
-            for operation in path.values():
-                for response in operation.get("responses", {}).values():
-                    headers = response.setdefault("headers", {})
-                    headers["X-Request-ID"] = HEADERS["X-Request-ID"]
-                    headers["X-Content-Type-Options"] = HEADERS["X-Content-Type-Options"]
-                body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
-                if body:
-                    _exact_form(schema, body["schema"], settings.styles, most_files.get(route))
-                    body[MAX_BODY_BYTES_KEY] = most_bytes.get(route, settings.max_upload_bytes)
-        app.openapi_schema = schema
+        app.openapi_schema = exact_schema(
+            FastAPI.openapi(app),
+            styles=settings.styles,
+            most_files={"/cartoonize/batch": settings.max_batch_files, "/jobs": settings.max_job_files},
+            most_bytes={"/jobs": settings.max_job_bytes},
+            default_bytes=settings.max_upload_bytes,
+        )
     return app.openapi_schema
-
-
-def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str], most: int | None) -> None:
-    ref = form.get("$ref", "")
-    components = schema["components"]["schemas"]
-    target = components[ref.rsplit("/", 1)[-1]] if ref else form
-    # The option fields come from a form model (serving.options.RequestOptions), which FastAPI puts in
-    # an allOf; a multipart form is flat: its fields are listed with the others.
-    for part in target.pop("allOf", []):
-        merged = components[part["$ref"].rsplit("/", 1)[-1]] if "$ref" in part else part
-        target.setdefault("properties", {}).update(merged.get("properties", {}))
-        required = [*target.get("required", []), *merged.get("required", [])]
-        if required:
-            target["required"] = required
-    if "style" in target.get("properties", {}):
-        target["properties"]["style"]["enum"] = list(styles)
-    for prop in target.get("properties", {}).values():
-        options = prop.get("anyOf")
-        if options and {"type": "null"} in options:
-            kept = [o for o in options if o != {"type": "null"}]
-            del prop["anyOf"]
-            if len(kept) == 1:
-                prop.update(kept[0])
-            else:
-                prop["anyOf"] = kept
-            if prop.get("default", 0) is None:
-                del prop["default"]
-        if prop.get("type") == "array":
-            prop["minItems"] = max(1, prop.get("minItems", 1))
-            if most is not None:
-                prop["maxItems"] = most
 
 
 #: How often the worker is looked at; memory is given back once it has been idle that long after work

@@ -1,0 +1,146 @@
+"""The OpenAPI side of the API: the headers it declares, the error responses of each route, and the
+generated schema made exact (what FastAPI cannot know: this server's limits and styles, a flat
+multipart form, optional rather than nullable form fields)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from api.errors import CODES, ErrorBody
+
+#: OpenAPI description of the headers the service sends.
+HEADERS: Final[dict[str, dict[str, Any]]] = {
+    "X-Request-ID": {
+        "description": "the request's id: yours if you sent a sane one, else a new one; in every log line",
+        "schema": {"type": "string"},
+    },
+    "Retry-After": {
+        "description": "seconds after which trying again makes sense",
+        "schema": {"type": "integer"},
+    },
+    "Server-Timing": {
+        "description": "milliseconds per stage: decode, queue, resize, background, detect, align, head, "
+        "blend, strength, resize_out, encode",
+        "schema": {"type": "string"},
+    },
+    "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
+    "RateLimit": {
+        "description": 'what is left of this client\'s allowance: "images";r=<images left>;t=<seconds '
+        'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), or "queue";r=0;t=<seconds> when its '
+        "queue share is full (IETF draft-ietf-httpapi-ratelimit-headers)",
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": 'this client\'s allowance: "images";q=<images>;w=60 (a minute), or "queue";q=<images '
+        "waiting at once>",
+        "schema": {"type": "string"},
+    },
+    "X-Content-Type-Options": {
+        "description": "always nosniff: the body is what Content-Type says",
+        "schema": {"type": "string", "enum": ["nosniff"]},
+    },
+}
+
+
+def responses(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for routes that can send these error codes: one entry per status, with
+    the error schema, the codes and when each is sent, and Retry-After on 503."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(CODES[code].status, []).append(code)
+    out: dict[int | str, dict[str, Any]] = {}
+    for status, names in sorted(by_status.items()):
+        entry: dict[str, Any] = {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{n}`: {CODES[n].when}" for n in names),
+        }
+        if status == 503:
+            entry["headers"] = {"Retry-After": HEADERS["Retry-After"]}
+        elif status == 429:
+            entry["headers"] = {
+                name: HEADERS[name] for name in ("Retry-After", "RateLimit", "RateLimit-Policy")
+            }
+        out[status] = entry
+    return out
+
+
+#: Codes any route may send, whatever it does.
+COMMON_CODES: Final = ("unauthorized", "payload_too_large", "internal_error")
+#: Codes a route that reads a multipart body may send besides.
+BODY_CODES: Final = (
+    "malformed_multipart",
+    "http_error",
+    "request_timeout",
+    "too_many_parts",
+    "field_too_large",
+    "header_too_large",
+    "filename_too_long",
+)
+
+
+#: Multipart request bodies' extension naming the largest body this server reads (then 413).
+MAX_BODY_BYTES_KEY = "x-max-body-bytes"
+
+
+def exact_schema(
+    schema: dict[str, Any],
+    *,
+    styles: list[str],
+    most_files: dict[str, int],
+    most_bytes: dict[str, int],
+    default_bytes: int,
+) -> dict[str, Any]:
+    """FastAPI's generated ``schema``, made exact where it is not:
+
+    * ``X-Request-ID`` and ``X-Content-Type-Options`` declared on every response (the middleware adds
+      them to all);
+    * the option fields (a form model) are listed flat with the files, as the form is;
+    * optional multipart fields are optional, not nullable (a form part cannot be null: it is sent
+      or left out), and a list of files holds at least one and at most this server's limit
+      (``most_files`` by route);
+    * ``style`` takes the styles this server is configured with (``styles``);
+    * each multipart body says its byte limit in ``x-max-body-bytes`` (clients, the web page among
+      them, can refuse a choice before sending it): ``most_bytes`` by route, else ``default_bytes``.
+    """
+    for route, path in schema.get("paths", {}).items():
+        for operation in path.values():
+            for response in operation.get("responses", {}).values():
+                headers = response.setdefault("headers", {})
+                headers["X-Request-ID"] = HEADERS["X-Request-ID"]
+                headers["X-Content-Type-Options"] = HEADERS["X-Content-Type-Options"]
+            body = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if body:
+                _exact_form(schema, body["schema"], styles, most_files.get(route))
+                body[MAX_BODY_BYTES_KEY] = most_bytes.get(route, default_bytes)
+    return schema
+
+
+def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str], most: int | None) -> None:
+    ref = form.get("$ref", "")
+    components = schema["components"]["schemas"]
+    target = components[ref.rsplit("/", 1)[-1]] if ref else form
+    # The option fields come from a form model (serving.options.RequestOptions), which FastAPI puts in
+    # an allOf; a multipart form is flat: its fields are listed with the others.
+    for part in target.pop("allOf", []):
+        merged = components[part["$ref"].rsplit("/", 1)[-1]] if "$ref" in part else part
+        target.setdefault("properties", {}).update(merged.get("properties", {}))
+        required = [*target.get("required", []), *merged.get("required", [])]
+        if required:
+            target["required"] = required
+    if "style" in target.get("properties", {}):
+        target["properties"]["style"]["enum"] = list(styles)
+    for prop in target.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if options and {"type": "null"} in options:
+            kept = [o for o in options if o != {"type": "null"}]
+            del prop["anyOf"]
+            if len(kept) == 1:
+                prop.update(kept[0])
+            else:
+                prop["anyOf"] = kept
+            if prop.get("default", 0) is None:
+                del prop["default"]
+        if prop.get("type") == "array":
+            prop["minItems"] = max(1, prop.get("minItems", 1))
+            if most is not None:
+                prop["maxItems"] = most
