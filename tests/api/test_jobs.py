@@ -236,6 +236,8 @@ def receiver() -> Iterator[str]:
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/hook"
     server.shutdown()
+    server.server_close()
+    thread.join(5)
 
 
 @pytest.mark.slow
