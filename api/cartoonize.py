@@ -31,8 +31,8 @@ from inference.constants import SKIP_REASONS, NoFacePolicy
 from inference.errors import ToonserveError
 from inference.pipeline import AbandonedError
 from jobs.model import zip_name
+from serving.encoding import OUTPUTS, OutputFormat
 from serving.flow import TIMINGS, Outcome
-from serving.images import OUTPUTS, OutputFormat
 
 router = APIRouter(tags=["cartoonize"])
 

@@ -47,13 +47,8 @@ from jobs.errors import (
     StorageQuotaError,
     WebhookRefusedError,
 )
-from serving.images import (
-    CorruptImageError,
-    EncodeOptionsError,
-    ImageError,
-    ImageTooLargeError,
-    UnsupportedImageError,
-)
+from serving.encoding import EncodeOptionsError
+from serving.images import CorruptImageError, ImageError, ImageTooLargeError, UnsupportedImageError
 from serving.scheduler import (
     ClientQueueFullError,
     DeadlineExceededError,

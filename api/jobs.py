@@ -34,8 +34,9 @@ from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedErr
 from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, public_job, zip_name
 from jobs.store import JobStore, Upload
 from jobs.webhooks import MAX_URL_LENGTH, check_url
+from serving.encoding import MEDIA_TYPES
 from serving.flow import output_shape
-from serving.images import MEDIA_TYPES, ImageError, probe
+from serving.images import ImageError, probe
 from serving.options import ResolvedOptions
 
 router = APIRouter(tags=["jobs"])

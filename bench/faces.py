@@ -27,7 +27,8 @@ from PIL import Image
 from bench.report import write_report
 from devkit import photos
 from inference.faces import create_detector
-from inference.pipeline import Options, resize_rgb
+from inference.geometry import resize_rgb
+from inference.pipeline import Options
 
 LADDER = (16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 80, 96)
 

@@ -78,14 +78,16 @@ from devkit.serve import LiveService, service_env
 from inference import device_image
 from inference.constants import STAGES
 from inference.dctnet import GeneratorRunner, filtered, ieee_fp32_convolutions, load_generator, to_uint8
+from inference.geometry import resize_rgb
 from inference.models import choose_dtype
-from inference.pipeline import Options, resize_rgb
+from inference.pipeline import Options
 from inference.weights import StyleWeights, resolve
 from service.factory import build_flow, loaded_engine
 from service.settings import Settings
+from serving.encoding import encode
 from serving.gpu_codec import GpuCodec
 from serving.gpu_codec import plan as decode_plan
-from serving.images import decode, encode
+from serving.images import decode
 from serving.options import RequestOptions
 from serving.scheduler import DEFAULT_QUEUE_SIZE
 

@@ -39,7 +39,8 @@ from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
 from service.factory import loaded_engine
 from service.settings import Settings
-from serving.images import decode, encode
+from serving.encoding import encode
+from serving.images import decode
 
 
 def percentile(values: list[float], q: float) -> float:

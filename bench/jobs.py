@@ -36,7 +36,8 @@ from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
 from service.factory import loaded_engine
 from service.settings import Settings
-from serving.images import decode, encode
+from serving.encoding import encode
+from serving.images import decode
 
 
 def photo_set(count: int, side: int) -> list[tuple[str, bytes]]:

@@ -33,7 +33,7 @@ from devkit import photos
 from devkit.reference_graphs import write_model_dir
 from devkit.upstream import UpstreamFlow
 from inference.constants import STAGES
-from inference.pipeline import box_area
+from inference.geometry import box_area
 from service.factory import loaded_engine
 from service.settings import Settings
 

@@ -43,8 +43,9 @@ from bench.report import write_report
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
 from devkit.serve import LiveService, server_timing, service_env
+from inference.geometry import resize_rgb
 from inference.models import choose_dtype
-from inference.pipeline import Options, resize_rgb
+from inference.pipeline import Options
 from service.factory import loaded_engine
 from service.settings import Settings
 

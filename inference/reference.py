@@ -24,7 +24,8 @@ import numpy as np
 
 from inference.constants import DEFAULT_PROCESSING_SIZE
 from inference.errors import OptionsError, ToonserveError
-from inference.pipeline import Options, Result, processing_shape, resize_rgb, to_rgb_array
+from inference.geometry import processing_shape, resize_rgb, to_rgb_array
+from inference.pipeline import Options, Result
 
 #: What ModelScope's pipeline opens from the model directory (docs/model.md §1).
 REQUIRED_FILES: Final = (

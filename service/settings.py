@@ -29,21 +29,19 @@ from inference.dctnet import Backend
 from inference.faces import available_detectors
 from inference.models import DEFAULT_DTYPE, DtypeSetting
 from inference.styles import STYLES
-from serving.engine import DEFAULT_RETRY_MAX_S
-from serving.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
-from serving.images import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_PIXELS,
+from serving.encoding import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_PNG_COMPRESSION,
     DEFAULT_QUALITY,
-    MAX_DECODER_COPIES,
     MAX_PNG_COMPRESSION,
     MAX_QUALITY,
     MIN_PNG_COMPRESSION,
     MIN_QUALITY,
     OutputFormat,
 )
+from serving.engine import DEFAULT_RETRY_MAX_S
+from serving.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
+from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_DECODER_COPIES
 from serving.scheduler import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_INTERACTIVE_GRACE_S,

@@ -31,7 +31,7 @@ from typing import Final
 
 import numpy as np
 
-from inference.pipeline import upstream_pad16
+from inference.geometry import upstream_pad16
 
 #: Before anything was measured: 50 ms an image, plus 1 s per million pixels (about what a float32
 #: pass takes on two CPU cores). Replaced by the anchors at warm-up.

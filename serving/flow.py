@@ -40,19 +40,19 @@ from inference.constants import (
     STAGES,
 )
 from inference.errors import OptionsError, ToonserveError
-from inference.pipeline import Options, Result, processing_shape, resize_rgb, to_rgb_array
+from inference.geometry import processing_shape, resize_rgb, to_rgb_array
+from inference.pipeline import Options, Result
 from serving.codec_pool import CodecPool
 from serving.cost import cost_pixels
+from serving.encoding import DEFAULT_PNG_COMPRESSION, encode
 from serving.engine import Engine
 from serving.gpu_codec import GpuCodec
 from serving.images import (
     DEFAULT_MAX_PIXELS,
-    DEFAULT_PNG_COMPRESSION,
     MAX_DECODER_COPIES,
     ImageInfo,
     ImageTooLargeError,
     decode,
-    encode,
     plan_decode,
     probe,
 )

@@ -54,7 +54,8 @@ from PIL import Image
 from torch import Tensor
 
 from inference.device_image import resize_like_host, transpose
-from serving.images import MAX_QUALITY, MIN_QUALITY, ImageError, header_facts
+from serving.encoding import MAX_QUALITY, MIN_QUALITY
+from serving.images import ImageError, header_facts
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Image bytes in and out at the service boundary: decode and validate uploads, encode results.
+"""Uploads to pixels at the service boundary: decode and validate them (results go out through
+:mod:`serving.encoding`).
 
 Uploads come from anyone, so :func:`decode` treats every byte as hostile and never lets a Pillow
 exception escape: the format is decided by the file's content (never its name or content type) and
@@ -12,7 +13,7 @@ refuses raises an :class:`ImageError`:
 
 The result is what the pipeline wants: (H, W, 3) uint8 RGB, or (H, W, 4) uint8 RGBA when the image is
 really transparent, upright (EXIF orientation applied), in sRGB (an embedded ICC profile is converted),
-8 bits a channel (16-bit samples are scaled, not clipped).
+8 bits a channel (16-bit samples are scaled, not clipped): :mod:`serving.colour` does the conversions.
 
 When the caller needs less than the whole image (``decode(needed=...)``), large files are decoded at
 a reduced scale (:func:`plan_decode`): JPEGs by Pillow's DCT scaling (1/2, 1/4, 1/8), 8-bit PNGs and
@@ -21,8 +22,6 @@ row by row, so a 6300×6300 lossless WebP of 1.6 KB is never 160 MB of pixels. E
 what it holds at its peak (:attr:`DecodePlan.held`), so a caller can budget decodes by what they
 really allocate.
 
-:func:`encode` builds a fresh image from the array, so nothing of the upload's metadata (EXIF, GPS,
-XMP, ICC, text chunks) can leak into the response.
 """
 
 from __future__ import annotations
@@ -33,18 +32,23 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal
 
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from inference.errors import ToonserveError
+from serving.colour import (
+    UnsupportedPixelsError,
+    converts_colours,
+    drop_opaque_alpha,
+    to_pixels,
+)
 
 InputFormat = Literal["jpeg", "png", "webp", "bmp", "tiff", "gif"]
-OutputFormat = Literal["png", "jpeg", "webp"]
 
 #: Formats :func:`decode` accepts (decided by content).
 ALLOWED_FORMATS: Final[tuple[InputFormat, ...]] = ("jpeg", "png", "webp", "bmp", "tiff", "gif")
@@ -52,61 +56,9 @@ ALLOWED_FORMATS: Final[tuple[InputFormat, ...]] = ("jpeg", "png", "webp", "bmp",
 #: Default limits for uploads: 40 MP decodes to 160 MB as RGBA; 20 MiB holds any sane photo.
 DEFAULT_MAX_PIXELS: Final = 40_000_000
 DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
-#: What a response is encoded as when the request does not say.
-DEFAULT_OUTPUT_FORMAT: Final[OutputFormat] = "png"
 #: TIFF pages are counted up to this many (see :func:`_count_frames`); only the first is decoded.
 MAX_COUNTED_PAGES: Final = 100
-#: Default encoder quality (JPEG, WebP) and its range.
-DEFAULT_QUALITY: Final = 90
-MIN_QUALITY: Final = 1
-MAX_QUALITY: Final = 100
-#: zlib level for PNG (0 none … 9 smallest), by default the fastest level that compresses. Measured on
-#: a 1024×768 cartoon and photo with Pillow's zlib-ng on this project's CPU (bench/request.py prints
-#: it again): level 1 took 58–62 ms for 710 / 1048 KiB, level 4 (the previous default) 92–103 ms for
-#: 589 / 972 KiB, level 6 235–247 ms, level 9 0.9–2.7 s; level 0 (stored) 31 ms but 2306 KiB. So 1
-#: trades 7–20 % more bytes for a third less encode time — the better deal on a LAN; over a slow link,
-#: or for archives, raise it (or ask for JPEG/WebP, 2–3 ms and 67–170 KiB at quality 90).
-DEFAULT_PNG_COMPRESSION: Final = 1
-MIN_PNG_COMPRESSION: Final = 0
-MAX_PNG_COMPRESSION: Final = 9
-#: libwebp effort (0 fast … 6 small), libwebp's own default and the knee. Measured on the same images
-#: at quality 90: methods 0–2 take half the time of 3–4, but need 3–5 % more bytes for the same PSNR
-#: (methods ≥ 3 turn on rate-distortion optimisation); 3 and 4 cost the same; 5 saves 1–2 % for +15 %;
-#: 6 saves 2–4 % for 2.5×.
-WEBP_METHOD: Final = 4
 
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """How :func:`encode` writes one output format."""
-
-    media_type: str
-    #: File name suffix for saved results (ZIP entries, the CLI, downloads).
-    suffix: str
-    #: Writes a fresh (metadata-free) image to a stream at a quality (ignored where lossless) and a
-    #: PNG compression level (ignored by the others).
-    save: Callable[[Image.Image, io.BytesIO, int, int], None]
-
-
-#: The output formats: adding one means one entry here and its name in :data:`OutputFormat`.
-OUTPUTS: Final[Mapping[OutputFormat, OutputSpec]] = MappingProxyType(
-    {
-        "png": OutputSpec(
-            "image/png", "png", lambda im, out, _q, level: im.save(out, "PNG", compress_level=level)
-        ),
-        "jpeg": OutputSpec(
-            "image/jpeg", "jpg", lambda im, out, q, _l: im.save(out, "JPEG", quality=q, optimize=False)
-        ),
-        "webp": OutputSpec(
-            "image/webp", "webp", lambda im, out, q, _l: im.save(out, "WEBP", quality=q, method=WEBP_METHOD)
-        ),
-    }
-)
-OUTPUT_FORMATS: Final[tuple[OutputFormat, ...]] = get_args(OutputFormat)
-MEDIA_TYPES: Final[Mapping[OutputFormat, str]] = MappingProxyType(
-    {name: spec.media_type for name, spec in OUTPUTS.items()}
-)
-assert set(OUTPUTS) == set(OUTPUT_FORMATS), "OutputFormat and OUTPUTS must list the same formats"
 
 # Our format names ↔ Pillow's. Pillow opens a JPEG with an MPO (multi-picture) index, as phones write
 # them, as "MPO"; it is a JPEG whose first picture is the photo.
@@ -175,11 +127,6 @@ _DECODE_FAILURES: Final[tuple[type[Exception], ...]] = (
     zlib.error,
 )
 
-_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
-# Modes Pillow converts to RGB/RGBA itself, correctly (alpha and palette transparency included).
-_CONVERTIBLE_MODES: Final = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "YCbCr"})
-# Modes whose embedded ICC profile (an RGB one) we convert to sRGB after the RGB(A) conversion.
-_RGB_FAMILY: Final = frozenset({"P", "PA", "RGB", "RGBA", "RGBX", "YCbCr"})
 _TRANSPOSE_FOR_ORIENTATION: Final[Mapping[int, Image.Transpose]] = MappingProxyType(
     {
         2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -213,10 +160,6 @@ class ImageTooLargeError(ImageError):
 
 class CorruptImageError(ImageError):
     """Empty, truncated or damaged: the format is recognised but the file does not decode."""
-
-
-class EncodeOptionsError(ToonserveError, ValueError):
-    """An output format or quality out of range (a request option, not a programming error)."""
 
 
 @dataclass(frozen=True)
@@ -367,7 +310,9 @@ def decode(
         else:
             upright = _apply_orientation(im)
             try:
-                pixels = _to_pixels(upright)
+                pixels = to_pixels(upright)
+            except UnsupportedPixelsError as exc:
+                raise UnsupportedImageError(str(exc)) from exc
             except _DECODE_FAILURES as exc:
                 raise CorruptImageError(f"the {name} file is truncated or damaged: {_reason(exc)}") from exc
     finally:
@@ -398,7 +343,7 @@ def _vips_pixels(data: bytes, fmt: InputFormat, factor: int, name: str) -> np.nd
     bands = pixels.shape[2]
     if bands in (1, 2):  # grey (and alpha): to RGB (and alpha)
         pixels = np.concatenate([pixels[:, :, :1]] * 3 + ([pixels[:, :, 1:]] if bands == 2 else []), axis=2)
-    return _drop_opaque_alpha(np.ascontiguousarray(pixels))
+    return drop_opaque_alpha(np.ascontiguousarray(pixels))
 
 
 @dataclass(frozen=True)
@@ -419,15 +364,7 @@ def _info(fmt: InputFormat, im: Image.Image, orientation: int) -> ImageInfo:
     width, height = im.size
     if orientation in _SWAPS_SIDES:
         width, height = height, width
-    return ImageInfo(fmt, width, height, im.mode, _converts_colours(im))
-
-
-def _converts_colours(im: Image.Image) -> bool:
-    """Whether the image embeds a colour profile that decoding converts to sRGB."""
-    icc = im.info.get("icc_profile")
-    if not (isinstance(icc, bytes) and icc and im.mode in (*_RGB_FAMILY, "CMYK")):
-        return False
-    return _srgb_transform(icc, "CMYK" if im.mode == "CMYK" else "RGB") is not None
+    return ImageInfo(fmt, width, height, im.mode, converts_colours(im))
 
 
 def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
@@ -471,40 +408,10 @@ def header_facts(data: bytes, *, max_pixels: int) -> HeaderFacts:
     im = _open(data, _sniff(data), max_pixels)
     try:
         _check_pixels(im.width, im.height, max_pixels)
-        converts = _converts_colours(im)
+        converts = converts_colours(im)
         return HeaderFacts(im.format or "", im.mode, (im.width, im.height), _orientation(im), converts)
     finally:
         im.close()
-
-
-def encode(
-    rgb: np.ndarray,
-    fmt: OutputFormat,
-    quality: int = DEFAULT_QUALITY,
-    png_compression: int = DEFAULT_PNG_COMPRESSION,
-) -> bytes:
-    """(H, W, 3) uint8 RGB → the bytes of a PNG, JPEG or WebP file, with no metadata at all.
-
-    ``quality`` (1–100) applies to JPEG and WebP; PNG is lossless and ignores it (it is still
-    validated, so a bad request fails the same way whatever the format). ``png_compression`` (0–9)
-    is PNG's zlib level.
-    """
-    if fmt not in OUTPUT_FORMATS:
-        raise EncodeOptionsError(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
-    # bool is an int; a quality of True is a bug upstream, not 1.
-    if isinstance(quality, bool) or not isinstance(quality, int) or not MIN_QUALITY <= quality <= MAX_QUALITY:
-        raise EncodeOptionsError(
-            f"quality must be an integer in [{MIN_QUALITY}, {MAX_QUALITY}], got {quality!r}"
-        )
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-        raise ValueError(f"encode needs an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
-    # A fresh image has an empty `info`, so the encoders write no EXIF, XMP, ICC or text.
-    im = Image.fromarray(np.ascontiguousarray(rgb))
-    out = io.BytesIO()
-    if not MIN_PNG_COMPRESSION <= png_compression <= MAX_PNG_COMPRESSION:
-        raise EncodeOptionsError(f"PNG compression must be in [0, 9], got {png_compression}")
-    OUTPUTS[fmt].save(im, out, quality, png_compression)
-    return out.getvalue()
 
 
 # -- decoding steps ---------------------------------------------------------------------------------
@@ -643,105 +550,6 @@ def _apply_orientation(im: Image.Image) -> Image.Image:
     """The loaded image turned upright by its orientation."""
     method = _TRANSPOSE_FOR_ORIENTATION.get(_orientation(im))
     return im if method is None else im.transpose(method)  # transpose keeps `info` (ICC, transparency)
-
-
-def _to_pixels(im: Image.Image) -> np.ndarray:
-    """A loaded image of any mode → (H, W, 3|4) uint8 sRGB, writable; RGBA only if not all opaque."""
-    mode = im.mode
-    icc = im.info.get("icc_profile")
-    if mode in _SIXTEEN_BIT_MODES:
-        return _grey16_to_pixels(im)
-    if mode == "F":
-        return _float_to_pixels(im)
-    if mode == "CMYK":
-        transform = _srgb_transform(icc, "CMYK") if isinstance(icc, bytes) and icc else None
-        rgb = ImageCms.applyTransform(im, transform) if transform is not None else im.convert("RGB")
-        assert rgb is not None  # applyTransform returns an image unless inPlace=True
-        return np.array(rgb)
-    if mode == "LAB":
-        # (TIFF CIELab.) Pillow's own LAB → RGB conversion does not convert the colours; littleCMS does.
-        rgb = ImageCms.applyTransform(im, _lab_transform())
-        assert rgb is not None
-        return np.array(rgb)
-    if mode not in _CONVERTIBLE_MODES:
-        try:
-            im = im.convert("RGB")
-        except ValueError as exc:
-            raise UnsupportedImageError(f"images with {mode} pixels are not supported") from exc
-    out = im.convert("RGBA") if im.has_transparency_data else im
-    if out.mode not in ("RGB", "RGBA"):
-        out = out.convert("RGB")
-    if mode in _RGB_FAMILY and isinstance(icc, bytes) and icc:
-        transform = _srgb_transform(icc, out.mode)
-        if transform is not None:
-            converted = ImageCms.applyTransform(out, transform)
-            assert converted is not None
-            out = converted
-    return _drop_opaque_alpha(np.array(out))
-
-
-def _drop_opaque_alpha(pixels: np.ndarray) -> np.ndarray:
-    if pixels.shape[2] == 4 and bool((pixels[:, :, 3] == 255).all()):
-        return np.ascontiguousarray(pixels[:, :, :3])
-    return pixels
-
-
-def _grey16_to_pixels(im: Image.Image) -> np.ndarray:
-    """16-bit grey (Pillow's I;16* and I, which it also uses for 16-bit PNG) → RGB(A), scaled.
-
-    Pillow's own ``convert`` clips at 255; we map 0..65535 onto 0..255 with rounding (65535 → 255,
-    32768 → 128). Values outside 0..65535 (32-bit "I" files) are clipped to that range first.
-    """
-    values = np.asarray(im).astype(np.int64)
-    np.clip(values, 0, 65535, out=values)
-    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
-    channels = [grey, grey, grey]
-    transparent = im.info.get("transparency")
-    if isinstance(transparent, int) and not isinstance(transparent, bool):
-        # A 16-bit PNG's tRNS: one grey value (in file units) that is fully transparent.
-        channels.append(np.where(np.asarray(im) == transparent, 0, 255).astype(np.uint8))
-    return _drop_opaque_alpha(np.stack(channels, axis=2))
-
-
-def _float_to_pixels(im: Image.Image) -> np.ndarray:
-    """32-bit float grey ("F", from TIFF): 0..1 if that is its range, else 0..255; NaN → 0."""
-    values = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if values.size and float(values.max()) <= 1.0:
-        values = values * 255.0
-    grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
-
-
-@functools.lru_cache(maxsize=16)
-def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """A cached transform from an embedded ICC profile to sRGB for `mode` images ("RGB", "RGBA", or
-    "CMYK" → "RGB"), or None when there is nothing to do: the profile is an sRGB one (most cameras
-    embed one; converting would cost ~10 ms a megapixel for ±1 level), or it is unreadable or not for
-    that colour space (an ICC profile is a hint about colours, never a reason to refuse an image).
-    """
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        expected = "CMYK" if mode == "CMYK" else "RGB"
-        if source.profile.xcolor_space.strip() != expected:
-            return None
-        if "srgb" in (source.profile.profile_description or "").lower():
-            return None
-        return ImageCms.buildTransform(
-            source, _srgb_profile(), mode, "RGB" if mode == "CMYK" else mode, ImageCms.Intent.PERCEPTUAL
-        )
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-        return None
-
-
-@functools.cache
-def _srgb_profile() -> ImageCms.ImageCmsProfile:
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-
-
-@functools.cache
-def _lab_transform() -> ImageCms.ImageCmsTransform:
-    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB"))
-    return ImageCms.buildTransform(lab, _srgb_profile(), "LAB", "RGB", ImageCms.Intent.RELATIVE_COLORIMETRIC)
 
 
 # -- messages ---------------------------------------------------------------------------------------

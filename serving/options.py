@@ -33,7 +33,14 @@ from inference.constants import (
 )
 from inference.errors import OptionsError
 from inference.styles import STYLES
-from serving.images import DEFAULT_OUTPUT_FORMAT, MAX_QUALITY, MEDIA_TYPES, MIN_QUALITY, OUTPUTS, OutputFormat
+from serving.encoding import (
+    DEFAULT_OUTPUT_FORMAT,
+    MAX_QUALITY,
+    MEDIA_TYPES,
+    MIN_QUALITY,
+    OUTPUTS,
+    OutputFormat,
+)
 
 #: The request options' names, in the order they are documented.
 OPTION_NAMES: Final = ("style", "strength", "processing_size", "output_size", "format", "quality", "no_face")

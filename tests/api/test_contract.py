@@ -30,7 +30,8 @@ from inference.constants import (
 from inference.errors import ToonserveError
 from inference.weights import REQUIRED_FILES
 from service.settings import Settings
-from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_QUALITY, MIN_QUALITY, OUTPUT_FORMATS
+from serving.encoding import MAX_QUALITY, MIN_QUALITY, OUTPUT_FORMATS
+from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -37,7 +37,7 @@ from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
 from inference.constants import MAX_OUTPUT_SIDE
-from serving.images import MAX_QUALITY, MIN_QUALITY
+from serving.encoding import MAX_QUALITY, MIN_QUALITY
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 

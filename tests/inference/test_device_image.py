@@ -15,7 +15,7 @@ from PIL import Image
 from devkit import photos
 from inference import device_image
 from inference.device_image import pillow_pass_order, resize, resize_like_host, to_device, transpose
-from inference.pipeline import resize_out_on_device, resize_rgb
+from inference.geometry import resize_out_on_device, resize_rgb
 
 _PIL_FILTERS = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR}
 

@@ -18,19 +18,8 @@ from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE, AlignmentError
 from inference.constants import STAGES
 from inference.dctnet import GeneratorRunner
 from inference.errors import OptionsError
-from inference.pipeline import (
-    AbandonedError,
-    Cartoonizer,
-    NoFaceError,
-    Options,
-    PipelineError,
-    Result,
-    _Work,
-    box_area,
-    processing_shape,
-    to_rgb_array,
-    upstream_pad16,
-)
+from inference.geometry import box_area, processing_shape, to_rgb_array, upstream_pad16
+from inference.pipeline import AbandonedError, Cartoonizer, NoFaceError, Options, PipelineError, Result, _Work
 
 
 def _check_face_geometry(face_box: tuple[float, ...], landmarks: tuple[tuple[float, float], ...]) -> None:

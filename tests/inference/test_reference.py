@@ -18,7 +18,8 @@ import pytest
 from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir, TFGenerator
 from inference.errors import OptionsError
-from inference.pipeline import Cartoonizer, Options, processing_shape, resize_rgb, upstream_pad16
+from inference.geometry import processing_shape, resize_rgb, upstream_pad16
+from inference.pipeline import Cartoonizer, Options
 from inference.reference import ModelScopeEngine, ReferenceEngineError, _modelscope_pipeline
 
 

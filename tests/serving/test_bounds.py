@@ -13,7 +13,8 @@ from PIL import Image
 
 from devkit import photos
 from inference.errors import OptionsError
-from inference.pipeline import Cartoonizer, Options, processing_shape
+from inference.geometry import processing_shape
+from inference.pipeline import Cartoonizer, Options
 from serving.cost import CostModel
 from serving.engine import Engine
 from serving.flow import Flow, Limits, _PixelBudget

@@ -23,11 +23,13 @@ from PIL import Image, ImageCms
 
 from devkit import photos
 from devkit.pillow_tvio import PillowTorchvisionIO
-from inference.pipeline import Cartoonizer, Result, resize_rgb
+from inference.geometry import resize_rgb
+from inference.pipeline import Cartoonizer, Result
+from serving.encoding import encode
 from serving.engine import Engine
 from serving.flow import Flow, Limits
 from serving.gpu_codec import DecodePlan, GpuCodec, jpeg_layout, plan
-from serving.images import decode, encode
+from serving.images import decode
 from serving.options import RequestOptions, ResolvedOptions
 from serving.scheduler import Scheduler
 

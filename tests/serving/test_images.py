@@ -21,22 +21,19 @@ from PIL import Image, ImageCms, ImageFile, PngImagePlugin
 
 from devkit import photos
 from inference.errors import ToonserveError
+from serving.encoding import MEDIA_TYPES, OUTPUT_FORMATS, EncodeOptionsError, encode
 from serving.images import (
     ALLOWED_FORMATS,
     DECODER_COPIES,
     DEFAULT_MAX_PIXELS,
     MAX_COUNTED_PAGES,
-    MEDIA_TYPES,
-    OUTPUT_FORMATS,
     CorruptImageError,
     DecodedImage,
     DecodePlan,
-    EncodeOptionsError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
     decode,
-    encode,
     plan_decode,
     probe,
 )
