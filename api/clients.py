@@ -36,7 +36,7 @@ from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from inference.errors import ConfigurationError
-from serving.scheduler import ANONYMOUS, Client
+from serving.tickets import ANONYMOUS, Client
 
 #: The name of the single key of ``TOONSERVE_API_KEY``.
 UNNAMED: Final = "default"

@@ -49,12 +49,7 @@ from jobs.errors import (
 )
 from serving.encoding import EncodeOptionsError
 from serving.images import CorruptImageError, ImageError, ImageTooLargeError, UnsupportedImageError
-from serving.scheduler import (
-    ClientQueueFullError,
-    DeadlineExceededError,
-    QueueFullError,
-    SchedulerClosedError,
-)
+from serving.tickets import ClientQueueFullError, DeadlineExceededError, QueueFullError, SchedulerClosedError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from serving.options import ResolvedOptions
-from serving.scheduler import ANONYMOUS
+from serving.tickets import ANONYMOUS
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ItemStatus = Literal["queued", "running", "ok", "error", "cancelled"]

@@ -15,7 +15,7 @@ from typing import Any, Final
 from jobs.model import Item, Job
 from jobs.store import Upload
 from serving.options import ResolvedOptions
-from serving.scheduler import ANONYMOUS
+from serving.tickets import ANONYMOUS
 
 #: An item's fields, in the order the SQLite table and the Redis item objects keep them.
 ITEM_FIELDS: Final = (

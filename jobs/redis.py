@@ -50,7 +50,7 @@ from jobs.model import JOB_STATUSES, ItemStatus, Job, WebhookState
 from jobs.records import item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
 from serving.options import ResolvedOptions
-from serving.scheduler import ANONYMOUS
+from serving.tickets import ANONYMOUS
 
 #: Directories under ``jobs/`` with no record, and other replicas' staging directories, untouched for
 #: this long are left over from a process that died while accepting a job; accepting one takes

@@ -43,7 +43,7 @@ from jobs.webhooks import WebhookSender
 from serving.engine import Engine
 from serving.flow import Flow
 from serving.retry import backoff_s
-from serving.scheduler import Client, Ticket
+from serving.tickets import Client, Ticket
 
 log = logging.getLogger(__name__)
 

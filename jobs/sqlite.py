@@ -28,7 +28,7 @@ from jobs.records import ITEM_FIELDS, item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
-from serving.scheduler import ANONYMOUS
+from serving.tickets import ANONYMOUS
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (

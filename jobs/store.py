@@ -28,7 +28,7 @@ from typing import BinaryIO, Protocol
 from jobs.errors import StorageQuotaError
 from jobs.model import ItemStatus, Job, WebhookState
 from serving.options import ResolvedOptions
-from serving.scheduler import ANONYMOUS
+from serving.tickets import ANONYMOUS
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ submit and wait; :meth:`Flow.run` chains them for one image.
   :class:`~serving.gpu_codec.GpuCodec`, the JPEGs it takes are decoded (and brought to the
   processing size) on the device, and JPEG results encoded there, Pillow doing the rest;
 * ``submit`` hands the pixels to the engine's worker (:class:`~serving.scheduler.Scheduler`), which
-  refuses at once with :class:`~serving.scheduler.QueueFullError` when its queue is full;
+  refuses at once with :class:`~serving.tickets.QueueFullError` when its queue is full;
 * ``wait`` is async and cancellable: cancelling the awaiting task (client gone) cancels the ticket, so
   queued work is dropped and running work stops between stages; at the deadline it raises
-  :class:`~serving.scheduler.DeadlineExceededError`.
+  :class:`~serving.tickets.DeadlineExceededError`.
 
 Timings (milliseconds): ``decode``, ``queue`` (wait for the worker), each pipeline stage, ``encode``.
 """
@@ -57,7 +57,7 @@ from serving.images import (
     probe,
 )
 from serving.options import RequestOptions, ResolvedOptions
-from serving.scheduler import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
+from serving.tickets import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
 
 _T = TypeVar("_T")
 
@@ -147,7 +147,7 @@ class _PixelBudget:
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int, timeout: float | None = None) -> AsyncIterator[None]:
         """Hold ``pixels`` of the budget; waits at most ``timeout`` seconds for them, then raises
-        :class:`~serving.scheduler.QueueFullError`."""
+        :class:`~serving.tickets.QueueFullError`."""
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
@@ -274,8 +274,8 @@ class Flow:
         self, params: ResolvedOptions, infos: list[ImageInfo], deadline: float, client: Client | None = None
     ) -> Admission:
         """Places in ``client``'s line for these images, priced by the pixels the models will run on,
-        before any is decoded: :class:`~serving.scheduler.QueueFullError` at once if there is no
-        room (:class:`~serving.scheduler.ClientQueueFullError` if the client's own share is full),
+        before any is decoded: :class:`~serving.tickets.QueueFullError` at once if there is no
+        room (:class:`~serving.tickets.ClientQueueFullError` if the client's own share is full),
         or if they could not be done by ``deadline``."""
         pixels = [cost_pixels(*self.processing_shape(params, (i.height, i.width))) for i in infos]
         return self.engine.scheduler.admit(pixels, deadline, client)
@@ -475,8 +475,8 @@ class Flow:
         watch: Callable[[Ticket], Awaitable[None]] | None = None,
     ) -> list[Outcome | ToonserveError]:
         """Several images of one request, with the same options: every one checked from its header,
-        places asked for all of them at once (:class:`~serving.scheduler.QueueFullError` /
-        :class:`~serving.scheduler.ClientQueueFullError` for the whole request, before anything is
+        places asked for all of them at once (:class:`~serving.tickets.QueueFullError` /
+        :class:`~serving.tickets.ClientQueueFullError` for the whole request, before anything is
         decoded), then each decoded and submitted, then all awaited together. Each entry is that
         image's outcome, or its own error: one bad file does not sink the others."""
         deadline = self.deadline() if deadline is None else deadline

@@ -21,7 +21,8 @@ from devkit.reference_graphs import ReferenceModelDir
 from inference.errors import ConfigurationError
 from inference.pipeline import Options
 from service.app import create_app
-from serving.scheduler import Client, Scheduler
+from serving.scheduler import Scheduler
+from serving.tickets import Client
 from tests.api.conftest import make_settings, png_bytes, service_state, wait_ready
 
 # -- keys ------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from serving.engine import Engine
 from serving.flow import Flow, Limits, _PixelBudget
 from serving.images import ImageTooLargeError, decode, probe, reduction
 from serving.options import RequestOptions, ResolvedOptions
-from serving.scheduler import QueueFullError, Scheduler
+from serving.scheduler import Scheduler
+from serving.tickets import QueueFullError
 
 #: The service defaults of these tests (as the settings would make them).
 DEFAULTS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)

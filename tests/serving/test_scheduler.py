@@ -13,13 +13,12 @@ from devkit import photos
 from inference.errors import ToonserveError
 from inference.pipeline import AbandonedError, Cartoonizer, Options, Result
 from serving.cost import CostModel
-from serving.scheduler import (
-    GRACE_AT_MOST,
+from serving.scheduler import GRACE_AT_MOST, Scheduler
+from serving.tickets import (
     Client,
     ClientQueueFullError,
     DeadlineExceededError,
     QueueFullError,
-    Scheduler,
     SchedulerClosedError,
 )
 
