@@ -49,7 +49,8 @@ def index_html() -> str:
 
 
 def assets() -> StaticFiles:
-    """The page's assets (``app.js``, ``app.css``, ``icon.svg``), served from the installed package."""
+    """The page's assets (``app.js`` and the modules it imports, ``app.css``, ``icon.svg``), served from
+    the installed package."""
     return StaticFiles(packages=[STATIC])
 
 

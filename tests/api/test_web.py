@@ -20,7 +20,9 @@ from service.app import create_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGE_FILES = ("index.html", "app.js", "app.css", "icon.svg")
+#: The page's modules (app.js imports the others); every file of the page.
+MODULES = ("app.js", "api.js", "util.js", "settings.js", "tabs.js", "single.js", "batch.js")
+PAGE_FILES = ("index.html", *MODULES, "app.css", "icon.svg")
 TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
 
 
@@ -53,6 +55,25 @@ def test_the_page_and_its_assets_are_served(tmp_path: Path) -> None:
             assert r.status_code == 200, asset
             assert r.headers["content-type"].startswith(TYPES[Path(asset).suffix]), asset
         assert client.get(f"{ASSETS_PATH}/nope.js").status_code == 404
+        for module in MODULES:  # imported by app.js, not linked from the page
+            r = client.get(f"{ASSETS_PATH}/{module}")
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/javascript"), module
+
+
+def test_the_modules_import_only_each_other() -> None:
+    """Every module the page's scripts import is one of them, on this origin (relative ./x.js)."""
+    static = _static_dir()
+    assert sorted(p.name for p in static.glob("*.js")) == sorted(MODULES)
+    declared = r"^export (?:async function\*? |function\*? |const |let |class )([\w$]+)"
+    exported = {m: set(re.findall(declared, (static / m).read_text(), flags=re.M)) for m in MODULES}
+    for module in MODULES:
+        imports = re.findall(
+            r'^import \{([^}]+)\} from "([^"]+)";$', (static / module).read_text(), flags=re.M
+        )
+        for names, source in imports:
+            assert source.startswith("./") and source[2:] in MODULES, (module, source)
+            missing = {n.strip() for n in names.split(",")} - exported[source[2:]]
+            assert not missing, f"{module} imports {missing} that {source} does not export"
 
 
 def test_nothing_comes_from_another_origin() -> None:
@@ -67,7 +88,7 @@ def test_nothing_comes_from_another_origin() -> None:
 def test_the_page_stays_open_with_an_api_key_and_the_api_does_not(tmp_path: Path) -> None:
     with _client(tmp_path, api_key="s3cret") as client:
         assert client.get("/").status_code == 200
-        for name in ("app.js", "app.css", "icon.svg"):
+        for name in (*MODULES, "app.css", "icon.svg"):
             assert client.get(f"{ASSETS_PATH}/{name}").status_code == 200
         assert client.get("/openapi.json").status_code == 200  # the page reads its bounds there
         assert client.get("/styles").status_code == 401

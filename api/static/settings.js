@@ -1,0 +1,123 @@
+// The settings both sides share (style, strength, format, sizes, quality), remembered across visits;
+// their bounds and choices come from the API's own schema. (describeChoice, from batch.js, is called
+// once the bounds are known: the two modules import each other, inside functions only.)
+
+import { api, sleep } from "./api.js";
+import { describeChoice } from "./batch.js";
+import { $, byteSize, plural, say, waiting } from "./util.js";
+
+const SETTINGS_STORE = "toonserve.settings"; // localStorage: remembered across visits
+
+// Each shared setting: its control, the API's form field, and its key in the page's storage.
+export const SETTINGS = [
+  { id: "style", field: "style", key: "style" },
+  { id: "strength", field: "strength", key: "strength" },
+  { id: "processing-size", field: "processing_size", key: "processingSize" },
+  { id: "output-size", field: "output_size", key: "outputSize" },
+  { id: "format", field: "format", key: "format" },
+  { id: "quality", field: "quality", key: "quality" },
+];
+
+export function saveSettings() {
+  const saved = Object.fromEntries(SETTINGS.map((s) => [s.key, $(s.id).value]));
+  localStorage.setItem(SETTINGS_STORE, JSON.stringify(saved));
+}
+
+export function savedSettings() {
+  try {
+    return JSON.parse(localStorage.getItem(SETTINGS_STORE) ?? "{}") ?? {};
+  } catch (_) {
+    return {};
+  }
+}
+
+export function showStrength() {
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+}
+
+// The form fields every request shares. Empty fields are left out: the service's defaults apply.
+export function settingsForm() {
+  const form = new FormData();
+  for (const { id, field } of SETTINGS) {
+    const value = $(id).value.trim();
+    if (value) form.append(field, value);
+  }
+  return form;
+}
+
+// What one batch (a job) may hold, from the API's schema; unknown until it is read.
+export const batchLimits = { files: Infinity, bytes: Infinity };
+
+// Bounds and choices come from the API's own schema, so the page never disagrees with the service.
+export async function loadBounds() {
+  const spec = await (await api("/openapi.json")).json();
+  const jobBody = spec.paths["/jobs"].post.requestBody.content["multipart/form-data"];
+  const jobProps = spec.components.schemas[jobBody.schema.$ref.split("/").pop()].properties;
+  batchLimits.files = jobProps.images.maxItems ?? Infinity;
+  batchLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
+  $("photos-limit").textContent = Number.isFinite(batchLimits.files)
+    ? ` At most ${plural(batchLimits.files, "photo")} and ${byteSize(batchLimits.bytes)} in one batch.`
+    : "";
+  if ($("photos").files.length) describeChoice();
+  const body = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"].schema;
+  const props = spec.components.schemas[body.$ref.split("/").pop()].properties;
+  // Optional fields are `anyOf: [{the type}, {null}]`.
+  const typed = (prop) => (prop.anyOf ? prop.anyOf.find((s) => s.type && s.type !== "null") : prop);
+  const strength = typed(props.strength);
+  $("strength").min = strength.minimum;
+  $("strength").max = strength.maximum;
+  const bound = (id, field) => {
+    const { minimum, maximum } = typed(props[field]);
+    $(id).min = minimum;
+    $(id).max = maximum;
+    return `${minimum} to ${maximum}`;
+  };
+  $("processing-hint").textContent =
+    `The photo's short side while it is worked on, ${bound("processing-size", "processing_size")} pixels: ` +
+    "more is sharper and slower. Empty: the service's default.";
+  $("output-hint").textContent =
+    `The result's long side, ${bound("output-size", "output_size")} pixels. Empty: the photo's own size.`;
+  $("quality-hint").textContent =
+    `JPEG and WebP only, ${bound("quality", "quality")}: more is finer and larger. Empty: the service's default.`;
+  const format = $("format");
+  for (const name of typed(props.format).enum) {
+    const option = new Option(name === "jpeg" ? "JPEG" : name === "webp" ? "WebP" : name.toUpperCase(), name);
+    format.append(option);
+  }
+}
+
+// The styles this service can draw now (loaded), the default one selected unless one was remembered.
+export async function loadStyles() {
+  const select = $("style");
+  for (;;) {
+    const { styles } = await (await api("/styles", { onWait: waiting("settings") })).json();
+    const loaded = styles.filter((s) => s.loaded);
+    if (loaded.length) {
+      select.replaceChildren(...loaded.map((s) => new Option(s.name, s.name, s.default, s.default)));
+      select.dataset.descriptions = JSON.stringify(Object.fromEntries(loaded.map((s) => [s.name, s.description])));
+      const loading = styles.filter((s) => s.state === "loading").map((s) => s.name);
+      say("settings", loading.length ? `Still loading: ${loading.join(", ")}.` : "");
+      return;
+    }
+    const states = styles.filter((s) => s.configured).map((s) => `${s.name}: ${s.error ?? s.state}`);
+    say("settings", `No style is ready yet (${states.join("; ")}); checking again in 3 s.`);
+    await sleep(3000);
+  }
+}
+
+export function showStyleHint() {
+  const descriptions = JSON.parse($("style").dataset.descriptions ?? "{}");
+  $("style-hint").textContent = descriptions[$("style").value] ?? "";
+}
+
+export function restoreSettings(saved) {
+  for (const { id, key } of SETTINGS) {
+    const control = $(id);
+    if (typeof saved[key] !== "string") continue;
+    // Only choices the service offers now: a remembered style that is not loaded here is skipped.
+    if (control.tagName === "SELECT" && ![...control.options].some((o) => o.value === saved[key])) continue;
+    control.value = saved[key];
+  }
+  showStrength();
+  showStyleHint();
+}

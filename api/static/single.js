@@ -1,0 +1,136 @@
+// One photo: its preview, the request, the result with its before/after slider, faces and timings.
+
+import { api } from "./api.js";
+import { settingsForm } from "./settings.js";
+import { $, base64Blob, fail, objectUrl, objectUrls, plural, say, stemOf, suffixOf, waiting } from "./util.js";
+
+
+let singleRun = null; // AbortController of the request in flight
+
+export function previewPhoto() {
+  const file = $("photo").files[0];
+  $("cartoon-figure").hidden = true;
+  $("single-details").hidden = true;
+  $("face-boxes").replaceChildren();
+  fail("single", "");
+  say("single", "");
+  if (!file) {
+    $("photo-figure").hidden = true;
+    return;
+  }
+  $("photo-preview").src = objectUrl("single:photo", file);
+  $("photo-caption").textContent = file.name;
+  $("photo-figure").hidden = false;
+}
+
+export async function cartoonize(event) {
+  event.preventDefault();
+  const file = $("photo").files[0];
+  singleRun?.abort();
+  const run = new AbortController();
+  singleRun = run;
+  fail("single", "");
+  say("single", `Cartoonizing ${file.name}…`);
+  $("panel-single").setAttribute("aria-busy", "true");
+  const form = settingsForm();
+  form.append("image", file, file.name);
+  form.append("response", "json");
+  try {
+    const response = await api("/cartoonize", {
+      method: "POST",
+      body: form,
+      signal: run.signal,
+      onWait: waiting("single"),
+    });
+    showResult(file, await response.json());
+  } catch (err) {
+    if (run.signal.aborted) return;
+    say("single", "");
+    fail("single", err.message);
+  } finally {
+    if (singleRun === run) $("panel-single").removeAttribute("aria-busy");
+  }
+}
+
+const REASONS = {
+  below_threshold: "the detector was not sure enough",
+  too_small: "too small",
+  over_limit: "over the limit of faces per photo",
+  alignment_failed: "it could not be aligned",
+};
+
+function showResult(file, data) {
+  const url = objectUrl("single:cartoon", base64Blob(data.image, data.media_type));
+  $("cartoon").src = url;
+  $("compare-photo").src = objectUrls.get("single:photo");
+  const download = $("download");
+  download.href = url;
+  download.download = `${stemOf(file.name)}-${data.style}.${suffixOf(data.media_type)}`;
+  $("cartoon-figure").hidden = false;
+  compare();
+
+  // Face boxes over the photo, in percent of the input size (the preview is the same photo upright).
+  const { width, height } = data.input_size;
+  const boxes = [];
+  const list = [];
+  data.faces.forEach((face, i) => {
+    const [x1, y1, x2, y2] = face.box;
+    const box = document.createElement("div");
+    box.className = face.stylized ? "box" : "box skipped";
+    box.style.left = `${(100 * x1) / width}%`;
+    box.style.top = `${(100 * y1) / height}%`;
+    box.style.width = `${(100 * (x2 - x1)) / width}%`;
+    box.style.height = `${(100 * (y2 - y1)) / height}%`;
+    const tag = document.createElement("span");
+    tag.textContent = String(i + 1);
+    box.append(tag);
+    boxes.push(box);
+    const item = document.createElement("li");
+    const score = `detector score ${face.score.toFixed(2)}`;
+    item.textContent = face.stylized
+      ? `Face ${i + 1}: stylised (${score})`
+      : `Face ${i + 1}: skipped, ${REASONS[face.reason] ?? face.reason} (${score})`;
+    if (!face.stylized) item.className = "skipped";
+    list.push(item);
+  });
+  if (!data.faces.length) {
+    const item = document.createElement("li");
+    item.textContent = `No face found; the whole photo was drawn as background (${data.no_face}).`;
+    list.push(item);
+  }
+  $("face-boxes").replaceChildren(...boxes);
+  $("faces-list").replaceChildren(...list);
+  $("photo-caption").textContent = `${file.name}: ${plural(data.faces.length, "face")} found`;
+
+  const rows = [];
+  let sum = 0;
+  for (const [stage, ms] of Object.entries(data.timings_ms)) {
+    sum += ms;
+    rows.push(timingRow(stage.replace("_", " "), ms));
+  }
+  rows.push(timingRow("sum", sum, "sum"));
+  $("timings").replaceChildren(...rows.flat());
+  const size = (s) => `${s.width}×${s.height}`;
+  $("run-info").textContent =
+    `${size(data.input_size)} in, worked at ${size(data.processing_size)}, ${size(data.output_size)} out; ` +
+    `${data.device}, ${data.dtype}.`;
+  $("single-details").hidden = false;
+  say("single", `Done: ${plural(data.faces_stylized, "face")} stylised. The cartoon is ready to download.`);
+}
+
+function timingRow(name, ms, className) {
+  const dt = document.createElement("dt");
+  const dd = document.createElement("dd");
+  dt.textContent = name;
+  dd.textContent = `${ms.toFixed(1)} ms`;
+  if (className) dt.className = dd.className = className;
+  return [dt, dd];
+}
+
+// The before/after slider: the cartoon is clipped from the left up to the line.
+export function compare() {
+  const at = Number($("compare-slider").value);
+  $("cartoon").style.clipPath = `inset(0 0 0 ${at}%)`;
+  $("compare-divider").style.left = `${at}%`;
+  $("compare-slider").setAttribute("aria-valuetext", `${at} % photo, ${100 - at} % cartoon`);
+}
