@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Proves and measures the CUDA path in one command, in at most 8 minutes on one GPU: exactness
 # against the CPU, generator throughput (eager, CUDA graphs, torch.compile), the whole pipeline per
-# photo, HTTP at 32 clients, and the GPU JPEG codec. bench/gpu.py's docstring lists the sections.
+# photo, HTTP at 32 clients, and the GPU JPEG codec. bench/gpu/__init__.py's docstring lists the sections.
 #
 #   bench/gpu.sh           # on a GPU machine; exits 3 at once if CUDA is not available
 #   bench/gpu.sh --dry     # (or GPU_DRY=1) every section on the CPU with tiny sizes, in seconds
@@ -55,12 +55,12 @@ else
     fi
 fi
 
-# bench/gpu.py keeps its sections within 420 s (imports and set-up come on top) and skips what
+# python -m bench.gpu keeps its sections within 420 s (imports and set-up come on top) and skips what
 # would not fit; this is the backstop, within the 8 minutes.
 limit=$([[ $dry == 1 ]] && echo 170 || echo 460)
 status=0
 timeout --kill-after=10 "$limit" "$python" -m bench.gpu "${args[@]}" 2>&1 | tee "$out/gpu$suffix.log" || status=$?
 if [[ $status == 124 || $status == 137 ]]; then
-    echo "error: bench/gpu.py ran past ${limit} s and was stopped; $out/gpu$suffix.json has what it finished" >&2
+    echo "error: python -m bench.gpu ran past ${limit} s and was stopped; $out/gpu$suffix.json has what it finished" >&2
 fi
 exit "$status"
