@@ -15,6 +15,7 @@ from inference.models import DtypeSetting
 from inference.styles import STYLES, get_style
 from inference.weights import download, ensure_converted, find_source_dir, resolve
 from service import jobs_cli
+from service.folders import photos_in
 from service.option_flags import add_option_flags, options_from
 from service.progress import Progress
 
@@ -110,7 +111,6 @@ def _cmd_styles(args: argparse.Namespace) -> int:
     return 0
 
 
-_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 #: Photos the CLI keeps in flight, so one's decode and encode overlap another's model work.
 _IN_FLIGHT = 2
 
@@ -122,13 +122,7 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
     from service.settings import get_settings
 
     src, dst = Path(args.input), Path(args.output)
-    if not src.is_dir():
-        print(f"error: {src} is not a directory", file=sys.stderr)
-        return 2
-    photos = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in _PHOTO_SUFFIXES)
-    if not photos:
-        print(f"error: no photos ({', '.join(_PHOTO_SUFFIXES)}) in {src}", file=sys.stderr)
-        return 2
+    photos = photos_in(src)
     overrides = {
         key: value
         for key, value in (
@@ -219,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     st.set_defaults(func=_cmd_styles)
 
-    jobs_cli.add_parser(sub, _PHOTO_SUFFIXES)
+    jobs_cli.add_parser(sub)
     return parser
 
 

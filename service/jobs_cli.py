@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from service.folders import photos_in
 from service.option_flags import add_option_flags, options_from
 from service.progress import Progress
 
@@ -58,17 +59,10 @@ def _fail(response: Any) -> int:
     return 2
 
 
-def _cmd_submit(args: argparse.Namespace, suffixes: tuple[str, ...]) -> int:
+def _cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        print(f"error: {folder} is not a directory", file=sys.stderr)
-        return 2
-    photos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
-    if not photos:
-        print(f"error: no photos ({', '.join(suffixes)}) in {folder}", file=sys.stderr)
-        return 2
+    photos = photos_in(Path(args.folder))
     # Checked here first (a value out of range is said at once, before any upload), then sent as the
     # form fields the service reads into the same options.
     fields: dict[str, Any] = {
@@ -143,7 +137,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any, suffixes: tuple[str, ...]) -> None:
+def add_parser(sub: Any) -> None:
     """``toonserve jobs submit|status``."""
     jobs = sub.add_parser("jobs", help="submit a folder to a running service as one job, or check a job")
     cmds = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -161,7 +155,7 @@ def add_parser(sub: Any, suffixes: tuple[str, ...]) -> None:
     add_option_flags(submit)
     submit.add_argument("--webhook", help="URL the server POSTs the job to when it ends")
     submit.add_argument("--idempotency-key", help="submitting again with the same key returns the same job")
-    submit.set_defaults(func=lambda a: _cmd_submit(a, suffixes))
+    submit.set_defaults(func=_cmd_submit)
 
     status = cmds.add_parser("status", help="a job's status and its items")
     status.add_argument("id", help="the job's id")
