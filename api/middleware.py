@@ -35,6 +35,13 @@ OPEN_PATHS: Final = frozenset(
 )
 #: Path prefixes that stay open the same way (the documentation's and the page's scripts and styles).
 OPEN_PREFIXES: Final = ("/static-offline-docs/", "/ui/")
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is answered without a key when keys are configured."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -160,7 +167,6 @@ class RequestContextMiddleware:
         rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         caller = self.clients.caller(scope, headers)
-        is_open = scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES)
         name = (caller or self.clients.anonymous()).name
         client_token = client_var.set(name)
         scope.setdefault("state", {})["request_id"] = rid
@@ -182,7 +188,7 @@ class RequestContextMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            if caller is None and not is_open:
+            if caller is None and not is_open(scope["path"]):
                 response = error_response(
                     "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
                 )

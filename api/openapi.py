@@ -4,6 +4,7 @@ multipart form, optional rather than nullable form fields)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from api.errors import CODES, ErrorBody
@@ -78,6 +79,21 @@ BODY_CODES: Final = (
 )
 
 
+#: The ways a request sends its API key (either one), as OpenAPI security schemes.
+SECURITY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
+    "ApiKeyHeader": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "one of the keys the server is configured with (TOONSERVE_API_KEY, _KEYS, _KEYS_FILE)",
+    },
+    "Bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the same key as `Authorization: Bearer <key>`",
+    },
+}
+
 #: Multipart request bodies' extension naming the largest body this server reads (then 413).
 MAX_BODY_BYTES_KEY = "x-max-body-bytes"
 
@@ -89,6 +105,7 @@ def exact_schema(
     most_files: dict[str, int],
     most_bytes: dict[str, int],
     default_bytes: int,
+    is_open: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """FastAPI's generated ``schema``, made exact where it is not:
 
@@ -100,10 +117,16 @@ def exact_schema(
       (``most_files`` by route);
     * ``style`` takes the styles this server is configured with (``styles``);
     * each multipart body says its byte limit in ``x-max-body-bytes`` (clients, the web page among
-      them, can refuse a choice before sending it): ``most_bytes`` by route, else ``default_bytes``.
+      them, can refuse a choice before sending it): ``most_bytes`` by route, else ``default_bytes``;
+    * with API keys configured (``is_open`` tells the routes that need none), the two ways of sending
+      one as security schemes, required by every other route (Swagger's Authorize button).
     """
+    if is_open is not None:
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
     for route, path in schema.get("paths", {}).items():
         for operation in path.values():
+            if is_open is not None and not is_open(route):
+                operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
             for response in operation.get("responses", {}).values():
                 headers = response.setdefault("headers", {})
                 headers["X-Request-ID"] = HEADERS["X-Request-ID"]

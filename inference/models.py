@@ -22,7 +22,7 @@ from PIL import Image
 from inference.dctnet import Backend, GeneratorRunner, load_generator
 from inference.errors import ConfigurationError, ToonserveError
 from inference.styles import get_style
-from inference.weights import StyleWeights, resolve
+from inference.weights import StyleWeights, local_fingerprint, resolve
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ class ModelStore:
                 loaded.load_ms,
             )  # fmt: skip
             return loaded
+
+    def weights_on_disk(self, name: str) -> tuple[object, ...] | None:
+        """A cheap fingerprint of ``name``'s weights on disk (:func:`local_fingerprint`), None if none."""
+        return local_fingerprint(name, self.cache_dir, self.model_dir)
 
     def get(self, name: str) -> LoadedStyle:
         """A loaded style; :class:`UnknownStyleError` for unknown names, StyleNotLoadedError if not loaded."""

@@ -17,6 +17,7 @@ hand. Model files are never unpickled: generators come from protobuf and safeten
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import uuid
@@ -157,7 +158,10 @@ def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWei
 def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
     """Fetch ``style``'s model directory from ModelScope into ``<cache_dir>/models/<style>``.
 
-    Only the files serving needs unless ``everything``. Raises :class:`WeightsUnavailableError`
+    Only the files serving needs unless ``everything``. The download goes to a directory of its own
+    (``<cache_dir>/downloads/``) and its files are moved into place only once it is complete, each
+    only where no file of that name is there already: files a person put there (copied in while a
+    download was failing, say) are never replaced nor removed. Raises :class:`WeightsUnavailableError`
     (with the hub's reason) when the hub cannot be reached or refuses.
     """
     target = cache_dir / "models" / style.name
@@ -165,26 +169,64 @@ def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as exc:  # pragma: no cover - modelscope is a runtime dependency
         raise WeightsUnavailableError(f"modelscope is not installed ({exc}); pip install modelscope") from exc
-    existed = target.exists()
+    staging = cache_dir / "downloads" / f"{style.name}.{uuid.uuid4().hex}"
     try:
-        path = snapshot_download(
-            style.model_id,
-            revision=style.revision,
-            local_dir=str(target),
-            allow_patterns=None if everything else list(SERVING_FILES),
-        )
-    except Exception as exc:  # the hub client raises many types (network, auth, HTTP, its own)
-        if not existed:
-            # What a failed attempt created (empty, or partial files) must not change what the next
-            # attempt finds, nor the message that lists what was tried.
-            shutil.rmtree(target, ignore_errors=True)
-        reason = " ".join(str(exc).split())[:300]
-        raise WeightsUnavailableError(
-            f"download of {style.model_id}"
-            f"{'@' + style.revision if style.revision else ''} from ModelScope failed: "
-            f"{type(exc).__name__}: {reason}"
-        ) from exc
-    return Path(path)
+        staging.mkdir(parents=True)
+        try:
+            path = Path(
+                snapshot_download(
+                    style.model_id,
+                    revision=style.revision,
+                    local_dir=str(staging),
+                    allow_patterns=None if everything else list(SERVING_FILES),
+                )
+            )
+        except Exception as exc:  # the hub client raises many types (network, auth, HTTP, its own)
+            reason = " ".join(str(exc).split())[:300]
+            raise WeightsUnavailableError(
+                f"download of {style.model_id}"
+                f"{'@' + style.revision if style.revision else ''} from ModelScope failed: "
+                f"{type(exc).__name__}: {reason}"
+            ) from exc
+        _install(path, target)
+    finally:
+        # Only what this download created: its own directory (and their parent once it is empty).
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            staging.parent.rmdir()
+    return target
+
+
+def _install(downloaded: Path, target: Path) -> None:
+    """Move a complete download's files into ``target``, leaving every file already there as it is."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in downloaded.iterdir():
+        if entry.name.startswith(".") or (target / entry.name).exists():
+            continue
+        entry.replace(target / entry.name)
+
+
+def local_fingerprint(
+    style_name: str, cache_dir: Path, model_dir: Path | None = None
+) -> tuple[object, ...] | None:
+    """What :func:`resolve` would find on disk for ``style_name`` without downloading, as a cheap
+    fingerprint (the files' paths, sizes and modification times), or None when nothing usable is
+    there. Unchanged between two looks, the files are complete (a copy in progress grows)."""
+    style = get_style(style_name)
+    for path in candidate_dirs(style, cache_dir, model_dir):
+        source = find_source_dir(path)
+        if source is not None:
+            return _stat(source.head, source.bg, source.mask)
+    out = converted_dir(style, cache_dir)
+    files = [out / name for name in CONVERTED_NAMES.values()] + [out / MASK_NAME]
+    return _stat(*files) if all(f.is_file() for f in files) else None
+
+
+def _stat(*paths: Path) -> tuple[object, ...] | None:
+    try:
+        return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    except OSError:  # removed in between
+        return None
 
 
 def resolve(

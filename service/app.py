@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from api import cartoonize, errors, health, middleware, styles, web
+from api import admin, cartoonize, errors, health, middleware, styles, web
 from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.clients import Clients, load_keys, parse_networks
@@ -30,7 +30,15 @@ from serving.scheduler import Scheduler
 log = logging.getLogger("toonserve")
 
 #: Every router of the API, in the order they are tried.
-_ROUTERS = (cartoonize.router, jobs_api.router, styles.router, health.router, metrics_api.router, web.router)
+_ROUTERS = (
+    cartoonize.router,
+    jobs_api.router,
+    styles.router,
+    health.router,
+    admin.router,
+    metrics_api.router,
+    web.router,
+)
 
 #: The headers a browser app on another origin may read (CORS).
 EXPOSED_HEADERS = (
@@ -44,8 +52,9 @@ EXPOSED_HEADERS = (
 )
 
 
-def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """The generated schema, made exact (:func:`api.openapi.exact_schema`) for this server's limits."""
+def _openapi(app: FastAPI, settings: Settings, clients: Clients) -> dict[str, Any]:
+    """The generated schema, made exact (:func:`api.openapi.exact_schema`) for this server's limits
+    and, when keys are configured, saying which routes need one."""
     if app.openapi_schema is None:
         app.openapi_schema = exact_schema(
             FastAPI.openapi(app),
@@ -53,6 +62,7 @@ def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
             most_files={"/cartoonize/batch": settings.max_batch_files, "/jobs": settings.max_job_files},
             most_bytes={"/jobs": settings.max_job_bytes},
             default_bytes=settings.max_upload_bytes,
+            is_open=middleware.is_open if clients.auth else None,
         )
     return app.openapi_schema
 
@@ -128,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Portrait photos to cartoons with DCT-Net, exact to the official models.",
         lifespan=lifespan,
     )
-    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    app.openapi = lambda: _openapi(app, settings, clients)  # type: ignore[method-assign]
     app.state.metrics = metrics
     routes = [route for router in _ROUTERS for route in router.routes]
     errors.install(app, routes)

@@ -10,8 +10,11 @@ Styles load and fail independently, in a background thread, the default style fi
 * a style is ``loading``, then ``loaded`` once its weights are resident and a blank photo has gone
   through its whole pipeline (detector included), or ``failed`` with the actionable message;
 * a failed style is tried again with exponential backoff (``retry_initial_s`` doubling up to
-  ``retry_max_s``), so a replica whose network comes back, or whose weights are copied in later,
-  recovers by itself; :attr:`StyleStatus.next_attempt` says when;
+  ``retry_max_s``), so a replica whose network comes back recovers by itself;
+  :attr:`StyleStatus.next_attempt` says when. Meanwhile its files are looked for every
+  :data:`LOOK_S` seconds (a few ``stat`` calls): weights copied in are loaded as soon as they have
+  stopped changing, without waiting for the backoff; :meth:`Engine.retry_now` tries every failed
+  style at once (``POST /admin/reload``);
 * the engine is :attr:`ready` once the default style is loaded; requests for any loaded style are
   served meanwhile, requests for a style that is loading or failed are refused at once
   (:meth:`check`) with the reason and when to retry.
@@ -58,6 +61,8 @@ WARMUP_SIDE: Final = 128
 #: (twice each, the faster kept: a first run at a new size pays one-off set-up) when the first style
 #: loads: 64 px costs about the fixed part alone, 512 px mostly the per-pixel part.
 CALIBRATION_SIDES: Final = (64, 512)
+#: How often the files of a failed style are looked for (seconds).
+LOOK_S: Final = 2.0
 #: Retry-After for a style that is still loading (seconds).
 LOADING_RETRY_AFTER_S: Final = 5
 
@@ -159,6 +164,11 @@ class Engine:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
+        #: Set to make the loader look again at once (a retry was asked for, or it must stop).
+        self._poke = threading.Event()
+        #: Per failed style: its files' fingerprint at the last look, and when its last attempt failed.
+        self._seen: dict[str, tuple[object, ...] | None] = {}
+        self._failed_with: dict[str, tuple[object, ...] | None] = {}
         self._ready = threading.Event()
         self._loader = threading.Thread(target=self._load_loop, name="toonserve-loader", daemon=True)
 
@@ -172,6 +182,7 @@ class Engine:
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop loading, finish (``drain``) or refuse queued work, and release the models."""
         self._stop.set()
+        self._poke.set()
         with self._changed:
             self._changed.notify_all()
         self.scheduler.close(drain, timeout)
@@ -251,6 +262,17 @@ class Engine:
                 parts.append(f"{status.name}: {status.state}")
         return "; ".join(parts)
 
+    def retry_now(self) -> list[str]:
+        """Try every failed style again at once (the files were put in place, the network is back);
+        the styles that will be tried."""
+        with self._changed:
+            failed = [name for name, status in self._status.items() if status.state == "failed"]
+            for name in failed:
+                self._status[name] = replace(self._status[name], next_attempt=time.monotonic())
+            self._changed.notify_all()
+        self._poke.set()
+        return failed
+
     def retry_after(self) -> int:
         """Seconds a client should wait before asking again while not ready."""
         wait = self._status[self.default_style].next_attempt_in()
@@ -315,13 +337,31 @@ class Engine:
                 return
             waits = [s.next_attempt - time.monotonic() for s in self.status().values() if s.next_attempt]
             if waits:
-                self._stop.wait(max(0.0, min(waits)))
+                self._poke.wait(max(0.0, min(*waits, LOOK_S)))
+                self._poke.clear()
+                self._look_for_files()
+
+    def _look_for_files(self) -> None:
+        """A failed style whose files are on disk, unchanged since the last look (a copy in progress
+        grows) and not those its last attempt failed with, is due now."""
+        for status in self.status().values():
+            if status.state != "failed":
+                continue
+            now = self.store.weights_on_disk(status.name)
+            stable = now is not None and now == self._seen.get(status.name)
+            self._seen[status.name] = now
+            if stable and now != self._failed_with.get(status.name):
+                log.info("style %s: its files are in place; loading them", status.name)
+                self._set(status.name, next_attempt=time.monotonic())
 
     def _load_one(self, status: StyleStatus) -> None:
         name = status.name
         if status.state == "failed":
             self._set(name, state="loading")
         assert self.detector is not None
+        # What this attempt finds on disk; files that appear while it runs (a download failing for
+        # 20 s, say) are not held against them.
+        found = self.store.weights_on_disk(name)
         try:
             loaded = self.store.load(name)
             cartoonizer = Cartoonizer(
@@ -331,6 +371,8 @@ class Engine:
             if not self.scheduler.cost.calibrated:
                 self._calibrate(cartoonizer)
         except ToonserveError as exc:
+            # The same files are not tried again before the backoff; new or changed ones are.
+            self._failed_with[name] = found
             failures = status.failures + 1
             delay = backoff_s(failures, self.retry_initial_s, self.retry_max_s) if self.retry else None
             message = self._explain(name, exc)

@@ -229,6 +229,37 @@ def test_openapi_declares_429_with_its_headers(keyed: TestClient) -> None:
         assert {"Retry-After", "RateLimit", "RateLimit-Policy"} <= set(refused["headers"])
 
 
+def test_openapi_says_which_routes_need_a_key_and_how_to_send_it(
+    keyed: TestClient, model_dir: ReferenceModelDir, tmp_path: Path
+) -> None:
+    """Swagger's Authorize button comes from these; "Try it out" then sends the key."""
+    spec = keyed.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiKeyHeader"] == {
+        **schemes["ApiKeyHeader"],
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
+    assert schemes["Bearer"]["scheme"] == "bearer"
+    for route, method in (
+        ("/cartoonize", "post"),
+        ("/jobs", "post"),
+        ("/styles", "get"),
+        ("/admin/reload", "post"),
+    ):
+        assert spec["paths"][route][method]["security"] == [{"ApiKeyHeader": []}, {"Bearer": []}], route
+    for route in ("/healthz", "/readyz", "/metrics"):
+        assert "security" not in spec["paths"][route]["get"], route
+    # Each declared way works.
+    assert keyed.get("/styles", headers={"X-API-Key": "alice-key"}).status_code == 200
+    assert keyed.get("/styles", headers={"Authorization": "Bearer alice-key"}).status_code == 200
+    # Without keys nothing is declared.
+    open_spec = create_app(make_settings(model_dir, tmp_path / "cache")).openapi()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert "security" not in open_spec["paths"]["/cartoonize"]["post"]
+
+
 # -- no input takes the service down -----------------------------------------------------------------
 
 

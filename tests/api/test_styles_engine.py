@@ -25,10 +25,12 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 Styles = dict[str, dict[str, Any]]
 
 
-def _wait(client: TestClient, predicate: Callable[[Styles], bool], timeout: float = 60.0) -> Styles:
+def _wait(
+    client: TestClient, predicate: Callable[[Styles], bool], timeout: float = 60.0, **request: Any
+) -> Styles:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
+        styles = {s["name"]: s for s in client.get("/styles", **request).json()["styles"]}
         if predicate(styles):
             return styles
         time.sleep(0.05)
@@ -104,3 +106,48 @@ def test_unconfigured_style_is_422_before_the_upload_is_read(
         r = client.post("/cartoonize", files={"image": ("x.jpg", b"junk")}, data={"style": "sketch"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "style_not_loaded"
         assert "not configured on this server; configured: anime" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_weights_copied_in_are_loaded_in_seconds_whatever_the_backoff(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, portrait_jpeg: bytes
+) -> None:
+    """The next attempt is ten minutes away; the files appear (copied the slow way, file by file):
+    the style is ready within 10 s, and was not tried on the half-copied directory."""
+    monkeypatch.setattr("serving.engine.backoff_s", lambda *_: 600.0)
+    models = tmp_path / "models"
+    settings = _settings(models, tmp_path / "cache")
+    with TestClient(create_app(settings)) as client:
+        styles = _wait(client, lambda s: s["anime"]["state"] == "failed")
+        assert styles["anime"]["next_attempt_in_s"] > 500
+        target = models / "anime"
+        target.mkdir(parents=True)
+        for source in sorted(model_dir.path.iterdir()):
+            shutil.copyfile(source, target / source.name)
+            time.sleep(0.5)
+        appeared = time.monotonic()
+        styles = _wait(client, lambda s: bool(s["anime"]["loaded"]), timeout=10.0)
+        assert time.monotonic() - appeared <= 10.0
+        assert str(target) in str(styles["anime"]["weights_source"])
+        files = {"image": ("me.jpg", portrait_jpeg, "image/jpeg")}
+        assert client.post("/cartoonize", files=files).status_code == 200
+
+
+def test_admin_reload_tries_failed_styles_now(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("serving.engine.backoff_s", lambda *_: 600.0)
+    monkeypatch.setattr("serving.engine.LOOK_S", 600.0)  # only the reload can find the files
+    models = tmp_path / "models"
+    settings = _settings(models, tmp_path / "cache", api_key="k" * 24)
+    key = {"X-API-Key": "k" * 24}
+    with TestClient(create_app(settings)) as client:
+        _wait(client, lambda s: s["anime"]["state"] == "failed", headers=key)
+        assert client.post("/admin/reload").status_code == 401
+        shutil.copytree(model_dir.path, models / "anime")
+        r = client.post("/admin/reload", headers=key)
+        assert r.status_code == 202, r.text
+        assert r.json()["retrying"] == ["anime"]
+        _wait(client, lambda s: bool(s["anime"]["loaded"]), headers=key)
+        r = client.post("/admin/reload", headers=key)
+        assert r.status_code == 202 and r.json()["retrying"] == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from devkit.reference_graphs import ReferenceModelDir, write_model_dir
 from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
 from inference.styles import STYLES, get_style
-from inference.weights import ensure_converted, resolve
+from inference.weights import MASK_NAME, download, ensure_converted, local_fingerprint, resolve
 
 
 def test_registry_has_the_seven_styles() -> None:
@@ -127,3 +129,70 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path: Path, monkeypatch: py
         assert not (cache / "models" / "sketch").exists()
     assert messages[0] == messages[1]
     assert f"local directory {cache / 'models' / 'sketch'} (does not exist)" in messages[1]
+
+
+def _hub(monkeypatch: pytest.MonkeyPatch, attempt: Callable[[Path], None]) -> None:
+    """The hub client replaced by ``attempt(local_dir)``: it writes what a download would, or raises."""
+    hub = importlib.import_module("modelscope.hub.snapshot_download")  # the module, not the function
+
+    def snapshot_download(model_id: str, *, local_dir: str, **_: object) -> str:
+        attempt(Path(local_dir))
+        return local_dir
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+
+
+def test_files_copied_in_during_a_failing_download_survive_it(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person copies the weights where the error told them to while an attempt is failing."""
+    cache = tmp_path / "cache"
+    target = cache / "models" / "anime"
+
+    def attempt(local_dir: Path) -> None:
+        (local_dir / "cartoon_h.pb").write_bytes(b"partial")  # what the hub client had written
+        _copy_dir(model_dir, target)  # meanwhile, by hand
+        raise ConnectionError("name resolution timed out")
+
+    _hub(monkeypatch, attempt)
+    before = {p.name: p.read_bytes() for p in model_dir.path.iterdir()}
+    with pytest.raises(WeightsUnavailableError, match="ConnectionError: name resolution timed out"):
+        resolve("anime", cache, None, allow_download=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not (cache / "downloads").exists()  # the attempt's own files are gone
+    assert resolve("anime", cache, None, allow_download=False).style == "anime"
+
+
+def test_a_complete_download_is_moved_into_place_beside_what_is_there(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    target = cache / "models" / "anime"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    (target / MASK_NAME).write_bytes(b"my mask")
+
+    def attempt(local_dir: Path) -> None:
+        for p in model_dir.path.iterdir():
+            shutil.copyfile(p, local_dir / p.name)
+        (local_dir / ".lock").write_text("")  # the hub client's bookkeeping stays out
+
+    _hub(monkeypatch, attempt)
+    assert download(get_style("anime"), cache) == target
+    assert (target / "notes.txt").read_text() == "mine"
+    assert (target / MASK_NAME).read_bytes() == b"my mask"  # never replaced
+    for p in model_dir.path.iterdir():
+        if p.name != MASK_NAME:
+            assert (target / p.name).read_bytes() == p.read_bytes()
+    assert not (target / ".lock").exists() and not (cache / "downloads").exists()
+
+
+def test_the_fingerprint_changes_while_files_are_copied(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    assert local_fingerprint("anime", tmp_path / "cache", models) is None
+    _copy_dir(model_dir, models / "anime")
+    first = local_fingerprint("anime", tmp_path / "cache", models)
+    assert first is not None and first == local_fingerprint("anime", tmp_path / "cache", models)
+    with (models / "anime" / MASK_NAME).open("ab") as grow:
+        grow.write(b"\0")
+    assert local_fingerprint("anime", tmp_path / "cache", models) != first
