@@ -25,11 +25,12 @@ from api.clients import Caller
 from api.errors import APIError, all_refused, status_for
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller
-from api.openapi import BODY_CODES, COMMON_CODES, HEADERS, responses
+from api.openapi import BODY_CODES, COMMON_CODES, HEADERS, SOURCE_DESCRIPTION, responses
 from api.state import ServiceState, get_state
 from inference.constants import SKIP_REASONS, NoFacePolicy
 from inference.errors import ToonserveError
 from inference.pipeline import AbandonedError
+from inference.weights import WeightsKind
 from jobs.model import zip_name
 from serving.encoding import OUTPUTS, OutputFormat
 from serving.flow import TIMINGS, Outcome
@@ -85,6 +86,7 @@ class CartoonJSON(BaseModel):
                     "dtype": "bfloat16",
                     "dtype_reason": "auto: this CPU computes bfloat16 in hardware (AMX or AVX512-BF16); …",
                     "no_face": None,
+                    "source": "modelscope",
                     "timings_ms": {
                         "decode": 3.1,
                         "queue": 0.4,
@@ -103,7 +105,9 @@ class CartoonJSON(BaseModel):
         }
     }
 
-    image: str = Field(description="the encoded image, base64 (empty in a batch ZIP's results.json)")
+    image: str = Field(
+        description="the encoded image, base64 (not in a batch ZIP's results.json: the image is a file there)"
+    )
     media_type: str = Field(description="the image's media type, e.g. image/png")
     format: OutputFormat = Field(description="the image's format")
     style: str = Field(description="the style it was drawn in")
@@ -118,12 +122,16 @@ class CartoonJSON(BaseModel):
     no_face: NoFacePolicy | None = Field(
         None, description="set when no face was stylised: which policy produced the image"
     )
+    source: WeightsKind = Field(description=SOURCE_DESCRIPTION)
     timings_ms: dict[str, float] = Field(description=f"milliseconds per stage: {', '.join(TIMINGS)}")
 
 
 class BatchItem(BaseModel):
     filename: str = Field(description="the uploaded file's name")
-    status: int = Field(description="HTTP status this image alone would have had")
+    status: Literal["ok", "error"] = Field(
+        description="ok: cartoonized (see `result`); error: not (`error` says why); as a job's items say"
+    )
+    http_status: int = Field(description="the HTTP status this image alone would have had (200 when ok)")
     error: dict[str, str] | None = Field(None, description="code and message when status is not 200")
     result: CartoonJSON | None = Field(None, description="the report when status is 200")
     file: str | None = Field(None, description="its file in the ZIP (response=image)")
@@ -227,6 +235,7 @@ def _json(outcome: Outcome, dtype_reason: str, with_image: bool = True) -> Carto
         dtype=result.dtype,
         dtype_reason=dtype_reason,
         no_face=result.no_face,
+        source=result.weights,
         timings_ms=outcome.timings_ms,
     )
 
@@ -290,10 +299,17 @@ def _zip_name(index: int, filename: str, fmt: OutputFormat) -> str:
 
 def _error_item(name: str, exc: Exception) -> BatchItem:
     if isinstance(exc, APIError):
-        return BatchItem(filename=name, status=exc.status, error={"code": exc.code, "message": exc.message})
+        return BatchItem(
+            filename=name,
+            status="error",
+            http_status=exc.status,
+            error={"code": exc.code, "message": exc.message},
+        )
     if isinstance(exc, ToonserveError):
         status, code = status_for(exc)
-        return BatchItem(filename=name, status=status, error={"code": code, "message": str(exc)})
+        return BatchItem(
+            filename=name, status="error", http_status=status, error={"code": code, "message": str(exc)}
+        )
     raise exc
 
 
@@ -345,10 +361,10 @@ async def cartoonize_batch(
         if response == "image":
             zip_name = _zip_name(i, name, params.format)
             files.append((zip_name, outcome.data))
-            items.append(BatchItem(filename=name, status=200, result=report, file=zip_name))
+            items.append(BatchItem(filename=name, status="ok", http_status=200, result=report, file=zip_name))
         else:
-            items.append(BatchItem(filename=name, status=200, result=report))
-    if all(400 <= item.status < 500 for item in items):
+            items.append(BatchItem(filename=name, status="ok", http_status=200, result=report))
+    if all(400 <= item.http_status < 500 for item in items):
         # Not one photo among them: say so as an error, not as a success with nothing in it.
         raise all_refused([(item.filename, (item.error or {}).get("message", "")) for item in items])
     body = BatchJSON(results=items)
@@ -366,5 +382,7 @@ def _zip(files: Sequence[tuple[str, bytes]], manifest: BatchJSON) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, data in files:
             zf.writestr(name, data)
-        zf.writestr("results.json", json.dumps(manifest.model_dump(mode="json"), indent=2))
+        # Each image is a file of its own here: its report carries no copy of it.
+        report = manifest.model_dump(mode="json", exclude={"results": {"__all__": {"result": {"image"}}}})
+        zf.writestr("results.json", json.dumps(report, indent=2))
     return buf.getvalue()

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
@@ -253,6 +254,45 @@ def _body_error_code(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+#: The routes' file fields, and the curl arguments that send them.
+FILE_FIELDS: Final = {"image": "-F image=@me.jpg", "images": "-F images=@me.jpg -F images=@friends.jpg"}
+
+
+def _upload_mistake(field: str, request: Request, body: object) -> str:
+    """What was received instead of the file field ``field``, and how to send it (the commonest first
+    mistakes: another field name, a raw body, a file name sent as text)."""
+    url = str(request.url.replace(query=None))
+    how = f"curl {FILE_FIELDS[field]} {url}"
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    what = "the photo in a file field" if field == "image" else "each photo in a file field"
+    if kind != "multipart/form-data":
+        size = request.headers.get("content-length")
+        if size == "0" or (not size and not kind):
+            sent = "no body"
+        else:
+            sent = f"a body of type {kind or 'unknown (no Content-Type)'}"
+            sent += f" ({size} bytes)" if size else ""
+        return (
+            f"received {sent}, not a multipart form; send {what} named {field} "
+            f"(multipart/form-data), e.g. {how}"
+        )
+    received = []
+    items = body.multi_items() if isinstance(body, FormData) else []
+    for name, value in items:
+        if isinstance(value, str):
+            received.append(f"{name} (text {value[:40]!r})")
+        else:
+            received.append(f"{name} (the file {value.filename!r})" if value.filename else f"{name} (a file)")
+    texts = [value for name, value in items if name == field and isinstance(value, str)]
+    if texts:
+        return (
+            f"{field} was sent as text ({texts[0][:40]!r}), not as a file; with curl, put @ before the "
+            f"file name: {how}"
+        )
+    had = ", ".join(received) if received else "no fields"
+    return f"no file field named {field}; the form had {had}. Send {what} named {field}: {how}"
+
+
 def _log(status: int, code: str, message: str) -> None:
     # 503 and 504 say the service is busy or still loading, not broken: a warning. Other 5xx are errors.
     if status in (503, 504):
@@ -277,12 +317,16 @@ def install(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
         return error_response(code, str(exc), retry_headers(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "form"))
+            loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "form")]
+            if loc and loc[0] in FILE_FIELDS:
+                parts.append(_upload_mistake(str(loc[0]), request, exc.body))
+                continue
+            where = ".".join(str(p) for p in loc)
             parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
-        return error_response("invalid_request", "; ".join(parts) or "invalid request")
+        return error_response("invalid_request", "; ".join(dict.fromkeys(parts)) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

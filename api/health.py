@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.errors import error_response
-from api.openapi import responses
+from api.openapi import SOURCE_DESCRIPTION, responses
 from api.state import ServiceState, get_state
+from inference.weights import WeightsKind
 from serving.engine import Engine, StyleState
 
 router = APIRouter(tags=["probes"])
@@ -24,6 +25,7 @@ class StyleReadiness(BaseModel):
     state: StyleState = Field(description="loading, loaded, or failed (retried in the background)")
     error: str | None = Field(None, description="why it failed, and how to fix it")
     next_attempt_in_s: float | None = Field(None, description="seconds until the next attempt to load it")
+    source: WeightsKind | None = Field(None, description=SOURCE_DESCRIPTION)
 
 
 class Ready(BaseModel):
@@ -43,6 +45,7 @@ def style_readiness(engine: Engine) -> dict[str, StyleReadiness]:
             state=status.state,
             error=status.error,
             next_attempt_in_s=None if wait is None else round(wait, 1),
+            source=status.weights,
         )
     return out
 

@@ -45,6 +45,12 @@ def is_open(path: str) -> bool:
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def megabytes(size: int) -> str:
+    """A byte count as people read it: 0.5 MB, 27.3 MB, 210 MB (10⁶ bytes, as file managers count)."""
+    mb = size / 1e6
+    return f"{mb:.1f} MB" if mb < 100 else f"{mb:.0f} MB"
+
+
 class BodyLimitMiddleware:
     """Guards the request body: 413 when it is over the limit, decided from Content-Length or while
     it streams in (chunked uploads included) — it is never read past the limit; 408 when the client
@@ -72,15 +78,19 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.routes.get((scope["method"], scope["path"]), self.max_bytes)
-        too_large = f"request body is larger than the limit of {limit} bytes"
+        too_large = f"the upload is over this service's limit of {megabytes(limit)} per request"
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    over = int(value) > limit
+                    size = int(value)
                 except ValueError:
-                    over = False
-                if over:
-                    await error_response("payload_too_large", too_large)(scope, receive, send)
+                    size = 0
+                if size > limit:
+                    message = (
+                        f"the upload is {megabytes(size)}; this service takes at most "
+                        f"{megabytes(limit)} per request"
+                    )
+                    await error_response("payload_too_large", message)(scope, receive, send)
                     return
         seen = 0
         body_done = False

@@ -79,6 +79,12 @@ BODY_CODES: Final = (
 )
 
 
+#: What the ``source`` field of styles and results means.
+SOURCE_DESCRIPTION: Final = (
+    "the style's weights, once loaded: `modelscope` (a real DCT-Net model's files) or `demo` (random "
+    "weights in the official architecture, from `toonserve demo-weights`: not real cartoons)"
+)
+
 #: The ways a request sends its API key (either one), as OpenAPI security schemes.
 SECURITY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
     "ApiKeyHeader": {

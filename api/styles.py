@@ -7,9 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.openapi import COMMON_CODES, responses
+from api.openapi import COMMON_CODES, SOURCE_DESCRIPTION, responses
 from api.state import ServiceState, get_state
 from inference.styles import STYLES
+from inference.weights import WeightsKind
 
 router = APIRouter(tags=["styles"])
 
@@ -26,6 +27,7 @@ class StyleInfo(BaseModel):
     loaded: bool = Field(description="whether requests can use it now")
     default: bool = Field(description="whether requests naming no style get it")
     weights_source: str | None = Field(description="where its weights came from, once loaded")
+    source: WeightsKind | None = Field(description=SOURCE_DESCRIPTION)
     error: str | None = Field(description="why it failed to load, and how to fix it")
     next_attempt_in_s: float | None = Field(description="seconds until the next attempt to load it")
 
@@ -61,6 +63,7 @@ async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> Sty
                 loaded=status is not None and status.state == "loaded",
                 default=name == engine.default_style,
                 weights_source=status.source if status else None,
+                source=status.weights if status else None,
                 error=status.error if status else None,
                 next_attempt_in_s=None if wait is None else round(wait, 1),
             )

@@ -31,6 +31,8 @@ Role = Literal["head", "bg"]
 ROLES: Final[tuple[Role, ...]] = ("head", "bg")
 #: Bumped whenever the converted layout changes, so stale caches are converted again.
 FORMAT_VERSION: Final = "1"
+#: Metadata key of a converted file whose weights are demo weights (value "true").
+META_DEMO: Final = "demo"
 
 _WEIGHT_RE: Final = re.compile(rf"(?:^|/){TF_SCOPE}/(.+)/(weights|biases)$")
 _ADD_OPS: Final = frozenset({"Add", "AddV2"})
@@ -175,8 +177,9 @@ def read_generator_pb(path: Path) -> GeneratorWeights:
     return GeneratorWeights(tensors=tensors, eps=eps, sha256=hashlib.sha256(data).hexdigest())
 
 
-def convert_pb(pb_path: Path, out_path: Path, style: str, role: Role) -> dict[str, str]:
-    """Convert ``pb_path`` to ``out_path`` (safetensors, written atomically); returns its metadata."""
+def convert_pb(pb_path: Path, out_path: Path, style: str, role: Role, demo: bool = False) -> dict[str, str]:
+    """Convert ``pb_path`` to ``out_path`` (safetensors, written atomically); returns its metadata.
+    ``demo``: the graph holds demo weights (``inference.demo``), recorded as ``META_DEMO``."""
     from safetensors.numpy import save_file
 
     if role not in ROLES:
@@ -191,6 +194,8 @@ def convert_pb(pb_path: Path, out_path: Path, style: str, role: Role) -> dict[st
         "format_version": FORMAT_VERSION,
         "parameters": str(PARAMETER_COUNT),
     }
+    if demo:
+        metadata[META_DEMO] = "true"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Unique per writer, not per process id: replicas in containers all run as pid 1 and may convert
     # into one shared cache at once; the last complete file wins, never a mix.

@@ -78,6 +78,7 @@ from inference.geometry import (
     upstream_pad16,
 )
 from inference.models import LoadedStyle
+from inference.weights import WeightsKind
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,8 @@ class Result:
     dtype: str
     #: What was returned when no face was stylised: "background" | "passthrough" | None (faces found).
     no_face: NoFacePolicy | None
+    #: The style's weights: a real model's (``modelscope``) or demo weights (not real cartoons).
+    weights: WeightsKind = "modelscope"
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: The same image as (3, H, W) uint8 RGB on the pipeline's device, when the options asked for it
     #: (``device_result``) and the device is not the CPU; None otherwise.
@@ -521,6 +524,7 @@ class Cartoonizer:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             no_face=policy,
+            weights=self.style.weights.kind,
             timings_ms={s: round(work.timings[s], 3) for s in STAGES},
             device_image=device_image,
         )

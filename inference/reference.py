@@ -23,9 +23,11 @@ from typing import Any, Final
 import numpy as np
 
 from inference.constants import DEFAULT_PROCESSING_SIZE
+from inference.demo import is_demo_dir
 from inference.errors import OptionsError, ToonserveError
 from inference.geometry import processing_shape, resize_rgb, to_rgb_array
 from inference.pipeline import Options, Result
+from inference.weights import WeightsKind
 
 #: What ModelScope's pipeline opens from the model directory (docs/model.md §1).
 REQUIRED_FILES: Final = (
@@ -78,6 +80,7 @@ class ModelScopeEngine:
                 f"directory (toonserve download {style} --all)"
             )
         self.style = style
+        self.weights: WeightsKind = "demo" if is_demo_dir(model_dir) else "modelscope"
         self._pipeline = pipeline_factory(model_dir)
 
     def run(self, image: np.ndarray, options: Options | None = None) -> Result:
@@ -110,5 +113,6 @@ class ModelScopeEngine:
             device="cpu",
             dtype="float32",
             no_face=None,
+            weights=self.weights,
             timings_ms={"modelscope_pipeline": round(elapsed, 3)},
         )

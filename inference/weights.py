@@ -23,10 +23,11 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
-from inference.convert import FORMAT_VERSION, Role, convert_pb, read_metadata
-from inference.errors import ConversionError, WeightsUnavailableError
+from inference.convert import FORMAT_VERSION, META_DEMO, Role, convert_pb, read_metadata
+from inference.demo import DEMO_FILES, is_demo_dir, write_model_files
+from inference.errors import ConfigurationError, ConversionError, WeightsUnavailableError
 from inference.styles import Style, get_style
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ SERVING_FILES: Final[tuple[str, ...]] = (
     MASK_NAME,
     "configuration.json",
 )
+#: What a style's weights are: a real model's files (from ModelScope) or demo weights.
+WeightsKind = Literal["modelscope", "demo"]
 CONVERTED_NAMES: Final[dict[Role, str]] = {"head": "head.safetensors", "bg": "bg.safetensors"}
 
 
@@ -60,6 +63,8 @@ class SourceDir:
     head: Path
     bg: Path
     mask: Path
+    #: Demo weights (``inference.demo``), not a real model.
+    demo: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,13 @@ class StyleWeights:
     mask: Path
     #: Where they came from, for logs and ``GET /styles``.
     source: str
+    #: Demo weights (``inference.demo``): random, in the official architecture; not real cartoons.
+    demo: bool = False
+
+    @property
+    def kind(self) -> WeightsKind:
+        """``demo`` or ``modelscope`` (a real model's files), as the API reports it (``source``)."""
+        return "demo" if self.demo else "modelscope"
 
 
 def find_source_dir(path: Path) -> SourceDir | None:
@@ -87,7 +99,7 @@ def find_source_dir(path: Path) -> SourceDir | None:
     mask = path / MASK_NAME
     if len(found) != 2 or not mask.is_file():
         return None
-    return SourceDir(path, found["head"], found["bg"], mask)
+    return SourceDir(path, found["head"], found["bg"], mask, demo=is_demo_dir(path))
 
 
 def _describe_missing(path: Path) -> str:
@@ -123,8 +135,10 @@ def _converted(style: Style, cache_dir: Path, source: SourceDir | None) -> Style
     mask = out / MASK_NAME
     if not (all(p.is_file() for p in paths.values()) and mask.is_file()):
         return None
+    demo = False
     for role, p in paths.items():
         meta = read_metadata(p)
+        demo = demo or meta.get(META_DEMO) == "true"
         if meta.get("format_version") != FORMAT_VERSION or meta.get("role") != role:
             return None
         if source is not None:
@@ -133,7 +147,9 @@ def _converted(style: Style, cache_dir: Path, source: SourceDir | None) -> Style
             src = source.head if role == "head" else source.bg
             if meta.get("source_sha256") != sha256(src.read_bytes()).hexdigest():
                 return None
-    return StyleWeights(style.name, paths["head"], paths["bg"], mask, f"converted cache {out}")
+    if source is not None and source.demo != demo:
+        return None  # the same graphs, now marked (or no longer marked) demo
+    return StyleWeights(style.name, paths["head"], paths["bg"], mask, f"converted cache {out}", demo)
 
 
 def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWeights:
@@ -141,7 +157,7 @@ def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWei
     out = converted_dir(style, cache_dir)
     out.mkdir(parents=True, exist_ok=True)
     for role, name in CONVERTED_NAMES.items():
-        convert_pb(source.head if role == "head" else source.bg, out / name, style.name, role)
+        convert_pb(source.head if role == "head" else source.bg, out / name, style.name, role, source.demo)
     tmp = out / f".{MASK_NAME}.{uuid.uuid4().hex}.tmp"  # unique: other replicas may convert at once
     shutil.copyfile(source.mask, tmp)
     tmp.replace(out / MASK_NAME)
@@ -152,6 +168,7 @@ def convert_source(style: Style, source: SourceDir, cache_dir: Path) -> StyleWei
         out / CONVERTED_NAMES["bg"],
         out / MASK_NAME,
         f"converted from {source.path}",
+        source.demo,
     )
 
 
@@ -169,9 +186,8 @@ def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as exc:  # pragma: no cover - modelscope is a runtime dependency
         raise WeightsUnavailableError(f"modelscope is not installed ({exc}); pip install modelscope") from exc
-    staging = cache_dir / "downloads" / f"{style.name}.{uuid.uuid4().hex}"
+    staging = _staging(cache_dir, style)
     try:
-        staging.mkdir(parents=True)
         try:
             path = Path(
                 snapshot_download(
@@ -188,22 +204,76 @@ def download(style: Style, cache_dir: Path, everything: bool = False) -> Path:
                 f"{'@' + style.revision if style.revision else ''} from ModelScope failed: "
                 f"{type(exc).__name__}: {reason}"
             ) from exc
-        _install(path, target)
+        # Real weights take the place of demo ones (the configuration.json that marks them included).
+        _install(path, target, over_demo=True)
     finally:
-        # Only what this download created: its own directory (and their parent once it is empty).
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            staging.parent.rmdir()
+        _unstage(staging)
     return target
 
 
-def _install(downloaded: Path, target: Path) -> None:
-    """Move a complete download's files into ``target``, leaving every file already there as it is."""
+def install_demo(style_name: str, cache_dir: Path, model_dir: Path | None = None) -> StyleWeights:
+    """Write demo weights (:mod:`inference.demo`) for ``style_name`` into
+    ``<cache_dir>/models/<style>`` and convert them: what a machine without ModelScope can serve.
+
+    Refuses (:class:`ConfigurationError`) where real weights for the style are found (any
+    :func:`candidate_dirs` entry or the converted cache): demo weights never stand in front of, nor
+    replace, a real model. Demo weights already there are kept as they are.
+    """
+    style = get_style(style_name)
+    for path in candidate_dirs(style, cache_dir, model_dir):
+        source = find_source_dir(path)
+        if source is not None and not source.demo:
+            raise ConfigurationError(
+                f"style {style.name} has real weights at {path}; demo weights not written"
+            )
+    cached = _converted(style, cache_dir, None)
+    if cached is not None and not cached.demo:
+        raise ConfigurationError(
+            f"style {style.name} has real converted weights at {cached.head.parent}; demo weights not written"
+        )
+    target = cache_dir / "models" / style.name
+    staging = _staging(cache_dir, style)
+    try:
+        write_model_files(staging)
+        if not is_demo_dir(target):
+            ours = sorted(p.name for p in staging.iterdir() if (target / p.name).exists())
+            if ours:
+                raise ConfigurationError(
+                    f"{target} already holds {', '.join(ours)}, not demo files; demo weights are not "
+                    "written over them (move them away and run again)"
+                )
+        _install(staging, target)
+    finally:
+        _unstage(staging)
+    return resolve(style.name, cache_dir, model_dir, allow_download=False)
+
+
+def _staging(cache_dir: Path, style: Style) -> Path:
+    """A new directory of this process's own, beside the model directories, for files in the making."""
+    staging = cache_dir / "downloads" / f"{style.name}.{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _unstage(staging: Path) -> None:
+    """Remove what :func:`_staging` made: that directory, and its parent once it is empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()
+
+
+def _install(downloaded: Path, target: Path, *, over_demo: bool = False) -> None:
+    """Move a complete download's files into ``target``, leaving every file already there as it is,
+    except (``over_demo``) the files of demo weights the service wrote there itself."""
+    if over_demo and is_demo_dir(target):
+        # The service's own files, all of them: a real graph under the other name must not end up
+        # beside a demo one.
+        for name in DEMO_FILES:
+            (target / name).unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
     for entry in downloaded.iterdir():
-        if entry.name.startswith(".") or (target / entry.name).exists():
-            continue
-        entry.replace(target / entry.name)
+        if not entry.name.startswith(".") and not (target / entry.name).exists():
+            entry.replace(target / entry.name)
 
 
 def local_fingerprint(

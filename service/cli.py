@@ -1,4 +1,4 @@
-"""``toonserve`` command line: serve, download and convert weights, list styles."""
+"""``toonserve`` command line: serve, download, convert or write demo weights, list styles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, get_args
 from inference.errors import ToonserveError
 from inference.models import DtypeSetting
 from inference.styles import STYLES, get_style
-from inference.weights import download, ensure_converted, find_source_dir, resolve
+from inference.weights import download, ensure_converted, find_source_dir, install_demo, resolve
 from service import jobs_cli
 from service.folders import photos_in
 from service.option_flags import add_option_flags, options_from
@@ -91,6 +91,32 @@ def _cmd_download(args: argparse.Namespace) -> int:
         weights = ensure_converted(name, path, cache)
         print(f"{name}: converted into {weights.head.parent}")
     return 0
+
+
+def _cmd_demo_weights(args: argparse.Namespace) -> int:
+    from service.settings import get_settings
+
+    settings = get_settings()
+    cache = Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir
+    failed = 0
+    for name in args.styles or settings.styles:
+        try:
+            weights = install_demo(name, cache, settings.model_dir)
+        except ToonserveError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(
+            f"{name}: demo weights (random, not real cartoons) in {cache / 'models' / name}, "
+            f"converted into {weights.head.parent}"
+        )
+    if failed < len(args.styles or settings.styles):
+        print(
+            "Start the service (make serve, or toonserve serve) with the same TOONSERVE_CACHE_DIR: these "
+            "styles answer with demo weights, marked source: demo. toonserve download STYLE fetches "
+            "the real ones, which replace them (restart the service after)."
+        )
+    return 1 if failed else 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -193,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--all", action="store_true", help="fetch the whole model directory, not just what serving needs"
     )
     dl.set_defaults(func=_cmd_download)
+
+    demo = sub.add_parser(
+        "demo-weights",
+        help="write demo weights (random, official architecture; not real cartoons) for a machine "
+        "without ModelScope",
+    )
+    demo.add_argument(
+        "styles", nargs="*", metavar="STYLE", help=f"{', '.join(STYLES)}; default: TOONSERVE_STYLES"
+    )
+    demo.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
+    demo.set_defaults(func=_cmd_demo_weights)
 
     conv = sub.add_parser("convert", help="convert a local ModelScope directory of one style")
     conv.add_argument("style", choices=list(STYLES), metavar="STYLE", help=", ".join(STYLES))

@@ -38,6 +38,7 @@ from inference.faces import FaceDetector, create_detector
 from inference.models import ModelStore, StyleNotLoadedError
 from inference.pipeline import Cartoonizer, Options
 from inference.styles import get_style
+from inference.weights import WeightsKind
 from serving.cost import cost_pixels
 from serving.retry import backoff_s
 from serving.scheduler import (
@@ -81,6 +82,8 @@ class StyleStatus:
     next_attempt: float | None = None
     #: Where its weights came from, once loaded.
     source: str | None = None
+    #: What its weights are, once loaded: a real model's (``modelscope``) or ``demo`` weights.
+    weights: WeightsKind | None = None
 
     def next_attempt_in(self, now: float | None = None) -> float | None:
         """Seconds until the next attempt (0 when due), or None when none is planned."""
@@ -392,8 +395,22 @@ class Engine:
             return
         self.scheduler.add(name, cartoonizer)
         self._set(
-            name, state="loaded", error=None, failures=0, next_attempt=None, source=loaded.weights.source
+            name,
+            state="loaded",
+            error=None,
+            failures=0,
+            next_attempt=None,
+            source=loaded.weights.source,
+            weights=loaded.weights.kind,
         )
+        if loaded.weights.demo:
+            log.warning(
+                "style %s runs on DEMO weights (random, in the official architecture): its images are "
+                "not real cartoons; for the real model: toonserve download %s (see the README, "
+                "Weights on a machine without internet)",
+                name,
+                name,
+            )
         if name == self.default_style:
             self._ready.set()
         log.info("style %s ready on %s", name, self.store.device)

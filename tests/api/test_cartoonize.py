@@ -9,6 +9,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,6 +110,64 @@ def test_bad_images(client: TestClient, portrait_jpeg: bytes) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
     r = client.post("/cartoonize", files={"image": ("huge.bin", b"\xff" * 3_100_000)})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    # Sizes as people read them.
+    assert (
+        r.json()["error"]["message"] == "the upload is 3.1 MB; this service takes at most 3.0 MB per request"
+    )
+
+
+#: The commonest first mistakes with curl, what the service receives from each, and what its answer
+#: must name: what was received, and the line that works.
+MISTAKES: dict[str, tuple[dict[str, Any], str]] = {
+    "-F file=@me.jpg": (
+        {"files": {"file": ("me.jpg", b"\xff\xd8\xff", "image/jpeg")}},
+        "no file field named image; the form had file (the file 'me.jpg'). Send the photo in a file field "
+        "named image: curl -F image=@me.jpg http://testserver/cartoonize",
+    ),
+    "-F photo=@me.jpg -F style=anime": (
+        {"files": {"photo": ("me.jpg", b"\xff\xd8\xff", "image/jpeg")}, "data": {"style": "anime"}},
+        "the form had style (text 'anime'), photo (the file 'me.jpg')",
+    ),
+    "--data-binary @me.jpg": (
+        {"content": b"\xff\xd8\xff" * 10, "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        "received a body of type application/x-www-form-urlencoded (30 bytes), not a multipart form; send "
+        "the photo in a file field named image (multipart/form-data), e.g. curl -F image=@me.jpg "
+        "http://testserver/cartoonize",
+    ),
+    "-H 'Content-Type: image/jpeg' --data-binary @me.jpg": (
+        {"content": b"\xff\xd8\xff", "headers": {"content-type": "image/jpeg"}},
+        "received a body of type image/jpeg (3 bytes), not a multipart form",
+    ),
+    "nothing": ({}, "received no body, not a multipart form"),
+    "-F image=me.jpg (no @)": (
+        {"files": {"image": (None, b"me.jpg")}},
+        "image was sent as text ('me.jpg'), not as a file; with curl, put @ before the file name: "
+        "curl -F image=@me.jpg http://testserver/cartoonize",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_each_common_mistake_is_told_what_was_received_and_what_to_send(
+    client: TestClient, mistake: str
+) -> None:
+    request, expected = MISTAKES[mistake]
+    r = client.post("/cartoonize", **request)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"]
+    assert expected in message
+    assert "curl -F image=@me.jpg" in message
+    for python in ("<class", "UploadFile", "Field required", "Value error"):
+        assert python not in message
+
+
+def test_a_batch_names_its_own_field(client: TestClient, portrait_jpeg: bytes) -> None:
+    r = client.post("/cartoonize/batch", files={"image": ("me.jpg", portrait_jpeg)})
+    assert r.status_code == 422
+    assert r.json()["error"]["message"] == (
+        "no file field named images; the form had image (the file 'me.jpg'). Send each photo in a file "
+        "field named images: curl -F images=@me.jpg -F images=@friends.jpg http://testserver/cartoonize/batch"
+    )
 
 
 def test_output_has_no_input_metadata(client: TestClient) -> None:
@@ -141,10 +200,13 @@ def test_batch_zip_with_one_bad_file(client: TestClient, portrait_jpeg: bytes, c
         assert names == ["001-me.jpg", "003-coffee.jpg", "results.json"]
         with Image.open(io.BytesIO(zf.read("001-me.jpg"))) as im:
             assert im.format == "JPEG" and im.size == (512, 512)
-    statuses = [(i["filename"], i["status"]) for i in manifest["results"]]
-    assert statuses == [("me.jpg", 200), ("notes.txt", 415), ("coffee.jpg", 200)]
+    statuses = [(i["filename"], i["status"], i["http_status"]) for i in manifest["results"]]
+    assert statuses == [("me.jpg", "ok", 200), ("notes.txt", "error", 415), ("coffee.jpg", "ok", 200)]
     assert manifest["results"][1]["error"]["code"] == "unsupported_image"
     assert manifest["results"][0]["result"]["faces_stylized"] == 1
+    # The images are files of the ZIP: the report carries no (empty) copy of them.
+    assert "image" not in manifest["results"][0]["result"]
+    assert manifest["results"][0]["result"]["media_type"] == "image/jpeg"
 
 
 def test_batch_json(client: TestClient, portrait_jpeg: bytes) -> None:
@@ -152,7 +214,8 @@ def test_batch_json(client: TestClient, portrait_jpeg: bytes) -> None:
     r = client.post("/cartoonize/batch", files=files, data={"response": "json", "no_face": "error"})
     assert r.status_code == 200
     results = r.json()["results"]
-    assert [x["status"] for x in results] == [200, 200]
+    assert [x["status"] for x in results] == ["ok", "ok"]
+    assert [x["http_status"] for x in results] == [200, 200]
     assert all(base64.b64decode(x["result"]["image"])[:4] == b"\x89PNG" for x in results)
 
 
@@ -274,7 +337,8 @@ def test_a_failing_image_does_not_sink_its_batch(
     r = client.post("/cartoonize/batch", files=files, data={"response": "json"})
     assert r.status_code == 200
     results = r.json()["results"]
-    assert [x["status"] for x in results] == [200, 500, 200]
+    assert [x["status"] for x in results] == ["ok", "error", "ok"]
+    assert [x["http_status"] for x in results] == [200, 500, 200]
     assert results[1]["error"]["code"] == "internal_error" and "align stage" in results[1]["error"]["message"]
     assert results[0]["result"]["faces_stylized"] == 1
 
@@ -350,7 +414,7 @@ def test_outputs_beyond_the_limits_are_refused(client: TestClient) -> None:
     photo = png_bytes(np.zeros((512, 512, 3), np.uint8))
     files = [("images", ("dot.png", tiny)), ("images", ("photo.png", photo))]
     r = client.post("/cartoonize/batch", files=files, data={"output_size": "1024", "response": "json"})
-    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [422, 200]
+    assert r.status_code == 200 and [x["http_status"] for x in r.json()["results"]] == [422, 200]
     r = client.post("/cartoonize/batch", files=files[:1] * 2, data={"output_size": "1024"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "all_files_refused"
     assert r.json()["error"]["message"].startswith("none of the 2 files could be taken: dot.png: output_size")

@@ -307,7 +307,7 @@ def test_after_any_odd_input_an_ordinary_photo_is_served(
             data={"response": "json"},
         )
         assert r.status_code == 200
-        statuses = [item["status"] for item in r.json()["results"]]
+        statuses = [item["http_status"] for item in r.json()["results"]]
         assert statuses == [expected for _, expected in ODD.values()] + [200]
         r = c.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
         assert r.status_code == 200

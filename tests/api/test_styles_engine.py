@@ -80,6 +80,7 @@ def test_a_missing_style_does_not_block_the_others_and_recovers(
             "state": "loaded",
             "error": None,
             "next_attempt_in_s": None,
+            "source": "demo",  # the test weights are demo weights, and say so
         }
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from devkit.reference_graphs import ReferenceModelDir, build_fast_generator_pb, build_generator_pb
+from devkit.reference_graphs import ReferenceModelDir, build_generator_pb
 from inference.convert import convert_pb, read_generator_pb, read_metadata
 from inference.dctnet import CONV_SPECS, PARAMETER_COUNT
+from inference.demo import build_generator_graph
 from inference.errors import ConversionError
 
 
@@ -150,7 +151,7 @@ def test_fast_graphs_hold_the_tensorflow_graphs_weights(
     cases = [
         (model_dir.head_pb.read_bytes(), head_pb, 1e-2),
         (model_dir.bg_pb.read_bytes(), bg_pb, 1e-2),
-        (build_fast_generator_pb(7, eps=5e-3), build_generator_pb(7, eps=5e-3), 5e-3),
+        (build_generator_graph(7, eps=5e-3), build_generator_pb(7, eps=5e-3), 5e-3),
     ]
     for i, (fast, reference, eps) in enumerate(cases):
         ours, ours_eps = _convert(fast, tmp_path / f"fast{i}.pb")
@@ -165,9 +166,9 @@ def test_fast_graphs_hold_the_tensorflow_graphs_weights(
 
 
 def test_fast_graph_is_deterministic_and_carries_eps(tmp_path: Path) -> None:
-    pb = build_fast_generator_pb(7, eps=5e-3)
-    assert build_fast_generator_pb(7, eps=5e-3) == pb
-    assert build_fast_generator_pb(8, eps=5e-3) != pb
+    pb = build_generator_graph(7, eps=5e-3)
+    assert build_generator_graph(7, eps=5e-3) == pb
+    assert build_generator_graph(8, eps=5e-3) != pb
     (tmp_path / "g.pb").write_bytes(pb)
     weights = read_generator_pb(tmp_path / "g.pb")
     assert weights.eps == float(np.float32(5e-3))

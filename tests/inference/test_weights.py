@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +11,17 @@ from pathlib import Path
 import pytest
 
 from devkit.reference_graphs import ReferenceModelDir, write_model_dir
-from inference.errors import ConversionError, UnknownStyleError, WeightsUnavailableError
+from inference.demo import MODELSCOPE_CONFIGURATION, is_demo_dir
+from inference.errors import ConfigurationError, ConversionError, UnknownStyleError, WeightsUnavailableError
 from inference.styles import STYLES, get_style
-from inference.weights import MASK_NAME, download, ensure_converted, local_fingerprint, resolve
+from inference.weights import (
+    MASK_NAME,
+    download,
+    ensure_converted,
+    install_demo,
+    local_fingerprint,
+    resolve,
+)
 
 
 def test_registry_has_the_seven_styles() -> None:
@@ -196,3 +205,66 @@ def test_the_fingerprint_changes_while_files_are_copied(model_dir: ReferenceMode
     with (models / "anime" / MASK_NAME).open("ab") as grow:
         grow.write(b"\0")
     assert local_fingerprint("anime", tmp_path / "cache", models) != first
+
+
+def _real_copy(src: ReferenceModelDir, dst: Path) -> Path:
+    """The fixture's files as a real model directory would hold them (no demo marker)."""
+    _copy_dir(src, dst)
+    (dst / "configuration.json").write_text(json.dumps(MODELSCOPE_CONFIGURATION))
+    return dst
+
+
+def test_demo_weights_are_written_converted_and_marked(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    weights = install_demo("sketch", cache)
+    assert weights.demo and weights.kind == "demo"
+    assert is_demo_dir(cache / "models" / "sketch")
+    assert not (cache / "downloads").exists()
+    # The mark survives conversion: the converted cache alone still says demo.
+    shutil.rmtree(cache / "models")
+    assert resolve("sketch", cache, None, allow_download=False).demo
+    # Again: kept as it is, still demo.
+    assert install_demo("sketch", cache).demo
+
+
+def test_demo_weights_never_stand_in_for_real_ones(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    cache, models = tmp_path / "cache", tmp_path / "models"
+    _real_copy(model_dir, models / "anime")
+    with pytest.raises(ConfigurationError, match="has real weights at"):
+        install_demo("anime", cache, models)
+    real = resolve("anime", cache, models, allow_download=False)
+    assert not real.demo and real.kind == "modelscope"
+    shutil.rmtree(models)  # the converted cache alone is real weights too
+    with pytest.raises(ConfigurationError, match="real converted weights"):
+        install_demo("anime", cache, models)
+    assert not (cache / "models" / "anime").exists()
+
+
+def test_demo_weights_are_not_written_over_a_persons_files(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "models" / "3d").mkdir(parents=True)
+    (cache / "models" / "3d" / "alpha.jpg").write_bytes(b"my own mask")
+    with pytest.raises(ConfigurationError, match=r"already holds alpha\.jpg, not demo files"):
+        install_demo("3d", cache)
+    assert [p.name for p in (cache / "models" / "3d").iterdir()] == ["alpha.jpg"]
+    assert (cache / "models" / "3d" / "alpha.jpg").read_bytes() == b"my own mask"
+
+
+def test_a_download_replaces_demo_weights(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    install_demo("anime", cache)
+    real = _real_copy(model_dir, tmp_path / "hub")
+    # The legacy name: no demo graph may stay beside it.
+    (real / "cartoon_h.pb").rename(real / "cartoon_anime_h.pb")
+
+    def attempt(local_dir: Path) -> None:
+        for p in real.iterdir():
+            shutil.copyfile(p, local_dir / p.name)
+
+    _hub(monkeypatch, attempt)
+    target = download(get_style("anime"), cache)
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in real.iterdir())
+    weights = resolve("anime", cache, None, allow_download=False)
+    assert not weights.demo and "converted from" in weights.source

@@ -39,7 +39,9 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
             "dtype": auto.name,
             "dtype_reason": auto.reason,
             "default_style": "anime",
-            "styles": {"anime": {"state": "loaded", "error": None, "next_attempt_in_s": None}},
+            "styles": {
+                "anime": {"state": "loaded", "error": None, "next_attempt_in_s": None, "source": "demo"}
+            },
         }
         assert auto.reason.startswith("auto: ")
         styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
+from service.app import create_app
 from service.cli import main
-from service.settings import Settings
+from service.settings import Settings, get_settings
+from tests.api.conftest import jpeg_bytes
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -73,6 +79,8 @@ def test_cartoonize_a_folder(
     Image.fromarray(photos.coffee()).save(src / "coffee.png")
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
     (src / "notes.txt").write_text("ignored")
+    (src / "scan.PDF").write_bytes(b"%PDF-1.7")
+    (src / "older").mkdir()
     monkeypatch.setenv("TOONSERVE_MODEL_DIR", str(model_dir.path.parent))
     monkeypatch.setenv("TOONSERVE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TOONSERVE_ALLOW_DOWNLOAD", "false")
@@ -86,6 +94,11 @@ def test_cartoonize_a_folder(
     out, err = capsys.readouterr()
     assert "2 of 3 photos written" in out
     assert "broken.jpg:" in err
+    # What was left out, each with its reason, before anything ran.
+    assert f"skipping 3 of 6 entries in {src}:\n" in err
+    assert "  notes.txt: not a photo by its name (.txt file)\n" in err
+    assert "  older: a folder (folders inside are not read)\n" in err
+    assert "  scan.PDF: not a photo by its name (.pdf file)\n" in err
     assert "3/3" not in err  # stderr is not a terminal: no progress bar
     with Image.open(tmp_path / "out" / "astronaut.jpg") as im:
         assert im.size == (512, 512)
@@ -130,3 +143,40 @@ def test_every_setting_is_in_the_readme_table() -> None:
     table = readme.split("## Settings", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `TOONSERVE_([A-Z_]+)` \|", table, flags=re.M))
     assert documented == {name.upper() for name in Settings.model_fields}
+
+
+def test_demo_weights_serve_marked_demo_everywhere(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The offline route in one command: no ModelScope, no second machine."""
+    portrait_jpeg = jpeg_bytes(photos.astronaut())
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TOONSERVE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TOONSERVE_STYLES", "anime,sketch")
+    get_settings.cache_clear()  # the CLI reads the settings through it
+    try:
+        assert main(["demo-weights"]) == 0
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr().out
+    assert "anime: demo weights (random, not real cartoons)" in out and "sketch: demo weights" in out
+    assert main(["demo-weights", "pixar"]) == 1  # refused, and named
+    assert "unknown style 'pixar'" in capsys.readouterr().err
+
+    settings = Settings(allow_download=False, device="cpu", log_format="text")
+    with caplog.at_level(logging.WARNING), TestClient(create_app(settings)) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ready = client.get("/readyz").json()
+        assert ready["styles"]["anime"]["source"] == "demo"
+        styles = {s["name"]: s for s in client.get("/styles").json()["styles"]}
+        assert styles["anime"]["source"] == "demo" and styles["3d"]["source"] is None
+        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)}, data={"response": "json"})
+        assert r.status_code == 200 and r.json()["source"] == "demo"
+        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert "style anime runs on DEMO weights" in caplog.text
