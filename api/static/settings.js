@@ -93,6 +93,7 @@ export async function loadStyles() {
     const { styles } = await (await api("/styles", { onWait: waiting("settings") })).json();
     const loaded = styles.filter((s) => s.loaded);
     if (loaded.length) {
+      showDemo(loaded.filter((s) => s.source === "demo").map((s) => s.name));
       select.replaceChildren(...loaded.map((s) => new Option(s.name, s.name, s.default, s.default)));
       select.dataset.descriptions = JSON.stringify(Object.fromEntries(loaded.map((s) => [s.name, s.description])));
       const loading = styles.filter((s) => s.state === "loading").map((s) => s.name);
@@ -103,6 +104,16 @@ export async function loadStyles() {
     say("settings", `No style is ready yet (${states.join("; ")}); checking again in 3 s.`);
     await sleep(3000);
   }
+}
+
+// Demo weights (random, in the real architecture) make colourful noise, not cartoons: say so up front.
+function showDemo(names) {
+  const banner = $("demo-banner");
+  banner.hidden = names.length === 0;
+  banner.textContent = names.length
+    ? `Demo weights: these are not real cartoons. ${names.join(", ")} ${names.length === 1 ? "runs" : "run"} on ` +
+      "random weights, for trying the service out; whoever runs it can install the real models (see its README)."
+    : "";
 }
 
 export function showStyleHint() {
@@ -120,4 +131,6 @@ export function restoreSettings(saved) {
   }
   showStrength();
   showStyleHint();
+  // A remembered setting under "More settings" is shown, not hidden away.
+  if ($("processing-size").value) $("more-settings").open = true;
 }

@@ -18,9 +18,20 @@ export function previewPhoto() {
     $("photo-figure").hidden = true;
     return;
   }
+  // Shown once the browser has drawn it (photoShown); a file it cannot draw (a PDF, a TIFF) is not
+  // shown at all (photoNotShown), rather than as a broken image.
+  $("photo-figure").hidden = true;
   $("photo-preview").src = objectUrl("single:photo", file);
   $("photo-caption").textContent = file.name;
-  $("photo-figure").hidden = false;
+}
+
+export function photoShown() {
+  if ($("photo").files.length) $("photo-figure").hidden = false;
+}
+
+export function photoNotShown() {
+  $("photo-figure").hidden = true;
+  if ($("photo").files.length) say("single", "This browser cannot preview this file; the service may still read it.");
 }
 
 export async function cartoonize(event) {
@@ -52,17 +63,23 @@ export async function cartoonize(event) {
   }
 }
 
+// Each face outcome in plain words (the API's `reason` codes, `no_face` policies).
 const REASONS = {
-  below_threshold: "the detector was not sure enough",
-  too_small: "too small",
-  over_limit: "over the limit of faces per photo",
-  alignment_failed: "it could not be aligned",
+  below_threshold: "it may not be a face",
+  too_small: "it is too small to draw",
+  over_limit: "this service draws only so many faces in one photo",
+  alignment_failed: "it could not be lined up",
+};
+const NO_FACE = {
+  background: "No face was found, so the whole photo was drawn in the style as scenery.",
+  passthrough: "No face was found, so the photo came back unchanged.",
 };
 
 function showResult(file, data) {
   const url = objectUrl("single:cartoon", base64Blob(data.image, data.media_type));
   $("cartoon").src = url;
   $("compare-photo").src = objectUrls.get("single:photo");
+  $("compare-photo").hidden = $("photo-figure").hidden; // a photo the browser cannot draw is not shown
   const download = $("download");
   download.href = url;
   download.download = `${stemOf(file.name)}-${data.style}.${suffixOf(data.media_type)}`;
@@ -86,16 +103,15 @@ function showResult(file, data) {
     box.append(tag);
     boxes.push(box);
     const item = document.createElement("li");
-    const score = `detector score ${face.score.toFixed(2)}`;
     item.textContent = face.stylized
-      ? `Face ${i + 1}: stylised (${score})`
-      : `Face ${i + 1}: skipped, ${REASONS[face.reason] ?? face.reason} (${score})`;
+      ? `Face ${i + 1}: cartooned.`
+      : `Face ${i + 1}: left as it is, because ${REASONS[face.reason] ?? face.reason}.`;
     if (!face.stylized) item.className = "skipped";
     list.push(item);
   });
   if (!data.faces.length) {
     const item = document.createElement("li");
-    item.textContent = `No face found; the whole photo was drawn as background (${data.no_face}).`;
+    item.textContent = NO_FACE[data.no_face] ?? "No face was found.";
     list.push(item);
   }
   $("face-boxes").replaceChildren(...boxes);
@@ -112,8 +128,9 @@ function showResult(file, data) {
   $("timings").replaceChildren(...rows.flat());
   const size = (s) => `${s.width}×${s.height}`;
   $("run-info").textContent =
-    `${size(data.input_size)} in, worked at ${size(data.processing_size)}, ${size(data.output_size)} out; ` +
-    `${data.device}, ${data.dtype}.`;
+    `Your photo is ${size(data.input_size)} pixels; it was worked on at ${size(data.processing_size)} ` +
+    `(the processing size) and the cartoon is ${size(data.output_size)}. Drawn on ${data.device} in ` +
+    `${data.dtype}${data.source === "demo" ? ", with demo weights (not a real cartoon)" : ""}.`;
   $("single-details").hidden = false;
   say("single", `Done: ${plural(data.faces_stylized, "face")} stylised. The cartoon is ready to download.`);
 }

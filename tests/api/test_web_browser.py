@@ -1,14 +1,17 @@
 """The web page in a real browser: headless Chromium (Playwright) against a live ``toonserve serve``.
 
 Every test records each request the page makes and fails if one goes anywhere but the service, and
-fails on a script error or an unexpected console error. The single-photo and batch tests write the
-screenshots in docs/screenshots/ (desktop and 360 px wide), so those stay true to the page.
+fails on a script error or an unexpected console error. The single-photo and batch tests write
+screenshots (desktop and 360 px wide) into build/screenshots/, or where TOONSERVE_SCREENSHOTS says:
+`make screenshots` points it at docs/screenshots/ to refresh the README's, so `make test` leaves the
+tree as it found it.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import time
@@ -42,7 +45,7 @@ from serving.encoding import MAX_QUALITY, MIN_QUALITY
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+SCREENSHOTS = Path(os.environ.get("TOONSERVE_SCREENSHOTS") or ROOT / "build" / "screenshots")
 DESKTOP = ViewportSize(width=1280, height=900)
 PHONE = ViewportSize(width=360, height=780)
 API_KEY = "page-test-key"
@@ -242,7 +245,7 @@ def _fits(page: Page, width: int) -> None:
 
 
 def _screenshot(page: Page, name: str, varying: str | None = None) -> None:
-    """docs/screenshots/<name>.png, full page. The file is kept when the new one differs from it only
+    """<SCREENSHOTS>/<name>.png, full page. The file is kept when the new one differs from it only
     inside ``varying`` (the timings, which change from run to run), so git sees real changes only."""
     page.mouse.move(0, 0)
     page.evaluate("document.activeElement && document.activeElement.blur()")
@@ -297,6 +300,11 @@ def test_one_photo_end_to_end(web: Session) -> None:
     assert style.locator("option").all_inner_texts() == ["anime"]
     expect(style).to_have_value("anime")
     expect(page.get_by_label("Processing size")).to_have_attribute("max", "2048")  # from /openapi.json
+    # The test service runs on demo weights: the page says so before anything else.
+    expect(page.get_by_role("note")).to_have_text(
+        re.compile(r"^Demo weights: these are not real cartoons\. anime runs")
+    )
+    expect(page.get_by_label("Processing size")).to_be_hidden()  # under "More settings"
     assert page.get_by_label("Format").locator("option").all_inner_texts() == [
         "Service default",
         "PNG",
@@ -315,9 +323,14 @@ def test_one_photo_end_to_end(web: Session) -> None:
     assert cartoon.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [320, 240]
     # The face found, drawn over the photo and listed; the timings of every stage.
     assert page.locator("#face-boxes .box").count() == 1
-    expect(page.locator("#faces-list")).to_contain_text("Face 1: stylised")
+    expect(page.locator("#faces-list")).to_have_text("Face 1: cartooned.")
+    # Timings and sizes are there for whoever opens "Details".
+    expect(page.locator("#timings")).to_be_hidden()
+    page.get_by_text("Details", exact=True).click()
     for stage in ("decode", "background", "head", "encode", "sum"):
         expect(page.locator("#timings")).to_contain_text(stage)
+    expect(page.locator("#run-info")).to_contain_text("with demo weights (not a real cartoon)")
+    page.get_by_text("Details", exact=True).click()
     expect(page.get_by_role("status").filter(has_text="Done")).to_contain_text("1 face stylised")
 
     # The before/after slider moves the clip, by keyboard too.
@@ -347,6 +360,7 @@ def test_settings_are_remembered_and_used(web: Session) -> None:
     expect(page.get_by_label("Quality")).to_have_attribute("min", str(MIN_QUALITY))
     expect(page.get_by_label("Quality")).to_have_attribute("max", str(MAX_QUALITY))
     page.get_by_label("Strength").fill("0.5")
+    page.get_by_text("More settings", exact=True).click()
     for label, value in (("Processing size", "96"), ("Output size", "120"), ("Quality", "70")):
         page.get_by_label(label).fill(value)
         page.get_by_label(label).dispatch_event("change")
@@ -368,7 +382,7 @@ def test_settings_are_remembered_and_used(web: Session) -> None:
     download = page.get_by_role("link", name="Download", exact=True)
     expect(download).to_have_attribute("download", "me-anime.webp")
     assert _blob_type(page, "Download") == "image/webp"
-    expect(page.locator("#run-info")).to_contain_text("worked at 96×115")
+    expect(page.locator("#run-info")).to_contain_text("worked on at 96×115")
     # The result's long side is the output size asked for; the quality went with the request.
     _, data = _download(page, "Download")
     with Image.open(io.BytesIO(data)) as im:
@@ -415,6 +429,7 @@ def test_errors_are_the_apis_words(web: Session, server: LiveService) -> None:
     photo = _jpeg(photos.astronaut(), (160, 160))
     page.get_by_label("Photo", exact=True).set_input_files([_file("a.jpg", photo)])
     # Out of the API's bounds (the field says so, the page sends it anyway: the API decides).
+    page.get_by_text("More settings", exact=True).click()
     page.get_by_label("Processing size").fill("5000")
     page.get_by_role("button", name="Cartoonize").click()
     expected = _api_error(server, "/cartoonize", [("image", photo)], {"processing_size": "5000"})
@@ -423,10 +438,16 @@ def test_errors_are_the_apis_words(web: Session, server: LiveService) -> None:
 
     page.get_by_label("Processing size").fill("")
     page.get_by_label("Photo", exact=True).set_input_files([NOT_AN_IMAGE])
+    # Not a picture the browser can draw: no broken image, a plain word instead.
+    expect(page.locator("#single-status")).to_have_text(
+        "This browser cannot preview this file; the service may still read it."
+    )
+    expect(page.get_by_alt_text("Your photo")).to_be_hidden()
     page.get_by_role("button", name="Cartoonize").click()
     expected = _api_error(server, "/cartoonize", [("image", NOT_AN_IMAGE["buffer"])], {})
     expect(page.locator("#single-error")).to_have_text(expected)
     expect(page.get_by_role("link", name="Download", exact=True)).to_be_hidden()
+    expect(page.get_by_alt_text("Your photo")).to_be_hidden()
 
 
 def test_keyboard_alone(web: Session) -> None:
@@ -437,9 +458,14 @@ def test_keyboard_alone(web: Session) -> None:
         order.append(page.evaluate("document.activeElement.id"))
         page.keyboard.press("Tab")
     assert order == [
-        *("style", "strength", "processing-size", "output-size", "format", "quality"),
+        *("style", "strength", "output-size", "format", "quality", "more-settings-summary"),
         *("tab-single", "photo", "cartoonize"),
     ]
+    # "More settings" opens from the keyboard, its field next in order.
+    page.locator("#more-settings-summary").focus()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "processing-size"
     # The focused control shows it.
     page.get_by_role("tab", name="One photo").focus()
     page.keyboard.press("Tab")
@@ -493,6 +519,12 @@ def test_a_batch_with_one_bad_file(web: Session, server: LiveService) -> None:
     expected = _api_error(server, "/cartoonize", [("image", NOT_AN_IMAGE["buffer"])], {})
     expect(failed).to_contain_text(f"notes.txt{expected}")
     _until(page, "[...document.querySelectorAll('#batch-items img')].every(i => i.complete)")
+    # Each result on its own, named as in the ZIP but for the number.
+    name, data = _download(page, "Download the cartoon of coffee.jpg")
+    assert name == "coffee.png"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.size == (240, 160)
+    expect(page.get_by_role("link", name="Download the cartoon of notes.txt")).to_have_count(0)
 
     name, data = _download(page, "Download all")
     assert name.startswith("toonserve-") and name.endswith(".zip")
@@ -510,6 +542,7 @@ def test_a_batch_with_one_bad_file(web: Session, server: LiveService) -> None:
 def test_cancel_during_a_batch(web: Session, server: LiveService) -> None:
     page = web.open()
     # Larger than the service's default, so the batch surely outlasts the click, even on a fast machine.
+    page.get_by_text("More settings", exact=True).click()
     page.get_by_label("Processing size").fill("384")
     _batch_tab(page)
     page.get_by_label("Photos", exact=True).set_input_files(_photos(9))
@@ -589,10 +622,12 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(keyed_web: S
     page.goto(keyed_web.origin + "/")
     dialog = page.get_by_role("dialog", name="API key needed")
     expect(dialog).to_be_visible()
-    expect(dialog).to_contain_text("missing or wrong API key")
+    expect(dialog).to_contain_text("This service asks for a key before it makes cartoons.")
+    expect(dialog).not_to_contain_text("X-API-Key")  # a person's words, not the API's
     page.get_by_label("API key", exact=True).fill("wrong")
     page.get_by_role("button", name="Use this key").click()
-    expect(dialog).to_be_visible()  # refused: asked again, with the API's words
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text("That key was not accepted.")
     page.get_by_label("API key", exact=True).fill(API_KEY)
     page.keyboard.press("Enter")
     expect(dialog).to_be_hidden()
