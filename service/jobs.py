@@ -33,6 +33,7 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         allow_private=settings.webhook_allow_private,
         attempts=settings.webhook_attempts,
         timeout_s=settings.webhook_timeout_s,
+        concurrency=settings.webhook_concurrency,
         on_delivery=lambda outcome: metrics.webhooks.labels(outcome=outcome).inc(),
     )
     runner = JobRunner(

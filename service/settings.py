@@ -238,7 +238,16 @@ class Settings(BaseSettings):
         False, description="Allow webhooks to loopback, private and link-local addresses."
     )
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook (1 s, 2 s, 4 s … apart).")
-    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="Timeout of one webhook request.")
+    webhook_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Deadline of one whole webhook attempt (resolving, connecting, sending, reading the "
+        "answer), not only of each read.",
+    )
+    webhook_concurrency: int = Field(
+        8, ge=1, le=256, description="Webhook attempts in flight at once, across all jobs."
+    )
 
     # Access and clients.
     api_key: SecretStr | None = Field(
