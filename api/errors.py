@@ -70,6 +70,7 @@ CODES: Final[dict[str, Code]] = {
         400, "the multipart body is broken (no boundary, cut short, a part without a name)"
     ),
     "http_error": Code(400, "the request could not be parsed otherwise"),
+    "host_not_allowed": Code(400, "the Host header names none of TOONSERVE_ALLOWED_HOSTS"),
     "unauthorized": Code(401, "an API key is configured and the request has none or a wrong one"),
     "not_found": Code(404, "no such route"),
     "job_not_found": Code(404, "no such job (or item): never created, expired or deleted"),

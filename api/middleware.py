@@ -43,6 +43,29 @@ def is_open(path: str) -> bool:
 
 
 _SAFE_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Answered whatever the Host header: orchestrators probe and scrape a pod by its address.
+ANY_HOST_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def host_allowed(host_header: str, allowed: Sequence[str]) -> bool:
+    """Whether a ``Host`` header (port and case aside) is one of ``allowed``: exact names or
+    addresses, ``*.example.com`` for any name under example.com, ``*`` for any. An empty list allows
+    any host."""
+    if not allowed:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[: host.find("]") + 1]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    host = host.rstrip(".")
+    for pattern in allowed:
+        pattern = pattern.lower().rstrip(".")
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+            return True
+    return False
 
 
 def megabytes(size: int) -> str:
@@ -160,11 +183,18 @@ class RequestContextMiddleware:
     labelled with the caller's name. Plain ASGI, so disconnects reach the endpoints unchanged."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, clients: Clients, routes: Sequence[BaseRoute] = ()
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        clients: Clients,
+        routes: Sequence[BaseRoute] = (),
+        allowed_hosts: Sequence[str] = (),
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.clients = clients
+        #: Host header values answered (``TOONSERVE_ALLOWED_HOSTS``; empty: any).
+        self.allowed_hosts = tuple(allowed_hosts)
         #: The app's routes, to label requests answered before routing (a 401) with their route.
         self.routes = routes
 
@@ -198,7 +228,16 @@ class RequestContextMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            if caller is None and not is_open(scope["path"]):
+            if not (
+                scope["path"] in ANY_HOST_PATHS or host_allowed(headers.get("host", ""), self.allowed_hosts)
+            ):
+                host = headers.get("host", "")[:100]
+                await error_response(
+                    "host_not_allowed",
+                    f"this service does not answer for the host {host!r}; it answers for "
+                    f"{', '.join(self.allowed_hosts)}",
+                )(scope, receive, send_with_id)
+            elif caller is None and not is_open(scope["path"]):
                 response = error_response(
                     "unauthorized", "missing or wrong API key (send X-API-Key or Authorization: Bearer)"
                 )

@@ -143,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = [route for router in _ROUTERS for route in router.routes]
     errors.install(app, routes)
     # Last added is outermost: CORS (so even 401/413 answers carry its headers), then request ids,
-    # metrics and the API key, then the body limit.
+    # the Host check, metrics and the API key, then the body limit, then the docs pages' policy.
+    app.add_middleware(web.DocsPolicyMiddleware)
     app.add_middleware(
         middleware.BodyLimitMiddleware,
         max_bytes=settings.max_upload_bytes,
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clients=clients,
         # The routes themselves (FastAPI's router wraps included ones), to label early answers.
         routes=routes,
+        allowed_hosts=settings.allowed_hosts,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -10,6 +11,22 @@ from typing import Any, Final
 from api.middleware import client_var, request_id_var
 
 _EXTRA_KEYS: Final = ("method", "path", "status", "duration_ms")
+#: Characters a log line never carries raw (a request path is decoded from %0A, %1B…): C0 and C1
+#: controls, DEL and the Unicode line and paragraph separators. A path with them could otherwise
+#: forge a line of its own, or send escape codes to whoever reads the log in a terminal.
+_ESCAPED: Final = {
+    **{c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))},
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``…)."""
+    return text.translate(_ESCAPED)
 
 
 class JSONFormatter(logging.Formatter):
@@ -19,16 +36,27 @@ class JSONFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escape(record.getMessage()),
             "request_id": request_id_var.get(),
             "client": client_var.get(),
         }
         for key in _EXTRA_KEYS:
             if hasattr(record, key):
-                entry[key] = getattr(record, key)
+                value = getattr(record, key)
+                entry[key] = escape(value) if isinstance(value, str) else value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """One plain-text line per record; what the record says is escaped (:func:`escape`), so a line is
+    always one line. A traceback after it is the server's own and stays as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        shown = copy.copy(record)
+        shown.message = escape(record.message)
+        return super().formatMessage(shown)
 
 
 class _RequestIdFilter(logging.Filter):
@@ -45,7 +73,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s %(client)s] %(message)s")
+            TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s %(client)s] %(message)s")
         )
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()

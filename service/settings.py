@@ -277,11 +277,16 @@ class Settings(BaseSettings):
     client_images_per_minute: int = Field(
         0, ge=0, description="Images one client may send a minute (0: no limit); beyond it: 429."
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Host header values answered (names, addresses, *.example.com); "
+        "others get 400 host_not_allowed. Empty: any host. /healthz, /readyz and /metrics answer any.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS (empty: CORS off)."
     )
 
-    @field_validator("styles", "cors_origins", "trusted_proxies", mode="before")
+    @field_validator("styles", "cors_origins", "trusted_proxies", "allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # TOONSERVE_STYLES=anime,3d and TOONSERVE_CORS_ORIGINS=https://a.example,https://b.example

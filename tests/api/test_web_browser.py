@@ -651,3 +651,27 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(keyed_web: S
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert sorted(zf.namelist()) == ["001-photo-01.png", "002-photo-02.png", "results.json"]
     assert not dialog.is_visible()  # asked once only
+
+
+def test_the_docs_render_under_their_content_security_policy(web: Session) -> None:
+    """/docs and /redoc send a policy (this origin only, their inline script by its hash); the
+    browser must still draw them, with no violation logged and nothing fetched from elsewhere."""
+    page = web.page
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    response = page.goto(web.origin + "/docs")
+    assert response is not None and "'sha256-" in response.headers["content-security-policy"]
+    page.wait_for_selector(".swagger-ui .info .title")
+    page.wait_for_selector(".opblock-summary-path >> text=/cartoonize")
+    response = page.goto(web.origin + "/redoc")
+    assert response is not None and "content-security-policy" in response.headers
+    page.wait_for_selector("[role=search], .api-content", state="attached")
+    # ReDoc links its "powered by" logo from its CDN: the policy keeps the browser from fetching it,
+    # which is the point (nothing leaves a closed network). Nothing else may be blocked.
+    blocked = [e for e in web.console_errors if "Content Security Policy" in e]
+    assert all("https://cdn.redoc.ly/" in e for e in blocked), blocked
+    web.allowed += blocked
+    here = (web.origin + "/", "blob:" + web.origin + "/", "data:")
+    elsewhere = [url for url in web.requests if not url.startswith(here)]
+    assert all(url in failed for url in elsewhere), (elsewhere, failed)  # asked for, never fetched
+    web.requests[:] = [url for url in web.requests if url not in elsewhere]
