@@ -2,9 +2,10 @@
 
 A client is known by its API key's *name*. Keys come from ``TOONSERVE_API_KEY`` (one key, named
 :data:`UNNAMED`), ``TOONSERVE_API_KEYS`` (``name=key,name=key``) and ``TOONSERVE_API_KEYS_FILE`` (one
-``name=key`` a line, optionally followed by per-key limits, ``queue_size=N images_per_minute=N``; for
-a Kubernetes Secret). A key is only ever kept as its SHA-256 digest, compared in constant time
-against every known key (never stopping at the first match), and never logged.
+``name=key`` a line, optionally followed by per-key limits, ``queue_size=N images_per_minute=N
+event_streams=N job_storage_bytes=N``; for a Kubernetes Secret). A key is only ever kept as its
+SHA-256 digest, compared in constant time against every known key (never stopping at the first
+match), and never logged.
 
 Without keys the service is open, and every caller is named ``anonymous`` (the name metrics, logs
 and job ownership use); fair shares are still kept per caller, by address: the TCP peer, or, when the
@@ -15,7 +16,11 @@ Each client may have at most ``TOONSERVE_CLIENT_QUEUE_SIZE`` images waiting (enf
 scheduler: 429 beyond), and, when ``TOONSERVE_CLIENT_IMAGES_PER_MINUTE`` (or a key's own value) is
 set, send at most that many images a minute (:class:`RateLimiter`, a token bucket: 429 beyond). Both
 answers carry ``Retry-After`` and the IETF ``RateLimit`` / ``RateLimit-Policy`` fields
-(draft-ietf-httpapi-ratelimit-headers).
+(draft-ietf-httpapi-ratelimit-headers); so does the 429 of a client with
+``TOONSERVE_CLIENT_EVENT_STREAMS`` job events streams open (or its key's ``event_streams=N``).
+A client's jobs hold at most ``TOONSERVE_CLIENT_JOB_STORAGE_BYTES`` of the job storage (or its key's
+``job_storage_bytes=N``; without keys, each address has that share): 507 beyond, so one client
+cannot fill the storage for the others.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ from serving.tickets import ANONYMOUS, Client
 UNNAMED: Final = "default"
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: Per-key limits a keys file may set after ``name=key``.
-KEY_OPTIONS: Final = ("queue_size", "images_per_minute")
+KEY_OPTIONS: Final = ("queue_size", "images_per_minute", "event_streams", "job_storage_bytes")
+#: Per-key limits that must be at least 1 (0 would shut the client out).
+_AT_LEAST_ONE: Final = ("queue_size", "event_streams")
 #: Rate buckets of callers not seen for this long are forgotten (they are full again by then).
 _FORGET_S: Final = 120.0
 #: RateLimit-Policy names.
 RATE_POLICY: Final = "images"
 QUEUE_POLICY: Final = "queue"
+STREAMS_POLICY: Final = "streams"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -60,15 +68,21 @@ class ApiKey:
     digest: bytes
     queue_size: int | None = None
     images_per_minute: int | None = None
+    event_streams: int | None = None
+    job_storage_bytes: int | None = None
 
 
 @dataclass(frozen=True)
 class Caller:
-    """A request's client: who it is to the worker (name, fair-share key, queue limit) and the rate
-    it may send images at (None: no rate limit)."""
+    """A request's client: who it is to the worker (name, fair-share key, queue limit), the rate
+    it may send images at (None: no rate limit) and its key's own cap of job events streams (None:
+    the service's)."""
 
     client: Client
     images_per_minute: int | None = None
+    event_streams: int | None = None
+    #: Its key's own share of the job storage, bytes (None: the service's).
+    job_storage_bytes: int | None = None
 
     @property
     def name(self) -> str:
@@ -92,8 +106,9 @@ def _key(name: str, key: str, where: str, **limits: int | None) -> ApiKey:
 
 def parse_keys(entries: Sequence[str], where: str) -> list[ApiKey]:
     """``name=key`` entries (the comma-separated items of ``TOONSERVE_API_KEYS``, or a keys file's
-    lines), each of which may go on with ``queue_size=N`` and ``images_per_minute=N``. Blank entries
-    and ``#`` comments are skipped. Errors name the entry, never the key."""
+    lines), each of which may go on with ``queue_size=N``, ``images_per_minute=N`` and
+    ``event_streams=N``. Blank entries and ``#`` comments are skipped. Errors name the entry, never
+    the key."""
     keys = []
     for number, line in enumerate(entries, start=1):
         line = line.strip()
@@ -107,10 +122,11 @@ def parse_keys(entries: Sequence[str], where: str) -> list[ApiKey]:
         limits: dict[str, int | None] = {}
         for option in options:
             field, _, value = option.partition("=")
-            if field not in KEY_OPTIONS or not value.isdigit() or int(value) < (field == "queue_size"):
+            if field not in KEY_OPTIONS or not value.isdigit() or int(value) < (field in _AT_LEAST_ONE):
                 raise ConfigurationError(
                     f"{here}: {option.split('=')[0][:40]!r} is not one of "
-                    f"{', '.join(f'{o}=N' for o in KEY_OPTIONS)} (N a whole number, queue_size at least 1)"
+                    f"{', '.join(f'{o}=N' for o in KEY_OPTIONS)} (N a whole number, queue_size at least 1, "
+                    "event_streams at least 1)"
                 )
             limits[field] = int(value)
         keys.append(_key(name.strip(), key.strip(), here, **limits))
@@ -208,7 +224,9 @@ class Clients:
                 return None
             queue = key.queue_size if key.queue_size is not None else self.queue_size
             rate = key.images_per_minute if key.images_per_minute is not None else self.images_per_minute
-            return Caller(Client(key.name, key.name, queue), rate or None)
+            return Caller(
+                Client(key.name, key.name, queue), rate or None, key.event_streams, key.job_storage_bytes
+            )
         address = self.address(scope, headers)
         return Caller(
             Client(ANONYMOUS, f"address:{address}", self.queue_size), self.images_per_minute or None
@@ -269,11 +287,12 @@ class RateState:
         return out
 
 
-def queue_headers(limit: int, retry_after: int) -> dict[str, str]:
-    """The RateLimit fields of a client whose queue share is full."""
+def queue_headers(limit: int, retry_after: int, policy: str = QUEUE_POLICY) -> dict[str, str]:
+    """The RateLimit fields of a client whose queue share (or, ``policy`` :data:`STREAMS_POLICY`, its
+    share of events streams) is full."""
     return {
-        "RateLimit-Policy": f'"{QUEUE_POLICY}";q={limit}',
-        "RateLimit": f'"{QUEUE_POLICY}";r=0;t={retry_after}',
+        "RateLimit-Policy": f'"{policy}";q={limit}',
+        "RateLimit": f'"{policy}";r=0;t={retry_after}',
     }
 
 

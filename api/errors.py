@@ -92,8 +92,9 @@ CODES: Final[dict[str, Code]] = {
     "filename_too_long": Code(422, "an uploaded file's name over 255 characters"),
     "too_many_requests": Code(
         429,
-        "this client has TOONSERVE_CLIENT_QUEUE_SIZE images waiting, or sent its "
-        "TOONSERVE_CLIENT_IMAGES_PER_MINUTE; Retry-After, RateLimit and RateLimit-Policy say more",
+        "this client has TOONSERVE_CLIENT_QUEUE_SIZE images waiting, sent its "
+        "TOONSERVE_CLIENT_IMAGES_PER_MINUTE, or has TOONSERVE_CLIENT_EVENT_STREAMS job events streams "
+        "open; Retry-After, RateLimit and RateLimit-Policy say more",
     ),
     "all_files_refused": Code(
         422, "a batch or job in which not one file could be taken (each one's reason is listed)"
@@ -109,6 +110,9 @@ CODES: Final[dict[str, Code]] = {
     "not_ready": Code(503, "the requested (or default) style is still loading"),
     "style_unavailable": Code(503, "the style's weights failed to load; retried in the background"),
     "queue_full": Code(503, "the queue is full; Retry-After says when to come back"),
+    "event_streams_full": Code(
+        503, "TOONSERVE_MAX_EVENT_STREAMS job events streams are open already; Retry-After"
+    ),
     "shutting_down": Code(503, "the service is stopping and takes no new work"),
     "weights_unavailable": Code(503, "a style's weights are missing and cannot be downloaded"),
     "weights_invalid": Code(503, "a style's weight file is not a valid DCT-Net generator"),

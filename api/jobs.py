@@ -15,19 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
 
-from api.clients import Caller
+from api.clients import STREAMS_POLICY, Caller, queue_headers
 from api.errors import APIError, ErrorDetail, all_refused, code_for
 from api.forms import RequestParams, check_filenames
-from api.middleware import get_caller
+from api.middleware import get_caller, megabytes
 from api.openapi import BODY_CODES, COMMON_CODES, responses
 from api.state import JobsState, ServiceState, get_state
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
@@ -35,19 +38,18 @@ from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, pu
 from jobs.store import JobStore, Upload
 from jobs.webhooks import MAX_URL_LENGTH, check_url
 from serving.encoding import MEDIA_TYPES
-from serving.flow import output_shape
-from serving.images import ImageError, probe
+from serving.flow import Flow
+from serving.images import ImageError, ImageTooLargeError, probe
 from serving.options import ResolvedOptions
+from serving.reservation import reserve
 
 router = APIRouter(tags=["jobs"])
 
 #: Seconds between keep-alive comments on an idle events stream (proxies close silent ones).
 _HEARTBEAT_S: Final = 15.0
-#: How often an events stream re-reads its job even without a local change (another replica's).
-_EVENTS_POLL_S: Final = 1.0
+#: Retry-After of a refused events stream (a slot frees when a stream's client disconnects).
+_STREAMS_RETRY_S: Final = 5
 _CHUNK: Final = 1 << 20
-#: Bytes added to each result's size estimate (container overhead, PNG filter bytes).
-_ESTIMATE_SLACK: Final = 64 * 1024
 
 
 def get_jobs(state: Annotated[ServiceState, Depends(get_state)]) -> JobsState:
@@ -104,23 +106,37 @@ def _out(job: Job, with_items: bool = True) -> dict[str, Any]:
 # -- submit ----------------------------------------------------------------------------------------
 
 
-def _estimate(width: int, height: int, params: ResolvedOptions) -> int:
-    """An upper bound of a result's size: its pixels uncompressed, plus slack."""
-    h, w = output_shape((height, width), params.output_size) or (height, width)
-    return h * w * 3 + _ESTIMATE_SLACK
+def _size(upload: UploadFile) -> int:
+    """An uploaded file's bytes (the multipart parser spooled it to disk past 1 MB)."""
+    if upload.size is not None:
+        return upload.size
+    upload.file.seek(0, 2)
+    size = upload.file.tell()
+    upload.file.seek(0)
+    return size
 
 
-async def _accept(upload: UploadFile, params: ResolvedOptions, max_pixels: int) -> Upload:
-    """Check one photo as it is handed in (format and size from its header); a refused one becomes
-    a failed item, with the code and message ``/cartoonize`` would have given it."""
+async def _accept(upload: UploadFile, params: ResolvedOptions, flow: Flow, max_bytes: int) -> Upload:
+    """Check one photo as it is handed in, from its header, and decide what its result reserves
+    (:mod:`serving.reservation`); a refused one becomes a failed item, with the code and message
+    ``/cartoonize`` would have given it (a photo over ``max_bytes``, the largest body ``/cartoonize``
+    takes, included). The photo is read from the parser's spool file: only its header, and a small
+    one whole for the sample; its bytes go to the job's staging files in chunks."""
     name = upload.filename or "image"
-    data = await upload.read()
+    size = _size(upload)
     try:
-        info = await asyncio.to_thread(probe, data, max_pixels=max_pixels)
+        if size > max_bytes:
+            raise ImageTooLargeError(
+                f"the file is {megabytes(size)}; a photo may be at most {megabytes(max_bytes)} "
+                "(TOONSERVE_MAX_UPLOAD_BYTES)"
+            )
+        info = await asyncio.to_thread(probe, upload.file, max_pixels=flow.max_pixels)
+        reserved = await asyncio.to_thread(
+            reserve, upload.file, size, info, params, png_compression=flow.limits.png_compression
+        )
     except ImageError as exc:
         return Upload(name, None, 0, {"code": code_for(exc), "message": str(exc)}, 0)
-    await upload.seek(0)
-    return Upload(name, upload.file, len(data), None, _estimate(info.width, info.height, params))
+    return Upload(name, upload.file, size, None, reserved)
 
 
 _SUBMIT_CODES: Final = (
@@ -196,7 +212,7 @@ async def submit_job(
             await asyncio.to_thread(check_url, webhook, jobs.webhook_allow_private)
         except WebhookRefusedError as exc:
             raise APIError("invalid_webhook", str(exc)) from None
-    uploads = [await _accept(u, params, state.flow.max_pixels) for u in images]
+    uploads = [await _accept(u, params, state.flow, jobs.max_photo_bytes) for u in images]
     if all(u.error is not None for u in uploads):
         raise all_refused([(u.filename, (u.error or {}).get("message", "")) for u in uploads])
     job, created = await asyncio.to_thread(
@@ -209,6 +225,9 @@ async def submit_job(
         ttl_s=jobs.ttl_s,
         quota_bytes=jobs.quota_bytes,
         client=caller.name,
+        # Without keys every caller is "anonymous": each address then has its own share.
+        account=caller.client.key,
+        account_quota_bytes=caller.job_storage_bytes or jobs.client_quota_bytes,
     )
     if created:
         jobs.runner.wake()
@@ -227,7 +246,10 @@ JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the job's id
 
 async def _job(jobs: JobsState, job_id: str, caller: Caller) -> Job:
     """The caller's job ``job_id``; the same 404 whether it does not exist or is another client's."""
-    job = await asyncio.to_thread(jobs.store.get, job_id)
+    return _owned(await asyncio.to_thread(jobs.store.get, job_id), job_id, caller)
+
+
+def _owned(job: Job | None, job_id: str, caller: Caller) -> Job:
     if job is None or job.client != caller.name:
         raise JobNotFoundError(f"no job {job_id}: never created, expired or deleted")
     return job
@@ -270,6 +292,67 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+def _job_event(job: Job) -> bytes:
+    return _sse("job", _out(job))
+
+
+def _item_event(job: Job, index: int) -> bytes:
+    return _sse("item", public_item(job, job.items[index]))
+
+
+def _end_event(job: Job) -> bytes:
+    return _sse("end", _out(job))
+
+
+class _EventStream(StreamingResponse):
+    """An events stream that gives its slot back (``release``) however it ends: the job ended, the
+    client disconnected (the stream is cancelled, maybe before its first byte), an error."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None]) -> None:
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _take_stream(jobs: JobsState, caller: Caller) -> Callable[[], None]:
+    """A slot for one more events stream of the caller, and how to give it back: 429
+    ``too_many_requests`` beyond the client's cap, 503 ``event_streams_full`` beyond the total."""
+    slots = jobs.streams
+    key = caller.client.key
+    refused = slots.take(key, caller.event_streams)
+    if refused == "client":
+        limit = caller.event_streams if caller.event_streams is not None else slots.per_client
+        retry = _STREAMS_RETRY_S
+        raise APIError(
+            "too_many_requests",
+            f"this client has {limit} events streams open, as many as it may; close one (or follow the "
+            f"job with GET /jobs/{{id}}) and retry in about {retry} s",
+            headers={"Retry-After": str(retry), **queue_headers(limit, retry, STREAMS_POLICY)},
+        )
+    if refused == "total":
+        raise APIError(
+            "event_streams_full",
+            f"this server has {slots.total} events streams open, as many as it holds; retry in about "
+            f"{_STREAMS_RETRY_S} s, or poll GET /jobs/{{id}} meanwhile",
+            headers={"Retry-After": str(_STREAMS_RETRY_S)},
+        )
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            slots.give(key)
+
+    return release
+
+
 @router.get(
     "/jobs/{job_id}/events",
     summary="Server-Sent Events: the job now, each item as it ends, the job when it ends",
@@ -278,41 +361,61 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
         200: {
             "content": {"text/event-stream": {}},
             "description": "`job` (the job object, first, whenever you connect), `item` (one per item "
-            "that ends from then on), `end` (the job object once it has ended; then the stream closes)",
+            "that ends from then on), `end` (the job object once it has ended, or `{id, status: "
+            '"deleted"}` if it was deleted; then the stream closes); a `: keep-alive` comment after '
+            "15 s without an event. A client may hold TOONSERVE_CLIENT_EVENT_STREAMS streams open at "
+            "once, the server TOONSERVE_MAX_EVENT_STREAMS",
         },
-        **responses(*_READ_CODES),
+        **responses(*_READ_CODES, "too_many_requests", "event_streams_full"),
     },
 )
 async def job_events(
     jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
 ) -> StreamingResponse:
-    first = await _job(jobs, job_id, caller)
+    release = _take_stream(jobs, caller)
+    # Listening before the first read: a change after that read reaches the listener.
+    listener = jobs.hub.listen(job_id)
+
+    def leave() -> None:
+        listener.close()
+        release()
+
+    try:
+        # The job's streams start from its watcher's last read: a thousand streams connecting to one
+        # job read it once, not a thousand times.
+        start = listener.known() or listener.seed(await asyncio.to_thread(jobs.store.get, job_id))
+        first = _owned(start.job, job_id, caller)
+    except BaseException:
+        leave()
+        raise
 
     async def stream() -> AsyncIterator[bytes]:
-        job: Job | None = first
-        assert job is not None
-        yield _sse("job", _out(job))
+        job = first
+        yield start.memo("job", partial(_job_event, job))
         sent = {item.index for item in job.items if item.ended}
-        quiet = 0.0
+        last = time.monotonic()
         # Until every item has ended: a cancelled job's running item still reports how it stopped.
         while not job.settled:
-            await jobs.hub.wait(job_id, _EVENTS_POLL_S)
-            job = await asyncio.to_thread(jobs.store.get, job_id)
-            if job is None:  # deleted meanwhile
+            snapshot = await listener.next(last + _HEARTBEAT_S - time.monotonic())
+            if snapshot is None:
+                yield b": keep-alive\n\n"
+                last = time.monotonic()
+                continue
+            if snapshot.job is None:  # deleted meanwhile
                 yield _sse("end", {"id": job_id, "status": "deleted"})
                 return
-            new = [item for item in job.items if item.ended and item.index not in sent]
-            for item in new:
-                sent.add(item.index)
-                yield _sse("item", public_item(job, item))
-            quiet = 0.0 if new else quiet + _EVENTS_POLL_S
-            if quiet >= _HEARTBEAT_S:
-                quiet = 0.0
-                yield b": keep-alive\n\n"
-        yield _sse("end", _out(job))
+            job = snapshot.job
+            for index in sorted(snapshot.ended - sent):
+                sent.add(index)
+                # Made once for all the job's listeners (as is its end below).
+                yield snapshot.memo(index, partial(_item_event, job, index))
+                last = time.monotonic()
+            if job.settled:
+                yield snapshot.memo("end", partial(_end_event, job))
+                return
+        yield _end_event(job)
 
-    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    return _EventStream(stream(), leave)
 
 
 @router.get(

@@ -96,6 +96,9 @@ class Metrics:
         self.job_storage = Gauge(
             "toonserve_job_storage_bytes", "Bytes the stored jobs use or reserve", registry=r
         )
+        self.event_streams = Gauge(
+            "toonserve_job_event_streams", "Job events streams open (GET /jobs/{id}/events)", registry=r
+        )
         self.webhooks = Counter(
             "toonserve_webhook_deliveries",
             "Webhook attempts by outcome: delivered, retried, failed (gave up), refused (address barred)",
@@ -112,6 +115,7 @@ async def metrics(request: Request, state: Annotated[ServiceState, Depends(get_s
     m: Metrics = request.app.state.metrics
     scheduler = state.engine.scheduler
     m.queue_depth.labels(device=scheduler.name).set(scheduler.depth)
+    m.event_streams.set(state.jobs.streams.open())
     store = state.jobs.store
     try:
         counts, waiting, usage = await asyncio.to_thread(

@@ -27,13 +27,14 @@ HEADERS: Final[dict[str, dict[str, Any]]] = {
     "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
     "RateLimit": {
         "description": 'what is left of this client\'s allowance: "images";r=<images left>;t=<seconds '
-        'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), or "queue";r=0;t=<seconds> when its '
-        "queue share is full (IETF draft-ietf-httpapi-ratelimit-headers)",
+        'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), "queue";r=0;t=<seconds> when its '
+        'queue share is full, or "streams";r=0;t=<seconds> when it has all the job events streams it '
+        "may (IETF draft-ietf-httpapi-ratelimit-headers)",
         "schema": {"type": "string"},
     },
     "RateLimit-Policy": {
-        "description": 'this client\'s allowance: "images";q=<images>;w=60 (a minute), or "queue";q=<images '
-        "waiting at once>",
+        "description": 'this client\'s allowance: "images";q=<images>;w=60 (a minute), "queue";q=<images '
+        'waiting at once>, or "streams";q=<job events streams open at once>',
         "schema": {"type": "string"},
     },
     "X-Content-Type-Options": {

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from api.clients import Clients, RateLimiter
-from jobs.events import EventHub
+from jobs.events import EventHub, StreamSlots
 from jobs.runner import JobRunner
 from jobs.store import JobStore
 from serving.engine import Engine
@@ -25,11 +25,17 @@ class JobsState:
     runner: JobRunner
     hub: EventHub
     max_files: int
+    #: Largest photo in a job (the largest body ``/cartoonize`` takes); larger ones fail on arrival.
+    max_photo_bytes: int
     quota_bytes: int
+    #: The share of ``quota_bytes`` one client's jobs may hold (a key may have its own).
+    client_quota_bytes: int
     ttl_s: float
     #: Whether a webhook secret is configured (webhooks are refused without one).
     webhook_secret: bool
     webhook_allow_private: bool
+    #: Open events streams per client and in all, and their caps.
+    streams: StreamSlots
 
 
 @dataclass

@@ -7,6 +7,8 @@ After :func:`write_durable` returns, the file is on disk under its final name wi
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
 import time
@@ -18,6 +20,8 @@ from typing import BinaryIO
 from jobs.errors import JobStoreError
 
 _CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,6 +105,8 @@ class JobFiles:
             self.staging_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise JobStoreError(f"the job data directory {data_dir} cannot be used: {exc}") from exc
+        #: Temporary files found by :meth:`sweep` and left (too recent to be a dead process's).
+        self._strays: list[Path] = []
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -136,6 +142,24 @@ class JobFiles:
             return None
         return write_durable(self.result_path(job_id, index, suffix), data)
 
+    def try_write_result(
+        self, job_id: str, index: int, suffix: str, data: bytes
+    ) -> tuple[int | None, dict[str, str] | None]:
+        """:meth:`write_result`, and a failure to write (a full or failing disk) turned into the
+        item's error: ``(bytes written or None, None)``, or ``(0, error)`` with nothing left behind.
+        The item then ends in error with it, and its job settles, instead of staying running."""
+        try:
+            return self.write_result(job_id, index, suffix, data), None
+        except OSError as exc:
+            log.error("jobs: the result of item %d of job %s could not be written: %s", index, job_id, exc)
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            reason = exc.strerror or type(exc).__name__
+            return 0, {
+                "code": "insufficient_storage" if full else "internal_error",
+                "message": f"the result could not be written to the job storage ({reason}); send "
+                "the photo again in a new job",
+            }
+
     def drop_input(self, job_id: str, index: int) -> None:
         """An item's photo, once its item has ended (its record says so first)."""
         self.input_path(job_id, index).unlink(missing_ok=True)
@@ -149,12 +173,38 @@ class JobFiles:
         remove_tree(self.staging_dir)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def stray_bytes(self) -> int:
+        """Bytes of the temporary files :meth:`sweep` left in job folders, while they are there (the
+        quota counts them: a dead writer's half-written result takes room until it is removed)."""
+        total, left = 0, []
+        for path in self._strays:
+            try:
+                total += path.stat().st_size
+            except OSError:
+                continue
+            left.append(path)
+        self._strays = left
+        return total
+
     def sweep(self, recorded: Callable[[list[str]], list[bool]], untouched_s: float = 0.0) -> None:
         """Remove the job folders without a record (renamed into place, but the record never came),
-        and other processes' staging directories, untouched for ``untouched_s`` seconds (0: now; on a
-        shared directory, long enough that no upload is still in progress). ``recorded(ids)`` says,
-        for each id, whether the store has its job."""
+        other processes' staging directories, and the temporary files of writes that never finished
+        (:func:`write_durable` killed between its write and its rename), all untouched for
+        ``untouched_s`` seconds (0: now; on a shared directory, long enough that no upload or write
+        is still in progress; younger temporary files are counted in :attr:`stray_bytes`).
+        ``recorded(ids)`` says, for each id, whether the store has its job."""
         cutoff = time.time() - untouched_s
+        strays = []
+        for tmp in self.jobs_dir.glob("*/*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime <= cutoff:
+                    tmp.unlink()
+                else:
+                    strays.append(tmp)
+            except OSError:
+                continue
+        self._strays = strays
         others = [] if self.staging_dir == self.staging_root else list(self.staging_root.iterdir())
         for path in others:
             if path.is_dir() and path != self.staging_dir and newest_mtime(path) <= cutoff:

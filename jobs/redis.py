@@ -172,8 +172,13 @@ class RedisJobStore:
         ttl_s: float,
         quota_bytes: int,
         client: str = ANONYMOUS,
+        account: str = "",
+        account_quota_bytes: int | None = None,
     ) -> tuple[Job, bool]:
-        existing, needed = existing_or_needed(self, uploads, idempotency_key, quota_bytes)
+        account_quota = account_quota_bytes if account else None
+        existing, needed = existing_or_needed(
+            self, uploads, idempotency_key, quota_bytes, account, account_quota
+        )
         if existing is not None:
             return existing, False
         self.files.write_photos(job_id, accepted_streams(uploads))
@@ -193,6 +198,9 @@ class RedisJobStore:
                 needed,
                 json.dumps(items),
                 client,
+                account,
+                "" if account_quota is None else account_quota,
+                self.files.stray_bytes,
             )
         except JobStoreError:
             # Redis went away between the checks above and the record. If it ran the script but
@@ -210,6 +218,10 @@ class RedisJobStore:
         if outcome[0] == "quota":
             self.files.remove(job_id)
             raise StorageQuotaError(quota_message(needed, int(outcome[1]), quota_bytes))
+        if outcome[0] == "account_quota":
+            self.files.remove(job_id)
+            assert account_quota is not None
+            raise StorageQuotaError(quota_message(needed, int(outcome[1]), account_quota, own=True))
         if outcome[0] == "exists":
             # The same idempotency key, recorded by a concurrent submission (any replica) first.
             self.files.remove(job_id)
@@ -296,9 +308,11 @@ class RedisJobStore:
             if not self.renew(claim):
                 # Another runner took the item over: its result (the same bytes) is its to write.
                 return self.get(job_id)
-            written = self.files.write_result(job_id, index, claim.options.suffix, result)
+            written, failure = self.files.try_write_result(job_id, index, claim.options.suffix, result)
             if written is None:
                 return None  # deleted while it ran
+            if failure is not None:
+                status, error = "error", failure
             result_bytes = written
         now = time.time()
         outcome = self._run(
@@ -385,9 +399,12 @@ class RedisJobStore:
     def jobs_of_style(self, style: str) -> list[str]:
         return [job_id for job_id, s in self._active() if s == style]
 
-    def usage(self) -> int:
+    def usage(self, account: str | None = None) -> int:
+        if account is not None:
+            with self._errors():
+                return int(self._redis.get(self._key("usage", account)) or 0)
         with self._errors():
-            return int(self._redis.get(self._key("usage")) or 0)
+            return int(self._redis.get(self._key("usage")) or 0) + self.files.stray_bytes
 
     def waiting(self) -> int:
         with self._errors():

@@ -318,7 +318,9 @@ class JobRunner:
                 faces_stylized=outcome.result.faces_stylized,
                 timings_ms=outcome.timings_ms,
             )
-            self._on_item("ok")
+            # "error" when its result could not be written (a full or failing disk).
+            ended = job.items[claim.index].status if job is not None else "ok"
+            self._on_item("error" if ended == "error" else "ok")
         self.changed(job, claim.job_id)
 
     async def _finish(self, claim: Claim, status: ItemStatus, **fields: Any) -> Job | None:

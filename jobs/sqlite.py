@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from jobs.errors import JobStoreError, StorageQuotaError
+from jobs.errors import JobStoreError
 from jobs.files import JobFiles
 from jobs.model import TERMINAL, ItemStatus, Job, JobStatus, WebhookState
 from jobs.records import ITEM_FIELDS, item_from, job_from, new_item
-from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
+from jobs.store import Claim, Upload, accepted_streams, check_room, existing_or_needed
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     webhook_state TEXT NOT NULL DEFAULT 'none',
     idempotency_key TEXT UNIQUE,
     error TEXT,
-    client TEXT NOT NULL DEFAULT 'anonymous'
+    client TEXT NOT NULL DEFAULT 'anonymous',
+    account TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -61,7 +62,10 @@ CREATE INDEX IF NOT EXISTS items_by_status ON items(status, job_id, idx);
 CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(created_at);
 """
 #: Indexes of columns a database made by an earlier version gains at start-up (after the migration).
-_INDEXES: Final = "CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client, created_at);"
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS jobs_by_client ON jobs(client, created_at);"
+    "CREATE INDEX IF NOT EXISTS jobs_by_account ON jobs(account);"
+)
 #: The jobs table's columns of a record (jobs.records), and the items table's (timings_ms is "timings").
 _JOB_COLUMNS: Final = (
     "id",
@@ -78,13 +82,23 @@ _JOB_COLUMNS: Final = (
 )
 _ITEM_COLUMNS: Final = tuple("timings" if f == "timings_ms" else f for f in ITEM_FIELDS)
 #: Columns added since the first schema: (table, column, definition).
-_ADDED_COLUMNS: Final = (("jobs", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),)
+_ADDED_COLUMNS: Final = (
+    ("jobs", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),
+    # Jobs stored before accounts count in the total only.
+    ("jobs", "account", "TEXT NOT NULL DEFAULT ''"),
+)
 
 #: What an item still holds on disk: its photo until it ends, then its result; plus the estimate
 #: reserved for a result not yet written.
 _USAGE_SQL: Final = (
     "SELECT COALESCE(SUM(input_bytes + result_bytes + "
     "CASE WHEN status IN ('queued', 'running') THEN estimate ELSE 0 END), 0) FROM items"
+)
+#: The same for the jobs of one account.
+_ACCOUNT_USAGE_SQL: Final = (
+    "SELECT COALESCE(SUM(i.input_bytes + i.result_bytes + "
+    "CASE WHEN i.status IN ('queued', 'running') THEN i.estimate ELSE 0 END), 0) "
+    "FROM items AS i JOIN jobs AS j ON j.id = i.job_id WHERE j.account = ?"
 )
 
 
@@ -185,8 +199,13 @@ class SQLiteJobStore:
         ttl_s: float,
         quota_bytes: int,
         client: str = ANONYMOUS,
+        account: str = "",
+        account_quota_bytes: int | None = None,
     ) -> tuple[Job, bool]:
-        existing, needed = existing_or_needed(self, uploads, idempotency_key, quota_bytes)
+        account_quota = account_quota_bytes if account else None
+        existing, needed = existing_or_needed(
+            self, uploads, idempotency_key, quota_bytes, account, account_quota
+        )
         if existing is not None:
             return existing, False
         self.files.write_photos(job_id, accepted_streams(uploads))
@@ -194,12 +213,12 @@ class SQLiteJobStore:
         try:
             with self._tx() as db:
                 # Decided again under the lock: concurrent submissions cannot both fit.
-                used = db.execute(_USAGE_SQL).fetchone()[0]
-                if used + needed > quota_bytes:
-                    raise StorageQuotaError(quota_message(needed, used, quota_bytes))
+                used = db.execute(_USAGE_SQL).fetchone()[0] + self.files.stray_bytes
+                mine = db.execute(_ACCOUNT_USAGE_SQL, (account,)).fetchone()[0] if account_quota else 0
+                check_room(needed, used, quota_bytes, mine, account_quota)
                 db.execute(
                     "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "
-                    "idempotency_key, client) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                    "idempotency_key, client, account) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         options.model_dump_json(),
@@ -209,6 +228,7 @@ class SQLiteJobStore:
                         webhook,
                         idempotency_key,
                         client,
+                        account,
                     ),
                 )
                 db.executemany(
@@ -311,9 +331,11 @@ class SQLiteJobStore:
         job_id, index = claim.job_id, claim.index
         result_bytes = 0
         if result is not None:
-            written = self.files.write_result(job_id, index, claim.options.suffix, result)
+            written, failure = self.files.try_write_result(job_id, index, claim.options.suffix, result)
             if written is None:
                 return None  # deleted while it ran
+            if failure is not None:
+                status, error = "error", failure
             result_bytes = written
         with self._tx() as db:
             if db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
@@ -404,8 +426,10 @@ class SQLiteJobStore:
         rows = self._read("SELECT id, options FROM jobs WHERE status IN ('queued', 'running')")
         return [r[0] for r in rows if ResolvedOptions.load(json.loads(r[1])).style == style]
 
-    def usage(self) -> int:
-        return int(self._read(_USAGE_SQL)[0][0])
+    def usage(self, account: str | None = None) -> int:
+        if account is not None:
+            return int(self._read(_ACCOUNT_USAGE_SQL, (account,))[0][0])
+        return int(self._read(_USAGE_SQL)[0][0]) + self.files.stray_bytes
 
     def waiting(self) -> int:
         return int(self._read("SELECT COUNT(*) FROM items WHERE status = 'queued'")[0][0])

@@ -14,8 +14,13 @@ for the embedded store, after its lease for a shared one. Finishing an item is i
 index): a result written twice replaces itself, so a job never holds two results for one photo.
 
 Storage is bounded: every photo counts from acceptance until its item ends; every result counts
-from acceptance as an upper-bound estimate, then as its real size. :meth:`JobStore.usage` is the sum,
-and a job that would take it over the quota is refused before anything is written.
+from acceptance as the reservation decided on arrival (:mod:`serving.reservation`), then as its real
+size. :meth:`JobStore.usage` is the sum, plus the temporary files of writes cut short by a crash until
+they are swept; a job that would take it over the quota is refused before anything is written. A job
+also counts against its *account* (whose share of the storage it uses: a key's client, or an address
+without keys), and a job that would take its account over the account's quota is refused the same way,
+so one client cannot fill the storage for the others. A result that cannot be written (a full or
+failing disk) ends its item in error (:meth:`JobFiles.try_write_result`), and the job settles.
 """
 
 from __future__ import annotations
@@ -78,10 +83,14 @@ class JobStore(Protocol):
         ttl_s: float,
         quota_bytes: int,
         client: str = ANONYMOUS,
+        account: str = "",
+        account_quota_bytes: int | None = None,
     ) -> tuple[Job, bool]:
         """Store a new job of ``client`` and its photos durably; ``(job, True)``. With an
         ``idempotency_key`` that is already known: ``(that job, False)`` and nothing is stored.
-        Raises StorageQuotaError."""
+        Its bytes count against the total ``quota_bytes`` and, when ``account`` is given, against
+        that account's ``account_quota_bytes`` (a client's own share of the storage). Raises
+        StorageQuotaError."""
         ...
 
     def get(self, job_id: str) -> Job | None: ...
@@ -149,8 +158,8 @@ class JobStore(Protocol):
         """Unfinished jobs of a style (to fail them when the style is not configured here)."""
         ...
 
-    def usage(self) -> int:
-        """Bytes used or reserved by every stored job."""
+    def usage(self, account: str | None = None) -> int:
+        """Bytes used or reserved by every stored job, or by the jobs of one ``account``."""
         ...
 
     def waiting(self) -> int:
@@ -172,31 +181,54 @@ class JobStore(Protocol):
     def close(self) -> None: ...
 
 
-def quota_message(needed: int, used: int, quota: int) -> str:
-    """What a :class:`~jobs.errors.StorageQuotaError` says: what the job needs, what is free."""
+def quota_message(needed: int, used: int, quota: int, *, own: bool = False) -> str:
+    """What a :class:`~jobs.errors.StorageQuotaError` says: what the job needs, what is free, of the
+    whole job storage or (``own``) of the client's share of it."""
     mib = 1024 * 1024
+    free = f"{max(0, quota - used) / mib:.1f} MiB"
+    if own:
+        return (
+            f"the job needs {needed / mib:.1f} MiB (its photos and room for their results) but your "
+            f"jobs already hold {used / mib:.1f} MiB of your {quota / mib:.1f} MiB share of the job "
+            f"storage ({free} free); wait for your older jobs to expire, delete finished ones, or ask "
+            "for a larger share (TOONSERVE_CLIENT_JOB_STORAGE_BYTES, or job_storage_bytes= for your key)"
+        )
     return (
         f"the job needs {needed / mib:.1f} MiB (its photos and room for their results) but only "
-        f"{max(0, quota - used) / mib:.1f} MiB of the {quota / mib:.0f} MiB job storage is free; "
+        f"{free} of the {quota / mib:.0f} MiB job storage is free; "
         "wait for older jobs to expire, delete finished ones, or raise TOONSERVE_MAX_JOB_STORAGE_BYTES"
     )
 
 
+def check_room(
+    needed: int, used: int, quota: int, account_used: int = 0, account_quota: int | None = None
+) -> None:
+    """StorageQuotaError unless ``needed`` more bytes fit in the account's share and in the whole."""
+    if account_quota is not None and account_used + needed > account_quota:
+        raise StorageQuotaError(quota_message(needed, account_used, account_quota, own=True))
+    if used + needed > quota:
+        raise StorageQuotaError(quota_message(needed, used, quota))
+
+
 def existing_or_needed(
-    store: JobStore, uploads: list[Upload], idempotency_key: str | None, quota_bytes: int
+    store: JobStore,
+    uploads: list[Upload],
+    idempotency_key: str | None,
+    quota_bytes: int,
+    account: str = "",
+    account_quota_bytes: int | None = None,
 ) -> tuple[Job | None, int]:
     """What both stores decide before they write a job: the job an idempotency key already made
     (then nothing else is done), or the bytes the new one needs, refused at once
-    (:class:`~jobs.errors.StorageQuotaError`) if the storage has no room for them. Each store decides
-    the room again atomically when it records the job."""
+    (:class:`~jobs.errors.StorageQuotaError`) if the storage, or the account's share of it, has no
+    room for them. Each store decides the room again atomically when it records the job."""
     if idempotency_key is not None:
         existing = store.by_idempotency_key(idempotency_key)
         if existing is not None:
             return existing, 0
     needed = sum(u.size + u.estimate for u in uploads if u.error is None)
-    used = store.usage()
-    if used + needed > quota_bytes:
-        raise StorageQuotaError(quota_message(needed, used, quota_bytes))
+    quota = account_quota_bytes if account else None
+    check_room(needed, store.usage(), quota_bytes, store.usage(account) if quota is not None else 0, quota)
     return None, needed
 
 

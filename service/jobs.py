@@ -5,7 +5,7 @@ from __future__ import annotations
 from api.errors import code_for
 from api.metrics import Metrics
 from api.state import JobsState
-from jobs.events import EventHub
+from jobs.events import EventHub, StreamSlots
 from jobs.redis import RedisJobStore
 from jobs.runner import JobRunner
 from jobs.sqlite import SQLiteJobStore
@@ -27,7 +27,7 @@ def build_job_store(settings: Settings) -> JobStore:
 def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics) -> JobsState:
     """Store, webhook sender and runner, wired to the engine's flow and the app's metrics."""
     store = build_job_store(settings)
-    hub = EventHub()
+    hub = EventHub(store)  # one reader per followed job, for all its events streams
     webhooks = WebhookSender(
         settings.webhook_secret,
         allow_private=settings.webhook_allow_private,
@@ -55,8 +55,11 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         runner=runner,
         hub=hub,
         max_files=settings.max_job_files,
+        max_photo_bytes=settings.max_upload_bytes,
         quota_bytes=settings.max_job_storage_bytes,
+        client_quota_bytes=settings.client_storage,
         ttl_s=settings.job_ttl_s,
         webhook_secret=bool(settings.webhook_secret),
         webhook_allow_private=settings.webhook_allow_private,
+        streams=StreamSlots(per_client=settings.client_event_streams, total=settings.max_event_streams),
     )

@@ -121,7 +121,12 @@ class Settings(BaseSettings):
     )
 
     # Limits.
-    max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="Largest request body (bytes).")
+    max_upload_bytes: int = Field(
+        DEFAULT_MAX_BYTES,
+        ge=1024,
+        description="Largest request body (bytes), and largest photo in a job (a larger one fails on "
+        "arrival).",
+    )
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=10_000, description="Largest decoded image (width × height)."
     )
@@ -210,6 +215,12 @@ class Settings(BaseSettings):
         ge=1024 * 1024,
         description="Job storage quota: photos plus (reserved, then actual) results of every stored job.",
     )
+    client_job_storage_bytes: int | None = Field(
+        None,
+        ge=1024 * 1024,
+        description="The share of the job storage one client's jobs may hold (each key's client; "
+        "without keys, each address); beyond it: 507. Unset: half of max_job_storage_bytes.",
+    )
     job_ttl_s: float = Field(86_400.0, gt=0, description="Seconds an ended job and its results are kept.")
     job_concurrency: int | None = Field(
         None, ge=1, le=256, description="Job items in flight at once; unset: the worker's batch size + 1."
@@ -261,7 +272,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None,
         description="A file of named API keys, one name=key a line, optionally followed by that "
-        "client's queue_size=N and images_per_minute=N (e.g. a mounted Kubernetes Secret).",
+        "client's queue_size=N, images_per_minute=N, event_streams=N and job_storage_bytes=N (e.g. a "
+        "mounted Kubernetes Secret).",
     )
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -276,6 +288,18 @@ class Settings(BaseSettings):
     )
     client_images_per_minute: int = Field(
         0, ge=0, description="Images one client may send a minute (0: no limit); beyond it: 429."
+    )
+    client_event_streams: int = Field(
+        16,
+        ge=1,
+        description="Job events streams (GET /jobs/{id}/events) one client may have open at once; "
+        "beyond it: 429.",
+    )
+    max_event_streams: int = Field(
+        1000,
+        ge=1,
+        description="Job events streams this process holds open at once, all clients together; beyond "
+        "it: 503.",
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -352,6 +376,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _client_share_fits(self) -> Settings:
+        if (
+            self.client_job_storage_bytes is not None
+            and self.client_job_storage_bytes > self.max_job_storage_bytes
+        ):
+            raise ValueError(
+                f"client_job_storage_bytes ({self.client_job_storage_bytes}) must not exceed "
+                f"max_job_storage_bytes ({self.max_job_storage_bytes})"
+            )
         if self.client_queue_size is not None and self.client_queue_size > self.queue_size:
             raise ValueError(
                 f"client_queue_size ({self.client_queue_size}) must not exceed queue_size "
@@ -371,6 +403,11 @@ class Settings(BaseSettings):
     def client_share(self) -> int:
         """Images one client may have waiting (``client_queue_size``, or half the queue)."""
         return self.client_queue_size or default_client_queue_size(self.queue_size)
+
+    @property
+    def client_storage(self) -> int:
+        """Bytes of job storage one client's jobs may hold (``client_job_storage_bytes``, or half)."""
+        return self.client_job_storage_bytes or self.max_job_storage_bytes // 2
 
     @property
     def jobs_dir(self) -> Path:

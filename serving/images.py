@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,6 +58,8 @@ DEFAULT_MAX_PIXELS: Final = 40_000_000
 DEFAULT_MAX_BYTES: Final = 20 * 1024 * 1024
 #: TIFF pages are counted up to this many (see :func:`_count_frames`); only the first is decoded.
 MAX_COUNTED_PAGES: Final = 100
+#: Bytes of a file on disk read to tell its format (signatures, WebP's first chunk, an SVG's start).
+_HEAD_BYTES: Final = 4096
 
 
 # Our format names ↔ Pillow's. Pillow opens a JPEG with an MPO (multi-picture) index, as phones write
@@ -367,16 +369,21 @@ def _info(fmt: InputFormat, im: Image.Image, orientation: int) -> ImageInfo:
     return ImageInfo(fmt, width, height, im.mode, converts_colours(im))
 
 
-def probe(data: bytes, *, max_pixels: int) -> ImageInfo:
+def probe(data: bytes | BinaryIO, *, max_pixels: int) -> ImageInfo:
     """Check an upload without decoding its pixels: an allowed format (decided by content), a
     readable header, a declared size within ``max_pixels``. Raises the errors :func:`decode` raises
     for those; damage in the pixel data is only found by :func:`decode`. The size is upright (the
-    EXIF orientation applied), as :func:`decode` will return it."""
+    EXIF orientation applied), as :func:`decode` will return it.
+
+    ``data`` may be a seekable binary file, read from its start: then only the header is read (a
+    photo on disk is never loaded whole to be checked), and the file is left at its start."""
     fmt, im = _open_checked(data, max_pixels)
     try:
         return _info(fmt, im, _orientation(im))
     finally:
         im.close()
+        if not isinstance(data, bytes):
+            data.seek(0)
 
 
 @dataclass(frozen=True)
@@ -457,18 +464,49 @@ def _webp_declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _open_checked(data: bytes, max_pixels: int) -> tuple[InputFormat, Image.Image]:
+class _Borrowed:
+    """A caller's file lent to Pillow: read and seek go through, close does not (Pillow closes the
+    file of an image it closes, and the caller still needs it)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def close(self) -> None:
+        pass
+
+
+def _head(source: bytes | BinaryIO) -> bytes:
+    """The first bytes of an upload (all of it when it is bytes), the file left at its start."""
+    if isinstance(source, bytes):
+        return source
+    source.seek(0)
+    head = source.read(_HEAD_BYTES)
+    source.seek(0)
+    return head
+
+
+def _open_checked(source: bytes | BinaryIO, max_pixels: int) -> tuple[InputFormat, Image.Image]:
     """The upload's format (by content) and its image opened on the header only, its declared size
     checked against ``max_pixels`` before any pixel is decoded; the caller closes it."""
-    if not data:
+    head = _head(source)
+    if not head:
         raise CorruptImageError("the file is empty")
-    fmt = _sniff(data)
+    fmt = _sniff(head)
     if fmt == "webp":
         # libwebp allocates its canvas when Pillow opens the file: check the declared size first.
-        declared = _webp_declared_size(data)
+        declared = _webp_declared_size(head)
         if declared is not None:
             _check_pixels(*declared, max_pixels)
-    im = _open(data, fmt, max_pixels)
+    im = _open(source, fmt, max_pixels)
     try:
         _check_pixels(im.width, im.height, max_pixels)
     except BaseException:
@@ -477,15 +515,16 @@ def _open_checked(data: bytes, max_pixels: int) -> tuple[InputFormat, Image.Imag
     return fmt, im
 
 
-def _open(data: bytes, fmt: InputFormat, max_pixels: int) -> Image.Image:
+def _open(source: bytes | BinaryIO, fmt: InputFormat, max_pixels: int) -> Image.Image:
     """Image.open restricted to the sniffed format: reads the header only (size, mode, metadata)."""
+    stream: Any = io.BytesIO(source) if isinstance(source, bytes) else _Borrowed(source)
     name = _DISPLAY_NAMES[fmt]
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             # Over Image.MAX_IMAGE_PIXELS Pillow only warns; refuse instead (the image is over our limit
             # too unless max_pixels was set above Pillow's).
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=[_PILLOW_NAMES[fmt]])
+            return Image.open(stream, formats=[_PILLOW_NAMES[fmt]])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow checked the declared size before we could; its threshold is all we know of the size.
         over = Image.MAX_IMAGE_PIXELS or 0

@@ -16,11 +16,14 @@ local function jqueue(id)
   return redis.call('HGET', jkey(id), 'style')
 end
 
--- The job's usage (photos until their item ends, reserved estimates, results) and the total.
+-- The job's usage (photos until their item ends, reserved estimates, results), its account's (the
+-- client whose share it counts against; none for jobs stored before accounts) and the total.
 local function account(id, delta)
   if delta ~= 0 then
     redis.call('INCRBY', P .. 'usage', delta)
     redis.call('HINCRBY', jkey(id), 'bytes', delta)
+    local owner = redis.call('HGET', jkey(id), 'account')
+    if owner and owner ~= '' then redis.call('INCRBY', P .. 'usage:' .. owner, delta) end
   end
 end
 

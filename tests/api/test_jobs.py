@@ -23,7 +23,7 @@ from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.settings import Settings
-from tests.api.conftest import jpeg_bytes, service_state, wait_ready
+from tests.api.conftest import jpeg_bytes, png_bytes, service_state, wait_ready
 
 
 def _settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:
@@ -147,6 +147,7 @@ def _read_events(client: TestClient, job_id: str) -> list[tuple[str, dict[str, A
     return out
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_item_between_stages(
     jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,22 +186,27 @@ def test_too_many_files(jobs_client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "jobs_client", [{"max_job_storage_bytes": 1_500_000, "max_job_bytes": 400_000}], indirect=True
+    "jobs_client",
+    [{"max_job_storage_bytes": 1_048_576, "client_job_storage_bytes": 1_048_576, "max_job_bytes": 700_000}],
+    indirect=True,
 )
 def test_upload_limit_and_quota_refuse_before_writing(jobs_client: TestClient) -> None:
     store = service_state(jobs_client).jobs.store
-    big = [("images", ("big.png", b"\x89PNG" + b"\x00" * 500_000))]
+    big = [("images", ("big.png", b"\x89PNG" + b"\x00" * 800_000))]
     r = jobs_client.post("/jobs", files=big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
-    # 512×512 results are reserved at 512·512·3 bytes each: two fit in 1.5 MB, three do not.
-    files = [("images", (f"{i}.jpg", jpeg_bytes(photos.astronaut()))) for i in range(3)]
+    # Noise does not compress: each 250×250 photo (~188 KB) reserves its result's full size
+    # (250·250·3 bytes + 64 KiB): two fit in 1 MiB, three do not.
+    noise = np.random.default_rng(1).integers(0, 256, (250, 250, 3), dtype=np.uint8)
+    files = [("images", (f"{i}.png", png_bytes(noise))) for i in range(3)]
     r = jobs_client.post("/jobs", files=files)
     assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_storage"
     assert "MiB" in r.json()["error"]["message"]
     assert list((Path(store.data_dir) / "jobs").iterdir()) == []
-    assert jobs_client.post("/jobs", files=files[:1]).status_code == 202
+    assert jobs_client.post("/jobs", files=files[:2]).status_code == 202
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs_client", [{"job_ttl_s": 0.5}], indirect=True)
 def test_ended_jobs_expire_with_their_files(jobs_client: TestClient) -> None:
     job = jobs_client.post("/jobs", files=[("images", ("a.jpg", _small(photos.astronaut())))]).json()
@@ -332,6 +338,43 @@ def test_a_job_belongs_to_its_client(jobs_client: TestClient) -> None:
     empty = jobs_client.post("/jobs", files=files, headers={**alice, "Idempotency-Key": ""})
     assert empty.status_code == 422 and "Idempotency-Key" in empty.json()["error"]["message"]
     assert jobs_client.delete(f"/jobs/{job_id}", headers=alice).status_code == 204
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "jobs_client",
+    [{"api_keys": "alice=a-key,bob=b-key", "max_job_storage_bytes": 16 * 1024 * 1024}],
+    indirect=True,
+)
+def test_tiny_large_photos_reserve_little_and_one_client_cannot_fill_anothers_share(
+    jobs_client: TestClient,
+) -> None:
+    """A solid-colour 9 MP lossless WebP is 100-odd bytes; its header alone would reserve its
+    result's 27 MB uncompressed. Reserved from what it decodes to, it takes under 1 MB; and a client
+    that fills its own share (half of the storage by default) leaves the other client's alone."""
+    alice, bob = {"X-API-Key": "a-key"}, {"X-API-Key": "b-key"}
+    state = service_state(jobs_client)
+    store = state.jobs.store
+    flat = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (200, 120, 90)).save(flat, "WEBP", lossless=True)
+    assert len(flat.getvalue()) < 2000
+    bombs = [("images", (f"{i}.webp", flat.getvalue())) for i in range(3)]
+    r = jobs_client.post("/jobs", files=bombs, headers=alice)
+    assert r.status_code == 202, r.text
+    assert store.usage("alice") < 3 * 1024 * 1024  # 3 × 27 MB by the header
+    jobs_client.delete(f"/jobs/{r.json()['id']}", headers=alice)  # no need to run them
+
+    noise = np.random.default_rng(2).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    three = [("images", (f"{i}.png", png_bytes(noise))) for i in range(3)]
+    mine = jobs_client.post("/jobs", files=three, headers=alice)
+    assert mine.status_code == 202, mine.text  # ~6.7 MB of alice's 8 MiB
+    more = jobs_client.post("/jobs", files=three[:1], headers=alice)
+    assert more.status_code == 507 and more.json()["error"]["code"] == "insufficient_storage"
+    assert "your jobs already hold" in more.json()["error"]["message"]
+    theirs = jobs_client.post("/jobs", files=three[:2], headers=bob)
+    assert theirs.status_code == 202, theirs.text
+    for job_id, who in ((mine.json()["id"], alice), (theirs.json()["id"], bob)):
+        jobs_client.delete(f"/jobs/{job_id}", headers=who)
 
 
 def _wait_job_as(client: TestClient, job_id: str, headers: dict[str, str]) -> None:

@@ -219,6 +219,60 @@ def test_quota_refuses_before_writing(store: Store) -> None:
         )
 
 
+def test_each_account_has_its_own_share(store: Store) -> None:
+    def create(job_id: str, account: str, size: int) -> Job:
+        job, _ = store.create(
+            job_id,
+            OPTIONS,
+            _uploads(size),
+            webhook=None,
+            idempotency_key=None,
+            ttl_s=TTL,
+            quota_bytes=10_000,
+            client=account,
+            account=account,
+            account_quota_bytes=4000,
+        )
+        return job
+
+    create("a" * 32, "alice", 2000)  # 2000 + 1000 reserved
+    with pytest.raises(StorageQuotaError, match=r"your jobs already hold .* of your .* share"):
+        create("b" * 32, "alice", 500)
+    assert store.usage("alice") == 3000 and store.get("b" * 32) is None
+    # Another client's share is untouched by alice's.
+    create("c" * 32, "bob", 2000)
+    assert store.usage("bob") == 3000 and store.usage() == 6000
+    # The total still holds over the shares.
+    create("d" * 32, "carol", 2000)
+    with pytest.raises(StorageQuotaError, match="job storage is free"):
+        create("e" * 32, "dave", 100)
+    # What an account's job releases is its own again: the result counts at its real size.
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None and claim.job_id == "a" * 32
+    store.finish(claim, "ok", result=b"r" * 300, ttl_s=TTL)
+    assert store.usage("alice") == 300
+    create("f" * 32, "alice", 2000)
+    assert store.delete("a" * 32) and store.usage("alice") == 3000 and store.usage("bob") == 3000
+
+
+def test_a_result_that_cannot_be_written_fails_its_item_and_the_job_settles(store: Store) -> None:
+    _create(store, "7" * 32, 10, 10)
+    first = store.claim({"anime"}, "me")
+    assert first is not None
+    # A failing disk: where the results go is not a directory.
+    (store.files.job_dir("7" * 32) / "out").write_bytes(b"")
+    job = store.finish(first, "ok", result=b"cartoon", ttl_s=TTL)
+    assert job is not None and job.items[0].status == "error"
+    assert job.items[0].error is not None and job.items[0].error["code"] == "internal_error"
+    assert "could not be written" in job.items[0].error["message"]
+    assert str(store.files.data_dir) not in job.items[0].error["message"]  # no server paths
+    second = store.claim({"anime"}, "me")
+    assert second is not None
+    job = store.finish(second, "ok", result=b"cartoon", ttl_s=TTL)
+    assert job is not None and job.status == "succeeded" and job.settled and job.failed == 2
+    assert store.usage() == 0
+
+
 def test_cancel_fail_expire_delete(store: Store) -> None:
     _create(store, "4" * 32, 10, 10, 10)
     running = store.claim({"anime"}, "me")
@@ -295,9 +349,15 @@ def test_sqlite_recover_requeues_running_items_and_removes_orphans(tmp_path: Pat
     (store.files.staging_dir / ("3" * 32)).mkdir()
     store.close()
 
+    # A result write killed between its write and its rename.
+    stray = store.files.job_dir("1" * 32) / "out" / ".0000.png.0123abcd.tmp"
+    stray.parent.mkdir()
+    stray.write_bytes(b"x" * 5000)
+
     again = SQLiteJobStore(tmp_path / "data")
     assert again.recover() == 1
     assert not orphan.exists() and list(again.files.staging_dir.iterdir()) == []
+    assert not stray.exists() and again.usage() == 20 + 2000
     job = again.get("1" * 32)
     assert job is not None and [i.status for i in job.items] == ["queued", "queued"]
     assert again.claim({"anime"}, "me").index == 0  # type: ignore[union-attr]
@@ -318,6 +378,12 @@ def test_redis_recover_leaves_other_runners_items_and_fresh_directories(
     stale_orphan = other.files.jobs_dir / ("3" * 32)  # left by a replica that died while accepting
     (stale_orphan / "in").mkdir(parents=True)
     (other.files.staging_dir / ("4" * 32)).mkdir()  # the other replica's upload in progress
+    # Result writes killed between write and rename: one long ago, one maybe still in progress.
+    out = other.files.job_dir("1" * 32) / "out"
+    out.mkdir()
+    (stale_tmp := out / ".0000.png.dead.tmp").write_bytes(b"x" * 700)
+    os.utime(stale_tmp, (old, old))
+    (fresh_tmp := out / ".0001.png.live.tmp").write_bytes(b"x" * 300)
     dead_staging = other.files.staging_root / "dead-replica" / ("5" * 32)
     dead_staging.mkdir(parents=True)
     for path in (stale_orphan / "in", stale_orphan, dead_staging, dead_staging.parent):
@@ -329,6 +395,11 @@ def test_redis_recover_leaves_other_runners_items_and_fresh_directories(
     assert list(store.files.staging_dir.iterdir()) == []
     assert (other.files.staging_dir / ("4" * 32)).is_dir() and not dead_staging.parent.exists()
     assert fresh_orphan.is_dir() and not stale_orphan.exists()
+    # The stale one is gone; the fresh one counts until it is renamed or removed.
+    assert not stale_tmp.exists() and fresh_tmp.exists()
+    assert store.usage() == 20 + 2000 + 300
+    fresh_tmp.unlink()
+    assert store.usage() == 20 + 2000
     job = store.get("1" * 32)
     assert job is not None and [i.status for i in job.items] == ["running", "queued"]
     assert other.renew(held)  # still the other runner's
