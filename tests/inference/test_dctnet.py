@@ -91,6 +91,7 @@ def test_output_range_and_dtype(runner: GeneratorRunner) -> None:
     assert int(out.max()) <= 254
 
 
+@pytest.mark.slow
 def test_batch_equals_single_calls(runner: GeneratorRunner) -> None:
     crops = [photo_bgr(288, 288, s) for s in ("hopper", "astronaut")]
     crops += [c[:, ::-1].copy() for c in crops]

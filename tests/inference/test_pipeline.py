@@ -121,6 +121,7 @@ def test_tiny_face_is_skipped_not_silently_dropped(cartoonizer: Cartoonizer) -> 
     assert result.no_face == "background"
 
 
+@pytest.mark.slow
 def test_head_region_comes_from_the_head_network(cartoonizer: Cartoonizer) -> None:
     rgb = photos.astronaut()
     with_head = cartoonizer.run(rgb)
@@ -176,6 +177,7 @@ def test_strength(cartoonizer: Cartoonizer) -> None:
     assert np.abs(half.image.astype(np.float32) - expected).max() <= 1.0
 
 
+@pytest.mark.slow
 def test_grey_and_rgba_inputs(cartoonizer: Cartoonizer) -> None:
     grey = np.asarray(Image.fromarray(photos.astronaut()).convert("L"))
     out = cartoonizer.run(grey)
@@ -275,6 +277,7 @@ def test_run_many_drops_cancelled_images(cartoonizer: Cartoonizer) -> None:
     assert isinstance(outcomes[1], AbandonedError)
 
 
+@pytest.mark.slow
 def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:
     bg = _CountingRunner(cartoonizer.style.bg)
     c = Cartoonizer(replace(cartoonizer.style, bg=bg), cartoonizer.detector, bg_batch=1)  # type: ignore[arg-type]
@@ -310,6 +313,7 @@ def test_a_stage_failure_fails_that_image_alone(
         assert np.array_equal(outcome.image, alone.image)
 
 
+@pytest.mark.slow
 def test_a_batched_stage_failure_is_narrowed_to_its_image(cartoonizer: Cartoonizer) -> None:
     """The head network raises for a batch holding one poisoned crop: the call is retried image by
     image, so only the image it belongs to fails."""

@@ -145,6 +145,7 @@ def test_every_setting_is_in_the_readme_table() -> None:
     assert documented == {name.upper() for name in Settings.model_fields}
 
 
+@pytest.mark.slow
 def test_demo_weights_serve_marked_demo_everywhere(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
