@@ -52,6 +52,29 @@ def client(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactor
         yield c
 
 
+def jobs_settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:
+    """The settings of a service with jobs of its own: cache and data directory under ``tmp``."""
+    values: dict[str, object] = dict(data_dir=tmp / "data", dtype="auto", **overrides)
+    return make_settings(model_dir, tmp / "cache", **values)
+
+
+@pytest.fixture
+def jobs_client(
+    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    """A service of the test's own (its jobs in ``tmp_path``); parametrize it indirectly with a dict of
+    settings to change."""
+    overrides = getattr(request, "param", {})
+    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
+        wait_ready(client)
+        yield client
+
+
+def small_jpeg(rgb: np.ndarray, side: int = 256) -> bytes:
+    """``rgb`` as a ``side``×``side`` JPEG."""
+    return jpeg_bytes(np.asarray(Image.fromarray(rgb).resize((side, side))))
+
+
 def service_state(client: TestClient) -> ServiceState:
     state: ServiceState = client.app.state.toonserve  # type: ignore[attr-defined]
     return state

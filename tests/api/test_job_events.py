@@ -10,7 +10,6 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,7 @@ from jobs.sqlite import SQLiteJobStore
 from jobs.store import Claim, JobStore, Upload
 from service.app import create_app
 from serving.options import ResolvedOptions
-from tests.api.conftest import service_state, wait_ready
-from tests.api.test_jobs import _settings, _small
+from tests.api.conftest import jobs_settings, service_state, small_jpeg, wait_ready
 
 OPTIONS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 TTL = 3600.0
@@ -244,16 +242,6 @@ def test_stream_slots_per_client_and_in_all() -> None:
 # -- through the app -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def events_client(
-    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[TestClient]:
-    overrides = getattr(request, "param", {})
-    with TestClient(create_app(_settings(model_dir, tmp_path, **overrides))) as client:
-        wait_ready(client)
-        yield client
-
-
 def _events(r: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
     out = []
     event = ""
@@ -279,7 +267,7 @@ def _hold_jobs(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _submit(client: TestClient, count: int = 1) -> str:
-    files = [("images", (f"{i}.jpg", _small(photos.astronaut(), 128 + 16 * i))) for i in range(count)]
+    files = [("images", (f"{i}.jpg", small_jpeg(photos.astronaut(), 128 + 16 * i))) for i in range(count)]
     r = client.post("/jobs", files=files)
     assert r.status_code == 202, r.text
     job_id: str = r.json()["id"]
@@ -288,7 +276,7 @@ def _submit(client: TestClient, count: int = 1) -> str:
 
 @pytest.mark.slow
 def test_every_listener_gets_every_item_and_the_end(
-    events_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """12 listeners of a job as it runs: each gets `job` first, every item once (in its `job` or as
     an `item`), then `end`; the job is read for all of them together, not once per listener."""
@@ -301,18 +289,18 @@ def test_every_listener_gets_every_item_and_the_end(
         real_detect(self, job)
 
     monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
-    jobs = service_state(events_client).jobs
+    jobs = service_state(jobs_client).jobs
     counted = Counted(jobs.store)
     jobs.hub.store = counted  # type: ignore[assignment]
     runner = jobs.runner
     servable = runner._servable
     monkeypatch.setattr(runner, "_servable", lambda: set())  # held until every listener is in
-    job_id = _submit(events_client, 4)
+    job_id = _submit(jobs_client, 4)
     listeners = 12
     ready = threading.Barrier(listeners + 1)
     started = time.monotonic()
     with ThreadPoolExecutor(listeners) as pool:
-        futures = [pool.submit(_follow, events_client, job_id, ready) for _ in range(listeners)]
+        futures = [pool.submit(_follow, jobs_client, job_id, ready) for _ in range(listeners)]
         ready.wait(30)
         monkeypatch.setattr(runner, "_servable", servable)  # taken at the runner's next poll (1 s)
         results = [f.result(timeout=120) for f in futures]
@@ -331,7 +319,7 @@ def test_every_listener_gets_every_item_and_the_end(
 
 @pytest.mark.slow
 def test_a_late_listener_gets_the_state_first(
-    events_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from inference.pipeline import Cartoonizer
 
@@ -342,12 +330,12 @@ def test_a_late_listener_gets_the_state_first(
         real_detect(self, job)
 
     monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
-    job_id = _submit(events_client, 3)
+    job_id = _submit(jobs_client, 3)
     deadline = time.monotonic() + 60
-    while events_client.get(f"/jobs/{job_id}").json()["done"] < 1:
+    while jobs_client.get(f"/jobs/{job_id}").json()["done"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    events = _follow(events_client, job_id)
+    events = _follow(jobs_client, job_id)
     name, first = events[0]
     assert name == "job" and first["done"] >= 1 and first["id"] == job_id
     done_at_start = {i["index"] for i in first["items"] if i["status"] == "ok"}
@@ -356,47 +344,47 @@ def test_a_late_listener_gets_the_state_first(
     assert events[-1][0] == "end" and events[-1][1]["done"] == 3
 
 
-def test_an_idle_stream_sends_keep_alives(events_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_idle_stream_sends_keep_alives(jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     import api.jobs
 
     monkeypatch.setattr(api.jobs, "_HEARTBEAT_S", 0.2)
-    _hold_jobs(events_client, monkeypatch)
-    job_id = _submit(events_client)
-    with events_client.stream("GET", f"/jobs/{job_id}/events") as r:
+    _hold_jobs(jobs_client, monkeypatch)
+    job_id = _submit(jobs_client)
+    with jobs_client.stream("GET", f"/jobs/{job_id}/events") as r:
         lines = r.iter_lines()
         assert next(lines) == "event: job"
         seen = [next(lines) for _ in range(6)]
     assert seen.count(": keep-alive") >= 2, seen
 
 
-@pytest.mark.parametrize("events_client", [{"client_event_streams": 2}], indirect=True)
+@pytest.mark.parametrize("jobs_client", [{"client_event_streams": 2}], indirect=True)
 def test_a_client_holds_at_most_its_streams_until_it_disconnects(
-    events_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _hold_jobs(events_client, monkeypatch)
-    job_id = _submit(events_client)
+    _hold_jobs(jobs_client, monkeypatch)
+    job_id = _submit(jobs_client)
     url = f"/jobs/{job_id}/events"
-    streams = service_state(events_client).jobs.streams
+    streams = service_state(jobs_client).jobs.streams
     for _ in range(2):  # open two, refused a third, close them, and the same again
         with contextlib.ExitStack() as stack:
             for _ in range(2):
-                r = stack.enter_context(events_client.stream("GET", url))
+                r = stack.enter_context(jobs_client.stream("GET", url))
                 assert r.status_code == 200
             assert streams.open() == 2
-            refused = events_client.get(url)
+            refused = jobs_client.get(url)
             assert refused.status_code == 429, refused.text
             assert refused.json()["error"]["code"] == "too_many_requests"
             assert "2 events streams open" in refused.json()["error"]["message"]
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.headers["ratelimit-policy"] == '"streams";q=2'
             assert refused.headers["ratelimit"].startswith('"streams";r=0;t=')
-            assert events_client.get(f"/jobs/{job_id}").status_code == 200  # the job itself is not capped
+            assert jobs_client.get(f"/jobs/{job_id}").status_code == 200  # the job itself is not capped
         assert streams.open() == 0  # the clients went away: their slots are free
-    assert service_state(events_client).jobs.hub.watched == 0
+    assert service_state(jobs_client).jobs.hub.watched == 0
     # A refused or unknown job's stream takes no slot either.
-    assert events_client.get(f"/jobs/{'0' * 32}/events").status_code == 404
+    assert jobs_client.get(f"/jobs/{'0' * 32}/events").status_code == 404
     assert streams.open() == 0
-    metrics = events_client.get("/metrics").text
+    metrics = jobs_client.get("/metrics").text
     assert "toonserve_job_event_streams 0.0" in metrics
 
 
@@ -406,12 +394,12 @@ def test_a_keys_own_cap_and_other_clients(
     """Caps are per client: one at its key's own cap (``event_streams=1``) does not hold back another."""
     keys = tmp_path / "keys"
     keys.write_text("alice=alice-key event_streams=1\nbob=bob-key\n")
-    settings = _settings(model_dir, tmp_path, api_keys_file=keys, client_event_streams=2)
+    settings = jobs_settings(model_dir, tmp_path, api_keys_file=keys, client_event_streams=2)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         _hold_jobs(client, monkeypatch)
         alice, bob = {"X-API-Key": "alice-key"}, {"X-API-Key": "bob-key"}
-        files = [("images", ("a.jpg", _small(photos.astronaut())))]
+        files = [("images", ("a.jpg", small_jpeg(photos.astronaut())))]
         jobs = {
             who: client.post("/jobs", files=files, headers=h).json()["id"]
             for who, h in (("a", alice), ("b", bob))
@@ -435,39 +423,39 @@ def test_a_keys_own_cap_and_other_clients(
             assert client.get(f"/jobs/{jobs['b']}/events", headers=bob).status_code == 429
 
 
-@pytest.mark.parametrize("events_client", [{"max_event_streams": 3}], indirect=True)
-def test_the_total_cap(events_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    _hold_jobs(events_client, monkeypatch)
-    url = f"/jobs/{_submit(events_client)}/events"
+@pytest.mark.parametrize("jobs_client", [{"max_event_streams": 3}], indirect=True)
+def test_the_total_cap(jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    _hold_jobs(jobs_client, monkeypatch)
+    url = f"/jobs/{_submit(jobs_client)}/events"
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(events_client.stream("GET", url)) for _ in range(3)]
+        held = [stack.enter_context(jobs_client.stream("GET", url)) for _ in range(3)]
         assert [r.status_code for r in held] == [200] * 3
-        refused = events_client.get(url)
+        refused = jobs_client.get(url)
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"]["code"] == "event_streams_full"
         assert int(refused.headers["retry-after"]) >= 1
         held[0].close()
-        with events_client.stream("GET", url) as again:
+        with jobs_client.stream("GET", url) as again:
             assert again.status_code == 200
 
 
 @pytest.mark.slow
-def test_a_deleted_job_ends_its_streams(events_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_deleted_job_ends_its_streams(jobs_client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleted under its streams (by another replica, or expiry: not notified here): each one ends
     with ``end`` status deleted, found by the watcher's poll."""
-    _hold_jobs(events_client, monkeypatch)
-    job_id = _submit(events_client, 2)
-    store = service_state(events_client).jobs.store
+    _hold_jobs(jobs_client, monkeypatch)
+    job_id = _submit(jobs_client, 2)
+    store = service_state(jobs_client).jobs.store
     ready = threading.Barrier(4)
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(_follow, events_client, job_id, ready) for _ in range(3)]
+        futures = [pool.submit(_follow, jobs_client, job_id, ready) for _ in range(3)]
         ready.wait(30)
         assert store.delete(job_id)
         results = [f.result(timeout=30) for f in futures]
     for events in results:
         assert [name for name, _ in events] == ["job", "end"]
         assert events[-1][1] == {"id": job_id, "status": "deleted"}
-    assert service_state(events_client).jobs.streams.open() == 0
+    assert service_state(jobs_client).jobs.streams.open() == 0
 
 
 @pytest.mark.live
@@ -476,7 +464,7 @@ def test_redis_streams_follow_another_replicas_work(
 ) -> None:
     """With the shared store, a job run by another replica (a style this one does not serve) is
     followed by this replica's streams, from polls alone: one read per poll for all of them."""
-    settings = _settings(model_dir, tmp_path, jobs_backend="redis", redis_url=redis_server.url)
+    settings = jobs_settings(model_dir, tmp_path, jobs_backend="redis", redis_url=redis_server.url)
     other = RedisJobStore(tmp_path / "data", redis_server.url, lease_s=60.0, replica="other")
     job = _create(other, "f" * 32, 3, style="3d")  # not served here: only "other" runs it
     with TestClient(create_app(settings)) as client:

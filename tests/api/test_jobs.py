@@ -10,7 +10,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,36 +20,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from devkit import photos
-from devkit.reference_graphs import ReferenceModelDir
-from service.app import create_app
-from service.settings import Settings
-from tests.api.conftest import jpeg_bytes, png_bytes, service_state, wait_ready
-
-
-def _settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = dict(
-        model_dir=model_dir.path.parent,
-        cache_dir=tmp / "cache",
-        data_dir=tmp / "data",
-        allow_download=False,
-        device="cpu",
-        log_format="text",
-    )
-    return Settings(**{**values, **overrides})  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def jobs_client(
-    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[TestClient]:
-    overrides = getattr(request, "param", {})
-    with TestClient(create_app(_settings(model_dir, tmp_path, **overrides))) as client:
-        wait_ready(client)
-        yield client
-
-
-def _small(rgb: np.ndarray, side: int = 256) -> bytes:
-    return jpeg_bytes(np.asarray(Image.fromarray(rgb).resize((side, side))))
+from devkit.receiver import loopback_server
+from tests.api.conftest import png_bytes, service_state, small_jpeg
 
 
 def _wait_job(client: TestClient, job_id: str, until: str = "ended", timeout: float = 120) -> dict[str, Any]:
@@ -66,9 +38,9 @@ def _wait_job(client: TestClient, job_id: str, until: str = "ended", timeout: fl
 
 def test_life_cycle_with_a_bad_file(jobs_client: TestClient) -> None:
     files = [
-        ("images", ("astronaut.jpg", _small(photos.astronaut()))),
+        ("images", ("astronaut.jpg", small_jpeg(photos.astronaut()))),
         ("images", ("notes.txt", b"not a photo")),
-        ("images", ("coffee.jpg", _small(photos.coffee()))),
+        ("images", ("coffee.jpg", small_jpeg(photos.coffee()))),
     ]
     r = jobs_client.post("/jobs", files=files, data={"format": "jpeg", "strength": "0.8"})
     assert r.status_code == 202, r.text
@@ -114,7 +86,7 @@ def test_life_cycle_with_a_bad_file(jobs_client: TestClient) -> None:
 
 
 def test_idempotency_key(jobs_client: TestClient) -> None:
-    files = [("images", ("a.jpg", _small(photos.astronaut())))]
+    files = [("images", ("a.jpg", small_jpeg(photos.astronaut())))]
     first = jobs_client.post("/jobs", files=files, headers={"Idempotency-Key": "upload-42"})
     again = jobs_client.post("/jobs", files=files, headers={"Idempotency-Key": "upload-42"})
     assert (first.status_code, again.status_code) == (202, 200)
@@ -124,7 +96,7 @@ def test_idempotency_key(jobs_client: TestClient) -> None:
 
 
 def test_events_stream_then_a_late_listener(jobs_client: TestClient) -> None:
-    files = [("images", (f"{i}.jpg", _small(photos.astronaut(), 128 + 32 * i))) for i in range(3)]
+    files = [("images", (f"{i}.jpg", small_jpeg(photos.astronaut(), 128 + 32 * i))) for i in range(3)]
     job = jobs_client.post("/jobs", files=files).json()
     events = _read_events(jobs_client, job["id"])
     names = [e for e, _ in events]
@@ -162,7 +134,7 @@ def test_cancel_stops_a_running_item_between_stages(
         real_detect(self, job)
 
     monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
-    files = [("images", (f"{i}.jpg", _small(photos.grace_hopper()))) for i in range(5)]
+    files = [("images", (f"{i}.jpg", small_jpeg(photos.grace_hopper()))) for i in range(5)]
     job = jobs_client.post("/jobs", files=files).json()
     assert started.wait(30)
     r = jobs_client.delete(f"/jobs/{job['id']}")
@@ -209,7 +181,7 @@ def test_upload_limit_and_quota_refuse_before_writing(jobs_client: TestClient) -
 @pytest.mark.slow
 @pytest.mark.parametrize("jobs_client", [{"job_ttl_s": 0.5}], indirect=True)
 def test_ended_jobs_expire_with_their_files(jobs_client: TestClient) -> None:
-    job = jobs_client.post("/jobs", files=[("images", ("a.jpg", _small(photos.astronaut())))]).json()
+    job = jobs_client.post("/jobs", files=[("images", ("a.jpg", small_jpeg(photos.astronaut())))]).json()
     _wait_job(jobs_client, job["id"])
     store = service_state(jobs_client).jobs.store
     deadline = time.monotonic() + 10
@@ -237,13 +209,8 @@ class _Receiver(BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[str]:
     _Receiver.calls = []
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with loopback_server(_Receiver) as url:
+        yield url
 
 
 @pytest.mark.slow
@@ -251,7 +218,7 @@ def receiver() -> Iterator[str]:
     "jobs_client", [{"webhook_secret": "whsec", "webhook_allow_private": True}], indirect=True
 )
 def test_webhook_is_signed_and_retried(jobs_client: TestClient, receiver: str) -> None:
-    files = [("images", ("a.jpg", _small(photos.astronaut())))]
+    files = [("images", ("a.jpg", small_jpeg(photos.astronaut())))]
     job = jobs_client.post("/jobs", files=files, data={"webhook": receiver}).json()
     _wait_job(jobs_client, job["id"])
     deadline = time.monotonic() + 20
@@ -309,7 +276,7 @@ def test_jobs_need_the_api_key(jobs_client: TestClient) -> None:
 def test_a_job_belongs_to_its_client(jobs_client: TestClient) -> None:
     """Another client's key gets the same 404 as for a job that does not exist, on every route."""
     alice, bob = {"X-API-Key": "a-key"}, {"X-API-Key": "b-key"}
-    files = [("images", ("a.jpg", _small(photos.astronaut(), 64)))]
+    files = [("images", ("a.jpg", small_jpeg(photos.astronaut(), 64)))]
     created = jobs_client.post("/jobs", files=files, headers={**alice, "Idempotency-Key": "k1"})
     assert created.status_code == 202
     job_id = created.json()["id"]
@@ -385,7 +352,7 @@ def _wait_job_as(client: TestClient, job_id: str, headers: dict[str, str]) -> No
 
 
 def test_metrics_count_jobs_and_items(jobs_client: TestClient) -> None:
-    files = [("images", ("a.jpg", _small(photos.astronaut()))), ("images", ("b.txt", b"nope"))]
+    files = [("images", ("a.jpg", small_jpeg(photos.astronaut()))), ("images", ("b.txt", b"nope"))]
     job = jobs_client.post("/jobs", files=files).json()
     _wait_job(jobs_client, job["id"])
     text = jobs_client.get("/metrics").text

@@ -20,7 +20,7 @@ from devkit.reference_graphs import ReferenceModelDir
 from jobs.redis import RedisJobStore
 from service.app import create_app
 from tests.api import test_jobs as cases
-from tests.api.conftest import service_state, wait_ready
+from tests.api.conftest import jobs_settings, service_state, small_jpeg, wait_ready
 
 pytestmark = pytest.mark.live
 
@@ -30,7 +30,7 @@ def jobs_client(
     model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> Iterator[TestClient]:
     overrides = {**getattr(request, "param", {}), "jobs_backend": "redis", "redis_url": redis_server.url}
-    with TestClient(create_app(cases._settings(model_dir, tmp_path, **overrides))) as client:
+    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
         wait_ready(client)
         assert isinstance(service_state(client).jobs.store, RedisJobStore)
         yield client
@@ -50,7 +50,7 @@ test_metrics_count_jobs_and_items = cases.test_metrics_count_jobs_and_items
 
 
 def _files(n: int = 1) -> list[tuple[str, tuple[str, bytes]]]:
-    return [("images", (f"{i}.jpg", cases._small(photos.astronaut(), 160 + 16 * i))) for i in range(n)]
+    return [("images", (f"{i}.jpg", small_jpeg(photos.astronaut(), 160 + 16 * i))) for i in range(n)]
 
 
 def test_redis_away_then_back(
@@ -65,7 +65,7 @@ def test_redis_away_then_back(
     assert "cannot be reached" in r.json()["error"]["message"]
     assert jobs_client.get("/jobs/" + "0" * 32).status_code == 503
     assert jobs_client.get("/jobs").status_code == 503
-    photo = cases._small(photos.grace_hopper())
+    photo = small_jpeg(photos.grace_hopper())
     assert jobs_client.post("/cartoonize", files={"image": ("p.jpg", photo)}).status_code == 200
     assert jobs_client.get("/metrics").status_code == 200
     deadline = time.monotonic() + 10
@@ -96,7 +96,7 @@ def test_a_stopping_replica_hands_its_items_back_at_once(
         real_detect(self, job)
 
     monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
-    settings = cases._settings(
+    settings = jobs_settings(
         model_dir, tmp_path, jobs_backend="redis", redis_url=redis_server.url, request_timeout_s=0.5
     )
     with TestClient(create_app(settings)) as client:

@@ -17,7 +17,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from devkit import photos
+from devkit.receiver import loopback_server
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
 
@@ -217,12 +218,8 @@ class _Hostile(BaseHTTPRequestHandler):
 @pytest.fixture
 def hostile() -> Iterator[str]:
     _Hostile.sent = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(_Hostile) as url:
+        yield url
 
 
 def test_a_webhook_reply_without_end_is_not_read(hooks: LiveService, hostile: str) -> None:
