@@ -227,7 +227,9 @@ async def submit_job(
         client=caller.name,
         # Without keys every caller is "anonymous": each address then has its own share.
         account=caller.client.key,
-        account_quota_bytes=caller.job_storage_bytes or jobs.client_quota_bytes,
+        account_quota_bytes=(
+            caller.job_storage_bytes if caller.job_storage_bytes is not None else jobs.client_quota_bytes
+        ),
     )
     if created:
         jobs.runner.wake()

@@ -21,7 +21,9 @@ from PIL import Image
 
 from devkit import photos
 from devkit.receiver import loopback_server
-from tests.api.conftest import png_bytes, service_state, small_jpeg
+from devkit.reference_graphs import ReferenceModelDir
+from service.app import create_app
+from tests.api.conftest import jobs_settings, png_bytes, service_state, small_jpeg, wait_ready
 
 
 def _wait_job(client: TestClient, job_id: str, until: str = "ended", timeout: float = 120) -> dict[str, Any]:
@@ -361,3 +363,25 @@ def test_metrics_count_jobs_and_items(jobs_client: TestClient) -> None:
     assert "toonserve_job_items_waiting 0.0" in text
     storage = next(line for line in text.splitlines() if line.startswith("toonserve_job_storage_bytes "))
     assert float(storage.split()[1]) > 0  # the result is kept
+
+
+def test_a_keys_own_storage_share(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    """``job_storage_bytes=N`` in the keys file: that client's share, whatever the service's; 0 means
+    no jobs at all for it (not the default)."""
+    keys = tmp_path / "keys"
+    keys.write_text("viewer=v-key job_storage_bytes=0\nbig=b-key job_storage_bytes=3000000\nsmall=s-key\n")
+    settings = jobs_settings(
+        model_dir,
+        tmp_path,
+        api_keys_file=keys,
+        max_job_storage_bytes=4_000_000,
+        client_job_storage_bytes=1_048_576,
+    )
+    noise = np.random.default_rng(4).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    files = [("images", ("n.png", png_bytes(noise)))]  # ~480 KB, and ~540 KB reserved for its result
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        refused = client.post("/jobs", files=files, headers={"X-API-Key": "v-key"})
+        assert refused.status_code == 507 and "of your 0.0 MiB share" in refused.json()["error"]["message"]
+        assert client.post("/jobs", files=files * 2, headers={"X-API-Key": "s-key"}).status_code == 507
+        assert client.post("/jobs", files=files * 2, headers={"X-API-Key": "b-key"}).status_code == 202
