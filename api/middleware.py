@@ -4,7 +4,6 @@ limit."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import re
 import time
@@ -19,13 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.clients import Caller, Clients
 from api.errors import error_response
 from api.metrics import Metrics
+from serving.log_context import client_var, request_id_var
 
 log = logging.getLogger("toonserve.access")
 
-#: The current request's id, for log records (see service/logging).
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-#: The current request's client name (its API key's name, or anonymous), for log records.
-client_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="-")
 
 #: Routes that stay open when an API key is configured: orchestrator probes and scrapers, the API
 #: documentation and the web page (a browser cannot add the key to a page load; neither the schema nor

@@ -42,6 +42,7 @@ from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
 from serving.engine import Engine
 from serving.flow import Flow
+from serving.log_context import task_context
 from serving.retry import backoff_s
 from serving.tickets import Client, Ticket
 
@@ -235,7 +236,11 @@ class JobRunner:
                 self._slots.release()
         if claim is None:
             return False
-        task = asyncio.create_task(self._run(claim), name=f"toonserve-job-{claim.job_id}-{claim.index}")
+        # Its log lines name the job item and its client, as a request's name the request.
+        context = task_context(f"job:{claim.job_id}:{claim.index}", claim.client)
+        task = asyncio.create_task(
+            self._run(claim), name=f"toonserve-job-{claim.job_id}-{claim.index}", context=context
+        )
         self._items[task] = claim
         task.add_done_callback(self._item_done)
         return True
@@ -389,4 +394,8 @@ class JobRunner:
             finally:
                 self._webhook_tasks.pop(job.id, None)
 
-        self._webhook_tasks[job.id] = asyncio.create_task(send(), name=f"toonserve-webhook-{job.id}")
+        self._webhook_tasks[job.id] = asyncio.create_task(
+            send(),
+            name=f"toonserve-webhook-{job.id}",
+            context=task_context(f"job:{job.id}:webhook", job.client),
+        )

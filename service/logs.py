@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, Final
 
-from api.middleware import client_var, request_id_var
+from serving.log_context import client_var, request_id_var
 
 _EXTRA_KEYS: Final = ("method", "path", "status", "duration_ms")
 #: Characters a log line never carries raw (a request path is decoded from %0A, %1B…): C0 and C1
