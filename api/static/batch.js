@@ -23,6 +23,9 @@ function overLimits(files, bytes) {
     return `${plural(files.length, "photo")} chosen; this service takes at most ${batchLimits.files} in one batch. Choose fewer, or send them as several batches.`;
   if (bytes > batchLimits.bytes)
     return `The chosen photos come to ${byteSize(bytes)}; this service takes at most ${byteSize(batchLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
+  const large = files.find((f) => f.size > batchLimits.photoBytes);
+  if (large)
+    return `${large.name} is ${byteSize(large.size)}; this service takes photos of at most ${byteSize(batchLimits.photoBytes)}. Leave it out, or make it smaller.`;
   return "";
 }
 

@@ -45,8 +45,8 @@ export function settingsForm() {
   return form;
 }
 
-// What one batch (a job) may hold, from the API's schema; unknown until it is read.
-export const batchLimits = { files: Infinity, bytes: Infinity };
+// What one batch (a job) may hold, and one photo in it, from the API's schema; unknown until it is read.
+export const batchLimits = { files: Infinity, bytes: Infinity, photoBytes: Infinity };
 
 // Bounds and choices come from the API's own schema, so the page never disagrees with the service.
 export async function loadBounds() {
@@ -55,6 +55,9 @@ export async function loadBounds() {
   const jobProps = spec.components.schemas[jobBody.schema.$ref.split("/").pop()].properties;
   batchLimits.files = jobProps.images.maxItems ?? Infinity;
   batchLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
+  // A photo in a job may be as large as the body /cartoonize takes, no larger.
+  const oneBody = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"];
+  batchLimits.photoBytes = oneBody["x-max-body-bytes"] ?? Infinity;
   $("photos-limit").textContent = Number.isFinite(batchLimits.files)
     ? ` At most ${plural(batchLimits.files, "photo")} and ${byteSize(batchLimits.bytes)} in one batch.`
     : "";

@@ -52,6 +52,8 @@ API_KEY = "page-test-key"
 #: A job takes at most this many photos, and this many bytes, on the test service.
 MAX_JOB_FILES = 12
 MAX_JOB_BYTES = 4_000_000
+#: The largest body /cartoonize takes there, and so the largest photo in a job.
+MAX_PHOTO_BYTES = 2_000_000
 #: Chromium must not talk to anything but the page's service: no updates, sync, field trials, QUIC.
 CHROMIUM_ARGS = [
     "--no-sandbox",  # root in a container
@@ -78,6 +80,7 @@ def _start_server(model_dir: ReferenceModelDir, tmp: Path, **extra: str) -> Live
         TOONSERVE_MIN_FACE_SIZE="16",
         TOONSERVE_MAX_JOB_FILES=str(MAX_JOB_FILES),
         TOONSERVE_MAX_JOB_BYTES=str(MAX_JOB_BYTES),
+        TOONSERVE_MAX_UPLOAD_BYTES=str(MAX_PHOTO_BYTES),
         **extra,
     )
     return LiveService(env, tmp / "server.log").start()
@@ -607,6 +610,17 @@ def test_too_many_photos_for_a_job_are_refused_before_sending(web: Session) -> N
     expect(page.locator("#batch-error")).to_have_text(
         f"The chosen photos come to {total / 1e6:.1f} MB; this service takes at most 4.0 MB in one batch. "
         "Choose fewer, or send them as several batches."
+    )
+    expect(page.get_by_role("button", name="Start batch")).to_be_disabled()
+    # One photo over the largest a job takes (the largest /cartoonize takes), the batch within its bytes.
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (900, 900, 3), dtype=np.uint8)).save(
+        big, "PNG", compress_level=0
+    )
+    page.get_by_label("Photos", exact=True).set_input_files([_file("big.png", big.getvalue(), "image/png")])
+    expect(page.locator("#batch-error")).to_have_text(
+        f"big.png is {len(big.getvalue()) / 1e6:.1f} MB; this service takes photos of at most "
+        f"{MAX_PHOTO_BYTES / 1e6:.1f} MB. Leave it out, or make it smaller."
     )
     expect(page.get_by_role("button", name="Start batch")).to_be_disabled()
     assert posts == []
