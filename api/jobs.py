@@ -40,6 +40,7 @@ from jobs.webhooks import MAX_URL_LENGTH, check_url
 from serving.encoding import MEDIA_TYPES
 from serving.flow import Flow
 from serving.images import ImageError, ImageTooLargeError, probe
+from serving.log_context import trace_var
 from serving.options import ResolvedOptions
 from serving.reservation import reserve
 
@@ -230,6 +231,8 @@ async def submit_job(
         account_quota_bytes=(
             caller.job_storage_bytes if caller.job_storage_bytes is not None else jobs.client_quota_bytes
         ),
+        # Its items and its webhook go on in this request's trace.
+        trace=trace_var.get(),
     )
     if created:
         jobs.runner.wake()

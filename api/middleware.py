@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.clients import Caller, Clients
 from api.errors import error_response
 from api.metrics import Metrics
-from serving.log_context import client_var, request_id_var
+from serving import tracing
+from serving.log_context import client_var, request_id_var, trace_var
 
 log = logging.getLogger("toonserve.access")
 
@@ -202,6 +203,10 @@ class RequestContextMiddleware:
         incoming = headers.get("x-request-id", "")
         rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
+        # The request's own span: below the caller's (W3C traceparent) when it sent one, else a new trace.
+        trace_token = trace_var.set(
+            tracing.for_request(headers.get("traceparent"), headers.get("tracestate"))
+        )
         caller = self.clients.caller(scope, headers)
         name = (caller or self.clients.anonymous()).name
         client_token = client_var.set(name)
@@ -257,4 +262,5 @@ class RequestContextMiddleware:
             fields = {"method": method, "path": path, "status": status, "duration_ms": ms, "client": name}
             log.info("%s %s %d %.1fms", method, path, status, ms, extra=fields)
             client_var.reset(client_token)
+            trace_var.reset(trace_token)
             request_id_var.reset(token)

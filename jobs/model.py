@@ -19,6 +19,7 @@ from typing import Any, Final, Literal, get_args
 
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
+from serving.tracing import TraceContext
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ItemStatus = Literal["queued", "running", "ok", "error", "cancelled"]
@@ -74,6 +75,8 @@ class Job:
     #: Who handed it in (an API key's name, or ``anonymous``): only that client sees it, and its
     #: items share the worker fairly with other clients' items.
     client: str = ANONYMOUS
+    #: The span of the ``POST /jobs`` that made it: its items and its webhook are spans of that trace.
+    trace: TraceContext | None = None
 
     @property
     def total(self) -> int:

@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from jobs.model import Item, Job
 from jobs.store import Upload
+from serving import tracing
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
 
@@ -81,4 +82,5 @@ def job_from(record: Mapping[str, Any], items: Iterable[Item]) -> Job:
         idempotency_key=record.get("idempotency_key") or None,
         error=record.get("error") or None,
         client=record.get("client") or ANONYMOUS,
+        trace=tracing.parse(record.get("traceparent"), record.get("tracestate")),
     )

@@ -49,8 +49,10 @@ from jobs.files import JobFiles
 from jobs.model import JOB_STATUSES, ItemStatus, Job, WebhookState
 from jobs.records import item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, existing_or_needed, quota_message
+from serving import tracing
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
+from serving.tracing import TraceContext
 
 #: Directories under ``jobs/`` with no record, and other replicas' staging directories, untouched for
 #: this long are left over from a process that died while accepting a job; accepting one takes
@@ -174,6 +176,7 @@ class RedisJobStore:
         client: str = ANONYMOUS,
         account: str = "",
         account_quota_bytes: int | None = None,
+        trace: TraceContext | None = None,
     ) -> tuple[Job, bool]:
         account_quota = account_quota_bytes if account else None
         existing, needed = existing_or_needed(
@@ -201,6 +204,8 @@ class RedisJobStore:
                 account,
                 "" if account_quota is None else account_quota,
                 self.files.stray_bytes,
+                trace.traceparent if trace else "",
+                trace.state if trace else "",
             )
         except JobStoreError:
             # Redis went away between the checks above and the record. If it ran the script but
@@ -269,7 +274,7 @@ class RedisJobStore:
             self.files.drop_input(dropped[k], int(dropped[k + 1]))
         if not got:
             return None
-        job_id, index, filename, options, entry, queue, client = got
+        job_id, index, filename, options, entry, queue, client, traceparent, tracestate = got
         return Claim(
             job_id,
             int(index),
@@ -280,6 +285,7 @@ class RedisJobStore:
             token=entry,
             client=client,
             queue=queue,
+            trace=tracing.parse(traceparent, tracestate),
         )
 
     def renew(self, claim: Claim) -> bool:

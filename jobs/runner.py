@@ -45,6 +45,7 @@ from serving.flow import Flow
 from serving.log_context import task_context
 from serving.retry import backoff_s
 from serving.tickets import Client, Ticket
+from serving.tracing import TraceContext, new_trace
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,12 @@ def _store_trouble(exc: BaseException, doing: str, retry_s: float | None = None)
         log.warning("jobs: %s failed: %s%s", doing, exc, then)
     else:
         log.error("jobs: %s failed unexpectedly%s", doing, then, exc_info=exc)
+
+
+def _child(trace: TraceContext | None) -> TraceContext:
+    """A span of a job's work: below the span of the request that made the job (a job stored before
+    traces: a trace of its own)."""
+    return trace.child() if trace is not None else new_trace()
 
 
 class JobRunner:
@@ -237,7 +244,7 @@ class JobRunner:
         if claim is None:
             return False
         # Its log lines name the job item and its client, as a request's name the request.
-        context = task_context(f"job:{claim.job_id}:{claim.index}", claim.client)
+        context = task_context(f"job:{claim.job_id}:{claim.index}", claim.client, _child(claim.trace))
         task = asyncio.create_task(
             self._run(claim), name=f"toonserve-job-{claim.job_id}-{claim.index}", context=context
         )
@@ -397,5 +404,5 @@ class JobRunner:
         self._webhook_tasks[job.id] = asyncio.create_task(
             send(),
             name=f"toonserve-webhook-{job.id}",
-            context=task_context(f"job:{job.id}:webhook", job.client),
+            context=task_context(f"job:{job.id}:webhook", job.client, _child(job.trace)),
         )

@@ -26,9 +26,11 @@ from jobs.files import JobFiles
 from jobs.model import TERMINAL, ItemStatus, Job, JobStatus, WebhookState
 from jobs.records import ITEM_FIELDS, item_from, job_from, new_item
 from jobs.store import Claim, Upload, accepted_streams, check_room, existing_or_needed
+from serving import tracing
 from serving.fair_queue import Turns
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
+from serving.tracing import TraceContext
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,7 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     error TEXT,
     client TEXT NOT NULL DEFAULT 'anonymous',
-    account TEXT NOT NULL DEFAULT ''
+    account TEXT NOT NULL DEFAULT '',
+    traceparent TEXT NOT NULL DEFAULT '',
+    tracestate TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -79,6 +83,8 @@ _JOB_COLUMNS: Final = (
     "idempotency_key",
     "error",
     "client",
+    "traceparent",
+    "tracestate",
 )
 _ITEM_COLUMNS: Final = tuple("timings" if f == "timings_ms" else f for f in ITEM_FIELDS)
 #: Columns added since the first schema: (table, column, definition).
@@ -86,6 +92,8 @@ _ADDED_COLUMNS: Final = (
     ("jobs", "client", "TEXT NOT NULL DEFAULT 'anonymous'"),
     # Jobs stored before accounts count in the total only.
     ("jobs", "account", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "traceparent", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "tracestate", "TEXT NOT NULL DEFAULT ''"),
 )
 
 #: What an item still holds on disk: its photo until it ends, then its result; plus the estimate
@@ -201,6 +209,7 @@ class SQLiteJobStore:
         client: str = ANONYMOUS,
         account: str = "",
         account_quota_bytes: int | None = None,
+        trace: TraceContext | None = None,
     ) -> tuple[Job, bool]:
         account_quota = account_quota_bytes if account else None
         existing, needed = existing_or_needed(
@@ -218,7 +227,8 @@ class SQLiteJobStore:
                 check_room(needed, used, quota_bytes, mine, account_quota)
                 db.execute(
                     "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "
-                    "idempotency_key, client, account) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "idempotency_key, client, account, traceparent, tracestate) "
+                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         options.model_dump_json(),
@@ -229,6 +239,8 @@ class SQLiteJobStore:
                         idempotency_key,
                         client,
                         account,
+                        trace.traceparent if trace else "",
+                        trace.state if trace else "",
                     ),
                 )
                 db.executemany(
@@ -285,7 +297,8 @@ class SQLiteJobStore:
             order = sorted(waiting, key=lambda row: (self._turns.start(row[0]), row[1]))
             for client, _ in order:
                 row = db.execute(
-                    "SELECT j.id, j.options, i.idx, i.filename FROM items i JOIN jobs j ON j.id = i.job_id "
+                    "SELECT j.id, j.options, i.idx, i.filename, j.traceparent, j.tracestate "
+                    "FROM items i JOIN jobs j ON j.id = i.job_id "
                     "WHERE j.client = ? AND i.status = 'queued' AND j.status IN ('queued', 'running') "
                     f"AND json_extract(j.options, '$.style') IN ({marks}) "
                     "ORDER BY j.created_at, i.idx LIMIT 1",
@@ -293,7 +306,7 @@ class SQLiteJobStore:
                 ).fetchone()
                 if row is None:
                     continue
-                job_id, options_json, index, filename = row
+                job_id, options_json, index, filename, traceparent, tracestate = row
                 db.execute(
                     "UPDATE items SET status = 'running' WHERE job_id = ? AND idx = ?", (job_id, index)
                 )
@@ -304,7 +317,8 @@ class SQLiteJobStore:
                 self._turns.served(self._turns.book(client, 1.0), {c for c, _ in waiting})
                 options = ResolvedOptions.load(json.loads(options_json))
                 path = self.files.input_path(job_id, index)
-                return Claim(job_id, index, filename, options, path, owner, client=client)
+                trace = tracing.parse(traceparent, tracestate)
+                return Claim(job_id, index, filename, options, path, owner, client=client, trace=trace)
         return None
 
     def renew(self, claim: Claim) -> bool:

@@ -34,6 +34,7 @@ from jobs.errors import StorageQuotaError
 from jobs.model import ItemStatus, Job, WebhookState
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
+from serving.tracing import TraceContext
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class Claim:
     client: str = ANONYMOUS
     #: The shared store's queue the item came from (its style and client); empty for the embedded store.
     queue: str = ""
+    #: The span of the request that made its job (its work is a span of that trace).
+    trace: TraceContext | None = None
 
 
 class JobStore(Protocol):
@@ -85,8 +88,9 @@ class JobStore(Protocol):
         client: str = ANONYMOUS,
         account: str = "",
         account_quota_bytes: int | None = None,
+        trace: TraceContext | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new job of ``client`` and its photos durably; ``(job, True)``. With an
+        """Store a new job of ``client`` (made in ``trace``) and its photos durably; ``(job, True)``. With an
         ``idempotency_key`` that is already known: ``(that job, False)`` and nothing is stored.
         Its bytes count against the total ``quota_bytes`` and, when ``account`` is given, against
         that account's ``account_quota_bytes`` (a client's own share of the storage). Raises

@@ -82,6 +82,7 @@ import httpx
 
 from jobs.errors import WebhookRefusedError
 from jobs.model import Job, public_job
+from serving.log_context import trace_var
 from serving.retry import backoff_s
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,10 @@ class WebhookSender:
         headers = {"Content-Type": "application/json", "X-Toonserve-Event": f"job.{job.status}"}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
+        # The delivery's span, in the trace of the request that made the job: the receiver goes on in it.
+        trace = trace_var.get()
+        if trace is not None:
+            headers.update(trace.headers())
         return headers
 
     async def deliver(self, job: Job) -> bool:

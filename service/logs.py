@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Any, Final
 
-from serving.log_context import client_var, request_id_var
+from serving.log_context import client_var, request_id_var, trace_var
 
 _EXTRA_KEYS: Final = ("method", "path", "status", "duration_ms")
 #: Characters a log line never carries raw (a request path is decoded from %0A, %1B…): C0 and C1
@@ -40,6 +40,9 @@ class JSONFormatter(logging.Formatter):
             "request_id": request_id_var.get(),
             "client": client_var.get(),
         }
+        trace = trace_var.get()
+        if trace is not None:
+            entry["trace_id"], entry["span_id"] = trace.trace_id, trace.span_id
         for key in _EXTRA_KEYS:
             if hasattr(record, key):
                 value = getattr(record, key)
@@ -63,6 +66,8 @@ class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         record.client = client_var.get()
+        trace = trace_var.get()
+        record.trace = f"{trace.trace_id}/{trace.span_id}" if trace is not None else "-"
         return True
 
 
@@ -73,7 +78,9 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(JSONFormatter())
     else:
         handler.setFormatter(
-            TextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s %(client)s] %(message)s")
+            TextFormatter(
+                "%(asctime)s %(levelname)s %(name)s [%(request_id)s %(client)s %(trace)s] %(message)s"
+            )
         )
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()

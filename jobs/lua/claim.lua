@@ -30,7 +30,9 @@ local function take(queue, client, entry, fields)
   item.owner = consumer
   redis.call('HSET', ikey(id), idx, cjson.encode(item))
   if status == 'queued' then set_status(id, 'queued', 'running', now, '') end
-  return {id, idx, item.filename, redis.call('HGET', jkey(id), 'options'), entry, queue, client}
+  -- A job stored before traces has no traceparent: '' (a false would cut the reply short).
+  return {id, idx, item.filename, redis.call('HGET', jkey(id), 'options'), entry, queue, client,
+    redis.call('HGET', jkey(id), 'traceparent') or '', redis.call('HGET', jkey(id), 'tracestate') or ''}
 end
 
 -- The group's last delivered id of a stream (entries after it are new).

@@ -1,6 +1,6 @@
 -- ARGV: prefix, job id, options JSON, style, now, expires_at, webhook, idempotency key, quota, needed
 -- bytes, items JSON (a list of item objects), client, account, the account's quota ('' for none),
--- bytes of stray temporary files. Returns {'created'}, {'exists', id} (the key is known),
+-- bytes of stray temporary files, the traceparent and tracestate of the request that made it. Returns {'created'}, {'exists', id} (the key is known),
 -- {'account_quota', the account's usage} or {'quota', used}.
 local id, style, now, client = ARGV[2], ARGV[4], ARGV[5], ARGV[12]
 local queue = style .. ':' .. client
@@ -22,7 +22,7 @@ if used + needed > tonumber(ARGV[9]) then return {'quota', tostring(used)} end
 redis.call('HSET', jkey(id), 'id', id, 'status', 'queued', 'options', ARGV[3], 'style', style,
   'client', client, 'queue', queue, 'created_at', now, 'updated_at', now, 'expires_at', ARGV[6],
   'webhook', ARGV[7], 'webhook_state', 'none', 'idempotency_key', idem, 'error', '', 'bytes', 0,
-  'left', 0, 'account', owner)
+  'left', 0, 'account', owner, 'traceparent', ARGV[16], 'tracestate', ARGV[17])
 -- The group reads from the stream's start, so entries added before a replica first reads are seen.
 redis.pcall('XGROUP', 'CREATE', qkey(queue), GROUP, '0', 'MKSTREAM')
 redis.call('SADD', P .. 'styles', queue)

@@ -23,6 +23,7 @@ from jobs.redis import RedisJobStore
 from jobs.sqlite import SQLiteJobStore
 from jobs.store import Upload
 from serving.options import ResolvedOptions
+from serving.tracing import TraceContext
 
 OPTIONS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 TTL = 3600.0
@@ -404,3 +405,24 @@ def test_redis_recover_leaves_other_runners_items_and_fresh_directories(
     assert job is not None and [i.status for i in job.items] == ["running", "queued"]
     assert other.renew(held)  # still the other runner's
     assert store.claim({"anime"}, "me").index == 1  # type: ignore[union-attr]
+
+
+def test_a_jobs_trace_is_kept_with_it_and_handed_out_with_its_items(store: Store) -> None:
+    trace = TraceContext("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", "01", "congo=t61rcWkgMzE")
+    job, _ = store.create(
+        "8" * 32,
+        OPTIONS,
+        _uploads(10),
+        webhook=None,
+        idempotency_key=None,
+        ttl_s=TTL,
+        quota_bytes=QUOTA,
+        trace=trace,
+    )
+    assert job.trace == trace and store.get(job.id).trace == trace  # type: ignore[union-attr]
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None and claim.trace == trace
+    untraced = _create(store, "9" * 32, 10)  # made by no request (or before traces)
+    assert untraced.trace is None
+    claim = store.claim({"anime"}, "me")
+    assert claim is not None and claim.job_id == "9" * 32 and claim.trace is None

@@ -6,14 +6,16 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
 
 from devkit import photos
+from devkit.receiver import loopback_server
 from devkit.reference_graphs import ReferenceModelDir
-from devkit.serve import free_port
 from service.app import create_app
 from service.logs import configure
 from tests.api.conftest import jobs_settings, small_jpeg, wait_ready
@@ -52,11 +54,27 @@ def test_modelscope_lines_come_out_as_our_json(
     ]
 
 
-def test_a_job_items_and_its_webhooks_lines_name_the_job_and_its_client(
+class _Refusing(BaseHTTPRequestHandler):
+    """A webhook receiver that keeps the headers it was sent and answers 500."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append(dict(self.headers))
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_jobs_work_goes_on_in_the_trace_of_the_request_that_made_it(
     restore_logging: None, capsys: pytest.CaptureFixture[str], model_dir: ReferenceModelDir, tmp_path: Path
 ) -> None:
-    """Log lines of a job's work carry ``job:<id>:<index>`` (or ``job:<id>:webhook``) and the client,
-    as a request's lines carry its id and client."""
+    """The caller's traceparent: the POST /jobs is a span below it, and so are the job's items and its
+    webhook delivery, whose request carries its span on to the receiver. Their log lines name the job,
+    the client, the trace and their own span."""
     configure("info", "json")
     settings = jobs_settings(
         model_dir,
@@ -67,15 +85,18 @@ def test_a_job_items_and_its_webhooks_lines_name_the_job_and_its_client(
         webhook_attempts=1,
         log_format="json",
     )
-    truncated = small_jpeg(photos.astronaut())[:2000]  # its header reads; its pixels do not
-    hook = f"http://127.0.0.1:{free_port()}/nobody-listens"
-    with TestClient(create_app(settings)) as client:
+    caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {
+        "X-API-Key": "a-key",
+        "traceparent": f"00-{caller_trace}-{caller_span}-01",
+        "tracestate": "congo=t61rcWkgMzE",
+    }
+    _Refusing.seen = []
+    with loopback_server(_Refusing) as hook, TestClient(create_app(settings)) as client:
         wait_ready(client)
+        photo = small_jpeg(photos.astronaut(), 96)
         r = client.post(
-            "/jobs",
-            files=[("images", ("cut.jpg", truncated))],
-            data={"webhook": hook},
-            headers={"X-API-Key": "a-key"},
+            "/jobs", files=[("images", ("a.jpg", photo))], data={"webhook": hook}, headers=headers
         )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
@@ -86,11 +107,19 @@ def test_a_job_items_and_its_webhooks_lines_name_the_job_and_its_client(
             if any("not delivered" in x["message"] for x in lines):
                 break
             time.sleep(0.1)
+    posted = next(x for x in lines if x.get("path") == "/jobs" and x.get("method") == "POST")
+    assert posted["client"] == "alice" and posted["request_id"] != "-"
+    assert posted["trace_id"] == caller_trace and posted["span_id"] != caller_span
     webhook = [x for x in lines if f"webhook of job {job_id}" in x["message"]]
     assert webhook and all(
         x["request_id"] == f"job:{job_id}:webhook" and x["client"] == "alice" for x in webhook
     )
-    posted = next(x for x in lines if x.get("path") == "/jobs" and x.get("method") == "POST")
-    assert posted["client"] == "alice" and posted["request_id"] != "-"
-    # Lines of other work (start-up, the engine) belong to no request.
-    assert any(x["request_id"] == "-" for x in lines if x["logger"] != "toonserve.access")
+    assert all(x["trace_id"] == caller_trace for x in webhook)
+    assert {x["span_id"] for x in webhook}.isdisjoint({caller_span, posted["span_id"]})
+    (sent,) = _Refusing.seen
+    assert sent["traceparent"] == f"00-{caller_trace}-{webhook[0]['span_id']}-01"
+    assert sent["tracestate"] == "congo=t61rcWkgMzE"
+    # A request without a traceparent starts a trace of its own; work of no request has none.
+    own = [x for x in lines if x.get("path") == "/readyz"]
+    assert own and all(len(x["trace_id"]) == 32 and x["trace_id"] != caller_trace for x in own)
+    assert any("trace_id" not in x for x in lines if x["logger"] != "toonserve.access")
