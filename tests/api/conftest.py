@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,6 +75,18 @@ def jobs_client(
 def small_jpeg(rgb: np.ndarray, side: int = 256) -> bytes:
     """``rgb`` as a ``side``×``side`` JPEG."""
     return jpeg_bytes(np.asarray(Image.fromarray(rgb).resize((side, side))))
+
+
+def sse_events(lines: Iterable[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The ``(event, data)`` pairs of a Server-Sent Events stream's lines (data as JSON)."""
+    out = []
+    event = ""
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[6:])))
+    return out
 
 
 def service_state(client: TestClient) -> ServiceState:

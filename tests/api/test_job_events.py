@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from jobs.sqlite import SQLiteJobStore
 from jobs.store import Claim, JobStore, Upload
 from service.app import create_app
 from serving.options import ResolvedOptions
-from tests.api.conftest import jobs_settings, service_state, small_jpeg, wait_ready
+from tests.api.conftest import jobs_settings, service_state, small_jpeg, sse_events, wait_ready
 
 OPTIONS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
 TTL = 3600.0
@@ -243,14 +242,7 @@ def test_stream_slots_per_client_and_in_all() -> None:
 
 
 def _events(r: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    event = ""
-    for line in r.iter_lines():
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            out.append((event, json.loads(line[6:])))
-    return out
+    return sse_events(r.iter_lines())
 
 
 def _follow(client: TestClient, job_id: str, ready: threading.Barrier | None = None) -> list[Any]:

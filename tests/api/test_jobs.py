@@ -23,7 +23,7 @@ from devkit import photos
 from devkit.receiver import loopback_server
 from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
-from tests.api.conftest import jobs_settings, png_bytes, service_state, small_jpeg, wait_ready
+from tests.api.conftest import jobs_settings, png_bytes, service_state, small_jpeg, sse_events, wait_ready
 
 
 def _wait_job(client: TestClient, job_id: str, until: str = "ended", timeout: float = 120) -> dict[str, Any]:
@@ -109,16 +109,9 @@ def test_events_stream_then_a_late_listener(jobs_client: TestClient) -> None:
 
 
 def _read_events(client: TestClient, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    out = []
     with client.stream("GET", f"/jobs/{job_id}/events") as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        event = ""
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                out.append((event, json.loads(line[6:])))
-    return out
+        return sse_events(r.iter_lines())
 
 
 @pytest.mark.slow
