@@ -36,19 +36,13 @@ from PIL import Image
 
 from bench.report import write_report
 from devkit import photos
+from devkit.memory import RssRise
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
 
 MB = 1024 * 1024
 ALICE = {"X-API-Key": "alice-key"}
 BOB = {"X-API-Key": "bob-key"}
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _small_jpeg() -> bytes:
@@ -61,30 +55,19 @@ def _concurrent_rise(
     server: LiveService, bodies: list[list[tuple[str, tuple[str, bytes]]]]
 ) -> dict[str, Any]:
     """Sends the jobs at once; the server's RSS rise (MB) while they run, and their answers."""
-    base = _rss_mb(server.pid)
-    peak = [base]
-    done = threading.Event()
     answers: list[httpx.Response] = []
-
-    def watch() -> None:
-        while not done.is_set():
-            peak.append(_rss_mb(server.pid))
-            time.sleep(0.01)
 
     def send(files: list[tuple[str, tuple[str, bytes]]]) -> None:
         answers.append(httpx.post(f"{server.url}/jobs", files=files, headers=ALICE, timeout=600))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
     senders = [threading.Thread(target=send, args=(files,)) for files in bodies]
     start = time.perf_counter()
-    for t in senders:
-        t.start()
-    for t in senders:
-        t.join()
+    with RssRise(server.pid) as memory:
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join()
     seconds = time.perf_counter() - start
-    done.set()
-    watcher.join()
     first_items = []
     for r in answers:
         if r.status_code in (200, 202):
@@ -94,8 +77,8 @@ def _concurrent_rise(
     return {
         "statuses": sorted(r.status_code for r in answers),
         "first_item": first_items,
-        "rss_before_mb": round(base, 1),
-        "rise_mb": round(max(peak) - base, 1),
+        "rss_before_mb": round(memory.before, 1),
+        "rise_mb": round(memory.rise, 1),
         "seconds": round(seconds, 1),
     }
 

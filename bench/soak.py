@@ -56,6 +56,7 @@ import numpy as np
 from PIL import Image
 
 from bench.report import write_report
+from devkit.memory import resident_mib
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
@@ -68,13 +69,6 @@ def encode(rgb: np.ndarray, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Payloads:
@@ -210,9 +204,9 @@ async def probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
 async def sample_rss(pid: int, stop: asyncio.Event, out: list[tuple[float, float]], every: float) -> None:
     start = time.monotonic()
     while not stop.is_set():
-        out.append((time.monotonic() - start, rss_mib(pid)))
+        out.append((time.monotonic() - start, resident_mib(pid)))
         await asyncio.sleep(every)
-    out.append((time.monotonic() - start, rss_mib(pid)))
+    out.append((time.monotonic() - start, resident_mib(pid)))
 
 
 async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -> dict[str, Any]:
@@ -221,7 +215,7 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
     stop = asyncio.Event()
     health: list[float] = []
     rss: list[tuple[float, float]] = []
-    rss_before = rss_mib(pid)
+    rss_before = resident_mib(pid)
     background = [asyncio.create_task(probe_health(url, stop, health)),
                   asyncio.create_task(sample_rss(pid, stop, rss, 5.0))]  # fmt: skip
     kinds = ["single"] * 7 + ["batch", "job", "hostile"]
@@ -238,7 +232,7 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
     stop.set()
     await asyncio.gather(*background)
     await asyncio.sleep(30)  # the load is over and drained: what the process keeps
-    rss_after = rss_mib(pid)
+    rss_after = resident_mib(pid)
     minutes_seen: dict[int, list[float]] = {}
     for t, mib in rss:
         minutes_seen.setdefault(int(t // 60), []).append(mib)
@@ -269,7 +263,7 @@ async def soak(url: str, pid: int, p: Payloads, minutes: float, factor: float) -
 
 async def burst(url: str, pid: int, p: Payloads) -> dict[str, Any]:
     """RSS before, at the peak of, and 30 s after a burst of the heaviest legitimate work."""
-    idle = rss_mib(pid)
+    idle = resident_mib(pid)
     peak = idle
     stop = asyncio.Event()
     samples: list[tuple[float, float]] = []

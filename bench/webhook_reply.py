@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import resource
 import socket
 import sys
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 
 from bench.report import write_report
+from devkit.memory import resident_mib
 from jobs.webhooks import REPLY_READ_LIMIT, WebhookSender
 
 MB = 1024 * 1024
@@ -100,23 +102,13 @@ class HugeReplies:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (``VmHWM``; ``ru_maxrss`` where there is none)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resident_mib("self", "VmHWM")
+    return peak if not math.isnan(peak) else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
+    now = resident_mib("self")
+    return now if not math.isnan(now) else peak_rss_mb()
 
 
 def reset_peak() -> bool:

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from devkit import photos
+from devkit.memory import RssRise, resident_mib
 from devkit.receiver import loopback_server
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
@@ -72,13 +73,6 @@ def hooks(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactory
     )
     with LiveService(env, tmp / "server.log") as service:
         yield service
-
-
-def _rss_mib(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field} for {pid}")
 
 
 def _small_jpeg(side: int = 96) -> bytes:
@@ -132,26 +126,14 @@ def test_one_clients_tiny_40_mp_files_cannot_make_another_clients_job_507(svc: L
     httpx.delete(f"{svc.url}/jobs/{mine.json()['id']}", headers=BOB)
 
 
-def _peak_rss_while(pid: int, work: list[threading.Thread]) -> float:
+def _rise_while(pid: int, work: list[threading.Thread]) -> float:
     """MiB the process's RSS rose to above where it was, while ``work`` ran."""
-    base = _rss_mib(pid)
-    peak = [base]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak.append(_rss_mib(pid))
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    for t in work:
-        t.start()
-    for t in work:
-        t.join()
-    done.set()
-    watcher.join()
-    return max(peak) - base
+    with RssRise(pid) as memory:
+        for t in work:
+            t.start()
+        for t in work:
+            t.join()
+    return memory.rise
 
 
 def test_uploads_go_to_disk_in_chunks(hooks: LiveService) -> None:
@@ -167,7 +149,7 @@ def test_uploads_go_to_disk_in_chunks(hooks: LiveService) -> None:
         answers.append(httpx.post(f"{hooks.url}/jobs", files=files, timeout=300))
 
     pair = [("images", ("huge.jpg", huge)), ("images", ("small.jpg", small))]
-    rise = _peak_rss_while(hooks.pid, [threading.Thread(target=upload, args=(pair,)) for _ in range(3)])
+    rise = _rise_while(hooks.pid, [threading.Thread(target=upload, args=(pair,)) for _ in range(3)])
     print(f"3 × 200 MB: RSS rose {rise:.0f} MiB")
     assert [r.status_code for r in answers] == [202, 202, 202]
     for r in answers:
@@ -179,7 +161,7 @@ def test_uploads_go_to_disk_in_chunks(hooks: LiveService) -> None:
     answers.clear()
     photo = small + b"\0" * (19 * MIB)
     five = [("images", (f"{i}.jpg", photo)) for i in range(5)]
-    rise = _peak_rss_while(hooks.pid, [threading.Thread(target=upload, args=(five,)) for _ in range(3)])
+    rise = _rise_while(hooks.pid, [threading.Thread(target=upload, args=(five,)) for _ in range(3)])
     print(f"3 × 5 × 19 MB: RSS rose {rise:.0f} MiB")
     assert [r.status_code for r in answers] == [202, 202, 202]
     assert rise < 100
@@ -223,7 +205,7 @@ def hostile() -> Iterator[str]:
 
 
 def test_a_webhook_reply_without_end_is_not_read(hooks: LiveService, hostile: str) -> None:
-    before = _rss_mib(hooks.pid)
+    before = resident_mib(hooks.pid)
     r = httpx.post(
         f"{hooks.url}/jobs", files=[("images", ("a.jpg", _small_jpeg()))], data={"webhook": hostile}
     )
@@ -235,7 +217,7 @@ def test_a_webhook_reply_without_end_is_not_read(hooks: LiveService, hostile: st
         time.sleep(0.2)
     time.sleep(0.5)
     assert _Hostile.sent < 256 * MIB  # it stopped being read long before the gigabyte
-    assert _rss_mib(hooks.pid) - before < 50
+    assert resident_mib(hooks.pid) - before < 50
 
 
 def test_hosts_docs_logs_and_the_page(svc: LiveService) -> None:
