@@ -117,6 +117,12 @@ def _size(upload: UploadFile) -> int:
     return size
 
 
+def _check_and_reserve(upload: UploadFile, size: int, params: ResolvedOptions, flow: Flow) -> int:
+    """The photo's header checked (:func:`probe`), then the bytes its result reserves; blocking."""
+    info = probe(upload.file, max_pixels=flow.max_pixels)
+    return reserve(upload.file, size, info, params, png_compression=flow.limits.png_compression)
+
+
 async def _accept(upload: UploadFile, params: ResolvedOptions, flow: Flow, max_bytes: int) -> Upload:
     """Check one photo as it is handed in, from its header, and decide what its result reserves
     (:mod:`serving.reservation`); a refused one becomes a failed item, with the code and message
@@ -131,10 +137,7 @@ async def _accept(upload: UploadFile, params: ResolvedOptions, flow: Flow, max_b
                 f"the file is {megabytes(size)}; a photo may be at most {megabytes(max_bytes)} "
                 "(TOONSERVE_MAX_UPLOAD_BYTES)"
             )
-        info = await asyncio.to_thread(probe, upload.file, max_pixels=flow.max_pixels)
-        reserved = await asyncio.to_thread(
-            reserve, upload.file, size, info, params, png_compression=flow.limits.png_compression
-        )
+        reserved = await asyncio.to_thread(_check_and_reserve, upload, size, params, flow)
     except ImageError as exc:
         return Upload(name, None, 0, {"code": code_for(exc), "message": str(exc)}, 0)
     return Upload(name, upload.file, size, None, reserved)

@@ -178,9 +178,8 @@ class RedisJobStore:
         account_quota_bytes: int | None = None,
         trace: TraceContext | None = None,
     ) -> tuple[Job, bool]:
-        account_quota = account_quota_bytes if account else None
-        existing, needed = existing_or_needed(
-            self, uploads, idempotency_key, quota_bytes, account, account_quota
+        existing, needed, account_quota = existing_or_needed(
+            self, uploads, idempotency_key, quota_bytes, account, account_quota_bytes
         )
         if existing is not None:
             return existing, False

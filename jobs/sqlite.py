@@ -211,9 +211,8 @@ class SQLiteJobStore:
         account_quota_bytes: int | None = None,
         trace: TraceContext | None = None,
     ) -> tuple[Job, bool]:
-        account_quota = account_quota_bytes if account else None
-        existing, needed = existing_or_needed(
-            self, uploads, idempotency_key, quota_bytes, account, account_quota
+        existing, needed, account_quota = existing_or_needed(
+            self, uploads, idempotency_key, quota_bytes, account, account_quota_bytes
         )
         if existing is not None:
             return existing, False
@@ -223,7 +222,9 @@ class SQLiteJobStore:
             with self._tx() as db:
                 # Decided again under the lock: concurrent submissions cannot both fit.
                 used = db.execute(_USAGE_SQL).fetchone()[0] + self.files.stray_bytes
-                mine = db.execute(_ACCOUNT_USAGE_SQL, (account,)).fetchone()[0] if account_quota else 0
+                mine = (
+                    0 if account_quota is None else db.execute(_ACCOUNT_USAGE_SQL, (account,)).fetchone()[0]
+                )
                 check_room(needed, used, quota_bytes, mine, account_quota)
                 db.execute(
                     "INSERT INTO jobs (id, status, options, created_at, updated_at, expires_at, webhook, "

@@ -221,19 +221,20 @@ def existing_or_needed(
     quota_bytes: int,
     account: str = "",
     account_quota_bytes: int | None = None,
-) -> tuple[Job | None, int]:
+) -> tuple[Job | None, int, int | None]:
     """What both stores decide before they write a job: the job an idempotency key already made
     (then nothing else is done), or the bytes the new one needs, refused at once
     (:class:`~jobs.errors.StorageQuotaError`) if the storage, or the account's share of it, has no
-    room for them. Each store decides the room again atomically when it records the job."""
+    room for them; and the account's quota (None without an account). Each store decides the room
+    again atomically when it records the job."""
     if idempotency_key is not None:
         existing = store.by_idempotency_key(idempotency_key)
         if existing is not None:
-            return existing, 0
+            return existing, 0, None
     needed = sum(u.size + u.estimate for u in uploads if u.error is None)
     quota = account_quota_bytes if account else None
     check_room(needed, store.usage(), quota_bytes, store.usage(account) if quota is not None else 0, quota)
-    return None, needed
+    return None, needed, quota
 
 
 def accepted_streams(uploads: list[Upload]) -> list[BinaryIO | None]:
