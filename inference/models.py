@@ -22,7 +22,7 @@ from PIL import Image
 from inference.dctnet import Backend, GeneratorRunner, load_generator
 from inference.errors import ConfigurationError, ToonserveError
 from inference.styles import get_style
-from inference.weights import StyleWeights, local_fingerprint, resolve
+from inference.weights import StyleWeights, local_fingerprint, resolve, weights_version
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class LoadedStyle:
     mask: torch.Tensor
     weights: StyleWeights
     load_ms: float
+    #: What identifies these weights (a digest of the converted generators and the mask): results
+    #: cached or tagged under one version are never served under another.
+    version: str = ""
 
 
 def parse_device(spec: str) -> torch.device:
@@ -179,7 +182,8 @@ class ModelStore:
             mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
             for runner in (head, bg):
                 runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
-            loaded = LoadedStyle(name, head, bg, mask, weights, (time.perf_counter() - start) * 1000)
+            version = weights_version(weights)
+            loaded = LoadedStyle(name, head, bg, mask, weights, (time.perf_counter() - start) * 1000, version)
             self.styles[name] = loaded
             log.info(
                 "style %s loaded on %s (%s, %s backend) from %s in %.0f ms",

@@ -17,7 +17,9 @@ What upstream's ``ImageCartoonPipeline`` does (docs/model.md §4), with its sile
 5. ``head``: all crops through the head generator in **one** call (BGR in and out).
 6. ``blend``: each head and the style's ``alpha.jpg`` mask warped back inside the face's footprint and
    blended ``m·head + (1-m)·result``, largest face first so smaller faces land on top (upstream order).
-7. ``strength``: ``s·cartoon + (1-s)·photo`` (1 = the model's output, 0 = the photo).
+7. ``strength``: ``s·cartoon + (1-s)·photo`` (1 = the model's output, 0 = the photo), the cartoon
+   taken as the uint8 image the model's output is, so that the same photo's :class:`Stages` kept
+   from an earlier run give the same bytes at any strength (:func:`finish_stages`).
 8. ``resize_out``: to the requested output size, by default the input's size, always (upstream does
    not resize back when no face is found).
 
@@ -114,6 +116,9 @@ class Options:
     flow does it on its codec threads, beside the next image's model work, rather than on the
     worker): :attr:`Result.image` is then at the processing size, :attr:`Result.output_size` what it
     is to become. Elsewhere the resize stays on the device.
+    ``keep_stages``: also hand back what the models made of the photo (:attr:`Result.stages`, on the
+    host), from which :func:`finish_stages` makes the result at another strength or output size
+    without running them again (the request flow's result cache).
     """
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
@@ -127,6 +132,7 @@ class Options:
     max_processing_pixels: int = DEFAULT_MAX_PROCESSING_PIXELS
     device_result: bool = False
     resize_later: bool = False
+    keep_stages: bool = False
 
     def __post_init__(self) -> None:
         if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
@@ -170,6 +176,38 @@ class FaceReport:
     reason: SkipReason | None = None
 
 
+@dataclass(frozen=True)
+class Stages:
+    """What the models made of one photo, before strength and the output size: enough to finish the
+    photo again at any strength, no-face policy that the faces allow, and output size
+    (:func:`finish_stages`), giving the bytes a run would give."""
+
+    #: (h, w, 3) uint8 RGB: the photo at its processing size.
+    photo: np.ndarray
+    #: (h, w, 3) uint8 RGB: the cartoon at the processing size (heads blended in; the background
+    #: pass alone when no face was stylised); None when the background pass did not run (no face to
+    #: stylise and the policy did not need it).
+    cartoon: np.ndarray | None
+    faces: tuple[FaceReport, ...]
+    #: How many faces were stylised.
+    stylized: int
+    input_size: tuple[int, int]
+    style: str
+    device: str
+    dtype: str
+    weights: WeightsKind
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the kept pixels hold."""
+        return self.photo.nbytes + (self.cartoon.nbytes if self.cartoon is not None else 0)
+
+    def serves(self, no_face: NoFacePolicy) -> bool:
+        """Whether these stages can finish a request with this no-face policy (without faces, the
+        ``background`` policy needs the background pass, which may not have run)."""
+        return self.stylized > 0 or no_face != "background" or self.cartoon is not None
+
+
 @dataclass
 class Result:
     """The cartoon (H, W, 3) uint8 RGB and what happened on the way."""
@@ -190,6 +228,11 @@ class Result:
     #: The same image as (3, H, W) uint8 RGB on the pipeline's device, when the options asked for it
     #: (``device_result``) and the device is not the CPU; None otherwise.
     device_image: Tensor | None = field(default=None, repr=False, compare=False)
+    #: What the models made of the photo, when the options asked for it (``keep_stages``).
+    stages: Stages | None = field(default=None, repr=False, compare=False)
+    #: When each stage ran: (stage, start, end) in Unix-epoch nanoseconds, in order (a batched stage's
+    #: interval is its batch's), for trace spans.
+    stage_times: tuple[tuple[str, int, int], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def faces_stylized(self) -> int:
@@ -204,6 +247,8 @@ class _Work:
     rgb: np.ndarray | Tensor
     options: Options
     timings: dict[str, float] = field(default_factory=dict)
+    #: (stage, start, end) in Unix-epoch nanoseconds, as the stages ran.
+    stage_times: list[tuple[str, int, int]] = field(default_factory=list)
     photo_t: Tensor | None = None  # processing image, (3, h, w) uint8 RGB on the device
     result_t: Tensor | None = None  # (3, h, w) float32 BGR 0..255 on the device
     faces: list[FaceReport] = field(default_factory=list)
@@ -266,13 +311,15 @@ class Cartoonizer:
         sync = torch.cuda.current_stream(self.device).synchronize if self.device.type == "cuda" else None
         if sync:
             sync()
-        start = time.perf_counter()
+        start, start_ns = time.perf_counter(), time.time_ns()
         yield
         if sync:
             sync()
         elapsed = (time.perf_counter() - start) * 1000
+        end_ns = start_ns + round(elapsed * 1e6)
         for work in batch:
             work.timings[stage] = work.timings.get(stage, 0.0) + elapsed
+            work.stage_times.append((stage, start_ns, end_ns))
 
     def run(self, image: np.ndarray | Tensor, options: Options | None = None) -> Result:
         """(H, W[, C]) uint8 image (RGB, grey or with alpha; or an (H, W, 3) uint8 RGB tensor) →
@@ -485,22 +532,13 @@ class Cartoonizer:
         """
         assert work.photo_t is not None
         opts = work.options
-        policy: NoFacePolicy | None = None
-        if not work.chosen:
-            if opts.no_face == "error":
-                found = len(work.faces)
-                detail = f"{found} face(s) found but none stylisable" if found else "no face found"
-                raise NoFaceError(f"{detail} and no_face='error' was requested")
-            policy = opts.no_face
+        policy = _policy(len(work.chosen), len(work.faces), opts.no_face)
         with self._timed([work], "strength"):
-            if policy == "passthrough" or opts.strength == 0.0:
-                out_t = work.photo_t.float()
-            else:
-                assert work.result_t is not None
-                out_t = work.result_t.flip(0)  # BGR → RGB
-                if opts.strength < 1.0:
-                    out_t = torch.lerp(work.photo_t.float(), out_t, opts.strength)
-            out_u8 = out_t.round_().clamp_(0, 255).to(torch.uint8)
+            # The model's output as the uint8 image it is (what Stages keep), then the strength.
+            cartoon = None
+            if work.result_t is not None:
+                cartoon = work.result_t.flip(0).round_().clamp_(0, 255).to(torch.uint8)  # BGR → RGB
+            out_u8 = _apply_strength(work.photo_t, cartoon, policy, opts.strength)
             if on_cpu := self.device.type == "cpu":
                 out = out_u8.permute(1, 2, 0).numpy()
         oh, ow = opts.output_size or work.input_size
@@ -512,6 +550,19 @@ class Cartoonizer:
                 out = np.ascontiguousarray(resize_rgb(out, oh, ow))
             else:
                 out, device_image = resize_out_on_device(out_u8, oh, ow, keep=opts.device_result)
+        stages = None
+        if opts.keep_stages:
+            stages = Stages(
+                photo=_host_hwc(work.photo_t),
+                cartoon=_host_hwc(cartoon) if cartoon is not None else None,
+                faces=tuple(work.faces),
+                stylized=len(work.chosen),
+                input_size=work.input_size,
+                style=self.style.name,
+                device=str(self.device),
+                dtype=str(self.dtype).removeprefix("torch."),
+                weights=self.style.weights.kind,
+            )
         for stage in STAGES:
             work.timings.setdefault(stage, 0.0)
         return Result(
@@ -527,4 +578,73 @@ class Cartoonizer:
             weights=self.style.weights.kind,
             timings_ms={s: round(work.timings[s], 3) for s in STAGES},
             device_image=device_image,
+            stages=stages,
+            stage_times=tuple(work.stage_times),
         )
+
+
+def _policy(stylized: int, found: int, no_face: NoFacePolicy) -> NoFacePolicy | None:
+    """The no-face policy that makes the result (None: faces were stylised); raises
+    :class:`NoFaceError` for ``error``."""
+    if stylized:
+        return None
+    if no_face == "error":
+        detail = f"{found} face(s) found but none stylisable" if found else "no face found"
+        raise NoFaceError(f"{detail} and no_face='error' was requested")
+    return no_face
+
+
+def _apply_strength(
+    photo: Tensor, cartoon: Tensor | None, policy: NoFacePolicy | None, strength: float
+) -> Tensor:
+    """(3, h, w) uint8 RGB: ``strength·cartoon + (1-strength)·photo``, rounded; the photo itself for
+    ``passthrough`` or strength 0. ``photo`` and ``cartoon``: (3, h, w) uint8 RGB on one device."""
+    if policy == "passthrough" or strength == 0.0:
+        return photo
+    assert cartoon is not None, "the background pass ran for this policy"
+    if strength == 1.0:
+        return cartoon
+    return torch.lerp(photo.float(), cartoon.float(), strength).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _host_hwc(image: Tensor) -> np.ndarray:
+    """(3, h, w) uint8 on any device → a (h, w, 3) uint8 host array of its own."""
+    return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def finish_stages(stages: Stages, options: Options) -> Result:
+    """The result a run with ``options`` would give, made from the :class:`Stages` an earlier run of
+    the same photo (same style, weights and processing size) kept: only the strength and the resize
+    to the output size run, on the host. Raises :class:`NoFaceError` as a run would, and
+    :class:`~inference.errors.OptionsError` when the stages cannot serve ``options.no_face``
+    (:meth:`Stages.serves`)."""
+    if not stages.serves(options.no_face):
+        raise OptionsError("these stages lack the background pass that no_face='background' needs")
+    timings = dict.fromkeys(STAGES, 0.0)
+    policy = _policy(stages.stylized, len(stages.faces), options.no_face)
+    start = time.perf_counter()
+    photo = torch.from_numpy(stages.photo).permute(2, 0, 1)
+    cartoon = torch.from_numpy(stages.cartoon).permute(2, 0, 1) if stages.cartoon is not None else None
+    with torch.inference_mode():
+        out = _apply_strength(photo, cartoon, policy, options.strength).permute(1, 2, 0).numpy()
+    timings["strength"] = (time.perf_counter() - start) * 1000
+    oh, ow = options.output_size or stages.input_size
+    start = time.perf_counter()
+    if not options.resize_later:
+        out = resize_rgb(out, oh, ow)
+    out = np.ascontiguousarray(out)
+    timings["resize_out"] = (time.perf_counter() - start) * 1000
+    return Result(
+        image=out,
+        style=stages.style,
+        faces=list(stages.faces),
+        input_size=stages.input_size,
+        processing_size=(stages.photo.shape[0], stages.photo.shape[1]),
+        output_size=(oh, ow),
+        device=stages.device,
+        dtype=stages.dtype,
+        no_face=policy,
+        weights=stages.weights,
+        timings_ms={s: round(v, 3) for s, v in timings.items()},
+        stages=stages,
+    )

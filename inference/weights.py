@@ -86,6 +86,19 @@ class StyleWeights:
         return "demo" if self.demo else "modelscope"
 
 
+def weights_version(weights: StyleWeights) -> str:
+    """16 hex digits that change whenever the style's converted generators or its mask do (SHA-256
+    of the three files; a few tens of milliseconds, once per load)."""
+    from hashlib import sha256
+
+    digest = sha256(weights.style.encode())
+    for path in (weights.head, weights.bg, weights.mask):
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def find_source_dir(path: Path) -> SourceDir | None:
     """``path`` as a ModelScope directory, or None when it lacks a generator graph or the mask."""
     if not path.is_dir():
