@@ -4,6 +4,11 @@ The routes parse the form and shape the response; the work is the one request fl
 (:meth:`serving.flow.Flow.run` for one photo, :meth:`~serving.flow.Flow.run_many` for a batch). A
 client that disconnects has its work cancelled: queued images are dropped, running ones stop between
 stages.
+
+A photo this client sent before (with the same style and processing size) is answered from what the
+models made of it then (``X-Cache: hit``; :mod:`serving.result_cache`); an image answer carries a
+strong ``ETag``, and a request whose ``If-None-Match`` names it gets 304 before anything runs
+(:mod:`api.etags`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from api import etags
 from api.clients import Caller
 from api.errors import APIError, all_refused, status_for
 from api.forms import RequestParams, check_filenames
@@ -87,6 +93,7 @@ class CartoonJSON(BaseModel):
                     "dtype_reason": "auto: this CPU computes bfloat16 in hardware (AMX or AVX512-BF16); …",
                     "no_face": None,
                     "source": "modelscope",
+                    "cache": "miss",
                     "timings_ms": {
                         "decode": 3.1,
                         "queue": 0.4,
@@ -123,6 +130,10 @@ class CartoonJSON(BaseModel):
         None, description="set when no face was stylised: which policy produced the image"
     )
     source: WeightsKind = Field(description=SOURCE_DESCRIPTION)
+    cache: Literal["hit", "miss"] = Field(
+        description="hit: made from what the models made of this photo for this client before (only "
+        "strength, resize and encode ran); miss: the models ran"
+    )
     timings_ms: dict[str, float] = Field(description=f"milliseconds per stage: {', '.join(TIMINGS)}")
 
 
@@ -206,8 +217,11 @@ def _size(hw: tuple[int, int]) -> Size:
     return Size(width=hw[1], height=hw[0])
 
 
-def _server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items())
+def _server_timing(timings: dict[str, float], cache: str | None = None) -> str:
+    parts = [f"{name};dur={ms:.2f}" for name, ms in timings.items()]
+    if cache is not None:
+        parts.append(f'cache;desc="{cache}"')
+    return ", ".join(parts)
 
 
 def _json(outcome: Outcome, dtype_reason: str, with_image: bool = True) -> CartoonJSON:
@@ -236,6 +250,7 @@ def _json(outcome: Outcome, dtype_reason: str, with_image: bool = True) -> Carto
         dtype_reason=dtype_reason,
         no_face=result.no_face,
         source=result.weights,
+        cache=outcome.cache,
         timings_ms=outcome.timings_ms,
     )
 
@@ -267,7 +282,15 @@ _ROUTE_CODES: Final = (
         200: {
             "content": {spec.media_type: {} for spec in OUTPUTS.values()},
             "description": "the cartoon (response=image), or the JSON report with the image in base64",
-            "headers": {name: HEADERS[name] for name in ("Server-Timing", "X-Faces-Stylized")},
+            "headers": {
+                name: HEADERS[name]
+                for name in ("Server-Timing", "X-Faces-Stylized", "X-Cache", "ETag", "Cache-Control")
+            },
+        },
+        304: {
+            "description": "If-None-Match named this request's ETag (response=image): your copy is "
+            "current; no body, nothing ran",
+            "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
         },
         **responses(*_ROUTE_CODES, "no_face"),
     },
@@ -284,12 +307,25 @@ async def cartoonize(
     caller = get_caller(request.scope)
     rate_headers = _take_rate(state, caller, 1)
     data = await image.read()
-    outcome = await _until_disconnected(request, state.flow.run(data, params, client=caller.client))
-    headers = {"Server-Timing": _server_timing(outcome.timings_ms), **rate_headers}
+    flow = state.flow
+    digest = None
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and response == "image":
+        digest = await flow.digest(data, caller.client)
+        etag = etags.quoted(flow.tag(params, digest, "image"))
+        if etags.matches(if_none_match, etag):
+            return etags.not_modified(etag, rate_headers)
+    outcome = await _until_disconnected(request, flow.run(data, params, client=caller.client, digest=digest))
+    headers = {
+        "Server-Timing": _server_timing(outcome.timings_ms, outcome.cache),
+        "X-Cache": outcome.cache,
+        **rate_headers,
+    }
     if response == "json":
         body = _json(outcome, state.engine.store.dtype_reason)
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
+    headers.update(etags.caching_headers(etags.quoted(flow.tag(params, outcome.photo_sha256, "image"))))
     return Response(outcome.data, media_type=params.media_type, headers=headers)
 
 

@@ -27,11 +27,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
+from api import etags
 from api.clients import STREAMS_POLICY, Caller, queue_headers
 from api.errors import APIError, ErrorDetail, all_refused, code_for
 from api.forms import RequestParams, check_filenames
 from api.middleware import get_caller, megabytes
-from api.openapi import BODY_CODES, COMMON_CODES, responses
+from api.openapi import BODY_CODES, COMMON_CODES, HEADERS, responses
 from api.state import JobsState, ServiceState, get_state
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
 from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, public_job, zip_name
@@ -431,16 +432,22 @@ async def job_events(
     summary="One item's result image",
     response_class=FileResponse,
     responses={
-        200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "the result"},
+        200: {
+            "content": {t: {} for t in MEDIA_TYPES.values()},
+            "description": "the result",
+            "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
+        },
+        304: {"description": "If-None-Match named its ETag: your copy is current; no body"},
         **responses(*_READ_CODES, "result_not_ready"),
     },
 )
 async def get_item(
+    request: Request,
     jobs: Annotated[JobsState, Depends(get_jobs)],
     caller: CallerDep,
     job_id: JobId,
     index: Annotated[int, Path(ge=0, description="the photo's position in the upload, from 0")],
-) -> FileResponse:
+) -> Response:
     job = await _job(jobs, job_id, caller)
     if index >= len(job.items):
         raise JobNotFoundError(f"job {job_id} has {len(job.items)} items; there is no item {index}")
@@ -449,10 +456,23 @@ async def get_item(
         detail = f": {item.error['message']}" if item.error else ""
         raise ResultNotReadyError(f"item {index} has no result; it is {item.status}{detail}")
     path = jobs.store.result_path(job_id, index, job.options.suffix)
+    try:
+        stat = await asyncio.to_thread(path.stat)
+    except FileNotFoundError:
+        raise JobNotFoundError(f"no job {job_id}: deleted meanwhile") from None
+    # A result file is written once under its final name: the job, the item and the file as written
+    # say which bytes these are.
+    etag = etags.quoted(
+        etags.file_tag(jobs.etag_salt, job_id, str(index), f"{stat.st_size}/{stat.st_mtime_ns}")
+    )
+    if etags.matches(request.headers.get("if-none-match"), etag):
+        return etags.not_modified(etag)
     return FileResponse(
         path,
         media_type=MEDIA_TYPES[job.options.format],
         filename=zip_name(index, item.filename, job.options.suffix),
+        headers=etags.caching_headers(etag),
+        stat_result=stat,
     )
 
 
@@ -478,10 +498,26 @@ class _Sink:
         return out
 
 
+def _zip_tag(store: JobStore, job: Job, salt: str) -> str:
+    """The ZIP's tag: its bytes follow from the job's record and its result files as written (its
+    entries are dated by the job, not by the download)."""
+    files = []
+    for item in job.items:
+        if item.status == "ok":
+            try:
+                stat = store.result_path(job.id, item.index, job.options.suffix).stat()
+                files.append(f"{item.index}:{stat.st_size}/{stat.st_mtime_ns}")
+            except FileNotFoundError:
+                files.append(f"{item.index}:gone")
+    return etags.quoted(etags.file_tag(salt, job.id, json.dumps(_out(job), sort_keys=True), *files))
+
+
 def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
-    """The job's results and results.json as a ZIP, produced piece by piece (never all in memory)."""
+    """The job's results and results.json as a ZIP, produced piece by piece (never all in memory);
+    the same job gives the same bytes (:func:`_zip_tag`)."""
     sink = _Sink()
     report = []
+    stamp = time.gmtime(job.created_at)[:6]
     # Stored, not deflated: the images are compressed already.
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:
         for item in job.items:
@@ -490,7 +526,7 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
                 name = zip_name(item.index, item.filename, job.options.suffix)
                 path = store.result_path(job.id, item.index, job.options.suffix)
                 try:
-                    with path.open("rb") as src, zf.open(name, "w") as dst:
+                    with path.open("rb") as src, zf.open(zipfile.ZipInfo(name, stamp), "w") as dst:
                         while chunk := src.read(_CHUNK):
                             dst.write(chunk)
                             yield sink.take()
@@ -499,7 +535,9 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
                     entry["file"] = None
             report.append(entry)
         summary = _out(job, with_items=False)
-        zf.writestr("results.json", json.dumps({"job": summary, "items": report}, indent=2))
+        zf.writestr(
+            zipfile.ZipInfo("results.json", stamp), json.dumps({"job": summary, "items": report}, indent=2)
+        )
     yield sink.take()
 
 
@@ -508,15 +546,26 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
     summary="Every result so far as a ZIP, with results.json (streamed)",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/zip": {}}, "description": "the ZIP"},
+        200: {
+            "content": {"application/zip": {}},
+            "description": "the ZIP",
+            "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
+        },
+        304: {"description": "If-None-Match named its ETag: nothing changed since your copy; no body"},
         **responses(*_READ_CODES),
     },
 )
 async def get_result(
-    jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
-) -> StreamingResponse:
+    request: Request, jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
+) -> Response:
     job = await _job(jobs, job_id, caller)
-    headers = {"Content-Disposition": f'attachment; filename="toonserve-{job_id}.zip"'}
+    etag = await asyncio.to_thread(_zip_tag, jobs.store, job, jobs.etag_salt)
+    if etags.matches(request.headers.get("if-none-match"), etag):
+        return etags.not_modified(etag)
+    headers = {
+        "Content-Disposition": f'attachment; filename="toonserve-{job_id}.zip"',
+        **etags.caching_headers(etag),
+    }
     return StreamingResponse(_zip_stream(jobs.store, job), media_type="application/zip", headers=headers)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -21,11 +22,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from api.state import ServiceState, get_state
 from inference.pipeline import Result
 from jobs.errors import JobStoreError
 from jobs.model import JOB_STATUSES
+from serving.result_cache import CacheStats
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,14 @@ class Metrics:
                 self.stage.labels(stage=stage).observe(ms / 1000)
         self.faces.observe(result.faces_stylized)
 
+    def watch_cache(self, stats: Callable[[], CacheStats] | None) -> None:
+        """Report this result cache's counts, read at each scrape (None: no cache to report)."""
+        self._cache.stats = stats
+
     def __post_init__(self) -> None:
         r = self.registry
+        self._cache = _CacheCollector()
+        r.register(self._cache)
         self.requests = Counter(
             "toonserve_requests",
             "HTTP requests by route, status and client (API key name, or anonymous)",
@@ -104,6 +114,42 @@ class Metrics:
             "Webhook attempts by outcome: delivered, retried, failed (gave up), refused (address barred)",
             ["outcome"],
             registry=r,
+        )
+
+
+class _CacheCollector(Collector):
+    """The result cache's hits, misses, evictions and holdings, as the cache counts them."""
+
+    def __init__(self) -> None:
+        #: Where the counts come from (set once the app has its flow).
+        self.stats: Callable[[], CacheStats] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.stats is None:
+            return
+        now = self.stats()
+        yield CounterMetricFamily(
+            "toonserve_result_cache_hits",
+            "Images finished from what the models made of the same photo before (or for another of the "
+            "client's requests in flight): only strength, resize and encode ran",
+            value=now.hits,
+        )
+        yield CounterMetricFamily(
+            "toonserve_result_cache_misses", "Images the models ran on", value=now.misses
+        )
+        yield CounterMetricFamily(
+            "toonserve_result_cache_evictions",
+            "Entries let go to make room (least recently used first)",
+            value=now.evictions,
+        )
+        yield GaugeMetricFamily(
+            "toonserve_result_cache_bytes", "Bytes of pixels the cache holds", value=now.bytes
+        )
+        yield GaugeMetricFamily("toonserve_result_cache_entries", "Photos the cache holds", value=now.entries)
+        yield GaugeMetricFamily(
+            "toonserve_result_cache_capacity_bytes",
+            "The most the cache may hold (TOONSERVE_RESULT_CACHE_BYTES)",
+            value=now.capacity,
         )
 
 

@@ -204,9 +204,9 @@ class RequestContextMiddleware:
         rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         # The request's own span: below the caller's (W3C traceparent) when it sent one, else a new trace.
-        trace_token = trace_var.set(
-            tracing.for_request(headers.get("traceparent"), headers.get("tracestate"))
-        )
+        trace = tracing.for_request(headers.get("traceparent"), headers.get("tracestate"))
+        trace_token = trace_var.set(trace)
+        start_ns = tracing.now_ns()
         caller = self.clients.caller(scope, headers)
         name = (caller or self.clients.anonymous()).name
         client_token = client_var.set(name)
@@ -261,6 +261,23 @@ class RequestContextMiddleware:
             method, path, ms = scope["method"], scope["path"], round(elapsed * 1000, 2)
             fields = {"method": method, "path": path, "status": status, "duration_ms": ms, "client": name}
             log.info("%s %s %d %.1fms", method, path, status, ms, extra=fields)
+            if tracing.exporting():
+                tracing.emit_own(
+                    trace,
+                    f"{method} {route}",
+                    start_ns,
+                    start_ns + round(elapsed * 1e9),
+                    kind="server",
+                    attributes={
+                        "http.request.method": method,
+                        "http.route": route,
+                        "url.path": path,
+                        "http.response.status_code": status,
+                        "toonserve.client": name,
+                        "toonserve.request_id": rid,
+                    },
+                    error=f"HTTP {status}" if status >= 500 else None,
+                )
             client_var.reset(client_token)
             trace_var.reset(trace_token)
             request_id_var.reset(token)

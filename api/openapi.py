@@ -25,6 +25,19 @@ HEADERS: Final[dict[str, dict[str, Any]]] = {
         "schema": {"type": "string"},
     },
     "X-Faces-Stylized": {"description": "how many faces were stylised", "schema": {"type": "integer"}},
+    "X-Cache": {
+        "description": "hit: made from what the models made of this photo for you before (only strength, "
+        "resize and encode ran); miss: the models ran",
+        "schema": {"type": "string", "enum": ["hit", "miss"]},
+    },
+    "ETag": {
+        "description": "a strong tag of this image: send it in If-None-Match to get 304 while it holds",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "private, no-cache: yours alone, revalidate with the ETag",
+        "schema": {"type": "string"},
+    },
     "RateLimit": {
         "description": 'what is left of this client\'s allowance: "images";r=<images left>;t=<seconds '
         'until full> (with TOONSERVE_CLIENT_IMAGES_PER_MINUTE), "queue";r=0;t=<seconds> when its '

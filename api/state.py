@@ -36,6 +36,8 @@ class JobsState:
     webhook_allow_private: bool
     #: Open events streams per client and in all, and their caps.
     streams: StreamSlots
+    #: Mixed into the ETags of job downloads (``TOONSERVE_ETAG_SALT``).
+    etag_salt: str = ""
 
 
 @dataclass

@@ -40,11 +40,12 @@ from jobs.events import EventHub
 from jobs.model import ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
+from serving import tracing
 from serving.engine import Engine
 from serving.flow import Flow
-from serving.log_context import task_context
+from serving.log_context import task_context, trace_var
 from serving.retry import backoff_s
-from serving.tickets import Client, Ticket
+from serving.tickets import Cancellable, Client
 from serving.tracing import TraceContext, new_trace
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class JobRunner:
         #: Items in flight and their claims (released if still running at shutdown).
         self._items: dict[asyncio.Task[None], Claim] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._tickets: dict[str, set[Ticket]] = defaultdict(set)
+        #: The tickets (and waits for the same photo's work) of each job's items in flight here.
+        self._tickets: dict[str, set[Cancellable]] = defaultdict(set)
         self._webhook_tasks: dict[str, asyncio.Task[None]] = {}
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -274,6 +276,15 @@ class JobRunner:
     # -- one item ----------------------------------------------------------------------------------
 
     async def _run(self, claim: Claim) -> None:
+        """One item, as a span of its own in the job's trace (when spans are exported)."""
+        attributes: dict[str, tracing.AttributeValue] = {
+            "toonserve.job": claim.job_id,
+            "toonserve.item": claim.index,
+        }
+        with tracing.spanned_own(trace_var.get(), "job item", attributes=attributes):
+            await self._run_item(claim)
+
+    async def _run_item(self, claim: Claim) -> None:
         job: Job | None
         try:
             params = self.flow.options(claim.options)
@@ -349,7 +360,7 @@ class JobRunner:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _watch(self, claim: Claim, ticket: Ticket) -> None:
+    async def _watch(self, claim: Claim, ticket: Cancellable) -> None:
         """Beside an item's wait (:meth:`Flow.wait`): its ticket is cancelled when its job is cancelled
         here or in another process (it then stops between stages and ends ``cancelled``), and
         :class:`_LeaseLost` is raised when another runner took the item over (its work here is
@@ -382,7 +393,10 @@ class JobRunner:
 
         async def send() -> None:
             try:
-                delivered = await self.webhooks.deliver(job)
+                with tracing.spanned_own(
+                    trace_var.get(), "webhook", kind="client", attributes={"toonserve.job": job.id}
+                ):
+                    delivered = await self.webhooks.deliver(job)
                 await asyncio.to_thread(
                     self.store.set_webhook_state, job.id, "delivered" if delivered else "failed"
                 )

@@ -24,7 +24,9 @@ from api.state import ServiceState
 from service import memory
 from service.factory import build_engine, build_flow
 from service.jobs import build_jobs
+from service.otel import build_exporter
 from service.settings import Settings, get_settings
+from serving import tracing
 from serving.scheduler import Scheduler
 
 log = logging.getLogger("toonserve")
@@ -108,11 +110,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         memory.limit_arenas(settings.malloc_arenas)
+        # Spans go to an OpenTelemetry collector when OTEL_EXPORTER_OTLP_ENDPOINT is set and the
+        # toonserve[otel] extra is installed (service/otel.py); otherwise nothing is exported.
+        exporter = build_exporter()
+        previous_exporter = tracing.set_exporter(exporter) if exporter is not None else None
         engine = build_engine(
             settings,
             on_outcome=lambda outcome, client: metrics.images.labels(outcome=outcome, client=client).inc(),
         )
         flow = build_flow(settings, engine, on_result=metrics.record)
+        metrics.watch_cache(flow.cache.stats)
         jobs = build_jobs(settings, engine, flow, metrics)
         app.state.toonserve = ServiceState(
             engine, flow, max_batch_files=settings.max_batch_files, jobs=jobs, clients=clients
@@ -130,6 +137,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(engine.close, True, settings.request_timeout_s)
             flow.close()
             jobs.store.close()
+            if exporter is not None:
+                tracing.set_exporter(previous_exporter)
+                await asyncio.to_thread(exporter.shutdown)
             log.info("stopped")
 
     app = FastAPIOffline(

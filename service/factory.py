@@ -19,6 +19,7 @@ from serving.engine import Engine
 from serving.flow import Flow, Limits
 from serving.gpu_codec import GpuCodec
 from serving.options import ResolvedOptions
+from serving.result_cache import ResultCache
 
 
 def default_codec_threads() -> int:
@@ -132,4 +133,6 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         codec_threads=settings.codec_threads or default_codec_threads(),
         on_result=on_result,
         gpu_codec=GpuCodec.create(engine.store.device),
+        cache=ResultCache(settings.result_cache_bytes),
+        tag_salt=settings.etag_salt,
     )

@@ -62,4 +62,5 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         webhook_secret=bool(settings.webhook_secret),
         webhook_allow_private=settings.webhook_allow_private,
         streams=StreamSlots(per_client=settings.client_event_streams, total=settings.max_event_streams),
+        etag_salt=settings.etag_salt,
     )

@@ -105,4 +105,8 @@ def _adopt_modelscope(handler: logging.Handler) -> None:
             get_logger = import_module(module).get_logger
         except (ImportError, AttributeError):  # pragma: no cover - an older or newer modelscope
             continue
-        get_logger().handlers[:] = [handler]
+        logger = get_logger()
+        logger.handlers[:] = [handler]
+        # Our handler is on the root logger too: a line must not reach it twice (ModelScope turns
+        # propagation off only the first time it sets its logger up).
+        logger.propagate = False

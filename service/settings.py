@@ -42,6 +42,7 @@ from serving.encoding import (
 from serving.engine import DEFAULT_RETRY_MAX_S
 from serving.flow import DEFAULT_MAX_INFLIGHT_PIXELS, DEFAULT_MAX_UPSCALE
 from serving.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, MAX_DECODER_COPIES
+from serving.result_cache import DEFAULT_RESULT_CACHE_BYTES
 from serving.scheduler import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_INTERACTIVE_GRACE_S,
@@ -118,6 +119,21 @@ class Settings(BaseSettings):
         ge=0,
         le=MAX_MAX_FACES,
         description="Most faces stylised per photo (largest first).",
+    )
+
+    # Seen before, answered at once.
+    result_cache_bytes: int = Field(
+        DEFAULT_RESULT_CACHE_BYTES,
+        ge=0,
+        description="Memory for what the models made of recent photos, per client (strength, format, "
+        "quality and size changes then skip them); it holds photos' pixels in this process only. 0 turns "
+        "it off.",
+    )
+    etag_salt: str = Field(
+        "",
+        max_length=256,
+        description="Mixed into every ETag: change it to invalidate every tag given out (after an "
+        "update that changes results).",
     )
 
     # Limits.

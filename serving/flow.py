@@ -18,17 +18,28 @@ submit and wait; :meth:`Flow.run` chains them for one image.
   :class:`~serving.tickets.DeadlineExceededError`.
 
 Timings (milliseconds): ``decode``, ``queue`` (wait for the worker), each pipeline stage, ``encode``.
+
+Seen before (:mod:`serving.result_cache`): every upload is hashed with its header read; a photo the
+same client sent before with the same style, weights and processing size is finished from the stages
+kept then (strength, resize, encode: :func:`~inference.pipeline.finish_stages`), and one that is
+being worked on for that client (the same photo twice in a batch or a job, or two requests at once)
+waits for that work rather than doing it again (a request does not wait on a job item, which the
+worker may take only later). Such an outcome is a ``hit``; the others are ``miss``.
+
+Traces: when spans are exported (:mod:`serving.tracing`), every image's decode, queue, pipeline
+stages and encode become spans below the work's own (the request's, the job item's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import numpy as np
 from torch import Tensor
@@ -41,7 +52,8 @@ from inference.constants import (
 )
 from inference.errors import OptionsError, ToonserveError
 from inference.geometry import processing_shape, resize_rgb, to_rgb_array
-from inference.pipeline import Options, Result
+from inference.pipeline import AbandonedError, Options, Result, Stages, finish_stages
+from serving import tracing
 from serving.codec_pool import CodecPool
 from serving.cost import cost_pixels
 from serving.encoding import DEFAULT_PNG_COMPRESSION, encode
@@ -56,8 +68,10 @@ from serving.images import (
     plan_decode,
     probe,
 )
+from serving.log_context import trace_var
 from serving.options import RequestOptions, ResolvedOptions
-from serving.tickets import Admission, Client, DeadlineExceededError, QueueFullError, Ticket
+from serving.result_cache import CacheKey, ResultCache
+from serving.tickets import Admission, Cancellable, Client, DeadlineExceededError, QueueFullError, Ticket
 
 _T = TypeVar("_T")
 
@@ -85,6 +99,8 @@ class Decoded:
     #: The photo's own upright (height, width).
     input_size: tuple[int, int]
     ms: float
+    #: When the decode began (Unix-epoch nanoseconds), for its span.
+    start_ns: int = 0
 
 
 #: What an :class:`Outcome`'s result holds in place of its pixels once they are encoded.
@@ -101,6 +117,11 @@ class Outcome:
     data: bytes
     params: ResolvedOptions
     timings_ms: dict[str, float]
+    #: ``hit``: made from the stages of an earlier or concurrent run of the same photo for the same
+    #: client (the models did not run for it); ``miss``: the models ran.
+    cache: Literal["hit", "miss"] = "miss"
+    #: SHA-256 of the uploaded bytes, hex (what :meth:`Flow.tag` is derived from).
+    photo_sha256: str = ""
 
 
 def output_shape(input_hw: tuple[int, int], long_side: int | None) -> tuple[int, int] | None:
@@ -170,6 +191,35 @@ class _PixelBudget:
                 self._changed.notify_all()
 
 
+@dataclass(frozen=True)
+class _Photo:
+    """An upload checked from its header, with what identifies its model work."""
+
+    data: bytes
+    info: ImageInfo
+    digest: str
+    key: CacheKey
+
+
+class _Waiting:
+    """An image waiting for the same photo's work in flight; its owner may cancel it, as a ticket."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _InFlight:
+    """A photo the models are working on: its stages once known (None: the work failed or was
+    dropped; whoever waited does it again), and whether it is a job item's."""
+
+    future: asyncio.Future[Stages | None]
+    background: bool
+
+
 class Flow:
     """Decode → submit → wait → encode for one engine (module docstring)."""
 
@@ -183,10 +233,17 @@ class Flow:
         codec_threads: int,
         on_result: Callable[[Result], None] | None = None,
         gpu_codec: GpuCodec | None = None,
+        cache: ResultCache | None = None,
+        tag_salt: str = "",
     ) -> None:
         """``defaults``: what a request gets for the options it leaves out. ``gpu_codec``: decode and
-        encode the JPEGs it takes on the engine's device (None: Pillow)."""
+        encode the JPEGs it takes on the engine's device (None: Pillow). ``cache``: the stages of
+        recent photos (None: none kept; photos in flight are still shared). ``tag_salt``: mixed into
+        every :meth:`tag`, so that changing it invalidates every tag given out."""
         self.engine = engine
+        self.cache = cache if cache is not None else ResultCache(0)
+        self.tag_salt = tag_salt
+        self._inflight: dict[CacheKey, _InFlight] = {}
         self.gpu_codec = gpu_codec
         self.defaults = defaults
         self.limits = limits
@@ -252,6 +309,57 @@ class Flow:
         )
         return info
 
+    async def digest(self, data: bytes, client: Client | None = None) -> str:
+        """SHA-256 of an upload, hex (off the event loop): what identifies the photo."""
+        value, _ = await self._in_codec(
+            lambda: hashlib.sha256(data).hexdigest(), client, len(data) / 4e6, finishing=True
+        )
+        return value
+
+    async def _identify(
+        self, data: bytes, client: Client | None, digest: str | None
+    ) -> tuple[ImageInfo, str]:
+        """The upload's header (:meth:`probe`) and its SHA-256, in one trip to the codec threads."""
+
+        def run() -> tuple[ImageInfo, str]:
+            info = probe(data, max_pixels=self.limits.max_pixels)
+            return info, digest or hashlib.sha256(data).hexdigest()
+
+        value, _ = await self._in_codec(run, client, 0.0, finishing=True)
+        return value
+
+    def cache_key(self, params: ResolvedOptions, digest: str, client: Client | None) -> CacheKey:
+        """What makes this photo's model work the same as another's (:class:`CacheKey`)."""
+        store = self.engine.store
+        return CacheKey(
+            client=(client or Client()).key,
+            photo=digest,
+            style=params.style,
+            version=store.get(params.style).version,
+            processing_size=params.processing_size,
+            device=str(store.device),
+            dtype=str(store.dtype).removeprefix("torch."),
+        )
+
+    def tag(self, params: ResolvedOptions, digest: str, *parts: str) -> str:
+        """An opaque tag (32 hex digits) of the image this flow makes of the photo whose SHA-256 is
+        ``digest`` with ``params``: it changes with the photo, any option, the style's weights, the
+        device and dtype, the server's limits that shape a result, and the salt; ``parts`` add what
+        else the caller's representation depends on. Needs the style loaded."""
+        store = self.engine.store
+        lim = self.limits
+        fields = [
+            self.tag_salt,
+            digest,
+            params.model_dump_json(),
+            store.get(params.style).version,
+            str(store.device),
+            str(store.dtype),
+            f"{lim.max_processing_pixels}/{lim.min_face_size}/{lim.max_faces}/{lim.png_compression}",
+            *parts,
+        ]
+        return hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
+
     def check_output(self, params: ResolvedOptions, info: ImageInfo) -> None:
         """Refuse (:class:`OptionsError`) a requested output over the pixel budget or enlarged more
         than the upscale limit allows. The default output, the photo's own size, always passes."""
@@ -295,7 +403,7 @@ class Flow:
         """The upload ready for the pipeline (:class:`Decoded`), decoded off the event loop, within
         the budget of decoded pixels in flight: a decode waits while others hold it, until
         ``deadline`` at most (then 503 rather than a decode that could not be used in time)."""
-        start = time.perf_counter()
+        start, start_ns = time.perf_counter(), tracing.now_ns()
         if info is None:
             info = await self.probe(data, client)
         size = (info.height, info.width)
@@ -325,7 +433,7 @@ class Flow:
         wait = None if deadline is None or math.isinf(deadline) else max(0.0, deadline - time.monotonic())
         async with self._decoding.hold(cost, wait):
             pixels, _ = await self._in_codec(prepare, client, plan.held / 1e6, finishing=False)
-        return Decoded(pixels, size, (time.perf_counter() - start) * 1000)
+        return Decoded(pixels, size, (time.perf_counter() - start) * 1000, start_ns)
 
     def submit(
         self,
@@ -349,6 +457,8 @@ class Flow:
             # On the CPU the resize to the output size is codec work (encode): a 40 MP result takes
             # the worker 0.4-0.6 s that the next image's models can have.
             resize_later=True,
+            # What the models made of it, for the result cache (on the CPU it costs one 8-bit copy).
+            keep_stages=self.cache.enabled or self.engine.store.device.type == "cpu",
         )
         return self.engine.scheduler.submit(
             params.style,
@@ -360,7 +470,9 @@ class Flow:
             client=client,
         )
 
-    async def wait(self, ticket: Ticket, watch: Callable[[Ticket], Awaitable[None]] | None = None) -> Result:
+    async def wait(
+        self, ticket: Ticket, watch: Callable[[Cancellable], Awaitable[None]] | None = None
+    ) -> Result:
         """The ticket's result. Cancelling the caller cancels the ticket (counted ``cancelled``); at
         its deadline the ticket is dropped (counted ``deadline``) and :class:`DeadlineExceededError`
         raised. ``watch(ticket)`` runs beside the wait (:meth:`run`): if it raises, the ticket is
@@ -409,38 +521,78 @@ class Flow:
     ) -> tuple[bytes, float, float]:
         """:meth:`encode`: the bytes, the milliseconds of the resize to the output size (0 when the
         pipeline made it) and of the encoding."""
-        level = self.limits.png_compression
-        gpu, on_device = self.gpu_codec, result.device_image
-        resize_ms = 0.0
-
-        def run() -> bytes:
-            nonlocal resize_ms
-            if gpu is not None and on_device is not None and params.format == "jpeg":
-                data = gpu.encode(on_device, params.quality)
-                if data is not None:
-                    return data
-            image = result.image
-            if image.shape[:2] != result.output_size:  # left to us (Options.resize_later)
-                start = time.perf_counter()
-                image = np.ascontiguousarray(resize_rgb(image, *result.output_size))
-                resize_ms = (time.perf_counter() - start) * 1000
-            return encode(image, params.format, params.quality, level)
-
         h, w = result.output_size
-        data, ms = await self._in_codec(run, client, h * w / 1e6, finishing=True)
+        (data, resize_ms), ms = await self._in_codec(
+            lambda: self._encode_now(result, params), client, h * w / 1e6, finishing=True
+        )
         return data, resize_ms, ms - resize_ms
 
+    def _encode_now(self, result: Result, params: ResolvedOptions) -> tuple[bytes, float]:
+        """Encode on this thread: the bytes, and the milliseconds of the resize to the output size
+        when it was left to the encoder (``Options.resize_later``; else 0)."""
+        gpu, on_device = self.gpu_codec, result.device_image
+        if gpu is not None and on_device is not None and params.format == "jpeg":
+            data = gpu.encode(on_device, params.quality)
+            if data is not None:
+                return data, 0.0
+        image, resize_ms = result.image, 0.0
+        if image.shape[:2] != result.output_size:  # left to us (Options.resize_later)
+            start = time.perf_counter()
+            image = np.ascontiguousarray(resize_rgb(image, *result.output_size))
+            resize_ms = (time.perf_counter() - start) * 1000
+        return encode(image, params.format, params.quality, self.limits.png_compression), resize_ms
+
     async def finish(
-        self, result: Result, params: ResolvedOptions, decoded: Decoded, ticket: Ticket
+        self, result: Result, params: ResolvedOptions, decoded: Decoded, ticket: Ticket, digest: str = ""
     ) -> Outcome:
         """Encode a result (in the ticket's client's turn) and put every timing together."""
+        encode_start = tracing.now_ns()
         data, resize_ms, encode_ms = await self._encode(result, params, ticket.client)
         timings = {"decode": decoded.ms, "queue": ticket.queue_wait_ms}
         timings.update((s, result.timings_ms[s]) for s in STAGES)
         timings["resize_out"] += resize_ms
         timings["encode"] = encode_ms
-        report = replace(result, image=_NO_PIXELS, device_image=None)
-        return Outcome(report, data, params, {k: round(v, 3) for k, v in timings.items()})
+        if tracing.exporting():
+            _emit_spans(result, decoded, ticket, encode_start, encode_ms)
+        report = replace(result, image=_NO_PIXELS, device_image=None, stages=None)
+        return Outcome(report, data, params, {k: round(v, 3) for k, v in timings.items()}, "miss", digest)
+
+    async def _from_stages(
+        self, stages: Stages, params: ResolvedOptions, photo: _Photo, client: Client | None
+    ) -> Outcome:
+        """The outcome of a photo whose model work is done (:class:`Stages` cached or just made for
+        another request): strength, resize and encode, in one trip to the codec threads."""
+        out_hw = output_shape(stages.input_size, params.output_size)
+        options = self.pipeline_options(
+            params, input_size=stages.input_size, output_size=out_hw, resize_later=True
+        )
+        start_ns = tracing.now_ns()
+
+        def run() -> tuple[Result, bytes, float, float]:
+            result = finish_stages(stages, options)
+            start = time.perf_counter()
+            data, resize_ms = self._encode_now(result, params)
+            return result, data, resize_ms, (time.perf_counter() - start) * 1000 - resize_ms
+
+        h, w = out_hw or stages.input_size
+        (result, data, resize_ms, encode_ms), _ = await self._in_codec(
+            run, client, h * w / 1e6, finishing=True
+        )
+        self.cache.count_hit()
+        timings = {"decode": 0.0, "queue": 0.0, **result.timings_ms, "encode": encode_ms}
+        timings["resize_out"] += resize_ms
+        if tracing.exporting():
+            parent = trace_var.get()
+            at = start_ns
+            for stage in ("strength", "resize_out", "encode"):
+                end = at + round(timings[stage] * 1e6)
+                tracing.emit_child(parent, stage, at, end, attributes={"toonserve.cache": "hit"})
+                at = end
+        self._on_result(result)
+        report = replace(result, image=_NO_PIXELS, stages=None)
+        return Outcome(
+            report, data, params, {k: round(v, 3) for k, v in timings.items()}, "hit", photo.digest
+        )
 
     async def run(
         self,
@@ -450,15 +602,25 @@ class Flow:
         client: Client | None = None,
         *,
         background: bool = False,
-        watch: Callable[[Ticket], Awaitable[None]] | None = None,
+        watch: Callable[[Cancellable], Awaitable[None]] | None = None,
+        digest: str | None = None,
     ) -> Outcome:
         """The whole flow for one image of ``client``: probe, admit, decode, submit, wait, encode.
 
         ``background`` (a job's item): no admission, the worker's low-priority lines. ``watch(ticket)``
         runs beside the wait; it may cancel the ticket (its job was cancelled), or raise, which stops
-        the image and is raised here (its item was taken over).
+        the image and is raised here (its item was taken over). ``digest``: the upload's SHA-256 when
+        the caller already has it (:meth:`digest`).
         """
-        outcomes = await self.run_many([data], params, deadline, client, background=background, watch=watch)
+        outcomes = await self.run_many(
+            [data],
+            params,
+            deadline,
+            client,
+            background=background,
+            watch=watch,
+            digests=None if digest is None else [digest],
+        )
         outcome = outcomes[0]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -472,51 +634,105 @@ class Flow:
         client: Client | None = None,
         *,
         background: bool = False,
-        watch: Callable[[Ticket], Awaitable[None]] | None = None,
+        watch: Callable[[Cancellable], Awaitable[None]] | None = None,
+        digests: Sequence[str] | None = None,
     ) -> list[Outcome | ToonserveError]:
         """Several images of one request, with the same options: every one checked from its header,
         places asked for all of them at once (:class:`~serving.tickets.QueueFullError` /
         :class:`~serving.tickets.ClientQueueFullError` for the whole request, before anything is
         decoded), then each decoded and submitted, then all awaited together. Each entry is that
-        image's outcome, or its own error: one bad file does not sink the others."""
+        image's outcome, or its own error: one bad file does not sink the others.
+
+        A photo whose model work is cached, or in flight for this client (the same photo earlier in
+        this request among them), is finished from it instead: it takes no place in the line
+        (module docstring)."""
         deadline = self.deadline() if deadline is None else deadline
-        infos: list[ImageInfo | ToonserveError] = []
-        for data in datas:
+        photos: list[_Photo | ToonserveError] = []
+        for i, data in enumerate(datas):
             try:
-                info = await self.probe(data, client)
+                info, digest = await self._identify(data, client, digests[i] if digests else None)
                 self.check_output(params, info)
-                infos.append(info)
+                photos.append(_Photo(data, info, digest, self.cache_key(params, digest, client)))
             except ToonserveError as exc:
-                infos.append(exc)
+                photos.append(exc)
+        # What each photo needs: a plan of ("hit", stages), ("follow", future) or ("lead", future).
+        plans: list[tuple[str, Any] | ToonserveError] = []
+        led: dict[CacheKey, asyncio.Future[Stages | None]] = {}
+        for photo in photos:
+            if isinstance(photo, ToonserveError):
+                plans.append(photo)
+                continue
+            stages = self.cache.get(photo.key) if self.cache.enabled else None
+            shared = self._inflight.get(photo.key)
+            if stages is not None and stages.serves(params.no_face):
+                plans.append(("hit", stages))
+            elif photo.key in led:
+                plans.append(("follow", led[photo.key]))
+            elif shared is not None and (background or not shared.background):
+                plans.append(("follow", shared.future))
+            else:
+                future: asyncio.Future[Stages | None] = asyncio.get_running_loop().create_future()
+                self._inflight[photo.key] = _InFlight(future, background)
+                led[photo.key] = future
+                plans.append(("lead", future))
+        leading = [
+            photo.info
+            for photo, plan in zip(photos, plans, strict=True)
+            if isinstance(photo, _Photo) and not isinstance(plan, ToonserveError) and plan[0] == "lead"
+        ]
         admission = None
-        if not background:
-            admission = self.admit(params, [i for i in infos if isinstance(i, ImageInfo)], deadline, client)
-        prepared: list[tuple[Decoded, Ticket] | ToonserveError] = []
+        prepared: list[tuple[Decoded, Ticket] | ToonserveError | None] = []
         try:
-            for data, probed in zip(datas, infos, strict=True):
-                if isinstance(probed, ToonserveError):
-                    prepared.append(probed)
+            if not background and leading:
+                admission = self.admit(params, leading, deadline, client)
+            for photo, plan in zip(photos, plans, strict=True):
+                if not isinstance(photo, _Photo) or isinstance(plan, ToonserveError) or plan[0] != "lead":
+                    prepared.append(None)
                     continue
                 try:
-                    decoded = await self.decode(data, params, probed, deadline, client)
+                    decoded = await self.decode(photo.data, params, photo.info, deadline, client)
                     ticket = self.submit(params, decoded, deadline, admission, background, client)
                     prepared.append((decoded, ticket))
                 except ToonserveError as exc:
+                    self._settle(photo.key, None)
                     prepared.append(exc)
+        except BaseException:
+            for key in led:
+                self._settle(key, None)
+            raise
         finally:
             if admission is not None:
                 self.release(admission)
         # Each image's ticket (whose future holds its full-size result) is let go as soon as that image
         # is encoded, not when the whole request is.
-        pending = dict(enumerate(prepared))
+        pending = dict(enumerate(zip(photos, plans, prepared, strict=True)))
         del prepared
 
         async def one(index: int) -> Outcome:
-            entry = pending.pop(index)
+            photo, plan, entry = pending.pop(index)
+            if isinstance(photo, ToonserveError):
+                raise photo
             if isinstance(entry, ToonserveError):
                 raise entry
+            assert not isinstance(plan, ToonserveError)
+            kind, value = plan
+            if kind == "hit":
+                return await self._from_stages(value, params, photo, client)
+            if kind == "follow":
+                return await self._follow(value, params, photo, deadline, client, background, watch)
+            assert entry is not None
             decoded, ticket = entry
-            return await self.finish(await self.wait(ticket, watch), params, decoded, ticket)
+            try:
+                result = await self.wait(ticket, watch)
+            except BaseException:
+                self._settle(photo.key, None)
+                raise
+            if result.stages is not None:
+                if self.cache.enabled:
+                    self.cache.put(photo.key, result.stages)
+                self.cache.count_miss()
+            self._settle(photo.key, result.stages)
+            return await self.finish(result, params, decoded, ticket, photo.digest)
 
         done = await asyncio.gather(*(one(i) for i in range(len(pending))), return_exceptions=True)
         out: list[Outcome | ToonserveError] = []
@@ -525,6 +741,77 @@ class Flow:
                 raise item
             out.append(item)
         return out
+
+    def _settle(self, key: CacheKey, stages: Stages | None) -> None:
+        """The work on ``key`` is over: hand its stages (None: none) to whoever waits for them."""
+        shared = self._inflight.pop(key, None)
+        if shared is not None and not shared.future.done():
+            shared.future.set_result(stages)
+
+    async def _follow(
+        self,
+        future: asyncio.Future[Stages | None],
+        params: ResolvedOptions,
+        photo: _Photo,
+        deadline: float,
+        client: Client | None,
+        background: bool,
+        watch: Callable[[Cancellable], Awaitable[None]] | None,
+    ) -> Outcome:
+        """Wait for the same photo's model work in flight, and finish from its stages; when that
+        work fails or was dropped, or its stages cannot serve these options, do it here. ``watch``
+        watches the wait as it would a ticket's (:meth:`wait`): it may cancel it, or raise."""
+        timeout = None if math.isinf(deadline) else max(0.0, deadline - time.monotonic())
+        waiting = _Waiting()
+        shared = asyncio.ensure_future(asyncio.shield(future))
+        stopped = asyncio.ensure_future(waiting.cancelled.wait())
+        watcher = asyncio.ensure_future(watch(waiting)) if watch is not None else None
+        try:
+            waits: set[asyncio.Future[Any]] = {shared, stopped}
+            if watcher is not None:
+                waits.add(watcher)
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if shared not in done:
+                if watcher is not None and watcher in done and (failed := watcher.exception()) is not None:
+                    raise failed
+                if waiting.cancelled.is_set():
+                    raise AbandonedError("the work was cancelled before its image was finished")
+                try:
+                    # The watcher ended without a word: wait on for the work itself.
+                    left = None if timeout is None else max(0.0, deadline - time.monotonic())
+                    stages = await asyncio.wait_for(shared, left if done else 0)
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"no result within {self.timeout_s:g} s (queue wait included)"
+                    ) from None
+            else:
+                stages = shared.result()
+        finally:
+            for task in (shared, stopped, watcher):
+                if task is not None:
+                    task.cancel()
+        if stages is not None and stages.serves(params.no_face):
+            return await self._from_stages(stages, params, photo, client)
+        return await self.run(
+            photo.data, params, deadline, client, background=background, watch=watch, digest=photo.digest
+        )
+
+
+def _emit_spans(
+    result: Result, decoded: Decoded, ticket: Ticket, encode_start: int, encode_ms: float
+) -> None:
+    """The spans of one image the models ran on, below the current work's span: decode, queue (from
+    when it was submitted to its first stage), each pipeline stage as it ran, encode."""
+    parent = trace_var.get()
+    if parent is None:
+        return
+    decode_end = decoded.start_ns + round(decoded.ms * 1e6)
+    tracing.emit_child(parent, "decode", decoded.start_ns, decode_end)
+    first = result.stage_times[0][1] if result.stage_times else decode_end
+    tracing.emit_child(parent, "queue", first - round(ticket.queue_wait_ms * 1e6), first)
+    for stage, start, end in result.stage_times:
+        tracing.emit_child(parent, stage, start, end)
+    tracing.emit_child(parent, "encode", encode_start, encode_start + round(encode_ms * 1e6))
 
 
 def _consume(fut: asyncio.Future[Result]) -> None:

@@ -8,7 +8,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -67,6 +67,13 @@ class Admission:
     slots: list[Slot[Ticket]]
     deadline: float
     client: Client
+
+
+class Cancellable(Protocol):
+    """Work in flight that its owner can stop: a :class:`Ticket`, or an image waiting for the same
+    photo's work in flight (:mod:`serving.flow`)."""
+
+    def cancel(self) -> None: ...
 
 
 @dataclass(eq=False)

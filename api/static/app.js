@@ -4,7 +4,7 @@
 
 import { cancelBatch, describeChoice, follow, JOB_STORE, startBatch } from "./batch.js";
 import { loadBounds, loadStyles, restoreSettings, savedSettings, saveSettings, SETTINGS, showStrength, showStyleHint } from "./settings.js";
-import { cartoonize, compare, photoNotShown, photoShown, previewPhoto } from "./single.js";
+import { cartoonize, compare, photoNotShown, photoShown, previewPhoto, settingsChanged } from "./single.js";
 import { dropZone, onTabKey, selectTab, tabs } from "./tabs.js";
 import { $, fail, say } from "./util.js";
 
@@ -27,7 +27,12 @@ async function start() {
   $("compare-slider").addEventListener("input", compare);
   $("strength").addEventListener("input", showStrength);
   $("style").addEventListener("change", showStyleHint);
-  for (const { id } of SETTINGS) $(id).addEventListener("change", saveSettings);
+  for (const { id } of SETTINGS) {
+    $(id).addEventListener("change", saveSettings);
+    $(id).addEventListener("change", settingsChanged);
+  }
+  // The strength slider updates the cartoon while it moves (once it rests a moment).
+  $("strength").addEventListener("input", settingsChanged);
   $("photo-preview").addEventListener("load", photoShown);
   $("photo-preview").addEventListener("error", photoNotShown);
 

@@ -6,9 +6,14 @@ import { $, base64Blob, fail, objectUrl, objectUrls, plural, say, stemOf, suffix
 
 
 let singleRun = null; // AbortController of the request in flight
+let shownFile = null; // the photo whose cartoon is shown, while it is still the chosen one
+let refreshTimer = null;
+// A slider sends many input events: the page asks again once it rests this long.
+const REFRESH_DELAY_MS = 200;
 
 export function previewPhoto() {
   const file = $("photo").files[0];
+  shownFile = null;
   $("cartoon-figure").hidden = true;
   $("single-details").hidden = true;
   $("face-boxes").replaceChildren();
@@ -34,14 +39,29 @@ export function photoNotShown() {
   if ($("photo").files.length) say("single", "This browser cannot preview this file; the service may still read it.");
 }
 
-export async function cartoonize(event) {
+export function cartoonize(event) {
   event.preventDefault();
+  return runSingle($("photo").files[0], false);
+}
+
+// A setting changed while a cartoon is shown: ask again, so what is shown always matches the settings.
+// The service keeps what its models made of this photo for this page's client, so a change of
+// strength, format, quality or output size comes back at once (only those last steps run there);
+// the page does not blend on its own, so that what it shows is byte for byte what it downloads.
+export function settingsChanged() {
+  clearTimeout(refreshTimer);
   const file = $("photo").files[0];
+  if (!shownFile || file !== shownFile) return;
+  refreshTimer = setTimeout(() => runSingle(file, true), REFRESH_DELAY_MS);
+}
+
+async function runSingle(file, refresh) {
+  clearTimeout(refreshTimer);
   singleRun?.abort();
   const run = new AbortController();
   singleRun = run;
   fail("single", "");
-  say("single", `Cartoonizing ${file.name}…`);
+  say("single", refresh ? `Updating the cartoon of ${file.name}…` : `Cartoonizing ${file.name}…`);
   $("panel-single").setAttribute("aria-busy", "true");
   const form = settingsForm();
   form.append("image", file, file.name);
@@ -54,6 +74,7 @@ export async function cartoonize(event) {
       onWait: waiting("single"),
     });
     showResult(file, await response.json());
+    shownFile = file;
   } catch (err) {
     if (run.signal.aborted) return;
     say("single", "");
@@ -132,7 +153,14 @@ function showResult(file, data) {
     `(the processing size) and the cartoon is ${size(data.output_size)}. Drawn on ${data.device} in ` +
     `${data.dtype}${data.source === "demo" ? ", with demo weights (not a real cartoon)" : ""}.`;
   $("single-details").hidden = false;
-  say("single", `Done: ${plural(data.faces_stylized, "face")} stylised. The cartoon is ready to download.`);
+  const total = Object.values(data.timings_ms).reduce((a, b) => a + b, 0);
+  say(
+    "single",
+    data.cache === "hit"
+      ? `Updated in ${total.toFixed(0)} ms from what the models already made of this photo ` +
+          "(only strength, size and encoding ran). The cartoon is ready to download."
+      : `Done: ${plural(data.faces_stylized, "face")} stylised. The cartoon is ready to download.`,
+  );
 }
 
 function timingRow(name, ms, className) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -56,7 +57,7 @@ def client(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactor
 
 def jobs_settings(model_dir: ReferenceModelDir, tmp: Path, **overrides: object) -> Settings:
     """The settings of a service with jobs of its own: cache and data directory under ``tmp``."""
-    values: dict[str, object] = dict(data_dir=tmp / "data", dtype="auto", **overrides)
+    values: dict[str, object] = {"data_dir": tmp / "data", "dtype": "auto", **overrides}
     return make_settings(model_dir, tmp / "cache", **values)
 
 
@@ -109,6 +110,24 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 @pytest.fixture(scope="session")
 def portrait_jpeg() -> bytes:
     return jpeg_bytes(photos.astronaut())
+
+
+_unseen = itertools.count(1)
+
+
+def unseen_portrait() -> bytes:
+    """The astronaut as a JPEG no earlier call gave (its comment differs, its pixels do not): a photo
+    the service's result cache has not seen, for tests that need the models to run (a full queue, a
+    deadline)."""
+    buf = io.BytesIO()
+    Image.fromarray(photos.astronaut()).save(buf, "JPEG", quality=90, comment=f"unseen {next(_unseen)}")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def unseen_jpeg() -> bytes:
+    """:func:`unseen_portrait`, one per test."""
+    return unseen_portrait()
 
 
 @pytest.fixture(scope="session")

@@ -225,25 +225,25 @@ def test_batch_file_limit(client: TestClient, portrait_jpeg: bytes) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_files"
 
 
-def test_full_queue_is_503_with_retry_after(client: TestClient, portrait_jpeg: bytes) -> None:
+def test_full_queue_is_503_with_retry_after(client: TestClient, unseen_jpeg: bytes) -> None:
     engine = service_state(client).engine
     real = engine.scheduler
     stalled = Scheduler(real.cartoonizers, queue_size=1, name="stalled")  # never started: nothing drains
     engine.scheduler = stalled
     try:
         stalled.submit("anime", np.zeros((8, 8, 3), np.uint8), Options(), time.monotonic() + 60)
-        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        r = client.post("/cartoonize", files={"image": ("me.jpg", unseen_jpeg)})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "queue_full"
         assert int(r.headers["retry-after"]) >= 1
-        r = client.post("/cartoonize/batch", files=[("images", ("me.jpg", portrait_jpeg))])
+        r = client.post("/cartoonize/batch", files=[("images", ("me.jpg", unseen_jpeg))])
         assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
         assert int(r.headers["retry-after"]) >= 1
     finally:
         engine.scheduler = real
 
 
-def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: bytes) -> None:
+def test_deadline_is_504_and_work_is_dropped(client: TestClient, unseen_jpeg: bytes) -> None:
     state = service_state(client)
     engine, flow = state.engine, state.flow
     real, timeout = engine.scheduler, flow.timeout_s
@@ -253,7 +253,7 @@ def test_deadline_is_504_and_work_is_dropped(client: TestClient, portrait_jpeg: 
     flow.timeout_s = 0.3
     try:
         before = client.get("/metrics").text
-        r = client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)})
+        r = client.post("/cartoonize", files={"image": ("me.jpg", unseen_jpeg)})
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         assert stalled.depth == 0  # dropped from the queue at once: the worker will never see it
         after = client.get("/metrics").text
@@ -351,7 +351,7 @@ def test_two_image_parts_are_refused(client: TestClient, portrait_jpeg: bytes) -
 
 
 def test_a_full_queue_is_a_warning_not_an_error(
-    client: TestClient, portrait_jpeg: bytes, caplog: pytest.LogCaptureFixture
+    client: TestClient, unseen_jpeg: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = service_state(client).engine
     real = engine.scheduler
@@ -359,7 +359,7 @@ def test_a_full_queue_is_a_warning_not_an_error(
     try:
         engine.scheduler.submit("anime", np.zeros((8, 8, 3), np.uint8), Options(), time.monotonic() + 60)
         with caplog.at_level("INFO"):
-            assert client.post("/cartoonize", files={"image": ("me.jpg", portrait_jpeg)}).status_code == 503
+            assert client.post("/cartoonize", files={"image": ("me.jpg", unseen_jpeg)}).status_code == 503
     finally:
         engine.scheduler = real
     full = [rec for rec in caplog.records if "queue_full" in rec.getMessage()]

@@ -88,6 +88,8 @@ def _as_readme(value: Any) -> str | None:
         return f"`{','.join(value)}`" if value else "empty"
     if isinstance(value, Path):
         return f"`{str(value).replace(str(Path.home()), '~')}`"
+    if value == "":
+        return "empty"
     return f"`{value}`"
 
 

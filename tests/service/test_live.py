@@ -85,10 +85,12 @@ def _metric(server: LiveService, name: str) -> float:
     return 0.0
 
 
-def _slow_post(server: LiveService, tmp_path: Path) -> list[str]:
-    """A curl command posting the four-face composite (the slowest photo) and printing the status."""
-    body = tmp_path / "big.jpg"
-    Image.fromarray(photos.group(4)).save(body, quality=90)
+def _slow_post(server: LiveService, tmp_path: Path, variant: int = 0) -> list[str]:
+    """A curl command posting the four-face composite (the slowest photo) and printing the status;
+    each ``variant`` is another file (saved at another quality), so that the service does not answer
+    one from another's work (the result cache)."""
+    body = tmp_path / f"big-{variant}.jpg"
+    Image.fromarray(photos.group(4)).save(body, quality=90 - variant)
     return [
         "curl",
         "-sS",
@@ -103,11 +105,11 @@ def _slow_post(server: LiveService, tmp_path: Path) -> list[str]:
 
 
 def test_client_that_disconnects_has_its_queued_work_dropped(server: LiveService, tmp_path: Path) -> None:
-    cmd = _slow_post(server, tmp_path)
     cancelled = 'toonserve_images_total{client="anonymous",outcome="cancelled"}'
     before = _metric(server, cancelled)
-    busy = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(2)]
+    busy = [subprocess.Popen(_slow_post(server, tmp_path, i), stdout=subprocess.PIPE) for i in range(2)]
     time.sleep(0.3)  # both are accepted; the worker is on the first
+    cmd = _slow_post(server, tmp_path, 2)
     impatient = subprocess.run([*cmd[:-1], "--max-time", "0.5", cmd[-1]], capture_output=True)
     assert impatient.returncode == 28  # curl: operation timed out, connection closed
     assert [p.communicate(timeout=120)[0] for p in busy] == [b"200", b"200"]
@@ -118,14 +120,13 @@ def test_client_that_disconnects_has_its_queued_work_dropped(server: LiveService
 
 
 def test_healthz_answers_while_busy_and_sigterm_finishes_work(server: LiveService, tmp_path: Path) -> None:
-    cmd = _slow_post(server, tmp_path)
     results: list[int] = []
 
-    def post() -> None:
-        done = subprocess.run(cmd, capture_output=True, timeout=120)
+    def post(variant: int) -> None:
+        done = subprocess.run(_slow_post(server, tmp_path, variant), capture_output=True, timeout=120)
         results.append(int(done.stdout or b"0"))
 
-    workers = [threading.Thread(target=post) for _ in range(3)]
+    workers = [threading.Thread(target=post, args=(3 + i,)) for i in range(3)]
     for w in workers:
         w.start()
     time.sleep(0.5)  # the worker is now busy with the first images

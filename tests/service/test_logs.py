@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
@@ -19,19 +17,6 @@ from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.logs import configure
 from tests.api.conftest import jobs_settings, small_jpeg, wait_ready
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The loggers ``configure`` touches, put back afterwards: their handlers write to this test's
-    captured stderr, which is closed once it ends."""
-    loggers = [logging.getLogger(name) for name in ("", "modelscope", "modelscope_hub")]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
-    yield
-    for logger, handlers, level, propagate in saved:
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate or not handlers
 
 
 def test_modelscope_lines_come_out_as_our_json(

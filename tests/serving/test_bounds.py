@@ -22,6 +22,7 @@ from serving.images import ImageTooLargeError, decode, probe, reduction
 from serving.options import RequestOptions, ResolvedOptions
 from serving.scheduler import Scheduler
 from serving.tickets import QueueFullError
+from tests.serving.engines import bare_engine
 
 #: The service defaults of these tests (as the settings would make them).
 DEFAULTS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
@@ -154,9 +155,7 @@ def test_admission_refuses_at_once_what_cannot_meet_its_deadline(cartoonizer: Ca
 
 
 def _flow(cartoonizer: Cartoonizer, **limits: Any) -> tuple[Flow, Scheduler]:
-    engine = Engine.__new__(Engine)  # a loaded style and a worker, nothing else
-    engine.check = lambda style: None  # type: ignore[method-assign]
-    engine.scheduler = Scheduler({"anime": cartoonizer}, name="test")
+    engine = bare_engine(cartoonizer, Scheduler({"anime": cartoonizer}, name="test"))
     engine.scheduler.start()
     flow = Flow(
         engine,

@@ -26,12 +26,12 @@ from devkit.pillow_tvio import PillowTorchvisionIO
 from inference.geometry import resize_rgb
 from inference.pipeline import Cartoonizer, Result
 from serving.encoding import encode
-from serving.engine import Engine
 from serving.flow import Flow, Limits
 from serving.gpu_codec import DecodePlan, GpuCodec, jpeg_layout, plan
 from serving.images import decode
 from serving.options import RequestOptions, ResolvedOptions
 from serving.scheduler import Scheduler
+from tests.serving.engines import bare_engine
 
 #: The service defaults of these tests (as the settings would make them).
 DEFAULTS = ResolvedOptions(style="anime", processing_size=720, format="png", quality=90)
@@ -221,9 +221,7 @@ def test_encode_and_its_fallbacks() -> None:
 
 def _flow(cartoonizer: Cartoonizer, codec: GpuCodec | None) -> tuple[Flow, Scheduler]:
     scheduler = Scheduler({"anime": cartoonizer}, queue_size=4, name="test")
-    engine = Engine.__new__(Engine)  # the flow uses check() and the scheduler
-    engine.check = lambda style: None  # type: ignore[method-assign]
-    engine.scheduler = scheduler
+    engine = bare_engine(cartoonizer, scheduler)
     scheduler.start()
     flow = Flow(
         engine, DEFAULTS, limits=Limits(), timeout_s=120, codec_threads=1,
