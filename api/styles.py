@@ -28,6 +28,10 @@ class StyleInfo(BaseModel):
     default: bool = Field(description="whether requests naming no style get it")
     weights_source: str | None = Field(description="where its weights came from, once loaded")
     source: WeightsKind | None = Field(description=SOURCE_DESCRIPTION)
+    version: str | None = Field(
+        description="its weights' version once loaded (a digest of the files): cached results and ETags "
+        "are tied to it"
+    )
     error: str | None = Field(description="why it failed to load, and how to fix it")
     next_attempt_in_s: float | None = Field(description="seconds until the next attempt to load it")
 
@@ -64,6 +68,7 @@ async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> Sty
                 default=name == engine.default_style,
                 weights_source=status.source if status else None,
                 source=status.weights if status else None,
+                version=status.version if status else None,
                 error=status.error if status else None,
                 next_attempt_in_s=None if wait is None else round(wait, 1),
             )

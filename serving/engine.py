@@ -84,6 +84,9 @@ class StyleStatus:
     source: str | None = None
     #: What its weights are, once loaded: a real model's (``modelscope``) or ``demo`` weights.
     weights: WeightsKind | None = None
+    #: Its weights' version once loaded (:attr:`inference.models.LoadedStyle.version`): results are
+    #: cached and tagged under it.
+    version: str | None = None
 
     def next_attempt_in(self, now: float | None = None) -> float | None:
         """Seconds until the next attempt (0 when due), or None when none is planned."""
@@ -402,6 +405,7 @@ class Engine:
             next_attempt=None,
             source=loaded.weights.source,
             weights=loaded.weights.kind,
+            version=loaded.version,
         )
         if loaded.weights.demo:
             log.warning(
