@@ -356,6 +356,37 @@ def test_one_photo_end_to_end(web: Session) -> None:
     _screenshot(page, "single-phone", varying="#timings")
 
 
+def test_a_changed_setting_updates_the_cartoon_at_once(web: Session) -> None:
+    """After a result, moving the strength or picking another format asks again; the service answers
+    from what its models already made of the photo, and the page says so and offers the new file."""
+    page = web.open()
+    _choose(page, "grace.jpg", photos.grace_hopper(), (240, 300))
+    page.get_by_role("button", name="Cartoonize").click()
+    status = page.get_by_role("status").filter(has_text="The cartoon is ready")
+    expect(status).to_contain_text("Done:")
+    first = page.get_by_alt_text("Cartoon", exact=True).get_attribute("src")
+    _, full = _download(page, "Download")
+
+    page.get_by_label("Strength").fill("0.5")
+    expect(page.get_by_role("status").filter(has_text="Updated in")).to_contain_text(
+        "from what the models already made of this photo"
+    )
+    assert page.get_by_alt_text("Cartoon", exact=True).get_attribute("src") != first
+    _, half = _download(page, "Download")
+    assert half != full
+    with Image.open(io.BytesIO(half)) as im:
+        assert im.size == (240, 300)
+
+    page.get_by_label("Format").select_option("jpeg")
+    expect(page.get_by_role("link", name="Download", exact=True)).to_have_attribute(
+        "download", "grace-anime.jpg"
+    )
+    expect(page.get_by_role("status").filter(has_text="Updated in")).to_be_visible()
+    assert _blob_type(page, "Download") == "image/jpeg"
+    page.get_by_label("Format").select_option("")  # the next tests start from the service's defaults
+    page.get_by_label("Strength").fill("1")
+
+
 def test_settings_are_remembered_and_used(web: Session) -> None:
     page = web.open()
     # The number fields take their bounds from /openapi.json.
