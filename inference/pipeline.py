@@ -80,6 +80,7 @@ from inference.geometry import (
     upstream_pad16,
 )
 from inference.models import LoadedStyle
+from inference.tracking import FaceTracker
 from inference.weights import WeightsKind
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ class Options:
     ``keep_stages``: also hand back what the models made of the photo (:attr:`Result.stages`, on the
     host), from which :func:`finish_stages` makes the result at another strength or output size
     without running them again (the request flow's result cache).
+    ``tracker``: the image is a frame of a clip, at ``time_s`` seconds in it: its detected faces are
+    handed to the clip's :class:`~inference.tracking.FaceTracker` (frames in order) and replaced by
+    their tracked, smoothed selves, so the head crops do not jitter from frame to frame.
     """
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
@@ -133,6 +137,8 @@ class Options:
     device_result: bool = False
     resize_later: bool = False
     keep_stages: bool = False
+    tracker: FaceTracker | None = field(default=None, compare=False)
+    time_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
@@ -451,9 +457,11 @@ class Cartoonizer:
 
     def detect(self, work: _Work) -> None:
         assert work.photo_t is not None
+        opts = work.options
         with self._timed([work], "detect"):
             found = self.detector.detect(work.photo_t)
-        opts = work.options
+            if opts.tracker is not None:
+                found = [face for _, face in opts.tracker.update(found, opts.time_s)]
         chosen, reasons = choose_faces(found, opts.min_face_score, opts.min_face_size, opts.max_faces)
         work.chosen_index = chosen
         work.chosen = [found[i] for i in chosen]
