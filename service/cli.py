@@ -1,4 +1,4 @@
-"""``toonserve`` command line: serve, download, convert or write demo weights, list styles."""
+"""``toonserve`` command line: serve, download, convert, export or write demo weights, list styles."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, get_args
 from inference.errors import ToonserveError
 from inference.models import DtypeSetting
 from inference.styles import STYLES, get_style
-from inference.weights import download, ensure_converted, find_source_dir, install_demo, resolve
+from inference.weights import (
+    StyleWeights,
+    download,
+    ensure_converted,
+    find_source_dir,
+    install_demo,
+    resolve,
+)
 from service import jobs_cli
 from service.folders import photos_in
 from service.option_flags import add_option_flags, options_from
@@ -78,6 +85,12 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 def _cmd_download(args: argparse.Namespace) -> int:
     cache = _cache_dir(args)
+    if args.format == "onnx" and (args.output is None or len(args.styles) != 1):
+        print("error: --format onnx takes one STYLE and --output DIR", file=sys.stderr)
+        return 2
+    if args.format != "onnx" and args.output is not None:
+        print("error: --output is where --format onnx writes; add --format onnx", file=sys.stderr)
+        return 2
     for name in args.styles:
         style = get_style(name)
         print(f"downloading {name} ({style.model_id}) into {cache / 'models' / name} ...", flush=True)
@@ -90,6 +103,33 @@ def _cmd_download(args: argparse.Namespace) -> int:
             return 1
         weights = ensure_converted(name, path, cache)
         print(f"{name}: converted into {weights.head.parent}")
+        if args.format == "onnx":
+            _export_onnx(weights, Path(args.output))
+    return 0
+
+
+def _export_onnx(weights: StyleWeights, output: Path) -> None:
+    """Export ``weights`` to ONNX into ``output`` and say what was written and how it was checked."""
+    from inference.export import export_style
+
+    print(f"exporting {weights.style} to ONNX into {output} ...", flush=True)
+    result = export_style(weights, output)
+    for graph in result.graphs.values():
+        check = graph.check.describe() if graph.check else "not run (pip install 'toonserve[onnxruntime]')"
+        print(f"{graph.path}: checked with {check}")
+    print(f"{result.card}: the model card (source, interface, checks, licence)")
+    if result.demo:
+        print("note: these are demo weights (random, not real cartoons)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Export a style's generators (resolved like the service resolves them) to portable files."""
+    from service.settings import get_settings
+
+    settings = get_settings()
+    cache = Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir
+    weights = resolve(args.style, cache, settings.model_dir, settings.allow_download)
+    _export_onnx(weights, Path(args.output))
     return 0
 
 
@@ -218,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument(
         "--all", action="store_true", help="fetch the whole model directory, not just what serving needs"
     )
+    dl.add_argument(
+        "--format",
+        choices=["safetensors", "onnx"],
+        default="safetensors",
+        help="safetensors: convert into the cache for serving (default); onnx: then also export the "
+        "style's two generators to ONNX files in --output (one STYLE)",
+    )
+    dl.add_argument("--output", metavar="DIR", help="where --format onnx writes its files (created)")
     dl.set_defaults(func=_cmd_download)
 
     demo = sub.add_parser(
@@ -236,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="directory with cartoon_h.pb, cartoon_bg.pb and alpha.jpg")
     conv.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     conv.set_defaults(func=_cmd_convert)
+
+    ex = sub.add_parser(
+        "export",
+        help="export a style's generators to ONNX with the official graphs' inputs and outputs, "
+        "with a model card",
+    )
+    ex.add_argument("style", choices=list(STYLES), metavar="STYLE", help=", ".join(STYLES))
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (onnx)")
+    ex.add_argument("--output", required=True, metavar="DIR", help="where the files go (created)")
+    ex.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
+    ex.set_defaults(func=_cmd_export)
 
     cz = sub.add_parser("cartoonize", help="cartoonize a folder of photos into another folder")
     cz.add_argument("input", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
