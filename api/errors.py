@@ -36,6 +36,7 @@ from inference.errors import (
     UnknownStyleError,
     WeightsUnavailableError,
 )
+from inference.export import ExportError
 from inference.faces import FaceDetectorError
 from inference.models import StyleNotLoadedError
 from inference.pipeline import AbandonedError, NoFaceError, PipelineError
@@ -51,6 +52,7 @@ from jobs.errors import (
 from serving.encoding import EncodeOptionsError
 from serving.images import CorruptImageError, ImageError, ImageTooLargeError, UnsupportedImageError
 from serving.tickets import ClientQueueFullError, DeadlineExceededError, QueueFullError, SchedulerClosedError
+from serving.video import CorruptVideoError, NotAVideoError, VideoEncodeError, VideoError, VideoTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class Code:
 #: Every error code the service sends.
 CODES: Final[dict[str, Code]] = {
     "corrupt_image": Code(400, "the image is truncated or damaged"),
+    "corrupt_video": Code(400, "the video is truncated or damaged"),
     "malformed_multipart": Code(
         400, "the multipart body is broken (no boundary, cut short, a part without a name)"
     ),
@@ -82,12 +85,20 @@ CODES: Final[dict[str, Code]] = {
     "field_too_large": Code(413, "a text field over 1 MiB"),
     "header_too_large": Code(413, "a part's header (its file name, usually) over 4224 bytes"),
     "image_too_large": Code(413, "the image is over TOONSERVE_MAX_PIXELS, or a decompression bomb"),
+    "video_too_large": Code(
+        413,
+        "the video is longer than TOONSERVE_MAX_VIDEO_SECONDS, has more than TOONSERVE_MAX_VIDEO_FRAMES "
+        "frames, or frames over TOONSERVE_MAX_VIDEO_PIXELS",
+    ),
     "too_many_files": Code(
         413,
         "a batch of more than TOONSERVE_MAX_BATCH_FILES images, or of more than the client may send in "
         "a minute",
     ),
     "unsupported_image": Code(415, "not a JPEG, PNG, WebP, BMP, TIFF or GIF (decided by content)"),
+    "unsupported_video": Code(
+        415, "not an MP4, MOV, WebM, MKV, AVI or animated GIF video, or one without a video stream"
+    ),
     "invalid_request": Code(422, "a field is missing, malformed or out of range"),
     "filename_too_long": Code(422, "an uploaded file's name over 255 characters"),
     "too_many_requests": Code(
@@ -137,6 +148,13 @@ ERROR_CODES: Final[dict[type[ToonserveError], str]] = {
     EncodeOptionsError: "invalid_request",
     AlignmentError: "alignment_failed",
     ImageError: "corrupt_image",
+    VideoError: "corrupt_video",
+    CorruptVideoError: "corrupt_video",
+    NotAVideoError: "unsupported_video",
+    VideoTooLargeError: "video_too_large",
+    VideoEncodeError: "internal_error",
+    # Only the CLI exports; a server whose engine needs an export and cannot make one is misconfigured.
+    ExportError: "configuration_error",
     UnsupportedImageError: "unsupported_image",
     ImageTooLargeError: "image_too_large",
     CorruptImageError: "corrupt_image",

@@ -121,8 +121,9 @@ class Options:
     host), from which :func:`finish_stages` makes the result at another strength or output size
     without running them again (the request flow's result cache).
     ``tracker``: the image is a frame of a clip, at ``time_s`` seconds in it: its detected faces are
-    handed to the clip's :class:`~inference.tracking.FaceTracker` (frames in order) and replaced by
-    their tracked, smoothed selves, so the head crops do not jitter from frame to frame.
+    handed to the clip's :class:`~inference.tracking.FaceTracker` (frames in order; ``shot`` counts
+    the cuts before it, and a new shot starts new tracks) and replaced by their tracked, smoothed
+    selves, so the head crops do not jitter from frame to frame.
     """
 
     processing_size: int = DEFAULT_PROCESSING_SIZE
@@ -139,6 +140,7 @@ class Options:
     keep_stages: bool = False
     tracker: FaceTracker | None = field(default=None, compare=False)
     time_s: float = 0.0
+    shot: int = 0
 
     def __post_init__(self) -> None:
         if not MIN_PROCESSING_SIZE <= self.processing_size <= MAX_PROCESSING_SIZE:
@@ -461,7 +463,7 @@ class Cartoonizer:
         with self._timed([work], "detect"):
             found = self.detector.detect(work.photo_t)
             if opts.tracker is not None:
-                found = [face for _, face in opts.tracker.update(found, opts.time_s)]
+                found = [face for _, face in opts.tracker.update(found, opts.time_s, opts.shot)]
         chosen, reasons = choose_faces(found, opts.min_face_score, opts.min_face_size, opts.max_faces)
         work.chosen_index = chosen
         work.chosen = [found[i] for i in chosen]

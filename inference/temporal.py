@@ -42,6 +42,10 @@ DEFAULT_WEIGHT: Final = 0.7
 DEFAULT_PHOTO_TOLERANCE: Final = 14.0
 #: Frames whose grey histograms differ by more than this (half the L1 distance, 0..1) are a cut.
 DEFAULT_CUT_THRESHOLD: Final = 0.5
+#: The flow is computed on grey copies whose short side is at most this, and scaled up: at 720×960
+#: the two flows take a quarter of the time, and the motion of a cartoon's strokes is smooth enough
+#: for it.
+FLOW_SIDE: Final = 360
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:
@@ -126,14 +130,31 @@ class Steadier:
         self._photo, self._grey, self._out = photo, grey, out
         return out
 
+    def _flows(self, grey: np.ndarray, prev_grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The flows from this frame back to the previous one and forward again, (h, w, 2) float32,
+        computed at most :data:`FLOW_SIDE` on the short side and scaled up."""
+        h, w = grey.shape
+        scale = min(1.0, FLOW_SIDE / min(h, w))
+        if scale < 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            grey, prev_grey = (cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in (grey, prev_grey))
+        sh, sw = grey.shape
+        flows = []
+        for a, b in ((grey, prev_grey), (prev_grey, grey)):
+            flow = np.asarray(self._flow.calc(a, b, np.zeros((sh, sw, 2), np.float32)))
+            if scale < 1.0:
+                flow = np.asarray(cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR))
+                flow[..., 0] *= w / sw
+                flow[..., 1] *= h / sh
+            flows.append(flow)
+        return flows[0], flows[1]
+
     def _trusted(
         self, grey: np.ndarray, prev_grey: np.ndarray, photo: np.ndarray, previous: np.ndarray
     ) -> np.ndarray:
         """(h, w) float32 in [0, 1]: where the flow back to the previous frame holds (and keeps it as
         ``self._back`` for the warp)."""
-        h, w = grey.shape
-        back = np.asarray(self._flow.calc(grey, prev_grey, np.zeros((h, w, 2), np.float32)))
-        forward = np.asarray(self._flow.calc(prev_grey, grey, np.zeros((h, w, 2), np.float32)))
+        back, forward = self._flows(grey, prev_grey)
         self._back = back
         # Following the flow back, then the previous frame's flow forward, returns home.
         there = warp(forward, back)

@@ -18,8 +18,9 @@ box and landmarks filtered:
   so a still face is held steady (low cut-off: the noise is averaged away) and a moving one is
   followed without lag (high cut-off). Positions are measured in units of the face's size, so the
   same parameters hold for a face of 60 pixels and one of 600;
-* **cuts**: :meth:`FaceTracker.reset` forgets every track (the caller calls it at a cut, where
-  nothing of the previous shot carries over).
+* **cuts**: a frame of another shot than the last one (the ``shot`` number the caller gives each
+  frame, counting cuts) or :meth:`FaceTracker.reset` forgets every track: nothing of the previous
+  shot carries over.
 
 Synchronous and deterministic: the frames must come in order, one :meth:`FaceTracker.update` each.
 """
@@ -130,6 +131,7 @@ class FaceTracker:
         self.match_iou = match_iou
         self._tracks: list[_Track] = []
         self._next_id = 0
+        self._shot = 0
 
     @property
     def track_ids(self) -> list[int]:
@@ -140,9 +142,12 @@ class FaceTracker:
         """Forget every track (a cut: nothing of the previous shot carries over)."""
         self._tracks.clear()
 
-    def update(self, faces: list[DetectedFace], t: float) -> list[tuple[int, DetectedFace]]:
-        """This frame's detections (at ``t`` seconds; frames in order) → each with its track id and
-        its box and landmarks smoothed, in the order given."""
+    def update(self, faces: list[DetectedFace], t: float, shot: int = 0) -> list[tuple[int, DetectedFace]]:
+        """This frame's detections (at ``t`` seconds, in shot ``shot``; frames in order) → each with
+        its track id and its box and landmarks smoothed, in the order given."""
+        if shot != self._shot:
+            self.reset()
+            self._shot = shot
         self._tracks = [tr for tr in self._tracks if t - tr.last_seen <= self.max_missing_s]
         pairs = []
         for i, face in enumerate(faces):

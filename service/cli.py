@@ -27,6 +27,7 @@ from service.option_flags import add_option_flags, options_from
 from service.progress import Progress
 
 if TYPE_CHECKING:
+    from service.settings import Settings
     from serving.flow import Flow
     from serving.options import ResolvedOptions
 
@@ -182,23 +183,16 @@ _IN_FLIGHT = 2
 
 
 def _cmd_cartoonize(args: argparse.Namespace) -> int:
-    """Cartoonize every photo of a folder into another folder, through the service's own engine and
-    request flow, with every setting the service honours (command-line flags override them)."""
+    """Cartoonize every photo of a folder into another folder, or a video into a cartoon video, through
+    the service's own engine and request flow, with every setting the service honours (command-line
+    flags override them)."""
     from service.factory import build_flow, loaded_engine
-    from service.settings import get_settings
 
     src, dst = Path(args.input), Path(args.output)
+    if src.is_file():
+        return _cartoonize_video(args, src, dst)
     photos = photos_in(src)
-    overrides = {
-        key: value
-        for key, value in (
-            ("device", args.device),
-            ("dtype", args.dtype),
-            ("cache_dir", Path(args.cache_dir) if args.cache_dir else None),
-        )
-        if value is not None
-    }
-    settings = get_settings().model_copy(update=overrides)
+    settings = _cli_settings(args)
     options = options_from(args)  # out of range: said before the models load
     engine = loaded_engine(settings, options.style)
     try:
@@ -214,6 +208,58 @@ def _cmd_cartoonize(args: argparse.Namespace) -> int:
         engine.close(drain=False)
     print(f"{len(photos) - failures} of {len(photos)} photos written to {dst}")
     return 1 if failures else 0
+
+
+def _cli_settings(args: argparse.Namespace) -> Settings:
+    """The service's settings with the command line's overrides."""
+    from service.settings import get_settings
+
+    overrides = {
+        key: value
+        for key, value in (
+            ("device", args.device),
+            ("dtype", args.dtype),
+            ("cache_dir", Path(args.cache_dir) if args.cache_dir else None),
+        )
+        if value is not None
+    }
+    return get_settings().model_copy(update=overrides)
+
+
+def _cartoonize_video(args: argparse.Namespace, src: Path, dst: Path) -> int:
+    """One video into a cartoon video (MP4, H.264; the input's frame count, timing, rotation and
+    audio), faces tracked and frames steadied; a run stopped mid-way resumes from where it was."""
+    from service.factory import build_flow, loaded_engine
+    from serving.clips import ClipFlow
+    from serving.video import probe_video
+
+    settings = _cli_settings(args)
+    options = options_from(args)
+    clip_limits = settings.video_limits
+    info = probe_video(src, clip_limits)  # not a video, or too long: said before the models load
+    engine = loaded_engine(settings, options.style)
+    try:
+        flow = build_flow(settings, engine)
+        try:
+            params = flow.options(options)
+            progress = Progress(info.frames, unit="frames")
+            clips = ClipFlow(flow, clip_limits, steady=not args.no_steady)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            report = asyncio.run(
+                clips.run(src, dst, params, on_progress=lambda done, _: progress.update(done, src.name))
+            )
+            progress.close()
+        finally:
+            flow.close()
+    finally:
+        engine.close(drain=False)
+    resumed = f", resumed at frame {report.resumed_from}" if report.resumed_from else ""
+    audio = report.audio.note or f"audio {report.audio.action}"
+    print(
+        f"{report.frames} frames ({report.size[0]}×{report.size[1]}) written to {dst} at "
+        f"{report.frames_per_s:.2f} frames/s{resumed}; {audio}"
+    )
+    return 0
 
 
 async def _cartoonize_all(
@@ -296,9 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--cache-dir", help="override TOONSERVE_CACHE_DIR")
     ex.set_defaults(func=_cmd_export)
 
-    cz = sub.add_parser("cartoonize", help="cartoonize a folder of photos into another folder")
-    cz.add_argument("input", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
-    cz.add_argument("output", help="folder for the results (created)")
+    cz = sub.add_parser(
+        "cartoonize", help="cartoonize a folder of photos into another folder, or a video into a video"
+    )
+    cz.add_argument(
+        "input",
+        help="folder of photos (jpg, png, webp, bmp, tiff, gif), or a video (mp4, mov, webm, mkv, gif)",
+    )
+    cz.add_argument("output", help="folder for the results (created), or the cartoon video (.mp4)")
+    cz.add_argument(
+        "--no-steady",
+        action="store_true",
+        help="video: cartoonize each frame on its own (no face tracking, no steadying; for comparison)",
+    )
     add_option_flags(cz)
     cz.add_argument("--device", help="override TOONSERVE_DEVICE")
     cz.add_argument("--dtype", choices=list(get_args(DtypeSetting)), help="override TOONSERVE_DTYPE")

@@ -9,8 +9,9 @@ import time
 class Progress:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, unit: str = "img") -> None:
         self.total = total
+        self.unit = unit
         self.done = 0
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
@@ -26,7 +27,7 @@ class Progress:
         filled = width * self.done // max(self.total, 1)
         rate = self.done / max(time.monotonic() - self.started, 1e-9)
         bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} img/s {name[:40]:40}")
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {rate:.2f} {self.unit}/s {name[:40]:40}")
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -49,6 +49,12 @@ from serving.scheduler import (
     DEFAULT_QUEUE_SIZE,
     default_client_queue_size,
 )
+from serving.video import (
+    DEFAULT_MAX_VIDEO_FRAMES,
+    DEFAULT_MAX_VIDEO_PIXELS,
+    DEFAULT_MAX_VIDEO_SECONDS,
+    VideoLimits,
+)
 
 
 def _default_cache_dir() -> Path:
@@ -119,6 +125,15 @@ class Settings(BaseSettings):
         ge=0,
         le=MAX_MAX_FACES,
         description="Most faces stylised per photo (largest first).",
+    )
+
+    # Video.
+    max_video_seconds: float = Field(
+        DEFAULT_MAX_VIDEO_SECONDS, gt=0, description="Longest video taken (its duration, from its header)."
+    )
+    max_video_frames: int = Field(DEFAULT_MAX_VIDEO_FRAMES, ge=1, description="Most frames in one video.")
+    max_video_pixels: int = Field(
+        DEFAULT_MAX_VIDEO_PIXELS, ge=64 * 64, description="Largest video frame (width × height)."
     )
 
     # Seen before, answered at once.
@@ -424,6 +439,15 @@ class Settings(BaseSettings):
     def client_storage(self) -> int:
         """Bytes of job storage one client's jobs may hold (``client_job_storage_bytes``, or half)."""
         return self.client_job_storage_bytes or self.max_job_storage_bytes // 2
+
+    @property
+    def video_limits(self) -> VideoLimits:
+        """What one video may be (duration, frames, pixels per frame)."""
+        return VideoLimits(
+            max_duration_s=self.max_video_seconds,
+            max_frames=self.max_video_frames,
+            max_pixels=self.max_video_pixels,
+        )
 
     @property
     def jobs_dir(self) -> Path:

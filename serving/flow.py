@@ -301,6 +301,12 @@ class Flow:
         )
         return value, (time.perf_counter() - start) * 1000
 
+    async def codec(self, fn: Callable[[], _T], client: Client | None, megapixels: float) -> _T:
+        """``fn`` on the codec threads, in ``client``'s turn: decode and encode work of other kinds
+        (a clip's frames), shared with every photo's."""
+        value, _ = await self._in_codec(fn, client, megapixels, finishing=False)
+        return value
+
     async def probe(self, data: bytes, client: Client | None = None) -> ImageInfo:
         """The upload's format and size from its header (off the event loop); raises the
         :mod:`serving.images` errors for what is not an image we take, or is too large."""
@@ -443,10 +449,12 @@ class Flow:
         admission: Admission | None = None,
         background: bool = False,
         client: Client | None = None,
+        **extra: Any,
     ) -> Ticket:
         """Queue the image on the engine's worker (into the place ``admission`` holds for it, if
         given; else in ``client``'s line); raises QueueFullError / SchedulerClosedError.
-        ``background`` (job items): the worker's low-priority lines, which never refuse."""
+        ``background`` (job items): the worker's low-priority lines, which never refuse. ``extra``:
+        more of the pipeline's options (a clip's frame: its ``tracker`` and ``time_s``)."""
         out_hw = output_shape(decoded.input_size, params.output_size)
         options = self.pipeline_options(
             params,
@@ -458,7 +466,10 @@ class Flow:
             # the worker 0.4-0.6 s that the next image's models can have.
             resize_later=True,
             # What the models made of it, for the result cache (on the CPU it costs one 8-bit copy).
-            keep_stages=self.cache.enabled or self.engine.store.device.type == "cpu",
+            keep_stages=extra.pop(
+                "keep_stages", self.cache.enabled or self.engine.store.device.type == "cpu"
+            ),
+            **extra,
         )
         return self.engine.scheduler.submit(
             params.style,

@@ -118,6 +118,49 @@ def test_cartoonize_a_folder(
     assert "3/3" in err
 
 
+def test_cartoonize_a_video_with_a_progress_bar(
+    model_dir: ReferenceModelDir,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from devkit import photos
+    from devkit.clips import write_test_clip
+    from service.settings import get_settings
+    from serving.video import probe_video
+
+    frame = np.asarray(Image.fromarray(photos.astronaut()).resize((160, 160)))
+    write_test_clip(tmp_path / "clip.mp4", [frame] * 6, fps=25, audio=True, quality=90)
+    (tmp_path / "notes.mp4").write_text("not a video")
+    monkeypatch.setenv("TOONSERVE_MODEL_DIR", str(model_dir.path.parent))
+    monkeypatch.setenv("TOONSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TOONSERVE_ALLOW_DOWNLOAD", "false")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    get_settings.cache_clear()
+    try:
+        code = main(
+            ["cartoonize", str(tmp_path / "clip.mp4"), str(tmp_path / "out" / "toon.mp4"), "--device", "cpu"]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert "6 frames (160×160) written to" in out and "audio copied" in out
+        assert "6/6" in err and "frames/s" in err
+        info = probe_video(tmp_path / "out" / "toon.mp4")
+        assert info.frames == 6 and info.has_audio and info.display_size == (160, 160)
+        # Not a video: one line, before any model loads; too long a video: its limit, by name.
+        assert main(["cartoonize", str(tmp_path / "notes.mp4"), str(tmp_path / "x.mp4")]) == 2
+        assert "not a video we can read" in capsys.readouterr().err
+        monkeypatch.setenv("TOONSERVE_MAX_VIDEO_FRAMES", "5")
+        get_settings.cache_clear()
+        assert main(["cartoonize", str(tmp_path / "clip.mp4"), str(tmp_path / "x.mp4")]) == 2
+        assert "TOONSERVE_MAX_VIDEO_FRAMES" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
 def test_version_and_a_port_in_use(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
