@@ -56,10 +56,12 @@ def test_faces_keep_their_tracks_and_come_back() -> None:
         tracker.update([_face(305, 12)], i / FPS)
     late = tracker.update([_face(305, 12), _face(16, 11)], 30 / FPS)
     assert late[0][0] == ids[1] and late[1][0] not in ids
-    # A cut forgets everything.
+    # A frame of the next shot (a cut) forgets everything; so does reset().
+    cut = tracker.update([_face(305, 12)], 31 / FPS, shot=1)
+    assert cut[0][0] not in ids and tracker.track_ids == [cut[0][0]]
     tracker.reset()
     assert tracker.track_ids == []
-    assert tracker.update([left], 31 / FPS)[0][0] not in ids
+    assert tracker.update([left], 32 / FPS, shot=1)[0][0] not in {*ids, cut[0][0]}
 
 
 def test_a_still_faces_landmarks_are_smoothed() -> None:
