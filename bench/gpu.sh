@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Proves and measures the CUDA path in one command, in at most 8 minutes on one GPU: exactness
 # against the CPU, generator throughput (eager, CUDA graphs, torch.compile), the whole pipeline per
-# photo, HTTP at 32 clients, and the GPU JPEG codec. bench/gpu/__init__.py's docstring lists the sections.
+# photo, HTTP at 32 clients, the GPU JPEG codec, a 720p clip through the clip flow, and a TensorRT
+# engine where its wheels are installed. bench/gpu/__init__.py's docstring lists the sections.
 #
 #   bench/gpu.sh           # on a GPU machine; exits 3 at once if CUDA is not available
 #   bench/gpu.sh --dry     # (or GPU_DRY=1) every section on the CPU with tiny sizes, in seconds
@@ -10,9 +11,9 @@
 # output as gpu.log (gpu-dry.log), nvidia-smi.txt, and the HTTP server's log. The JSON is rewritten
 # after every section, so a run cut short keeps what it measured.
 #
-# Python: $PYTHON, else .venv/bin/python, else python3. It needs a CUDA build of torch, the
-# project's dependencies (pip install -e .), httpx, and scikit-image and matplotlib for the photos;
-# torchvision (for nvJPEG) and triton (for torch.compile) are optional, their sections say so.
+# Python: $PYTHON, else .venv/bin/python, else python3. It needs a CUDA build of torch, the project's
+# dependencies (pip install -e .), httpx, and scikit-image and matplotlib for the photos; optional, as
+# their sections say: torchvision (nvJPEG), triton (torch.compile), tensorrt and the onnx extra (TensorRT).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

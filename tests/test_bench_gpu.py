@@ -19,7 +19,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"env", "exactness", "generator", "graphs", "pipeline", "codec", "http", "compile"}
+SECTIONS = {"env", "exactness", "generator", "graphs", "pipeline", "codec", "http", "video", "tensorrt",
+            "compile"}  # fmt: skip
 
 
 def test_the_dry_run_reports_every_section(tmp_path: Path) -> None:
@@ -71,6 +72,22 @@ def test_the_dry_run_reports_every_section(tmp_path: Path) -> None:
     assert http["check"]["responses"] > 0 and http["check"]["worst_max_abs"] == 0
     assert {"decode", "queue", "encode"} <= set(http["server_timing_median_ms"])
 
+    video = sections["video"]
+    assert {r["mode"] for r in video["rows"]} == {"steady", "frame by frame"}
+    assert all(r["frames_per_s"] > 0 and r["frames"] == video["clip"]["frames"] for r in video["rows"])
+    assert all(
+        set(r["step_ms_per_frame"]) == {"decode", "model", "steady", "resize", "encode"}
+        for r in video["rows"]
+    )
+    assert "error" in video["pyav_cuda"] or set(video["pyav_cuda"]["usable"]) == {"h264_cuvid", "h264_nvenc"}
+
+    # Never built in a dry run; where the onnx extra is installed, the export and its checks ran.
+    trt = sections["tensorrt"]
+    assert trt["skipped"] and "rows" not in trt
+    if "onnx" in trt:
+        assert trt["onnx"]["convolutions"] == 21 and trt["onnx"]["unet_first"]
+        assert trt["float_output_check"]["checker"] == "passed" and trt["child_build"].startswith("reported")
+
     compiled = sections["compile"]["rows"]
     assert compiled and all("error" not in r and r["passes_per_s"] > 0 for r in compiled), compiled
-    assert (tmp_path / "gpu-dry.log").read_text().count("\n== ") >= 8
+    assert (tmp_path / "gpu-dry.log").read_text().count("\n== ") >= 10

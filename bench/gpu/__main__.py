@@ -29,6 +29,7 @@ from bench.gpu.common import (
     SECTIONS,
     TARGET_PASSES_PER_S,
     TARGET_PHOTOS_PER_S,
+    TARGET_VIDEO_FPS,
     Context,
     make_plan,
     table,
@@ -40,6 +41,8 @@ from bench.gpu.generator import section_generator
 from bench.gpu.graphs import section_graphs
 from bench.gpu.http import section_http
 from bench.gpu.pipeline import section_pipeline
+from bench.gpu.tensorrt_engine import section_tensorrt
+from bench.gpu.video import section_video
 from devkit import photos
 from devkit.reference_graphs import write_fast_model_dir
 from inference.weights import resolve
@@ -52,6 +55,8 @@ RUNNERS: dict[str, Callable[[Context, float], dict[str, Any]]] = {
     "pipeline": section_pipeline,
     "codec": section_codec,
     "http": section_http,
+    "video": section_video,
+    "tensorrt": section_tensorrt,
     "compile": section_compile,
 }
 
@@ -73,12 +78,17 @@ def _targets(ctx: Context) -> dict[str, Any]:
             rates.append((r["passes_per_s"], f"{r['dtype']} batch {r['batch']} compile {r['mode']}"))
     best = max(rates, default=None)
     http = ctx.results.get("http", {}).get("photos_per_s")
+    # The clip flow's default (steadied), one stream.
+    steady = [r for r in ctx.results.get("video", {}).get("rows", []) if r.get("mode") == "steady"]
+    video = steady[0].get("frames_per_s") if steady else None
     out = dict(
         background_passes_per_s=best[0] if best else None,
         background_best=best[1] if best else None,
         background_target=TARGET_PASSES_PER_S,
         http_photos_per_s=http,
         http_target=TARGET_PHOTOS_PER_S,
+        video_frames_per_s=video,
+        video_target=TARGET_VIDEO_FPS,
     )
     if ctx.plan.dry:
         print("\n== targets: not applicable to a dry run (tiny sizes on a CPU)")
@@ -98,6 +108,12 @@ def _targets(ctx: Context) -> dict[str, Any]:
                 http,
                 f"≥ {TARGET_PHOTOS_PER_S:.0f}",
                 _met(http, TARGET_PHOTOS_PER_S),
+            ],
+            [
+                "frames/s of a 720p clip through the clip flow, steadied, one stream",
+                video,
+                f"≥ {TARGET_VIDEO_FPS:.0f}",
+                _met(video, TARGET_VIDEO_FPS),
             ],
         ],
     )
