@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from api.errors import error_response
-from api.openapi import SOURCE_DESCRIPTION, responses
+from api.openapi import (
+    BACKEND_DESCRIPTION,
+    BACKEND_EXCLUDED_DESCRIPTION,
+    BACKEND_REASON_DESCRIPTION,
+    BACKEND_TIMES_DESCRIPTION,
+    SOURCE_DESCRIPTION,
+    responses,
+)
 from api.state import ServiceState, get_state
+from inference.backends import BackendDecision, BackendName
 from inference.weights import WeightsKind
 from serving.engine import Engine, StyleState
 
@@ -26,6 +34,22 @@ class StyleReadiness(BaseModel):
     error: str | None = Field(None, description="why it failed, and how to fix it")
     next_attempt_in_s: float | None = Field(None, description="seconds until the next attempt to load it")
     source: WeightsKind | None = Field(None, description=SOURCE_DESCRIPTION)
+    backend: BackendName | None = Field(None, description=BACKEND_DESCRIPTION)
+    backend_reason: str | None = Field(None, description=BACKEND_REASON_DESCRIPTION)
+    backend_times_ms: dict[str, float] | None = Field(None, description=BACKEND_TIMES_DESCRIPTION)
+    backend_excluded: dict[str, str] | None = Field(None, description=BACKEND_EXCLUDED_DESCRIPTION)
+
+
+def backend_fields(decision: BackendDecision | None) -> dict[str, Any]:
+    """A style's ``backend*`` fields (all None until it is loaded)."""
+    if decision is None:
+        return {"backend": None, "backend_reason": None, "backend_times_ms": None, "backend_excluded": None}
+    return {
+        "backend": decision.backend,
+        "backend_reason": decision.reason,
+        "backend_times_ms": dict(decision.times_ms),
+        "backend_excluded": dict(decision.excluded),
+    }
 
 
 class Ready(BaseModel):
@@ -46,6 +70,7 @@ def style_readiness(engine: Engine) -> dict[str, StyleReadiness]:
             error=status.error,
             next_attempt_in_s=None if wait is None else round(wait, 1),
             source=status.weights,
+            **backend_fields(status.backend if status.state == "loaded" else None),
         )
     return out
 

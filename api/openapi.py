@@ -99,6 +99,22 @@ SOURCE_DESCRIPTION: Final = (
     "weights in the official architecture, from `toonserve demo-weights`: not real cartoons)"
 )
 
+#: A loaded style's generator backend, in /readyz and /styles (inference/backends.py).
+BACKEND_DESCRIPTION: Final = (
+    "the generator backend that runs the style, once loaded: `onednn`, `eager` or `onnxruntime` "
+    "(TOONSERVE_BACKEND; with `auto`, measured when the style loaded)"
+)
+BACKEND_REASON_DESCRIPTION: Final = "why that backend: set by TOONSERVE_BACKEND, or what auto measured"
+BACKEND_TIMES_DESCRIPTION: Final = (
+    "what decided it under TOONSERVE_BACKEND=auto: the median ms of one background-network pass on a "
+    "288×288 image per candidate that met the precision's accuracy bound (empty when there was "
+    "nothing to choose between)"
+)
+BACKEND_EXCLUDED_DESCRIPTION: Final = (
+    "candidates auto left out, and why: not usable on this device or in this precision, not installed "
+    "(with the extra to install), failed, or too far from the eager float32 output"
+)
+
 #: The ways a request sends its API key (either one), as OpenAPI security schemes.
 SECURITY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
     "ApiKeyHeader": {

@@ -7,8 +7,18 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.openapi import COMMON_CODES, SOURCE_DESCRIPTION, responses
+from api.health import backend_fields
+from api.openapi import (
+    BACKEND_DESCRIPTION,
+    BACKEND_EXCLUDED_DESCRIPTION,
+    BACKEND_REASON_DESCRIPTION,
+    BACKEND_TIMES_DESCRIPTION,
+    COMMON_CODES,
+    SOURCE_DESCRIPTION,
+    responses,
+)
 from api.state import ServiceState, get_state
+from inference.backends import BackendName
 from inference.styles import STYLES
 from inference.weights import WeightsKind
 
@@ -32,6 +42,10 @@ class StyleInfo(BaseModel):
         description="its weights' version once loaded (a digest of the files): cached results and ETags "
         "are tied to it"
     )
+    backend: BackendName | None = Field(description=BACKEND_DESCRIPTION)
+    backend_reason: str | None = Field(description=BACKEND_REASON_DESCRIPTION)
+    backend_times_ms: dict[str, float] | None = Field(description=BACKEND_TIMES_DESCRIPTION)
+    backend_excluded: dict[str, str] | None = Field(description=BACKEND_EXCLUDED_DESCRIPTION)
     error: str | None = Field(description="why it failed to load, and how to fix it")
     next_attempt_in_s: float | None = Field(description="seconds until the next attempt to load it")
 
@@ -69,6 +83,7 @@ async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> Sty
                 weights_source=status.source if status else None,
                 source=status.weights if status else None,
                 version=status.version if status else None,
+                **backend_fields(status.backend if status and status.state == "loaded" else None),
                 error=status.error if status else None,
                 next_attempt_in_s=None if wait is None else round(wait, 1),
             )

@@ -168,19 +168,26 @@ class OfficialGraph(nn.Module):
         return ((z.clamp(-OUTPUT_CLIP, OUTPUT_CLIP) + 1.0) * 127.5).to(torch.uint8)
 
 
+#: Loggers of the exporter and of the ONNX optimiser it runs (onnxscript, onnx_ir).
+_EXPORTER_LOGGERS: Final = ("torch.onnx", "onnxscript", "onnx_ir")
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """The exporter's warnings and log lines (deprecations inside torch, optional torchvision ops)
-    say nothing about this graph; keep them off the command line."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The exporter's warnings and log lines (deprecations inside torch, optional torchvision ops,
+    the optimiser's passes) say nothing about this graph; keep them off the command line and out of
+    the service's log."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _require(module: str, extra: str) -> Any:
@@ -229,6 +236,18 @@ def export_program(module: nn.Module) -> Any:
 
 def _state_dict(generator: DCTNetGenerator) -> dict[str, Tensor]:
     return {k: v.detach().float().cpu() for k, v in OfficialGraph(generator).state_dict().items()}
+
+
+def with_weights(program: Any, generator: DCTNetGenerator) -> onnx.ModelProto:
+    """The graph of ``program`` (from :func:`trace_onnx`, of any generator: the traced graph does not
+    depend on the weights) holding ``generator``'s float32 weights and eps. Changes ``program``."""
+    state = _state_dict(generator)
+    program.apply_weights(state)
+    model: onnx.ModelProto = program.model_proto
+    missing = set(state) - {init.name for init in model.graph.initializer}
+    if missing:
+        raise ExportError(f"the exported graph has no weights named {sorted(missing)}")
+    return model
 
 
 def _finish(model: onnx.ModelProto, metadata: dict[str, str], doc: str) -> None:
@@ -367,12 +386,7 @@ def export_style(weights: StyleWeights, out_dir: Path, *, check: bool = True) ->
     graphs: dict[Role, ExportedGraph] = {}
     try:
         for role in ROLES:
-            state = _state_dict(generators[role])
-            program.apply_weights(state)
-            model = program.model_proto
-            missing = set(state) - {init.name for init in model.graph.initializer}
-            if missing:
-                raise ExportError(f"the exported graph has no weights named {sorted(missing)}")
+            model = with_weights(program, generators[role])
             meta = metas[role]
             metadata = {
                 "style": style.name,

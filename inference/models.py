@@ -2,8 +2,9 @@
 
 The service builds one :class:`ModelStore` at start-up (in its lifespan), loads the configured styles
 into it and warms each generator up; requests then only read from it. Loading a style resolves its
-weights (:mod:`inference.weights`), builds a :class:`~inference.dctnet.GeneratorRunner` for the head
-and the background network, and decodes ``alpha.jpg`` into the 288×288 float mask upstream uses.
+weights (:mod:`inference.weights`), builds runners for the head and the background network on the
+backend the setting names or, for ``auto``, the one measured fastest within the precision's accuracy
+bound (:mod:`inference.backends`), and decodes ``alpha.jpg`` into the 288×288 float mask upstream uses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference.dctnet import Backend, GeneratorRunner, load_generator
+from inference.backends import BackendDecision, BackendSetting, Runner, build_runners
 from inference.errors import ConfigurationError, ToonserveError
 from inference.styles import get_style
 from inference.weights import StyleWeights, local_fingerprint, resolve, weights_version
@@ -46,8 +47,8 @@ class LoadedStyle:
     """One style resident on a device."""
 
     name: str
-    head: GeneratorRunner
-    bg: GeneratorRunner
+    head: Runner
+    bg: Runner
     #: (288, 288) float32 in [0, 1] on the device.
     mask: torch.Tensor
     weights: StyleWeights
@@ -55,6 +56,8 @@ class LoadedStyle:
     #: What identifies these weights (a digest of the converted generators and the mask): results
     #: cached or tagged under one version are never served under another.
     version: str = ""
+    #: Which backend runs the generators, and what decided it (:mod:`inference.backends`).
+    backend: BackendDecision | None = None
 
 
 def parse_device(spec: str) -> torch.device:
@@ -123,9 +126,12 @@ def native_bf16_cpu() -> bool:
         return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
-def choose_dtype(setting: str, device: torch.device) -> DtypeChoice:
+def choose_dtype(setting: str, device: torch.device, backend: str = "auto") -> DtypeChoice:
     """The precision for ``setting`` on ``device``: the one named, or for ``auto`` the fastest one
-    that is accurate there (measurements in docs/model.md §2.4 and the README's Performance)."""
+    that is accurate there (measurements in docs/model.md §2.4 and the README's Performance), float32
+    when ``backend`` is ``onnxruntime`` (the only precision toonserve runs it in)."""
+    if setting == "auto" and backend == "onnxruntime":
+        return DtypeChoice(torch.float32, "auto: TOONSERVE_BACKEND=onnxruntime runs float32 only (exact)")
     if setting != "auto":
         dtype = parse_dtype(setting)
         why = "exact to the official graphs" if dtype == torch.float32 else "faster, within about a level"
@@ -163,7 +169,8 @@ class ModelStore:
     cache_dir: Path
     model_dir: Path | None = None
     allow_download: bool = True
-    backend: Backend = "auto"
+    #: ``TOONSERVE_BACKEND``: a backend by name, or ``auto`` (measured per style at load).
+    backend: BackendSetting = "auto"
     #: Why this precision (see :func:`choose_dtype`).
     dtype_reason: str = "set by the caller"
     styles: dict[str, LoadedStyle] = field(default_factory=dict)
@@ -177,13 +184,14 @@ class ModelStore:
                 return self.styles[name]
             start = time.perf_counter()
             weights = resolve(name, self.cache_dir, self.model_dir, self.allow_download)
-            head = GeneratorRunner(load_generator(weights.head, self.device, self.dtype), self.backend)
-            bg = GeneratorRunner(load_generator(weights.bg, self.device, self.dtype), self.backend)
+            version = weights_version(weights)
+            runners = build_runners(weights, self.device, self.dtype, self.backend, version=version)
+            head, bg = runners.head, runners.bg
             mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
             for runner in (head, bg):
                 runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
-            version = weights_version(weights)
-            loaded = LoadedStyle(name, head, bg, mask, weights, (time.perf_counter() - start) * 1000, version)
+            ms = (time.perf_counter() - start) * 1000
+            loaded = LoadedStyle(name, head, bg, mask, weights, ms, version, runners.decision)
             self.styles[name] = loaded
             log.info(
                 "style %s loaded on %s (%s, %s backend) from %s in %.0f ms",

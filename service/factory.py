@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from inference.backends import check_setting
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
 from inference.models import ModelStore, choose_dtype, parse_device
 from inference.pipeline import Result
@@ -59,7 +60,10 @@ def build_engine(
     """The engine the settings describe (not started). ``styles``/``default_style`` narrow it (the
     CLI loads only the style it uses); ``retry=False`` for one-shot tools."""
     device = parse_device(settings.device)
-    precision = choose_dtype(settings.dtype, device)
+    precision = choose_dtype(settings.dtype, device, settings.backend)
+    # A backend named that cannot run here (ONNX Runtime not installed, on a GPU, or in bfloat16)
+    # stops the start with the fix, rather than failing every style.
+    check_setting(settings.backend, device, precision.dtype)
     store = ModelStore(
         device=device,
         dtype=precision.dtype,

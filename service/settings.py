@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.clients import parse_networks
+from inference.backends import BackendSetting
 from inference.constants import (
     DEFAULT_HEAD_BATCH,
     DEFAULT_MAX_FACES,
@@ -25,7 +26,6 @@ from inference.constants import (
     MAX_PROCESSING_SIZE,
     MIN_PROCESSING_SIZE,
 )
-from inference.dctnet import Backend
 from inference.faces import available_detectors
 from inference.models import DEFAULT_DTYPE, DtypeSetting
 from inference.styles import STYLES
@@ -74,8 +74,11 @@ class Settings(BaseSettings):
         description="Generator precision: auto (the fastest accurate one on this device), float32 (exact "
         "to the official model), bfloat16 or float16.",
     )
-    backend: Backend = Field(
-        "auto", description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), or auto."
+    backend: BackendSetting = Field(
+        "auto",
+        description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), onnxruntime "
+        "(ONNX Runtime's CPU provider on the exported graph, float32; the onnxruntime and onnx extras), or "
+        "auto (each style measures the candidates that run its precision here and keeps the fastest).",
     )
     styles: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["anime"], description="Styles to load at start-up (comma-separated)."

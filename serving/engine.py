@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from inference.backends import BackendDecision
 from inference.constants import DEFAULT_HEAD_BATCH
 from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
 from inference.faces import FaceDetector, create_detector
@@ -87,6 +88,9 @@ class StyleStatus:
     #: Its weights' version once loaded (:attr:`inference.models.LoadedStyle.version`): results are
     #: cached and tagged under it.
     version: str | None = None
+    #: Which generator backend runs it once loaded, and what decided it (``TOONSERVE_BACKEND=auto``
+    #: measures; :mod:`inference.backends`).
+    backend: BackendDecision | None = None
 
     def next_attempt_in(self, now: float | None = None) -> float | None:
         """Seconds until the next attempt (0 when due), or None when none is planned."""
@@ -95,7 +99,7 @@ class StyleStatus:
         return max(0.0, self.next_attempt - (time.monotonic() if now is None else now))
 
 
-#: The cost model's anchors measured in this process, by device, dtype and backend.
+#: The cost model's anchors measured in this process, by device, dtype and the backend that ran them.
 _ANCHORS: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
 
 
@@ -289,9 +293,12 @@ class Engine:
     def _calibrate(self, cartoonizer: Cartoonizer) -> None:
         """Anchor the worker's cost model on a small and a large blank photo (before the worker serves
         anything: the first style is not loaded yet). Measured once per process for a device, dtype
-        and backend: every style has the same networks."""
+        and backend: every style has the same networks (and ``auto`` gives every style the backend
+        it measured for the first, unless a style's weights miss the accuracy bound on it)."""
         store = self.store
-        hardware = (str(store.device), str(store.dtype), store.backend)
+        style = cartoonizer.style
+        backend = style.backend.backend if style.backend is not None else str(store.backend)
+        hardware = (str(store.device), str(store.dtype), backend)
         anchors = _ANCHORS.get(hardware)
         if anchors is None:
             anchors = [
@@ -406,6 +413,7 @@ class Engine:
             source=loaded.weights.source,
             weights=loaded.weights.kind,
             version=loaded.version,
+            backend=loaded.backend,
         )
         if loaded.weights.demo:
             log.warning(

@@ -7,6 +7,7 @@ same weights, and only tests marked ``tf`` may use them (checked at collection).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,12 @@ def tf_head(head_pb: bytes) -> Iterator[TFGenerator]:
 def model_store(tmp_path_factory: pytest.TempPathFactory, model_dir: ReferenceModelDir) -> ModelStore:
     """The synthetic anime style (head seed 1, background seed 2) resident on the CPU, float32."""
     store = ModelStore(
-        torch.device("cpu"), torch.float32, tmp_path_factory.mktemp("store"), model_dir.path.parent, False
+        torch.device("cpu"),
+        torch.float32,
+        tmp_path_factory.mktemp("store"),
+        model_dir.path.parent,
+        False,
+        backend="onednn",
     )
     store.load("anime")
     return store
@@ -134,6 +140,15 @@ def cartoonizer(model_store: ModelStore, detector: FaceDetector) -> Cartoonizer:
 @pytest.fixture(autouse=True, scope="session")
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_backend() -> None:
+    """Every service the tests start, in this process or as a server process, runs the generators on
+    oneDNN unless a test asks otherwise: ``auto`` measures at start-up, and on a busy machine two
+    services could choose differently, a level apart in a few pixels, where tests compare their
+    outputs. The tests of ``auto`` itself set it explicitly."""
+    os.environ.setdefault("TOONSERVE_BACKEND", "onednn")
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from devkit import photos
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.upstream import UpstreamFlow
 from inference.align import CROP_REFERENCE_POINTS, CROP_SIZE, AlignmentError
+from inference.backends import Runner
 from inference.constants import STAGES
-from inference.dctnet import GeneratorRunner
 from inference.errors import OptionsError
 from inference.geometry import box_area, processing_shape, to_rgb_array, upstream_pad16
 from inference.pipeline import AbandonedError, Cartoonizer, NoFaceError, Options, PipelineError, Result, _Work
@@ -49,12 +49,12 @@ def test_one_real_face(cartoonizer: Cartoonizer, photo: object) -> None:
 
 
 class _CountingRunner:
-    """Wraps a GeneratorRunner and records the batch size of every call."""
+    """Wraps a generator runner and records the batch size of every call."""
 
-    def __init__(self, inner: GeneratorRunner) -> None:
+    def __init__(self, inner: Runner) -> None:
         self.inner = inner
         self.batches: list[int] = []
-        self.device, self.dtype = inner.device, inner.dtype
+        self.device, self.dtype, self.backend = inner.device, inner.dtype, inner.backend
 
     def __call__(self, bgr: torch.Tensor) -> torch.Tensor:
         self.batches.append(int(bgr.shape[0]))
@@ -64,7 +64,7 @@ class _CountingRunner:
 @pytest.mark.slow
 def test_group_photo_all_faces_in_one_head_batch(cartoonizer: Cartoonizer) -> None:
     counting = _CountingRunner(cartoonizer.style.head)
-    c = Cartoonizer(replace(cartoonizer.style, head=counting), cartoonizer.detector)  # type: ignore[arg-type]
+    c = Cartoonizer(replace(cartoonizer.style, head=counting), cartoonizer.detector)
     rgb = photos.group(4)
     result = c.run(rgb)
     assert len(result.faces) == 4 and result.faces_stylized == 4
@@ -252,7 +252,7 @@ def test_matches_upstream_flow(cartoonizer: Cartoonizer, upstream_flow: Upstream
 def test_run_many_batches_across_images(cartoonizer: Cartoonizer) -> None:
     head = _CountingRunner(cartoonizer.style.head)
     bg = _CountingRunner(cartoonizer.style.bg)
-    c = Cartoonizer(replace(cartoonizer.style, head=head, bg=bg), cartoonizer.detector, bg_batch=4)  # type: ignore[arg-type]
+    c = Cartoonizer(replace(cartoonizer.style, head=head, bg=bg), cartoonizer.detector, bg_batch=4)
     astro, group = photos.astronaut(), photos.group(4)
     items = [
         (astro, Options()),
@@ -280,7 +280,7 @@ def test_run_many_drops_cancelled_images(cartoonizer: Cartoonizer) -> None:
 @pytest.mark.slow
 def test_background_batch_limit(cartoonizer: Cartoonizer) -> None:
     bg = _CountingRunner(cartoonizer.style.bg)
-    c = Cartoonizer(replace(cartoonizer.style, bg=bg), cartoonizer.detector, bg_batch=1)  # type: ignore[arg-type]
+    c = Cartoonizer(replace(cartoonizer.style, bg=bg), cartoonizer.detector, bg_batch=1)
     astro = photos.astronaut()
     c.run_many([(astro, Options()), (astro, Options())])
     assert bg.batches == [1, 1]

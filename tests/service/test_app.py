@@ -33,6 +33,11 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = wait_ready(client)
         auto = choose_dtype("auto", torch.device("cpu"))  # TOONSERVE_DTYPE is auto by default
+        readiness: dict[str, dict[str, object]] = ready["styles"]  # type: ignore[assignment]
+        anime = readiness["anime"]
+        backend = {k: anime.pop(k) for k in list(anime) if k.startswith("backend")}
+        assert backend["backend"] in ("onednn", "eager", "onnxruntime")
+        assert str(backend["backend_reason"]).startswith("auto: ")  # TOONSERVE_BACKEND is auto by default
         assert ready == {
             "status": "ready",
             "device": "cpu",
