@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from devkit.reference_graphs import ReferenceModelDir
 from inference import backends, ort
 from inference.backends import (
     FP32_MIN_IDENTICAL,
@@ -447,8 +448,9 @@ def test_explicit_torch_backends_are_not_measured(style_weights: StyleWeights) -
     assert runners.bg.backend == runners.head.backend == "eager"
 
 
-def test_the_store_records_each_styles_decision(model_store: ModelStore) -> None:
-    loaded = model_store.get("anime")
+def test_the_store_records_each_styles_decision(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    store = ModelStore(CPU, torch.float32, tmp_path, model_dir.path.parent, False, backend="auto")
+    loaded = store.load("anime")
     decision = loaded.backend
     assert decision is not None and decision.backend == loaded.bg.backend == loaded.head.backend
     assert decision.reason.startswith("auto: ")

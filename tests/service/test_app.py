@@ -26,8 +26,13 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> dict[str, object]:
 
 
 def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
+    # The defaults (the tests' other services pin the backend: tests/conftest.py).
     settings = Settings(
-        model_dir=model_dir.path.parent, cache_dir=tmp_path, allow_download=False, device="cpu"
+        model_dir=model_dir.path.parent,
+        cache_dir=tmp_path,
+        allow_download=False,
+        device="cpu",
+        backend="auto",
     )
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
