@@ -41,22 +41,11 @@ from devkit.reference_graphs import write_fast_model_dir
 from devkit.serve import LiveService, service_env
 from service.otel import build_exporter
 from serving import tracing
+from serving.flow import TIMINGS
 from serving.tracing import TraceContext, new_trace
 
 #: The spans of one request the models run on.
-_STAGES = (
-    "decode",
-    "queue",
-    "resize",
-    "detect",
-    "background",
-    "align",
-    "head",
-    "blend",
-    "strength",
-    "resize_out",
-    "encode",
-)
+_STAGES = TIMINGS
 
 
 def export_cost_us(url: str, requests: int = 2000) -> float:

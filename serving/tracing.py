@@ -227,27 +227,6 @@ def emit_child(
 
 
 @contextmanager
-def spanned(
-    parent: TraceContext | None,
-    name: str,
-    attributes: Mapping[str, AttributeValue] | None = None,
-) -> Iterator[None]:
-    """Time the block as a span below ``parent`` (its error recorded if it raises)."""
-    if parent is None or _exporter is None:
-        yield
-        return
-    start = now_ns()
-    error: str | None = None
-    try:
-        yield
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        emit_child(parent, name, start, now_ns(), attributes=attributes, error=error)
-
-
-@contextmanager
 def spanned_own(
     context: TraceContext | None,
     name: str,

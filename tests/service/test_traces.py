@@ -17,6 +17,7 @@ from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from service.logs import configure
 from serving import tracing
+from serving.flow import TIMINGS
 from tests.api.conftest import jobs_settings, small_jpeg, unseen_portrait, wait_ready
 
 # Services exporting to a real receiver: a few seconds; the exporter alone is in test_otel.py.
@@ -25,19 +26,7 @@ pytestmark = pytest.mark.slow
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
-STAGES = (
-    "decode",
-    "queue",
-    "resize",
-    "detect",
-    "background",
-    "align",
-    "head",
-    "blend",
-    "strength",
-    "resize_out",
-    "encode",
-)
+STAGES = TIMINGS
 
 
 @pytest.fixture
