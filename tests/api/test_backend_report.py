@@ -15,6 +15,9 @@ from inference.backends import CANDIDATES
 from service.app import create_app
 from tests.api.conftest import make_settings, wait_ready
 
+# A service that exports and times its engines at start-up: about 8 s.
+pytestmark = pytest.mark.slow
+
 FIELDS = ("backend", "backend_reason", "backend_times_ms", "backend_excluded")
 
 

@@ -39,6 +39,11 @@ ONNX_RUNTIME = ort.missing_runtime() is None and ort.missing_exporter() is None
 needs_ort = pytest.mark.skipif(not ONNX_RUNTIME, reason="needs the onnx and onnxruntime extras")
 
 
+#: Tests that export the graph or time real passes (seconds each): `make test`, not `make check`; the
+#: decision logic's tests with fake candidates stay in the fast loop.
+_SLOW = pytest.mark.slow
+
+
 @pytest.fixture(autouse=True)
 def _measure_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts without what auto measured before in this process (and leaves nothing: a
@@ -66,6 +71,7 @@ def ort_runners(style_weights: StyleWeights) -> dict[str, ort.OnnxRuntimeRunner]
     }
 
 
+@_SLOW
 @needs_ort
 @pytest.mark.parametrize(
     ("role", "h", "w", "n"), [("bg", 288, 288, 1), ("bg", 96, 160, 2), ("head", 288, 288, 2)]
@@ -93,12 +99,14 @@ def test_onnxruntime_gives_eager_float32_within_one_level(
         assert int(out.max()) <= 254
 
 
+@_SLOW
 @needs_ort
 def test_onnxruntime_refuses_sizes_the_graph_refuses(ort_runners: dict[str, ort.OnnxRuntimeRunner]) -> None:
     with pytest.raises(InputShapeError, match="multiples of 4"):
         ort_runners["bg"](torch.zeros((1, 3, 30, 32), dtype=torch.uint8))
 
 
+@_SLOW
 @needs_ort
 def test_the_graph_is_cached_beside_the_weights_and_used_again(
     style_weights: StyleWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -125,6 +133,7 @@ def test_the_graph_is_cached_beside_the_weights_and_used_again(
     assert not path.exists() and ort.graph_path(weights).is_file()
 
 
+@_SLOW
 @needs_ort
 def test_a_graph_that_cannot_be_cached_is_still_served(
     style_weights: StyleWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -156,6 +165,7 @@ def _copy_weights(style_weights: StyleWeights, tmp_path: Path) -> StyleWeights:
     )
 
 
+@_SLOW
 @needs_ort
 def test_a_cached_graph_that_does_not_load_is_exported_again(
     style_weights: StyleWeights, tmp_path: Path
@@ -169,6 +179,7 @@ def test_a_cached_graph_that_does_not_load_is_exported_again(
     assert runners.decision.accuracy["onnxruntime"].failure(torch.float32) is None
 
 
+@_SLOW
 @needs_ort
 def test_explicit_onnxruntime_off_the_bound_is_refused_and_its_graph_forgotten(
     style_weights: StyleWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -225,6 +236,7 @@ def test_onnxruntime_runs_float32_on_the_cpu_only() -> None:
     assert choose_dtype("auto", CPU, "onnxruntime").dtype == torch.float32
 
 
+@_SLOW
 def test_auto_without_onnxruntime_measures_the_others(
     style_weights: StyleWeights, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -414,6 +426,7 @@ def test_decide(times: dict[str, float], winner: str) -> None:
     assert decide(times, "onednn")[0] == winner
 
 
+@_SLOW
 def test_auto_times_once_per_process_and_checks_each_styles_accuracy(
     style_weights: StyleWeights, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -448,6 +461,7 @@ def test_explicit_torch_backends_are_not_measured(style_weights: StyleWeights) -
     assert runners.bg.backend == runners.head.backend == "eager"
 
 
+@_SLOW
 def test_the_store_records_each_styles_decision(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
     store = ModelStore(CPU, torch.float32, tmp_path, model_dir.path.parent, False, backend="auto")
     loaded = store.load("anime")

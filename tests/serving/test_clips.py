@@ -60,6 +60,7 @@ def _run(clips: ClipFlow, source: Path, target: Path, **kw: object) -> ClipRepor
     return asyncio.run(clips.run(source, target, params, **kw))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # about 2.5 s
 def test_a_clip_keeps_its_frames_timestamps_and_audio(flow: Flow, clip: Path, tmp_path: Path) -> None:
     progress: list[tuple[int, int]] = []
     report = _run(
