@@ -308,7 +308,7 @@ async def cartoonize(
     rate_headers = _take_rate(state, caller, 1)
     data = await image.read()
     flow = state.flow
-    digest = None
+    digest = etag = None
     if_none_match = request.headers.get("if-none-match")
     if if_none_match and response == "image":
         digest = await flow.digest(data, caller.client)
@@ -325,7 +325,8 @@ async def cartoonize(
         body = _json(outcome, state.engine.store.dtype_reason)
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
-    headers.update(etags.caching_headers(etags.quoted(flow.tag(params, outcome.photo_sha256, "image"))))
+    etag = etag or etags.quoted(flow.tag(params, outcome.photo_sha256, "image"))
+    headers.update(etags.caching_headers(etag))
     return Response(outcome.data, media_type=params.media_type, headers=headers)
 
 

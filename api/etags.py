@@ -16,10 +16,11 @@ no stored representation for it to mean.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Final
 
 from fastapi.responses import Response
+
+from serving.flow import opaque_tag
 
 #: Results are the caller's alone (never in a shared cache); a browser revalidates them with the tag.
 CACHE_CONTROL: Final = "private, no-cache"
@@ -32,7 +33,7 @@ def quoted(opaque: str) -> str:
 
 def file_tag(salt: str, *parts: str) -> str:
     """An opaque tag (32 hex digits) of a stored file's representation, from what identifies it."""
-    return hashlib.sha256("\x00".join((salt, *parts)).encode()).hexdigest()[:32]
+    return opaque_tag(salt, *parts)
 
 
 def matches(if_none_match: str | None, etag: str) -> bool:

@@ -364,7 +364,7 @@ class Flow:
             f"{lim.max_processing_pixels}/{lim.min_face_size}/{lim.max_faces}/{lim.png_compression}",
             *parts,
         ]
-        return hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
+        return opaque_tag(*fields)
 
     def check_output(self, params: ResolvedOptions, info: ImageInfo) -> None:
         """Refuse (:class:`OptionsError`) a requested output over the pixel budget or enlarged more
@@ -806,6 +806,12 @@ class Flow:
         return await self.run(
             photo.data, params, deadline, client, background=background, watch=watch, digest=photo.digest
         )
+
+
+def opaque_tag(*parts: str) -> str:
+    """32 hex digits that change with any of ``parts`` (the SHA-256 of them, NUL-separated): the one
+    way the service derives an entity tag from what identifies a representation."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
 def _emit_spans(
