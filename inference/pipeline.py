@@ -543,13 +543,19 @@ class Cartoonizer:
         assert work.photo_t is not None
         opts = work.options
         policy = _policy(len(work.chosen), len(work.faces), opts.no_face)
+        on_cpu = self.device.type == "cpu"
         with self._timed([work], "strength"):
             # The model's output as the uint8 image it is (what Stages keep), then the strength.
             cartoon = None
-            if work.result_t is not None:
+            if work.result_t is not None and on_cpu:
+                # Written straight into an (h, w, 3) array, BGR → RGB on the way: the photo is an
+                # (h, w, 3) array's view too, so the strength keeps that layout, and the result and
+                # the kept stages need no transposing copy (the same values as the path below).
+                cartoon = _rgb_hwc_uint8(work.result_t.round_().clamp_(0, 255)).permute(2, 0, 1)
+            elif work.result_t is not None:
                 cartoon = work.result_t.flip(0).round_().clamp_(0, 255).to(torch.uint8)  # BGR → RGB
             out_u8 = _apply_strength(work.photo_t, cartoon, policy, opts.strength)
-            if on_cpu := self.device.type == "cpu":
+            if on_cpu:
                 out = out_u8.permute(1, 2, 0).numpy()
         oh, ow = opts.output_size or work.input_size
         device_image = None
@@ -615,6 +621,16 @@ def _apply_strength(
     if strength == 1.0:
         return cartoon
     return torch.lerp(photo.float(), cartoon.float(), strength).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _rgb_hwc_uint8(bgr: Tensor) -> Tensor:
+    """(3, h, w) float BGR holding values in [0, 255] → a contiguous (h, w, 3) uint8 RGB tensor
+    (truncating, as ``Tensor.to(torch.uint8)``), one channel at a time: no float copy of the whole
+    image on the way."""
+    out = torch.empty((bgr.shape[1], bgr.shape[2], 3), dtype=torch.uint8, device=bgr.device)
+    for k in range(3):
+        out[:, :, k].copy_(bgr[2 - k])
+    return out
 
 
 def _host_hwc(image: Tensor) -> np.ndarray:

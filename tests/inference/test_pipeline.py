@@ -110,6 +110,7 @@ def test_skipped_faces_are_reported(cartoonizer: Cartoonizer) -> None:
         cartoonizer.run(photos.astronaut(), Options(min_face_score=0.99999999, no_face="error"))
 
 
+@pytest.mark.slow
 def test_tiny_face_is_skipped_not_silently_dropped(cartoonizer: Cartoonizer) -> None:
     """A real face shrunk to about 20 px on a big canvas: found, and reported as too small."""
     face = np.asarray(Image.fromarray(photos.astronaut()).resize((120, 120), Image.Resampling.BILINEAR))

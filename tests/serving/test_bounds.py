@@ -186,6 +186,7 @@ def test_a_decode_counts_every_copy_its_decoder_makes(cartoonizer: Cartoonizer) 
         sched.close()
 
 
+@pytest.mark.slow
 def test_the_output_is_resized_with_the_encoding_and_let_go_once_encoded(cartoonizer: Cartoonizer) -> None:
     """On the CPU the worker hands back the processing-size image; the resize to the output size is
     codec work, timed as resize_out; the outcome keeps the report and the bytes, not the pixels."""

@@ -147,6 +147,7 @@ def test_a_photo_seen_before_skips_the_models_and_gives_the_same_bytes(flow: Flo
     assert (stats.hits, stats.misses) == (1, 2)
 
 
+@pytest.mark.slow
 def test_another_client_or_processing_size_is_a_miss(flow: Flow) -> None:
     data = _png(photos.grace_hopper())
     assert _run(flow, data, client=Client("alice", "alice")).cache == "miss"
@@ -168,6 +169,7 @@ def test_the_same_photo_twice_in_one_request_runs_once(flow: Flow) -> None:
     assert not flow._inflight  # nothing left waiting
 
 
+@pytest.mark.slow
 def test_two_requests_at_once_share_the_work_without_a_cache(cartoonizer: Cartoonizer) -> None:
     scheduler = Scheduler({"anime": cartoonizer}, name="test")
     scheduler.start()

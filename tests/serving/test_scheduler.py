@@ -192,6 +192,7 @@ def test_background_work_waits_a_moment_for_the_next_interactive_request(
     sched.close()
 
 
+@pytest.mark.slow
 def test_a_client_sending_back_to_back_does_not_starve_jobs(cartoonizer: Cartoonizer) -> None:
     """The grace holds a waiting job item back for GRACE_AT_MOST interactive batches in a row, then the
     item goes before the next request (which was not queued yet)."""
