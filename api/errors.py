@@ -88,7 +88,8 @@ CODES: Final[dict[str, Code]] = {
     "video_too_large": Code(
         413,
         "the video is longer than TOONSERVE_MAX_VIDEO_SECONDS, has more than TOONSERVE_MAX_VIDEO_FRAMES "
-        "frames, or frames over TOONSERVE_MAX_VIDEO_PIXELS",
+        "frames, frames over TOONSERVE_MAX_VIDEO_PIXELS, or (a video job's clip) over "
+        "TOONSERVE_MAX_VIDEO_BYTES",
     ),
     "too_many_files": Code(
         413,

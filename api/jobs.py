@@ -5,6 +5,11 @@
 interactive requests. A photo that is not an image (or too large) becomes a failed item at once; it
 does not refuse the job.
 
+A ``video`` part instead of ``images`` makes a *video job*: the clip is checked from its header first
+(a file that is not a video, or one over the video limits, refuses the request with 415, 413 or 400
+before anything is stored), its frames are counted (``total``, ``done``), and its result, at
+``/jobs/{id}/result``, is the cartoon clip as an MP4.
+
 A job belongs to the client that handed it in (its API key's name; ``anonymous`` without keys): it is
 seen, listed, followed, downloaded and deleted only with that client's key. Any other client gets 404
 ``job_not_found``, exactly as for a job that does not exist, so it cannot even learn that the id is
@@ -15,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
 import time
 import uuid
 import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
-from typing import Annotated, Any, Final
+from pathlib import Path as FilePath
+from typing import Annotated, Any, BinaryIO, Final
 
 from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -35,7 +43,17 @@ from api.middleware import get_caller, megabytes
 from api.openapi import BODY_CODES, COMMON_CODES, HEADERS, responses
 from api.state import JobsState, ServiceState, get_state
 from jobs.errors import JobNotFoundError, ResultNotReadyError, WebhookRefusedError
-from jobs.model import JOB_STATUSES, ItemStatus, Job, JobStatus, public_item, public_job, zip_name
+from jobs.model import (
+    JOB_STATUSES,
+    VIDEO_MEDIA_TYPE,
+    ItemStatus,
+    Job,
+    JobKind,
+    JobStatus,
+    public_item,
+    public_job,
+    zip_name,
+)
 from jobs.store import JobStore, Upload
 from jobs.webhooks import MAX_URL_LENGTH, check_url
 from serving.encoding import MEDIA_TYPES
@@ -43,7 +61,8 @@ from serving.flow import Flow
 from serving.images import ImageError, ImageTooLargeError, probe
 from serving.log_context import trace_var
 from serving.options import ResolvedOptions
-from serving.reservation import reserve
+from serving.reservation import reserve, reserve_video
+from serving.video import MAX_VIDEO_QUALITY, VideoInfo, VideoTooLargeError, probe_video
 
 router = APIRouter(tags=["jobs"])
 
@@ -76,10 +95,13 @@ class JobItemOut(BaseModel):
     faces_stylized: int | None = Field(description="faces that went through the head network (status ok)")
     timings_ms: dict[str, float] | None = Field(description="milliseconds per stage (status ok)")
     result_url: str | None = Field(description="where its result is (status ok)")
+    frames: int | None = Field(None, description="a video item's frames (null: a photo)")
+    frames_done: int = Field(0, description="a video item's frames written so far")
 
 
 class JobOut(BaseModel):
     id: str = Field(description="the job's id")
+    kind: JobKind = Field(description="images (photos, one item each) or video (one clip)")
     status: JobStatus = Field(
         description="queued, running, succeeded (every item ended, each ok or error), failed (the job "
         "could not run; see error) or cancelled"
@@ -87,13 +109,17 @@ class JobOut(BaseModel):
     created_at: str = Field(description="when it was accepted, ISO 8601 UTC")
     updated_at: str = Field(description="when it last changed, ISO 8601 UTC")
     expires_at: str = Field(description="when it and its results will be deleted, ISO 8601 UTC")
-    total: int = Field(description="photos in the job")
-    done: int = Field(description="items that have ended (ok, error or cancelled)")
+    total: int = Field(description="photos in the job; a video job's frames")
+    done: int = Field(
+        description="items that have ended (ok, error or cancelled); a video job's frames written"
+    )
     failed: int = Field(description="items that ended in error")
     error: str | None = Field(description="why the job failed (status failed)")
     options: ResolvedOptions = Field(description="the options every photo is processed with")
     webhook: str | None = Field(description="where the job object is POSTed when it ends")
-    result_url: str = Field(description="the ZIP of every result plus results.json")
+    result_url: str = Field(
+        description="the ZIP of every result plus results.json; a video job's cartoon clip (MP4)"
+    )
     items: list[JobItemOut] | None = Field(None, description="every photo, in upload order (not in listings)")
 
 
@@ -144,6 +170,35 @@ async def _accept(upload: UploadFile, params: ResolvedOptions, flow: Flow, max_b
     return Upload(name, upload.file, size, None, reserved)
 
 
+def _probe_clip(stream: BinaryIO, jobs: JobsState) -> VideoInfo:
+    """The clip's header checked (:func:`serving.video.probe_video`, which reads files): the upload is
+    copied to a temporary file first (the system's temporary directory); blocking."""
+    assert jobs.runner.clips is not None
+    with tempfile.NamedTemporaryFile(prefix="toonserve-probe-", suffix=".tmp") as copy:
+        shutil.copyfileobj(stream, copy, _CHUNK)
+        copy.flush()
+        stream.seek(0)
+        return probe_video(FilePath(copy.name), jobs.runner.clips.limits)
+
+
+async def _accept_video(upload: UploadFile, params: ResolvedOptions, jobs: JobsState) -> Upload:
+    """Check a video job's clip as it is handed in, from its header: a file that is not a video,
+    damaged or over the limits (its bytes: TOONSERVE_MAX_VIDEO_BYTES; duration, frames, pixels)
+    refuses the request (the job would be that one clip); else its frames and what its result
+    reserves (:func:`serving.reservation.reserve_video`)."""
+    if jobs.runner.clips is None:
+        raise APIError("invalid_request", "this server does not take video jobs")
+    size = _size(upload)
+    if size > jobs.max_video_bytes:
+        raise VideoTooLargeError(
+            f"the file is {megabytes(size)}; a video may be at most {megabytes(jobs.max_video_bytes)} "
+            "(TOONSERVE_MAX_VIDEO_BYTES)"
+        )
+    info = await asyncio.to_thread(_probe_clip, upload.file, jobs)
+    estimate = reserve_video(info.frames, info.display_size, params, MAX_VIDEO_QUALITY)
+    return Upload(upload.filename or "video", upload.file, size, None, estimate, frames=info.frames)
+
+
 _SUBMIT_CODES: Final = (
     *COMMON_CODES,
     *BODY_CODES,
@@ -156,6 +211,9 @@ _SUBMIT_CODES: Final = (
     "too_many_files",
     "all_files_refused",
     "insufficient_storage",
+    "corrupt_video",
+    "video_too_large",
+    "unsupported_video",
 )
 
 
@@ -177,8 +235,18 @@ async def submit_job(
     state: Annotated[ServiceState, Depends(get_state)],
     jobs: Annotated[JobsState, Depends(get_jobs)],
     caller: CallerDep,
-    images: Annotated[list[UploadFile], File(description="the photos, one part each")],
     params: RequestParams,
+    images: Annotated[
+        list[UploadFile] | None, File(description="the photos, one part each (or send one video)")
+    ] = None,
+    video: Annotated[
+        UploadFile | None,
+        File(
+            description="one clip instead of photos (MP4, MOV, WebM, MKV, AVI or animated GIF; decided by "
+            "content): a video job, whose result is the cartoon clip (H.264 MP4, the clip's frames, "
+            "timing, size or output_size, rotation and audio; quality=100 is lossless)"
+        ),
+    ] = None,
     webhook: Annotated[
         str | None,
         Form(
@@ -205,9 +273,17 @@ async def submit_job(
         existing = await asyncio.to_thread(store.by_idempotency_key, scoped_key)
         if existing is not None:
             return _job_response(existing, 200)
-    if len(images) > jobs.max_files:
-        raise APIError("too_many_files", f"{len(images)} files; a job takes at most {jobs.max_files}")
-    check_filenames(images)
+    if bool(images) == (video is not None):
+        raise APIError(
+            "invalid_request",
+            "send the photos as `images` parts, or one clip as a `video` part (a video job), not both"
+            if images
+            else "send the photos as `images` parts, or one clip as a `video` part (a video job)",
+        )
+    parts: list[UploadFile] = [video] if video is not None else (images or [])
+    if len(parts) > jobs.max_files:
+        raise APIError("too_many_files", f"{len(parts)} files; a job takes at most {jobs.max_files}")
+    check_filenames(parts)
     if webhook is not None:
         if not jobs.webhook_secret:
             raise APIError(
@@ -217,7 +293,10 @@ async def submit_job(
             await asyncio.to_thread(check_url, webhook, jobs.webhook_allow_private)
         except WebhookRefusedError as exc:
             raise APIError("invalid_webhook", str(exc)) from None
-    uploads = [await _accept(u, params, state.flow, jobs.max_photo_bytes) for u in images]
+    if video is not None:
+        uploads = [await _accept_video(video, params, jobs)]
+    else:
+        uploads = [await _accept(u, params, state.flow, jobs.max_photo_bytes) for u in parts]
     if all(u.error is not None for u in uploads):
         raise all_refused([(u.filename, (u.error or {}).get("message", "")) for u in uploads])
     job, created = await asyncio.to_thread(
@@ -313,6 +392,10 @@ def _end_event(job: Job) -> bytes:
     return _sse("end", _out(job))
 
 
+def _progress_event(job: Job) -> bytes:
+    return _sse("progress", {"id": job.id, "status": job.status, "total": job.total, "done": job.done})
+
+
 class _EventStream(StreamingResponse):
     """An events stream that gives its slot back (``release``) however it ends: the job ended, the
     client disconnected (the stream is cancelled, maybe before its first byte), an error."""
@@ -370,7 +453,9 @@ def _take_stream(jobs: JobsState, caller: Caller) -> Callable[[], None]:
         200: {
             "content": {"text/event-stream": {}},
             "description": "`job` (the job object, first, whenever you connect), `item` (one per item "
-            "that ends from then on), `end` (the job object once it has ended, or `{id, status: "
+            "that ends from then on), `progress` (a video job's `{id, status, total, done}` in frames, "
+            "whenever more are written: about twice a second), `end` (the job object once it has "
+            "ended, or `{id, status: "
             '"deleted"}` if it was deleted; then the stream closes); a `: keep-alive` comment after '
             "15 s without an event. A client may hold TOONSERVE_CLIENT_EVENT_STREAMS streams open at "
             "once, the server TOONSERVE_MAX_EVENT_STREAMS",
@@ -402,6 +487,7 @@ async def job_events(
         job = first
         yield start.memo("job", partial(_job_event, job))
         sent = {item.index for item in job.items if item.ended}
+        frames = job.done
         last = time.monotonic()
         # Until every item has ended: a cancelled job's running item still reports how it stopped.
         while not job.settled:
@@ -414,6 +500,10 @@ async def job_events(
                 yield _sse("end", {"id": job_id, "status": "deleted"})
                 return
             job = snapshot.job
+            if job.kind == "video" and job.done != frames and not job.settled:
+                frames = job.done
+                yield snapshot.memo("progress", partial(_progress_event, job))
+                last = time.monotonic()
             for index in sorted(snapshot.ended - sent):
                 sent.add(index)
                 # Made once for all the job's listeners (as is its end below).
@@ -429,11 +519,11 @@ async def job_events(
 
 @router.get(
     "/jobs/{job_id}/items/{index}",
-    summary="One item's result image",
+    summary="One item's result image (a video job's one item: its clip)",
     response_class=FileResponse,
     responses={
         200: {
-            "content": {t: {} for t in MEDIA_TYPES.values()},
+            "content": {t: {} for t in (*MEDIA_TYPES.values(), VIDEO_MEDIA_TYPE)},
             "description": "the result",
             "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
         },
@@ -451,26 +541,34 @@ async def get_item(
     job = await _job(jobs, job_id, caller)
     if index >= len(job.items):
         raise JobNotFoundError(f"job {job_id} has {len(job.items)} items; there is no item {index}")
+    return await _result_file(request, jobs, job, index)
+
+
+async def _result_file(request: Request, jobs: JobsState, job: Job, index: int) -> Response:
+    """An item's result file (a photo's image, a clip's MP4), with its ETag; ranges are served (a
+    video player seeks)."""
     item = job.items[index]
     if item.status != "ok":
         detail = f": {item.error['message']}" if item.error else ""
-        raise ResultNotReadyError(f"item {index} has no result; it is {item.status}{detail}")
-    path = jobs.store.result_path(job_id, index, job.options.suffix)
+        what = "the clip" if item.frames is not None else f"item {index}"
+        raise ResultNotReadyError(f"{what} has no result; it is {item.status}{detail}")
+    path = jobs.store.result_path(job.id, index, job.suffix)
     try:
         stat = await asyncio.to_thread(path.stat)
     except FileNotFoundError:
-        raise JobNotFoundError(f"no job {job_id}: deleted meanwhile") from None
+        raise JobNotFoundError(f"no job {job.id}: deleted meanwhile") from None
     # A result file is written once under its final name: the job, the item and the file as written
     # say which bytes these are.
     etag = etags.quoted(
-        etags.file_tag(jobs.etag_salt, job_id, str(index), f"{stat.st_size}/{stat.st_mtime_ns}")
+        etags.file_tag(jobs.etag_salt, job.id, str(index), f"{stat.st_size}/{stat.st_mtime_ns}")
     )
     if etags.matches(request.headers.get("if-none-match"), etag):
         return etags.not_modified(etag)
+    media_type = VIDEO_MEDIA_TYPE if job.kind == "video" else MEDIA_TYPES[job.options.format]
     return FileResponse(
         path,
-        media_type=MEDIA_TYPES[job.options.format],
-        filename=zip_name(index, item.filename, job.options.suffix),
+        media_type=media_type,
+        filename=zip_name(index, item.filename, job.suffix),
         headers=etags.caching_headers(etag),
         stat_result=stat,
     )
@@ -505,7 +603,7 @@ def _zip_tag(store: JobStore, job: Job, salt: str) -> str:
     for item in job.items:
         if item.status == "ok":
             try:
-                stat = store.result_path(job.id, item.index, job.options.suffix).stat()
+                stat = store.result_path(job.id, item.index, job.suffix).stat()
                 files.append(f"{item.index}:{stat.st_size}/{stat.st_mtime_ns}")
             except FileNotFoundError:
                 files.append(f"{item.index}:gone")
@@ -523,8 +621,8 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
         for item in job.items:
             entry = public_item(job, item)
             if item.status == "ok":
-                name = zip_name(item.index, item.filename, job.options.suffix)
-                path = store.result_path(job.id, item.index, job.options.suffix)
+                name = zip_name(item.index, item.filename, job.suffix)
+                path = store.result_path(job.id, item.index, job.suffix)
                 try:
                     with path.open("rb") as src, zf.open(zipfile.ZipInfo(name, stamp), "w") as dst:
                         while chunk := src.read(_CHUNK):
@@ -543,22 +641,24 @@ def _zip_stream(store: JobStore, job: Job) -> Iterator[bytes]:
 
 @router.get(
     "/jobs/{job_id}/result",
-    summary="Every result so far as a ZIP, with results.json (streamed)",
+    summary="Every result so far as a ZIP, with results.json (streamed); a video job's cartoon clip",
     response_class=StreamingResponse,
     responses={
         200: {
-            "content": {"application/zip": {}},
-            "description": "the ZIP",
+            "content": {"application/zip": {}, VIDEO_MEDIA_TYPE: {}},
+            "description": "the ZIP; for a video job the clip (H.264 MP4; Range requests served)",
             "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
         },
         304: {"description": "If-None-Match named its ETag: nothing changed since your copy; no body"},
-        **responses(*_READ_CODES),
+        **responses(*_READ_CODES, "result_not_ready"),
     },
 )
 async def get_result(
     request: Request, jobs: Annotated[JobsState, Depends(get_jobs)], caller: CallerDep, job_id: JobId
 ) -> Response:
     job = await _job(jobs, job_id, caller)
+    if job.kind == "video":
+        return await _result_file(request, jobs, job, 0)
     etag = await asyncio.to_thread(_zip_tag, jobs.store, job, jobs.etag_salt)
     if etags.matches(request.headers.get("if-none-match"), etag):
         return etags.not_modified(etag)

@@ -100,6 +100,11 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.video_frames = Counter(
+            "toonserve_video_frames",
+            "Frames of video jobs written (rate(): the frames per second this process makes)",
+            registry=r,
+        )
         self.job_items_waiting = Gauge(
             "toonserve_job_items_waiting", "Job items queued, in every stored job", registry=r
         )

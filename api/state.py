@@ -38,6 +38,8 @@ class JobsState:
     streams: StreamSlots
     #: Mixed into the ETags of job downloads (``TOONSERVE_ETAG_SALT``).
     etag_salt: str = ""
+    #: Largest clip a video job takes (``TOONSERVE_MAX_VIDEO_BYTES``).
+    max_video_bytes: int = 0
 
 
 @dataclass

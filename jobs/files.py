@@ -88,6 +88,8 @@ class JobFiles:
 
     * ``jobs/<id>/in/NNNN``: a job's photos, each until its item ends;
     * ``jobs/<id>/out/NNNN.<suffix>``: the results;
+    * ``jobs/<id>/work/NNNN/``: a video item's finished segments while it runs (what a run that
+      stops resumes from), and its result before it is moved to ``out/``;
     * ``staging/<id>/`` (``staging/<replica>/<id>/`` for a shared directory): a job being accepted,
       renamed into ``jobs/`` whole once every photo is on disk.
 
@@ -117,6 +119,9 @@ class JobFiles:
     def result_path(self, job_id: str, index: int, suffix: str) -> Path:
         return self.job_dir(job_id) / "out" / f"{index:04d}.{suffix}"
 
+    def work_dir(self, job_id: str, index: int) -> Path:
+        return self.job_dir(job_id) / "work" / f"{index:04d}"
+
     def write_photos(self, job_id: str, photos: Sequence[BinaryIO | None]) -> None:
         """Each photo (None: refused at acceptance, not kept) written durably as ``in/NNNN`` of the
         job's staging directory, which is then renamed into place and the rename fsynced: a job's
@@ -134,16 +139,25 @@ class JobFiles:
             remove_tree(staging)
             raise JobStoreError(f"cannot write the job's photos under {self.data_dir}: {exc}") from exc
 
-    def write_result(self, job_id: str, index: int, suffix: str, data: bytes) -> int | None:
+    def write_result(self, job_id: str, index: int, suffix: str, data: bytes | Path) -> int | None:
         """The result written under its final name (before its item is recorded: a crash in between
         runs the item again, which writes the same file); its bytes, or None if the job's folder is
-        gone (deleted while its item ran)."""
+        gone (deleted while its item ran). ``data`` as bytes, or a complete file on the same file
+        system (a clip's), moved into place durably."""
         if not self.job_dir(job_id).exists():
             return None
-        return write_durable(self.result_path(job_id, index, suffix), data)
+        path = self.result_path(job_id, index, suffix)
+        if isinstance(data, bytes):
+            return write_durable(path, data)
+        with data.open("rb") as done:
+            os.fsync(done.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data.replace(path)
+        fsync_dir(path.parent)
+        return path.stat().st_size
 
     def try_write_result(
-        self, job_id: str, index: int, suffix: str, data: bytes
+        self, job_id: str, index: int, suffix: str, data: bytes | Path
     ) -> tuple[int | None, dict[str, str] | None]:
         """:meth:`write_result`, and a failure to write (a full or failing disk) turned into the
         item's error: ``(bytes written or None, None)``, or ``(0, error)`` with nothing left behind.
@@ -161,8 +175,12 @@ class JobFiles:
             }
 
     def drop_input(self, job_id: str, index: int) -> None:
-        """An item's photo, once its item has ended (its record says so first)."""
+        """An item's photo (or clip, and its work folder), once its item has ended (its record says
+        so first)."""
         self.input_path(job_id, index).unlink(missing_ok=True)
+        work = self.work_dir(job_id, index)
+        if work.exists():
+            remove_tree(work)
 
     def remove(self, job_id: str) -> None:
         """A job's folder, with everything in it."""

@@ -2,7 +2,10 @@
 and the public JSON of both.
 
 A job is a set of photos handed in at once with one set of options. Each photo is an item that
-goes through the request flow on its own; the job ends when every item has ended.
+goes through the request flow on its own; the job ends when every item has ended. A *video job* is one
+clip: its one item is the clip, which knows its frame count (:attr:`Item.frames`) and how many frames
+are written (:attr:`Item.frames_done`); the job then counts frames, not items, and its result is the
+cartoon clip, an MP4 (:data:`VIDEO_SUFFIX`).
 
 Job status: ``queued`` (no item started yet), ``running``, ``succeeded`` (every item ended; each has
 its own ``ok`` or ``error``), ``failed`` (the job could not run at all, e.g. its style is not
@@ -31,6 +34,17 @@ TERMINAL: Final[frozenset[str]] = frozenset({"succeeded", "failed", "cancelled"}
 ENDED: Final[frozenset[str]] = frozenset({"ok", "error", "cancelled"})
 
 WebhookState = Literal["none", "pending", "delivered", "failed"]
+JobKind = Literal["images", "video"]
+
+#: A video job's result: H.264 in MP4, whatever the job's image ``format`` option says.
+VIDEO_SUFFIX: Final = "mp4"
+VIDEO_MEDIA_TYPE: Final = "video/mp4"
+
+
+def result_suffix(options: ResolvedOptions, frames: int | None) -> str:
+    """The suffix of an item's result file: its image format's, or :data:`VIDEO_SUFFIX` for a clip
+    (``frames`` not None)."""
+    return VIDEO_SUFFIX if frames is not None else options.suffix
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,9 @@ class Item:
     result_bytes: int = 0
     #: Storage reserved for its result until it is written (an upper bound).
     estimate: int = 0
+    #: A clip's frames (None: a photo), and how many of them are written so far.
+    frames: int | None = None
+    frames_done: int = 0
 
     @property
     def ended(self) -> bool:
@@ -79,12 +96,24 @@ class Job:
     trace: TraceContext | None = None
 
     @property
+    def kind(self) -> JobKind:
+        return "video" if any(i.frames is not None for i in self.items) else "images"
+
+    @property
+    def suffix(self) -> str:
+        """Its results' file suffix (:func:`result_suffix`)."""
+        return VIDEO_SUFFIX if self.kind == "video" else self.options.suffix
+
+    @property
     def total(self) -> int:
-        return len(self.items)
+        """Photos, or a video job's frames."""
+        return sum(i.frames or 0 for i in self.items) if self.kind == "video" else len(self.items)
 
     @property
     def done(self) -> int:
-        """Items that have ended (ok, error or cancelled)."""
+        """Items that have ended (ok, error or cancelled), or a video job's frames written."""
+        if self.kind == "video":
+            return sum((i.frames or 0) if i.status == "ok" else i.frames_done for i in self.items)
         return sum(i.ended for i in self.items)
 
     @property
@@ -127,6 +156,8 @@ def public_item(job: Job, item: Item) -> dict[str, Any]:
         "faces_stylized": item.faces_stylized,
         "timings_ms": item.timings_ms,
         "result_url": result_url(job.id, item.index) if item.status == "ok" else None,
+        "frames": item.frames,
+        "frames_done": item.frames_done if item.status != "ok" else item.frames,
     }
 
 
@@ -134,6 +165,7 @@ def public_job(job: Job, with_items: bool = True) -> dict[str, Any]:
     """The job object of the API, the events stream and the webhook."""
     out: dict[str, Any] = {
         "id": job.id,
+        "kind": job.kind,
         "status": job.status,
         "created_at": iso(job.created_at),
         "updated_at": iso(job.updated_at),

@@ -28,6 +28,8 @@ ITEM_FIELDS: Final = (
     "input_bytes",
     "result_bytes",
     "estimate",
+    "frames",
+    "frames_done",
 )
 
 
@@ -50,6 +52,8 @@ def new_item(upload: Upload) -> dict[str, Any]:
         "input_bytes": upload.size if accepted else 0,
         "result_bytes": 0,
         "estimate": upload.estimate if accepted else 0,
+        "frames": upload.frames,
+        "frames_done": 0,
     }
 
 
@@ -64,6 +68,8 @@ def item_from(index: int, record: Mapping[str, Any]) -> Item:
         input_bytes=int(record.get("input_bytes") or 0),
         result_bytes=int(record.get("result_bytes") or 0),
         estimate=int(record.get("estimate") or 0),
+        frames=None if record.get("frames") is None else int(record["frames"]),
+        frames_done=int(record.get("frames_done") or 0),
     )
 
 

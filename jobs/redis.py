@@ -273,7 +273,8 @@ class RedisJobStore:
             self.files.drop_input(dropped[k], int(dropped[k + 1]))
         if not got:
             return None
-        job_id, index, filename, options, entry, queue, client, traceparent, tracestate = got
+        job_id, index, filename, options, entry, queue, client, traceparent, tracestate, *rest = got
+        frames = rest[0] if rest else ""
         return Claim(
             job_id,
             int(index),
@@ -285,6 +286,7 @@ class RedisJobStore:
             client=client,
             queue=queue,
             trace=tracing.parse(traceparent, tracestate),
+            frames=int(frames) if frames else None,
         )
 
     def renew(self, claim: Claim) -> bool:
@@ -301,7 +303,7 @@ class RedisJobStore:
         claim: Claim,
         status: ItemStatus,
         *,
-        result: bytes | None = None,
+        result: bytes | Path | None = None,
         error: dict[str, str] | None = None,
         faces_stylized: int | None = None,
         timings_ms: dict[str, float] | None = None,
@@ -313,7 +315,7 @@ class RedisJobStore:
             if not self.renew(claim):
                 # Another runner took the item over: its result (the same bytes) is its to write.
                 return self.get(job_id)
-            written, failure = self.files.try_write_result(job_id, index, claim.options.suffix, result)
+            written, failure = self.files.try_write_result(job_id, index, claim.suffix, result)
             if written is None:
                 return None  # deleted while it ran
             if failure is not None:
@@ -341,6 +343,16 @@ class RedisJobStore:
         if outcome == "ok":
             self.files.drop_input(job_id, index)
         return self.get(job_id)
+
+    def progress(self, claim: Claim, frames_done: int) -> Job | None:
+        outcome = self._run(
+            "PROGRESS", claim.owner, claim.queue, claim.token, claim.job_id, claim.index, frames_done,
+            repr(time.time()),
+        )  # fmt: skip
+        return None if outcome == "gone" else self.get(claim.job_id)
+
+    def work_dir(self, job_id: str, index: int) -> Path:
+        return self.files.work_dir(job_id, index)
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         now = time.time()

@@ -16,6 +16,12 @@ Besides running items, the runner:
 * delivers each ended job's webhook;
 * tells listeners (:class:`EventHub`) whenever a job changes, for the events stream.
 
+A video item (a clip) goes through :class:`~serving.clips.ClipFlow` instead: its frames are the
+engine's background work one by one, its finished segments are kept in the item's work folder (a run
+stopped by a crash or a shutdown resumes after the last of them, on this replica or another one that
+mounts the data directory), its progress is recorded at most every :data:`PROGRESS_S` (and the job's
+listeners told), and its result, the joined clip, is moved into place when the item is recorded.
+
 The store may fail for a while (Redis unreachable, a full disk): the loops log it and try again with
 a growing pause, an item's outcome is recorded again a few times before it is left to run again
 later, and nothing of it stops the runner.
@@ -30,20 +36,22 @@ import math
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from inference.errors import StyleUnavailableError, ToonserveError
+from inference.errors import ConfigurationError, StyleUnavailableError, ToonserveError
 from inference.pipeline import AbandonedError
 from jobs.errors import JobStoreError
 from jobs.events import EventHub
-from jobs.model import ItemStatus, Job
+from jobs.model import VIDEO_SUFFIX, ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
 from serving import tracing
+from serving.clips import ClipFlow, ClipReport
 from serving.engine import Engine
 from serving.flow import Flow
 from serving.log_context import task_context, trace_var
+from serving.options import ResolvedOptions
 from serving.retry import backoff_s
 from serving.tickets import Cancellable, Client
 from serving.tracing import TraceContext, new_trace
@@ -58,10 +66,105 @@ RETRY_MAX_S: Final = 30.0
 #: Tries to record an item's outcome while the store cannot be used (1 s, 2 s, 4 s, 8 s apart: well
 #: within a lease, so the item is not taken over meanwhile).
 FINISH_ATTEMPTS: Final = 5
+#: How often a video item's frame count is recorded while it runs (events report it as often).
+PROGRESS_S: Final = 0.5
 
 
 class _LeaseLost(Exception):
     """Another runner took the item over (this one did not renew its lease in time)."""
+
+
+class _ClipGuard:
+    """One watch for a whole clip (:meth:`JobRunner._watch`: the lease renewed, a cancel seen from any
+    replica), where a photo has one per wait: a clip's frames each wait less than the watch's poll, so
+    a watch per frame would never poll. It stands for the clip as a :class:`Cancellable`: cancelling
+    it cancels the frame in flight and every later one; a lost lease fails the frame in flight (or
+    the next) with :class:`_LeaseLost`."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self._tickets: set[Cancellable] = set()
+        self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for ticket in list(self._tickets):
+            ticket.cancel()
+
+    async def watch(self, watching: Awaitable[None]) -> None:
+        """Run the clip's watch; a lost lease is handed to the frames."""
+        try:
+            await watching
+        except _LeaseLost as exc:
+            if not self._failure.done():
+                self._failure.set_exception(exc)
+
+    async def frame(self, ticket: Cancellable) -> None:
+        """ClipFlow's ``watch`` of each frame: returns only by raising what the clip's watch found."""
+        if self.cancelled:
+            ticket.cancel()
+        self._tickets.add(ticket)
+        try:
+            await asyncio.shield(self._failure)
+        finally:
+            self._tickets.discard(ticket)
+
+    def close(self) -> None:
+        if self._failure.done():
+            self._failure.exception()  # retrieved: no "never retrieved" warning
+        else:
+            self._failure.cancel()
+
+
+class _Progress:
+    """A running clip's frame count, recorded in the store at most every :data:`PROGRESS_S` (one
+    write at a time; the latest count wins) and counted for the metrics as frames are written."""
+
+    def __init__(self, runner: JobRunner, claim: Claim) -> None:
+        self.runner, self.claim = runner, claim
+        self.done = 0
+        self._recorded = 0
+        self._counted: int | None = None
+        self._last = -math.inf
+        self._writing: asyncio.Task[None] | None = None
+
+    def frames(self, done: int, _total: int) -> None:
+        """ClipFlow's ``on_progress``: ``done`` frames written (the first call: where it resumed)."""
+        self.done = done
+        if self._counted is None:
+            self._counted = done  # frames of an earlier run are not this run's
+        self.runner._on_frames(self.pending_frames())
+        if self._writing is None and time.monotonic() - self._last >= PROGRESS_S:
+            self._writing = asyncio.create_task(self._write(), name=f"toonserve-progress-{self.claim.job_id}")
+
+    def pending_frames(self) -> int:
+        """Frames written since the last call (for the frames counter)."""
+        counted = self._counted if self._counted is not None else self.done
+        self._counted = self.done
+        return max(0, self.done - counted)
+
+    async def _write(self) -> None:
+        try:
+            while self.done > self._recorded:
+                self._last = time.monotonic()
+                done = self.done
+                try:
+                    job = await asyncio.to_thread(self.runner.store.progress, self.claim, done)
+                except JobStoreError as exc:  # the next frames try again
+                    log.debug("jobs: progress of job %s not recorded: %s", self.claim.job_id, exc)
+                    return
+                self._recorded = done
+                self.runner.changed(job, self.claim.job_id)
+                wait = PROGRESS_S - (time.monotonic() - self._last)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        finally:
+            self._writing = None
+
+    async def settle(self) -> None:
+        """Wait for a write in progress (the item's outcome is recorded after it, never before)."""
+        if self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
 
 
 def _store_trouble(exc: BaseException, doing: str, retry_s: float | None = None) -> None:
@@ -96,11 +199,15 @@ class JobRunner:
         on_item: Callable[[str], None] | None = None,
         error_code: Callable[[ToonserveError], str] | None = None,
         fail_unconfigured: bool = True,
+        clips: ClipFlow | None = None,
+        on_frames: Callable[[int], None] | None = None,
     ) -> None:
         """``error_code(exc)``: the code an item that failed with ``exc`` reports (the service passes
         the HTTP API's, so an item's error reads like the same photo's error from /cartoonize).
         ``fail_unconfigured``: fail jobs whose style is not configured here (right when this process
-        is the only runner; with a shared store another replica may serve that style)."""
+        is the only runner; with a shared store another replica may serve that style). ``clips``: how
+        video items run (without it, a video item ends in error); ``on_frames(n)``: ``n`` more frames
+        of a clip written."""
         self.store = store
         self.engine = engine
         self.flow = flow
@@ -112,6 +219,8 @@ class JobRunner:
         self._on_item = on_item or (lambda _: None)
         self._error_code = error_code or (lambda exc: type(exc).__name__)
         self._fail_unconfigured_jobs = fail_unconfigured
+        self.clips = clips
+        self._on_frames = on_frames or (lambda _: None)
         self._wake = asyncio.Event()
         self._stopping = False
         self._recovered = False
@@ -299,6 +408,10 @@ class JobRunner:
         try:
             # The job's client takes its turn with other clients' work (codec threads, background lines).
             client = Client(claim.client, claim.client)
+            if claim.frames is not None:
+                job = await self._run_clip(claim, params, client)
+                self.changed(job, claim.job_id)
+                return
             data = await asyncio.to_thread(claim.input_path.read_bytes)
             outcome = await self.flow.run(
                 data,
@@ -345,6 +458,50 @@ class JobRunner:
             ended = job.items[claim.index].status if job is not None else "ok"
             self._on_item("error" if ended == "error" else "ok")
         self.changed(job, claim.job_id)
+
+    async def _run_clip(self, claim: Claim, params: ResolvedOptions, client: Client) -> Job | None:
+        """A video item through :attr:`clips`, resuming from the segments in its work folder; its
+        frame count recorded as it goes; the job once the item is recorded. Raises what
+        :meth:`_run_item` handles (a refused clip, a cancel, a lost lease)."""
+        if self.clips is None:
+            raise ConfigurationError("this server was started without video jobs (no ClipFlow)")
+        work = await asyncio.to_thread(self.store.work_dir, claim.job_id, claim.index)
+        target = work / f"result.{VIDEO_SUFFIX}"
+        progress = _Progress(self, claim)
+        guard = _ClipGuard()
+        watching = asyncio.create_task(guard.watch(self._watch(claim, guard)))
+        try:
+            report: ClipReport = await self.clips.run(
+                claim.input_path,
+                target,
+                params,
+                work=work / "segments",
+                client=client,
+                background=True,
+                on_progress=progress.frames,
+                watch=guard.frame,
+            )
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            guard.close()
+        await progress.settle()
+        self._on_frames(progress.pending_frames())
+        resumed = f", resumed from frame {report.resumed_from}" if report.resumed_from else ""
+        log.info(
+            "jobs: clip of job %s: %d frames%s, %.1f frames/s",
+            claim.job_id,
+            report.frames,
+            resumed,
+            report.frames_per_s,
+        )
+        timings = {**report.timings_ms, "frames_per_s": round(report.frames_per_s, 2)}
+        job = await self._finish(
+            claim, "ok", result=target, faces_stylized=report.faces_max, timings_ms=timings
+        )
+        ended = job.items[claim.index].status if job is not None else "ok"
+        self._on_item("error" if ended == "error" else "ok")
+        return job
 
     async def _finish(self, claim: Claim, status: ItemStatus, **fields: Any) -> Job | None:
         """``store.finish``, tried again a few times while the store cannot be used (the outcome is

@@ -94,6 +94,9 @@ _ADDED_COLUMNS: Final = (
     ("jobs", "account", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "traceparent", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "tracestate", "TEXT NOT NULL DEFAULT ''"),
+    # A video item's frames (NULL: a photo) and how many are written.
+    ("items", "frames", "INTEGER"),
+    ("items", "frames_done", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 #: What an item still holds on disk: its photo until it ends, then its result; plus the estimate
@@ -298,7 +301,7 @@ class SQLiteJobStore:
             order = sorted(waiting, key=lambda row: (self._turns.start(row[0]), row[1]))
             for client, _ in order:
                 row = db.execute(
-                    "SELECT j.id, j.options, i.idx, i.filename, j.traceparent, j.tracestate "
+                    "SELECT j.id, j.options, i.idx, i.filename, j.traceparent, j.tracestate, i.frames "
                     "FROM items i JOIN jobs j ON j.id = i.job_id "
                     "WHERE j.client = ? AND i.status = 'queued' AND j.status IN ('queued', 'running') "
                     f"AND json_extract(j.options, '$.style') IN ({marks}) "
@@ -307,7 +310,7 @@ class SQLiteJobStore:
                 ).fetchone()
                 if row is None:
                     continue
-                job_id, options_json, index, filename, traceparent, tracestate = row
+                job_id, options_json, index, filename, traceparent, tracestate, frames = row
                 db.execute(
                     "UPDATE items SET status = 'running' WHERE job_id = ? AND idx = ?", (job_id, index)
                 )
@@ -319,7 +322,9 @@ class SQLiteJobStore:
                 options = ResolvedOptions.load(json.loads(options_json))
                 path = self.files.input_path(job_id, index)
                 trace = tracing.parse(traceparent, tracestate)
-                return Claim(job_id, index, filename, options, path, owner, client=client, trace=trace)
+                return Claim(
+                    job_id, index, filename, options, path, owner, client=client, trace=trace, frames=frames
+                )
         return None
 
     def renew(self, claim: Claim) -> bool:
@@ -337,7 +342,7 @@ class SQLiteJobStore:
         claim: Claim,
         status: ItemStatus,
         *,
-        result: bytes | None = None,
+        result: bytes | Path | None = None,
         error: dict[str, str] | None = None,
         faces_stylized: int | None = None,
         timings_ms: dict[str, float] | None = None,
@@ -346,7 +351,7 @@ class SQLiteJobStore:
         job_id, index = claim.job_id, claim.index
         result_bytes = 0
         if result is not None:
-            written, failure = self.files.try_write_result(job_id, index, claim.options.suffix, result)
+            written, failure = self.files.try_write_result(job_id, index, claim.suffix, result)
             if written is None:
                 return None  # deleted while it ran
             if failure is not None:
@@ -373,6 +378,20 @@ class SQLiteJobStore:
             job = self._load(db, job_id)
         self.files.drop_input(job_id, index)
         return job
+
+    def progress(self, claim: Claim, frames_done: int) -> Job | None:
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE items SET frames_done = ? WHERE job_id = ? AND idx = ? AND status = 'running' "
+                "AND frames_done < ?",
+                (frames_done, claim.job_id, claim.index, frames_done),
+            ).rowcount
+            if changed:
+                db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (time.time(), claim.job_id))
+            return self._load(db, claim.job_id)
+
+    def work_dir(self, job_id: str, index: int) -> Path:
+        return self.files.work_dir(job_id, index)
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         with self._tx() as db:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from jobs.errors import StorageQuotaError
-from jobs.model import ItemStatus, Job, WebhookState
+from jobs.model import ItemStatus, Job, WebhookState, result_suffix
 from serving.options import ResolvedOptions
 from serving.tickets import ANONYMOUS
 from serving.tracing import TraceContext
@@ -49,6 +49,8 @@ class Upload:
     error: dict[str, str] | None
     #: Upper bound of its result's size, reserved until the result is written.
     estimate: int
+    #: A clip's frame count (its item is then a video item); None for a photo.
+    frames: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ class Claim:
     queue: str = ""
     #: The span of the request that made its job (its work is a span of that trace).
     trace: TraceContext | None = None
+    #: A clip's frame count when the item is a video (None: a photo).
+    frames: int | None = None
+
+    @property
+    def suffix(self) -> str:
+        """Its result's file suffix."""
+        return result_suffix(self.options, self.frames)
 
 
 class JobStore(Protocol):
@@ -124,14 +133,25 @@ class JobStore(Protocol):
         claim: Claim,
         status: ItemStatus,
         *,
-        result: bytes | None = None,
+        result: bytes | Path | None = None,
         error: dict[str, str] | None = None,
         faces_stylized: int | None = None,
         timings_ms: dict[str, float] | None = None,
         ttl_s: float,
     ) -> Job | None:
         """Record how an item ended (``ok`` with its result, ``error``, ``cancelled``), ending the job
-        when it was the last; the job, or None if it is gone (deleted meanwhile)."""
+        when it was the last; the job, or None if it is gone (deleted meanwhile). ``result``: the
+        bytes, or a complete file (a clip's, in its :meth:`work_dir`) moved into place."""
+        ...
+
+    def progress(self, claim: Claim, frames_done: int) -> Job | None:
+        """A running video item has written ``frames_done`` of its frames: recorded (never going back)
+        while the claim holds the item; the job, or None if it is gone."""
+        ...
+
+    def work_dir(self, job_id: str, index: int) -> Path:
+        """Where a video item keeps its finished segments while it runs (a run that was stopped
+        resumes from them; shared by replicas with the data directory)."""
         ...
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:

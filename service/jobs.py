@@ -12,6 +12,7 @@ from jobs.sqlite import SQLiteJobStore
 from jobs.store import JobStore
 from jobs.webhooks import WebhookSender
 from service.settings import Settings
+from serving.clips import ClipFlow
 from serving.engine import Engine
 from serving.flow import Flow
 
@@ -49,6 +50,8 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         # With a shared store, a style missing here may be served by another replica (a job is only
         # accepted by one that has it), so jobs are not failed for it.
         fail_unconfigured=settings.jobs_backend == "sqlite",
+        clips=ClipFlow(flow, settings.video_limits),
+        on_frames=lambda n: metrics.video_frames.inc(n),
     )
     return JobsState(
         store=store,
@@ -63,4 +66,5 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         webhook_allow_private=settings.webhook_allow_private,
         streams=StreamSlots(per_client=settings.client_event_streams, total=settings.max_event_streams),
         etag_salt=settings.etag_salt,
+        max_video_bytes=settings.max_video_bytes,
     )

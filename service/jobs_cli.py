@@ -1,11 +1,14 @@
-"""``toonserve jobs``: hand a folder to a running service as one job, follow it, fetch the ZIP.
+"""``toonserve jobs``: hand a folder (or a clip) to a running service as one job, follow it, fetch
+the ZIP (or the cartoon clip).
 
-    toonserve jobs submit DIR [--server URL] [--output FILE] [--style … --format … …]
+    toonserve jobs submit DIR|CLIP [--server URL] [--output FILE] [--style … --format … …]
     toonserve jobs status ID [--server URL]
 
 The client side of ``/jobs``: it uploads every photo of the folder in one request, follows the job's
 events stream (a progress bar on a terminal, one line per photo otherwise) and downloads the ZIP of
-the results. ``--api-key`` (or ``TOONSERVE_API_KEY``) is sent when the server wants one.
+the results. Given a file instead of a folder, it sends it as a video job's clip (the server decides
+by content whether it is one), counts its frames as they are written and downloads the MP4.
+``--api-key`` (or ``TOONSERVE_API_KEY``) is sent when the server wants one.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ def _fail(response: Any) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     import httpx
 
-    photos = photos_in(Path(args.folder))
+    source = Path(args.folder)
+    video = source.is_file()
+    photos = [source] if video else photos_in(source)
     # Checked here first (a value out of range is said at once, before any upload), then sent as the
     # form fields the service reads into the same options.
     fields: dict[str, Any] = {
@@ -73,14 +78,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     try:
         with _client(args) as client, contextlib.ExitStack() as stack:
-            files = [("images", (p.name, stack.enter_context(p.open("rb")))) for p in photos]
+            part = "video" if video else "images"
+            files = [(part, (p.name, stack.enter_context(p.open("rb")))) for p in photos]
             response = client.post("/jobs", files=files, data=data, headers=headers)
             if response.status_code not in (200, 202):
                 return _fail(response)
             job = response.json()
-            print(f"job {job['id']}: {job['total']} photos", file=sys.stderr)
+            unit = "frames of a clip" if video else "photos"
+            print(f"job {job['id']}: {job['total']} {unit}", file=sys.stderr)
             job = _follow(client, job)
-            output = Path(args.output or f"toonserve-{job['id']}.zip")
+            if job["status"] != "succeeded" and video:
+                return _video_failed(job)
+            output = Path(args.output or f"toonserve-{job['id']}.{'mp4' if video else 'zip'}")
             with client.stream("GET", f"/jobs/{job['id']}/result") as zipped:
                 if zipped.status_code != 200:
                     zipped.read()
@@ -91,6 +100,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         print(f"error: {args.server}: {exc}", file=sys.stderr)
         return 2
+    if video:
+        print(f"{job['status']}: {job['total']} frames cartoonized; the clip is {output}")
+        return 0
     ok = job["total"] - job["failed"] - sum(i["status"] == "cancelled" for i in job["items"])
     print(f"{job['status']}: {ok} of {job['total']} photos cartoonized; results in {output}")
     for item in job["items"]:
@@ -99,13 +111,23 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0 if job["status"] == "succeeded" and job["failed"] == 0 else 1
 
 
+def _video_failed(job: dict[str, Any]) -> int:
+    item = job["items"][0]
+    why = item["error"]["message"] if item["error"] else job["error"] or item["status"]
+    print(f"{job['status']}: the clip was not cartoonized: {why}", file=sys.stderr)
+    return 1
+
+
 def _follow(client: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Follow the job's events to its end; the final job object."""
-    progress = Progress(job["total"])
+    progress = Progress(job["total"], "frames" if job.get("kind") == "video" else "img")
     with client.stream("GET", f"/jobs/{job['id']}/events") as events:
         for event, data in _events(events):
-            if event == "job":
+            if event in ("job", "progress"):
                 progress.update(data["done"], "")
+            elif event == "item" and job.get("kind") == "video":
+                if not progress.tty:
+                    print(f"{data['filename']}: {data['status']}", file=sys.stderr)
             elif event == "item":
                 progress.step(data["filename"])
                 if not progress.tty:
@@ -148,10 +170,18 @@ def add_parser(sub: Any) -> None:
         )
         p.add_argument("--api-key", help="the service's API key (default: $TOONSERVE_API_KEY)")
 
-    submit = cmds.add_parser("submit", help="upload a folder as one job, follow it, download the ZIP")
-    submit.add_argument("folder", help="folder of photos (jpg, png, webp, bmp, tiff, gif)")
+    submit = cmds.add_parser(
+        "submit", help="upload a folder (or a clip) as one job, follow it, download the ZIP (or the MP4)"
+    )
+    submit.add_argument(
+        "folder",
+        help="folder of photos (jpg, png, webp, bmp, tiff, gif), or one clip (mp4, mov, webm, mkv, avi, "
+        "animated gif) for a video job",
+    )
     common(submit)
-    submit.add_argument("--output", help="where to save the ZIP (default toonserve-<job id>.zip)")
+    submit.add_argument(
+        "--output", help="where to save the ZIP or the clip (default toonserve-<job id>.zip or .mp4)"
+    )
     add_option_flags(submit)
     submit.add_argument("--webhook", help="URL the server POSTs the job to when it ends")
     submit.add_argument("--idempotency-key", help="submitting again with the same key returns the same job")

@@ -50,6 +50,7 @@ from serving.scheduler import (
     default_client_queue_size,
 )
 from serving.video import (
+    DEFAULT_MAX_VIDEO_BYTES,
     DEFAULT_MAX_VIDEO_FRAMES,
     DEFAULT_MAX_VIDEO_PIXELS,
     DEFAULT_MAX_VIDEO_SECONDS,
@@ -137,6 +138,11 @@ class Settings(BaseSettings):
     max_video_frames: int = Field(DEFAULT_MAX_VIDEO_FRAMES, ge=1, description="Most frames in one video.")
     max_video_pixels: int = Field(
         DEFAULT_MAX_VIDEO_PIXELS, ge=64 * 64, description="Largest video frame (width × height)."
+    )
+    max_video_bytes: int = Field(
+        DEFAULT_MAX_VIDEO_BYTES,
+        ge=1024,
+        description="Largest clip a video job takes (bytes; the body is bounded by max_job_bytes too).",
     )
 
     # Seen before, answered at once.

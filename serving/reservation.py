@@ -81,3 +81,29 @@ def reserve(
     per_pixel = len(sample) / (rgb.shape[0] * rgb.shape[1])
     rh, rw = result_shape(info, options)
     return min(bound, int(per_pixel * MARGIN * rh * rw) + SLACK)
+
+
+#: What a video job's result reserves per output pixel of each frame, by kind of output: H.264 at
+#: the lossy qualities (crf ≥ 18, :func:`serving.video.crf_for`), about 24 Mbit/s for 1080p at 30 fps
+#: (twice what x264 writes at crf 18 for a busy phone clip; a cartoon's flat colours take less); and
+#: lossless (``quality=100``, 4:4:4 RGB at qp 0), which keeps the steadied frames' noise.
+VIDEO_BYTES_PER_PIXEL: Final = 0.05
+LOSSLESS_VIDEO_BYTES_PER_PIXEL: Final = 1.5
+#: While a clip runs its finished segments sit beside the result until they are joined: the
+#: reservation covers both.
+VIDEO_COPIES: Final = 2
+
+
+def reserve_video(
+    frames: int, display_size: tuple[int, int], options: ResolvedOptions, lossless_quality: int
+) -> int:
+    """Bytes a clip's result reserves: ``frames`` frames of the output size (the clip's
+    ``display_size``, width × height, or ``options.output_size``), at the rate its quality writes,
+    the segments beside it included (:data:`VIDEO_COPIES`). ``lossless_quality``: the quality that
+    is lossless."""
+    width, height = display_size
+    oh, ow = output_shape((height, width), options.output_size) or (height, width)
+    per_pixel = (
+        LOSSLESS_VIDEO_BYTES_PER_PIXEL if options.quality >= lossless_quality else VIDEO_BYTES_PER_PIXEL
+    )
+    return int(frames * oh * ow * per_pixel * VIDEO_COPIES) + SLACK

@@ -64,6 +64,8 @@ DEFAULT_MAX_VIDEO_FRAMES: Final = 9000
 #: processing size anyway. 4K (8.3 MP) would quadruple decode, encode and frame memory for detail the
 #: cartoon does not keep; a 4K phone clip is refused with a message saying so (the setting raises it).
 DEFAULT_MAX_VIDEO_PIXELS: Final = 1920 * 1080
+#: 512 MiB: five minutes of 1080p at 14 Mbit/s, more than a phone writes for a clip that long.
+DEFAULT_MAX_VIDEO_BYTES: Final = 512 * 1024 * 1024
 
 #: Default video quality (1–100, read like JPEG's): crf 18, visually transparent (:func:`crf_for`).
 DEFAULT_VIDEO_QUALITY: Final = 90

@@ -1,5 +1,6 @@
 -- ARGV: prefix, consumer, lease (ms), now, then the styles this runner can serve. Returns
--- {claim, dropped}: claim is {job id, index, filename, options, entry, queue, client} or
+-- {claim, dropped}: claim is {job id, index, filename, options, entry, queue, client,
+-- traceparent, tracestate, frames ('' for a photo)} or
 -- empty; dropped lists 'job id, index' pairs of items ended here (their photos can go).
 local consumer, lease, now = ARGV[2], ARGV[3], ARGV[4]
 local dropped = {}
@@ -30,9 +31,13 @@ local function take(queue, client, entry, fields)
   item.owner = consumer
   redis.call('HSET', ikey(id), idx, cjson.encode(item))
   if status == 'queued' then set_status(id, 'queued', 'running', now, '') end
-  -- A job stored before traces has no traceparent: '' (a false would cut the reply short).
+  -- A job stored before traces has no traceparent: '' (a false would cut the reply short); a
+  -- photo has no frames: '' too.
+  local frames = ''
+  if type(item.frames) == 'number' then frames = tostring(item.frames) end
   return {id, idx, item.filename, redis.call('HGET', jkey(id), 'options'), entry, queue, client,
-    redis.call('HGET', jkey(id), 'traceparent') or '', redis.call('HGET', jkey(id), 'tracestate') or ''}
+    redis.call('HGET', jkey(id), 'traceparent') or '', redis.call('HGET', jkey(id), 'tracestate') or '',
+    frames}
 end
 
 -- The group's last delivered id of a stream (entries after it are new).

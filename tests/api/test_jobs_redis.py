@@ -20,6 +20,7 @@ from devkit.reference_graphs import ReferenceModelDir
 from jobs.redis import RedisJobStore
 from service.app import create_app
 from tests.api import test_jobs as cases
+from tests.api import test_video_jobs as video_cases
 from tests.api.conftest import jobs_settings, service_state, small_jpeg, wait_ready
 
 pytestmark = pytest.mark.live
@@ -47,6 +48,26 @@ test_upload_limit_and_quota_refuse_before_writing = cases.test_upload_limit_and_
 test_ended_jobs_expire_with_their_files = cases.test_ended_jobs_expire_with_their_files
 test_webhook_is_signed_and_retried = cases.test_webhook_is_signed_and_retried
 test_metrics_count_jobs_and_items = cases.test_metrics_count_jobs_and_items
+
+
+@pytest.fixture
+def video_client(
+    model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer
+) -> Iterator[TestClient]:
+    overrides = {"jobs_backend": "redis", "redis_url": redis_server.url, **video_cases.VIDEO_SETTINGS}
+    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
+        wait_ready(client)
+        assert isinstance(service_state(client).jobs.store, RedisJobStore)
+        yield client
+
+
+clip = video_cases.clip
+# A video job on the shared store: its claim carries the frame count, progress is recorded by the
+# PROGRESS script while the runner holds the item, and a cancel stops it.
+test_a_clip_becomes_a_cartoon_clip = (
+    video_cases.test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio
+)
+test_a_cancelled_video_job_stops = video_cases.test_a_cancelled_video_job_stops_and_keeps_no_result
 
 
 def _files(n: int = 1) -> list[tuple[str, tuple[str, bytes]]]:

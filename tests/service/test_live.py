@@ -15,22 +15,25 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from devkit import photos
+from devkit.clips import write_test_clip
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
+from serving.video import probe_video
 
 pytestmark = pytest.mark.live
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def readme_curl_examples() -> list[str]:
-    """The ``curl`` lines of the README's Examples section."""
+def readme_curl_examples(heading: str = "## Examples") -> list[str]:
+    """The ``curl`` lines of a README section (by default the Examples)."""
     text = README.read_text()
-    section = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
     return [
         line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith("curl ")
@@ -47,6 +50,8 @@ def server(model_dir: ReferenceModelDir, tmp_path_factory: pytest.TempPathFactor
 def test_readme_curl_examples_run_verbatim(server: LiveService, tmp_path: Path) -> None:
     Image.fromarray(photos.astronaut()).save(tmp_path / "me.jpg", quality=92)
     Image.fromarray(photos.grace_hopper()).save(tmp_path / "friends.jpg", quality=92)
+    frame = np.asarray(Image.fromarray(photos.astronaut()).resize((96, 96)))
+    write_test_clip(tmp_path / "clip.mp4", [frame] * 5, fps=10, quality=90)
     examples = readme_curl_examples()
     assert len(examples) >= 5
     for line in examples:
@@ -65,6 +70,19 @@ def test_readme_curl_examples_run_verbatim(server: LiveService, tmp_path: Path) 
     assert report["faces_stylized"] == 1 and report["format"] == "png"
     with zipfile.ZipFile(tmp_path / "toons.zip") as zf:
         assert zf.namelist() == ["001-me.png", "002-friends.png", "results.json"]
+
+    # The Video section's three lines: submit a clip, follow it, download the cartoon clip.
+    first, *rest = readme_curl_examples("### Video jobs over HTTP")
+    port = f"127.0.0.1:{server.port}"
+    done = subprocess.run(
+        shlex.split(first.replace("localhost:8000", port)), cwd=tmp_path, capture_output=True
+    )
+    job_id = json.loads(done.stdout)["id"]
+    for line in rest:
+        command = line.replace("localhost:8000", port).replace("$ID", job_id)
+        done = subprocess.run([*shlex.split(command), "-sS"], cwd=tmp_path, capture_output=True, timeout=120)
+        assert done.returncode == 0, (line, done.stderr)
+    assert probe_video(tmp_path / "toon.mp4").frames == 5
 
 
 def test_logs_are_json_with_request_ids(server: LiveService) -> None:

@@ -1,0 +1,186 @@
+"""Video jobs through the app: a clip in, its cartoon clip out (frames, timing, size, audio kept),
+frames counted as they are written, progress events, cancel, and clips refused before anything is
+stored."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from devkit import photos
+from devkit.clips import write_test_clip
+from devkit.reference_graphs import ReferenceModelDir
+from service.app import create_app
+from serving.video import probe_video, read_frames
+from tests.api.conftest import jobs_settings, small_jpeg, sse_events, wait_ready
+
+pytestmark = pytest.mark.slow  # each test runs a clip through the models
+
+FRAMES = 12
+
+
+def _frames(n: int = FRAMES, side: int = 160) -> list[np.ndarray]:
+    """A portrait panning two pixels a frame, with sensor noise."""
+    big = np.asarray(Image.fromarray(photos.astronaut()).resize((side + 2 * n + 40, side + 40)))
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        window = big[20 : 20 + side, 20 + 2 * i : 20 + 2 * i + side].astype(np.float32)
+        out.append(np.clip(window + rng.normal(0, 3, window.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "me.mp4"
+    return write_test_clip(path, _frames(), fps=25, audio=True, quality=90)
+
+
+#: Small frames, and a frame limit the refused clip goes over.
+VIDEO_SETTINGS: dict[str, object] = {"processing_size": 128, "max_video_frames": 200}
+
+
+@pytest.fixture
+def video_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
+    settings = jobs_settings(model_dir, tmp_path, **VIDEO_SETTINGS)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def _wait(client: TestClient, job_id: str, timeout: float = 180) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not end: {client.get(f'/jobs/{job_id}').json()}")
+
+
+def test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio(
+    video_client: TestClient, clip: Path, tmp_path: Path
+) -> None:
+    r = video_client.post("/jobs", files={"video": ("me.mp4", clip.read_bytes())}, data={"quality": "100"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["kind"] == "video" and (job["total"], job["done"]) == (FRAMES, 0)
+    assert job["items"][0]["frames"] == FRAMES and r.headers["location"] == f"/jobs/{job['id']}"
+
+    with video_client.stream("GET", f"/jobs/{job['id']}/events") as events:
+        seen = sse_events(events.iter_lines())
+    kinds = [kind for kind, _ in seen]
+    assert kinds[0] == "job" and kinds[-1] == "end", kinds
+    dones = [data["done"] for kind, data in seen if kind == "progress"]
+    assert dones == sorted(dones) and all(0 < d <= FRAMES for d in dones)
+    job = seen[-1][1]
+    assert job["status"] == "succeeded" and (job["total"], job["done"], job["failed"]) == (FRAMES, FRAMES, 0)
+    item = job["items"][0]
+    assert item["status"] == "ok" and item["frames_done"] == FRAMES and item["timings_ms"]["encode"] > 0
+
+    result = video_client.get(f"/jobs/{job['id']}/result")
+    assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
+    assert result.headers["etag"] and 'filename="001-me.mp4"' in result.headers["content-disposition"]
+    assert video_client.get(item["result_url"]).content == result.content
+    again = video_client.get(f"/jobs/{job['id']}/result", headers={"If-None-Match": result.headers["etag"]})
+    assert again.status_code == 304
+    part = video_client.get(f"/jobs/{job['id']}/result", headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and len(part.content) == 100  # a player seeks
+
+    out = tmp_path / "toon.mp4"
+    out.write_bytes(result.content)
+    src, got = probe_video(clip), probe_video(out)
+    assert (got.frames, got.width, got.height, got.has_audio) == (FRAMES, src.width, src.height, True)
+    assert got.fps == Fraction(25) and got.codec == "h264"
+    # Lossless at quality 100: a cartoon, not the photo, in every frame.
+    photo_frames = [f.rgb.astype(int) for f in read_frames(clip)]
+    toon_frames = [f.rgb.astype(int) for f in read_frames(out)]
+    assert all(np.abs(t - p).mean() > 5 for t, p in zip(toon_frames, photo_frames, strict=True))
+
+    # The job's folder holds the result only: the clip and the segments went once it ended.
+    data = Path(video_client.app.state.toonserve.jobs.store.data_dir)  # type: ignore[attr-defined]
+    left = sorted(
+        p.relative_to(data / "jobs" / job["id"]).as_posix()
+        for p in (data / "jobs" / job["id"]).rglob("*")
+        if p.is_file()
+    )
+    assert left == ["out/0000.mp4"], left
+
+
+def test_refused_clips_get_their_code_before_anything_is_stored(
+    video_client: TestClient, clip: Path, tmp_path: Path
+) -> None:
+    data = clip.read_bytes()
+    cases = {
+        "a photo": (small_jpeg(photos.astronaut()), 415, "unsupported_video"),
+        "text": (b"hello, not a video", 415, "unsupported_video"),
+        "truncated": (data[: len(data) // 3], 400, "corrupt_video"),
+        "empty": (b"", 400, "corrupt_video"),
+    }
+    long_clip = write_test_clip(tmp_path / "long.mp4", _frames(4) * 60, fps=25, quality=60)
+    cases["over the frames limit"] = (long_clip.read_bytes(), 413, "video_too_large")
+    for what, (body, status, code) in cases.items():
+        r = video_client.post("/jobs", files={"video": ("clip.mp4", body)})
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), (what, r.text)
+    both = video_client.post(
+        "/jobs", files=[("video", ("a.mp4", data)), ("images", ("b.jpg", small_jpeg(photos.coffee())))]
+    )
+    assert both.status_code == 422 and "not both" in both.json()["error"]["message"]
+    neither = video_client.post("/jobs", data={"quality": "90"})
+    assert neither.status_code == 422 and neither.json()["error"]["code"] == "invalid_request"
+    assert video_client.get("/jobs").json()["jobs"] == []
+    # An ordinary clip and an ordinary photo job still go through afterwards.
+    ok = video_client.post("/jobs", files={"video": ("me.mp4", data)})
+    photo = video_client.post("/jobs", files={"images": ("me.jpg", small_jpeg(photos.astronaut()))})
+    assert (ok.status_code, photo.status_code) == (202, 202)
+    assert _wait(video_client, ok.json()["id"])["status"] == "succeeded"
+    assert _wait(video_client, photo.json()["id"])["status"] == "succeeded"
+
+
+def test_a_cancelled_video_job_stops_and_keeps_no_result(video_client: TestClient, tmp_path: Path) -> None:
+    longer = write_test_clip(tmp_path / "longer.mp4", _frames(100), fps=25, quality=90)
+    job = video_client.post("/jobs", files={"video": ("longer.mp4", longer.read_bytes())}).json()
+    deadline = time.monotonic() + 120
+    while video_client.get(f"/jobs/{job['id']}").json()["done"] < 2:
+        assert time.monotonic() < deadline, "no frame was written"
+        time.sleep(0.05)
+    cancelled = video_client.delete(f"/jobs/{job['id']}")
+    assert cancelled.status_code == 200
+    ended = _wait(video_client, job["id"])
+    deadline = time.monotonic() + 60
+    while ended["items"][0]["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        ended = video_client.get(f"/jobs/{job['id']}").json()
+    assert ended["status"] == "cancelled" and ended["items"][0]["status"] == "cancelled"
+    assert ended["done"] < 100
+    r = video_client.get(f"/jobs/{job['id']}/result")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
+
+
+def test_metrics_count_the_frames_written(video_client: TestClient, clip: Path) -> None:
+    job = video_client.post("/jobs", files={"video": ("me.mp4", clip.read_bytes())}).json()
+    assert _wait(video_client, job["id"])["status"] == "succeeded"
+    text = video_client.get("/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("toonserve_video_frames_total "))
+    assert float(line.split()[1]) == FRAMES
+
+
+def test_a_photo_job_is_still_a_zip_of_images(video_client: TestClient) -> None:
+    job = video_client.post("/jobs", files={"images": ("me.jpg", small_jpeg(photos.astronaut()))}).json()
+    assert job["kind"] == "images" and job["items"][0]["frames"] is None
+    ended = _wait(video_client, job["id"])
+    assert ended["status"] == "succeeded"
+    zipped = video_client.get(f"/jobs/{job['id']}/result")
+    assert zipped.headers["content-type"] == "application/zip"
+    with Image.open(io.BytesIO(video_client.get(ended["items"][0]["result_url"]).content)) as im:
+        assert im.format == "PNG"
