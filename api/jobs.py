@@ -56,6 +56,7 @@ from jobs.model import (
 )
 from jobs.store import JobStore, Upload
 from jobs.webhooks import MAX_URL_LENGTH, check_url
+from serving.clips import chunk_spans
 from serving.encoding import MEDIA_TYPES
 from serving.flow import Flow
 from serving.images import ImageError, ImageTooLargeError, probe
@@ -181,11 +182,12 @@ def _probe_clip(stream: BinaryIO, jobs: JobsState) -> VideoInfo:
         return probe_video(FilePath(copy.name), jobs.runner.clips.limits)
 
 
-async def _accept_video(upload: UploadFile, params: ResolvedOptions, jobs: JobsState) -> Upload:
+async def _accept_video(upload: UploadFile, params: ResolvedOptions, jobs: JobsState) -> list[Upload]:
     """Check a video job's clip as it is handed in, from its header: a file that is not a video,
     damaged or over the limits (its bytes: TOONSERVE_MAX_VIDEO_BYTES; duration, frames, pixels)
-    refuses the request (the job would be that one clip); else its frames and what its result
-    reserves (:func:`serving.reservation.reserve_video`)."""
+    refuses the request (the job would be that one clip); else its chunks (:func:`chunk_spans`),
+    each with its frames, its share of the clip's bytes and what its result reserves
+    (:func:`serving.reservation.reserve_video`)."""
     if jobs.runner.clips is None:
         raise APIError("invalid_request", "this server does not take video jobs")
     size = _size(upload)
@@ -195,8 +197,17 @@ async def _accept_video(upload: UploadFile, params: ResolvedOptions, jobs: JobsS
             "(TOONSERVE_MAX_VIDEO_BYTES)"
         )
     info = await asyncio.to_thread(_probe_clip, upload.file, jobs)
-    estimate = reserve_video(info.frames, info.display_size, params, MAX_VIDEO_QUALITY)
-    return Upload(upload.filename or "video", upload.file, size, None, estimate, frames=info.frames)
+    name = upload.filename or "video"
+    uploads = []
+    # Chunks that replicas share; the first holds the clip's file, the others link to it.
+    for index, (first, end) in enumerate(chunk_spans(info.frames, float(info.fps), jobs.video_chunk_s)):
+        frames = end - first
+        estimate = reserve_video(frames, info.display_size, params, MAX_VIDEO_QUALITY)
+        share = size * end // info.frames - size * first // info.frames
+        stream = upload.file if index == 0 else None
+        same_as = None if index == 0 else 0
+        uploads.append(Upload(name, stream, share, None, estimate, frames, first, same_as))
+    return uploads
 
 
 _SUBMIT_CODES: Final = (
@@ -294,7 +305,7 @@ async def submit_job(
         except WebhookRefusedError as exc:
             raise APIError("invalid_webhook", str(exc)) from None
     if video is not None:
-        uploads = [await _accept_video(video, params, jobs)]
+        uploads = await _accept_video(video, params, jobs)
     else:
         uploads = [await _accept(u, params, state.flow, jobs.max_photo_bytes) for u in parts]
     if all(u.error is not None for u in uploads):
@@ -519,11 +530,11 @@ async def job_events(
 
 @router.get(
     "/jobs/{job_id}/items/{index}",
-    summary="One item's result image (a video job's one item: its clip)",
+    summary="One item's result image (a video job's items are chunks of its clip: see its result)",
     response_class=FileResponse,
     responses={
         200: {
-            "content": {t: {} for t in (*MEDIA_TYPES.values(), VIDEO_MEDIA_TYPE)},
+            "content": {t: {} for t in MEDIA_TYPES.values()},
             "description": "the result",
             "headers": {name: HEADERS[name] for name in ("ETag", "Cache-Control")},
         },
@@ -541,36 +552,59 @@ async def get_item(
     job = await _job(jobs, job_id, caller)
     if index >= len(job.items):
         raise JobNotFoundError(f"job {job_id} has {len(job.items)} items; there is no item {index}")
-    return await _result_file(request, jobs, job, index)
-
-
-async def _result_file(request: Request, jobs: JobsState, job: Job, index: int) -> Response:
-    """An item's result file (a photo's image, a clip's MP4), with its ETag; ranges are served (a
-    video player seeks)."""
     item = job.items[index]
+    if item.frames is not None:
+        raise ResultNotReadyError(
+            f"item {index} is frames {item.first_frame}–{item.first_frame + item.frames - 1} of a clip; "
+            f"the video job's result is the whole clip, at /jobs/{job_id}/result"
+        )
     if item.status != "ok":
         detail = f": {item.error['message']}" if item.error else ""
-        what = "the clip" if item.frames is not None else f"item {index}"
-        raise ResultNotReadyError(f"{what} has no result; it is {item.status}{detail}")
-    path = jobs.store.result_path(job.id, index, job.suffix)
+        raise ResultNotReadyError(f"item {index} has no result; it is {item.status}{detail}")
+    path = jobs.store.result_path(job_id, index, job.suffix)
+    return await _file_response(
+        request,
+        jobs,
+        job,
+        path,
+        str(index),
+        MEDIA_TYPES[job.options.format],
+        zip_name(index, item.filename, job.suffix),
+    )
+
+
+async def _clip_file(request: Request, jobs: JobsState, job: Job) -> Response:
+    """A video job's clip, joined from its chunks (here, if the runner that ended the job did not)."""
+    for item in job.items:
+        if item.status != "ok":
+            detail = f": {item.error['message']}" if item.error else ""
+            last = item.first_frame + (item.frames or 1) - 1
+            raise ResultNotReadyError(
+                f"the clip has no result; frames {item.first_frame}–{last} are {item.status}{detail}"
+            )
+    try:
+        path = await asyncio.to_thread(jobs.store.join_clip, job)
+    except FileNotFoundError:
+        raise JobNotFoundError(f"no job {job.id}: deleted meanwhile") from None
+    name = zip_name(0, job.items[0].filename, job.suffix)
+    return await _file_response(request, jobs, job, path, "clip", VIDEO_MEDIA_TYPE, name)
+
+
+async def _file_response(
+    request: Request, jobs: JobsState, job: Job, path: FilePath, what: str, media_type: str, name: str
+) -> Response:
+    """A result file with its ETag (304 on a match); ranges are served (a video player seeks)."""
     try:
         stat = await asyncio.to_thread(path.stat)
     except FileNotFoundError:
         raise JobNotFoundError(f"no job {job.id}: deleted meanwhile") from None
     # A result file is written once under its final name: the job, the item and the file as written
     # say which bytes these are.
-    etag = etags.quoted(
-        etags.file_tag(jobs.etag_salt, job.id, str(index), f"{stat.st_size}/{stat.st_mtime_ns}")
-    )
+    etag = etags.quoted(etags.file_tag(jobs.etag_salt, job.id, what, f"{stat.st_size}/{stat.st_mtime_ns}"))
     if etags.matches(request.headers.get("if-none-match"), etag):
         return etags.not_modified(etag)
-    media_type = VIDEO_MEDIA_TYPE if job.kind == "video" else MEDIA_TYPES[job.options.format]
     return FileResponse(
-        path,
-        media_type=media_type,
-        filename=zip_name(index, item.filename, job.suffix),
-        headers=etags.caching_headers(etag),
-        stat_result=stat,
+        path, media_type=media_type, filename=name, headers=etags.caching_headers(etag), stat_result=stat
     )
 
 
@@ -658,7 +692,7 @@ async def get_result(
 ) -> Response:
     job = await _job(jobs, job_id, caller)
     if job.kind == "video":
-        return await _result_file(request, jobs, job, 0)
+        return await _clip_file(request, jobs, job)
     etag = await asyncio.to_thread(_zip_tag, jobs.store, job, jobs.etag_salt)
     if etags.matches(request.headers.get("if-none-match"), etag):
         return etags.not_modified(etag)

@@ -40,6 +40,8 @@ class JobsState:
     etag_salt: str = ""
     #: Largest clip a video job takes (``TOONSERVE_MAX_VIDEO_BYTES``).
     max_video_bytes: int = 0
+    #: About how long a video job's chunks are (``TOONSERVE_VIDEO_CHUNK_S``).
+    video_chunk_s: float = 10.0
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from jobs.errors import JobStoreError
+from jobs.model import VIDEO_SUFFIX
+from serving.video import join_segments
 
 _CHUNK = 1 << 20
 
@@ -122,15 +124,21 @@ class JobFiles:
     def work_dir(self, job_id: str, index: int) -> Path:
         return self.job_dir(job_id) / "work" / f"{index:04d}"
 
-    def write_photos(self, job_id: str, photos: Sequence[BinaryIO | None]) -> None:
-        """Each photo (None: refused at acceptance, not kept) written durably as ``in/NNNN`` of the
-        job's staging directory, which is then renamed into place and the rename fsynced: a job's
-        folder is there whole or not at all. Raises JobStoreError, with the staging directory
-        removed."""
+    def clip_path(self, job_id: str) -> Path:
+        """A video job's whole clip, joined from its chunks' results."""
+        return self.job_dir(job_id) / "out" / f"clip.{VIDEO_SUFFIX}"
+
+    def write_photos(self, job_id: str, photos: Sequence[BinaryIO | int | None]) -> None:
+        """Each photo (None: refused at acceptance, not kept; an index: the same file as that
+        earlier one's, linked) written durably as ``in/NNNN`` of the job's staging directory, which
+        is then renamed into place and the rename fsynced: a job's folder is there whole or not at
+        all. Raises JobStoreError, with the staging directory removed."""
         staging = self.staging_dir / job_id
         try:
             for index, stream in enumerate(photos):
-                if stream is not None:
+                if isinstance(stream, int):
+                    os.link(staging / "in" / f"{stream:04d}", staging / "in" / f"{index:04d}")
+                elif stream is not None:
                     write_durable(staging / "in" / f"{index:04d}", stream)
             staging.mkdir(parents=True, exist_ok=True)
             staging.rename(self.job_dir(job_id))
@@ -174,10 +182,37 @@ class JobFiles:
                 "the photo again in a new job",
             }
 
-    def drop_input(self, job_id: str, index: int) -> None:
-        """An item's photo (or clip, and its work folder), once its item has ended (its record says
-        so first)."""
-        self.input_path(job_id, index).unlink(missing_ok=True)
+    def join_clip(self, job_id: str, chunks: int) -> Path:
+        """:meth:`JobStore.join_clip` on the files: the chunks' results (``out/NNNN.mp4``) joined with
+        the audio of the clip (``in/0000``) into :meth:`clip_path`, durably; then the clip's links
+        and the chunks' results are removed. Two joins at once (replicas) write the same file."""
+        final = self.clip_path(job_id)
+        if final.exists():
+            return final
+        chunks_out = [self.result_path(job_id, i, VIDEO_SUFFIX) for i in range(chunks)]
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            join_segments(chunks_out, tmp, self.input_path(job_id, 0))
+            with tmp.open("rb") as done:
+                os.fsync(done.fileno())
+            tmp.replace(final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if final.exists():  # another replica joined it meanwhile (and removed the chunks)
+                return final
+            raise
+        fsync_dir(final.parent)
+        for index in range(chunks):
+            self.input_path(job_id, index).unlink(missing_ok=True)
+            self.result_path(job_id, index, VIDEO_SUFFIX).unlink(missing_ok=True)
+        fsync_dir(final.parent)
+        return final
+
+    def drop_input(self, job_id: str, index: int, *, keep_input: bool = False) -> None:
+        """An item's photo (or clip, unless ``keep_input``), and its work folder, once its item has
+        ended (its record says so first)."""
+        if not keep_input:
+            self.input_path(job_id, index).unlink(missing_ok=True)
         work = self.work_dir(job_id, index)
         if work.exists():
             remove_tree(work)

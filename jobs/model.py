@@ -3,9 +3,10 @@ and the public JSON of both.
 
 A job is a set of photos handed in at once with one set of options. Each photo is an item that
 goes through the request flow on its own; the job ends when every item has ended. A *video job* is one
-clip: its one item is the clip, which knows its frame count (:attr:`Item.frames`) and how many frames
-are written (:attr:`Item.frames_done`); the job then counts frames, not items, and its result is the
-cartoon clip, an MP4 (:data:`VIDEO_SUFFIX`).
+clip, cut into chunks of frames: each item is a chunk, which knows its frames (:attr:`Item.frames`
+from :attr:`Item.first_frame`) and how many are written (:attr:`Item.frames_done`), so replicas can
+share a long clip; the job then counts frames, not items, and its result is the whole cartoon clip,
+an MP4 (:data:`VIDEO_SUFFIX`), joined from the chunks' once they are all done.
 
 Job status: ``queued`` (no item started yet), ``running``, ``succeeded`` (every item ended; each has
 its own ``ok`` or ``error``), ``failed`` (the job could not run at all, e.g. its style is not
@@ -63,8 +64,10 @@ class Item:
     result_bytes: int = 0
     #: Storage reserved for its result until it is written (an upper bound).
     estimate: int = 0
-    #: A clip's frames (None: a photo), and how many of them are written so far.
+    #: A chunk of a clip: its frames (None: a photo), the first one's place in the clip, and how many
+    #: of them are written so far.
     frames: int | None = None
+    first_frame: int = 0
     frames_done: int = 0
 
     @property
@@ -155,8 +158,10 @@ def public_item(job: Job, item: Item) -> dict[str, Any]:
         "error": item.error,
         "faces_stylized": item.faces_stylized,
         "timings_ms": item.timings_ms,
-        "result_url": result_url(job.id, item.index) if item.status == "ok" else None,
+        # A chunk's result is part of the job's clip, not a result of its own.
+        "result_url": result_url(job.id, item.index) if item.status == "ok" and item.frames is None else None,
         "frames": item.frames,
+        "first_frame": item.first_frame if item.frames is not None else None,
         "frames_done": item.frames_done if item.status != "ok" else item.frames,
     }
 

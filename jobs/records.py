@@ -29,6 +29,7 @@ ITEM_FIELDS: Final = (
     "result_bytes",
     "estimate",
     "frames",
+    "first_frame",
     "frames_done",
 )
 
@@ -53,6 +54,7 @@ def new_item(upload: Upload) -> dict[str, Any]:
         "result_bytes": 0,
         "estimate": upload.estimate if accepted else 0,
         "frames": upload.frames,
+        "first_frame": upload.first_frame,
         "frames_done": 0,
     }
 
@@ -69,6 +71,7 @@ def item_from(index: int, record: Mapping[str, Any]) -> Item:
         result_bytes=int(record.get("result_bytes") or 0),
         estimate=int(record.get("estimate") or 0),
         frames=None if record.get("frames") is None else int(record["frames"]),
+        first_frame=int(record.get("first_frame") or 0),
         frames_done=int(record.get("frames_done") or 0),
     )
 

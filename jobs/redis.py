@@ -273,8 +273,7 @@ class RedisJobStore:
             self.files.drop_input(dropped[k], int(dropped[k + 1]))
         if not got:
             return None
-        job_id, index, filename, options, entry, queue, client, traceparent, tracestate, *rest = got
-        frames = rest[0] if rest else ""
+        job_id, index, filename, options, entry, queue, client, traceparent, tracestate, frames, first = got
         return Claim(
             job_id,
             int(index),
@@ -287,6 +286,7 @@ class RedisJobStore:
             queue=queue,
             trace=tracing.parse(traceparent, tracestate),
             frames=int(frames) if frames else None,
+            first_frame=int(first) if first else 0,
         )
 
     def renew(self, claim: Claim) -> bool:
@@ -341,7 +341,8 @@ class RedisJobStore:
             self.files.remove(job_id)  # a result written after the job was deleted
             return None
         if outcome == "ok":
-            self.files.drop_input(job_id, index)
+            # A chunk's clip stays until the job's clip is joined (its audio comes from it).
+            self.files.drop_input(job_id, index, keep_input=claim.frames is not None and status == "ok")
         return self.get(job_id)
 
     def progress(self, claim: Claim, frames_done: int) -> Job | None:
@@ -353,6 +354,9 @@ class RedisJobStore:
 
     def work_dir(self, job_id: str, index: int) -> Path:
         return self.files.work_dir(job_id, index)
+
+    def join_clip(self, job: Job) -> Path:
+        return self.files.join_clip(job.id, len(job.items))
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         now = time.time()

@@ -18,8 +18,9 @@ Layout (``P`` is ``{prefix}:``):
   ``webhook_state``, ``idempotency_key``, ``error`` (``""`` for none), ``left`` (items not ended),
   ``bytes`` (what the job holds in the usage counter);
 * ``P items:<id>`` (hash): item index → JSON (``filename``, ``status``, ``error``, ``faces_stylized``,
-  ``timings_ms``, ``input_bytes``, ``result_bytes``, ``estimate``, ``frames`` and ``frames_done``
-  (a video item's frame count, null for a photo, and how many are written), plus ``entry``: the id of the
+  ``timings_ms``, ``input_bytes``, ``result_bytes``, ``estimate``, ``frames``, ``first_frame`` and
+  ``frames_done`` (a video chunk's frame count, null for a photo, its first frame's place in the
+  clip, and how many are written), plus ``entry``: the id of the
   item's current stream entry while it is queued or running, and ``owner``);
 * ``P queue:<style>:<client>`` (stream, consumer group ``runners``): one entry per queued item
   (``job``, ``index``); an entry is pending (leased) while its item runs, acked and deleted when the

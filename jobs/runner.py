@@ -16,11 +16,14 @@ Besides running items, the runner:
 * delivers each ended job's webhook;
 * tells listeners (:class:`EventHub`) whenever a job changes, for the events stream.
 
-A video item (a clip) goes through :class:`~serving.clips.ClipFlow` instead: its frames are the
-engine's background work one by one, its finished segments are kept in the item's work folder (a run
-stopped by a crash or a shutdown resumes after the last of them, on this replica or another one that
-mounts the data directory), its progress is recorded at most every :data:`PROGRESS_S` (and the job's
-listeners told), and its result, the joined clip, is moved into place when the item is recorded.
+A video item (a chunk of a clip) goes through :class:`~serving.clips.ClipFlow` instead: its frames
+(and a few before them, to warm up) are the engine's background work one by one, its finished
+segments are kept in the item's work folder (a run stopped by a crash or a shutdown resumes after the
+last of them, on this replica or another one that mounts the data directory), its progress is
+recorded at most every :data:`PROGRESS_S` (and the job's listeners told), and its result, the
+chunk's frames, is moved into place when the item is recorded. The runner whose item ends the job
+joins the chunks into the job's clip, with the audio (:meth:`JobStore.join_clip`; the result route
+does it too if this one did not get to it).
 
 The store may fail for a while (Redis unreachable, a full disk): the loops log it and try again with
 a growing pause, an item's outcome is recorded again a few times before it is left to run again
@@ -468,6 +471,8 @@ class JobRunner:
         work = await asyncio.to_thread(self.store.work_dir, claim.job_id, claim.index)
         target = work / f"result.{VIDEO_SUFFIX}"
         progress = _Progress(self, claim)
+        assert claim.frames is not None
+        span = (claim.first_frame, claim.first_frame + claim.frames)
         guard = _ClipGuard()
         watching = asyncio.create_task(guard.watch(self._watch(claim, guard)))
         try:
@@ -480,6 +485,8 @@ class JobRunner:
                 background=True,
                 on_progress=progress.frames,
                 watch=guard.frame,
+                span=span,
+                audio=False,  # the job's clip gets it when the chunks are joined
             )
         finally:
             watching.cancel()
@@ -487,11 +494,12 @@ class JobRunner:
             guard.close()
         await progress.settle()
         self._on_frames(progress.pending_frames())
-        resumed = f", resumed from frame {report.resumed_from}" if report.resumed_from else ""
+        resumed = f", resumed from frame {report.resumed_from}" if report.resumed_from > span[0] else ""
         log.info(
-            "jobs: clip of job %s: %d frames%s, %.1f frames/s",
+            "jobs: frames %d–%d of the clip of job %s%s, %.1f frames/s",
+            span[0],
+            span[1] - 1,
             claim.job_id,
-            report.frames,
             resumed,
             report.frames_per_s,
         )
@@ -501,6 +509,11 @@ class JobRunner:
         )
         ended = job.items[claim.index].status if job is not None else "ok"
         self._on_item("error" if ended == "error" else "ok")
+        if job is not None and job.settled and all(item.status == "ok" for item in job.items):
+            try:
+                await asyncio.to_thread(self.store.join_clip, job)
+            except (ToonserveError, OSError) as exc:  # GET /jobs/{id}/result tries again
+                log.error("jobs: the clip of job %s could not be joined: %s", claim.job_id, exc)
         return job
 
     async def _finish(self, claim: Claim, status: ItemStatus, **fields: Any) -> Job | None:

@@ -96,6 +96,7 @@ _ADDED_COLUMNS: Final = (
     ("jobs", "tracestate", "TEXT NOT NULL DEFAULT ''"),
     # A video item's frames (NULL: a photo) and how many are written.
     ("items", "frames", "INTEGER"),
+    ("items", "first_frame", "INTEGER NOT NULL DEFAULT 0"),
     ("items", "frames_done", "INTEGER NOT NULL DEFAULT 0"),
 )
 
@@ -301,7 +302,8 @@ class SQLiteJobStore:
             order = sorted(waiting, key=lambda row: (self._turns.start(row[0]), row[1]))
             for client, _ in order:
                 row = db.execute(
-                    "SELECT j.id, j.options, i.idx, i.filename, j.traceparent, j.tracestate, i.frames "
+                    "SELECT j.id, j.options, i.idx, i.filename, j.traceparent, j.tracestate, i.frames, "
+                    "i.first_frame "
                     "FROM items i JOIN jobs j ON j.id = i.job_id "
                     "WHERE j.client = ? AND i.status = 'queued' AND j.status IN ('queued', 'running') "
                     f"AND json_extract(j.options, '$.style') IN ({marks}) "
@@ -310,7 +312,7 @@ class SQLiteJobStore:
                 ).fetchone()
                 if row is None:
                     continue
-                job_id, options_json, index, filename, traceparent, tracestate, frames = row
+                job_id, options_json, index, filename, traceparent, tracestate, frames, first_frame = row
                 db.execute(
                     "UPDATE items SET status = 'running' WHERE job_id = ? AND idx = ?", (job_id, index)
                 )
@@ -323,8 +325,9 @@ class SQLiteJobStore:
                 path = self.files.input_path(job_id, index)
                 trace = tracing.parse(traceparent, tracestate)
                 return Claim(
-                    job_id, index, filename, options, path, owner, client=client, trace=trace, frames=frames
-                )
+                    job_id, index, filename, options, path, owner, client=client, trace=trace,
+                    frames=frames, first_frame=first_frame or 0,
+                )  # fmt: skip
         return None
 
     def renew(self, claim: Claim) -> bool:
@@ -376,7 +379,8 @@ class SQLiteJobStore:
             db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (time.time(), job_id))
             self._settle(db, job_id, ttl_s)
             job = self._load(db, job_id)
-        self.files.drop_input(job_id, index)
+        # A chunk's clip stays until the job's clip is joined (its audio comes from it).
+        self.files.drop_input(job_id, index, keep_input=claim.frames is not None and status == "ok")
         return job
 
     def progress(self, claim: Claim, frames_done: int) -> Job | None:
@@ -392,6 +396,9 @@ class SQLiteJobStore:
 
     def work_dir(self, job_id: str, index: int) -> Path:
         return self.files.work_dir(job_id, index)
+
+    def join_clip(self, job: Job) -> Path:
+        return self.files.join_clip(job.id, len(job.items))
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         with self._tx() as db:

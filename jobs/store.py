@@ -49,8 +49,13 @@ class Upload:
     error: dict[str, str] | None
     #: Upper bound of its result's size, reserved until the result is written.
     estimate: int
-    #: A clip's frame count (its item is then a video item); None for a photo.
+    #: A chunk of a clip: its frame count (its item is then a video item; None for a photo) and its
+    #: first frame's place in the clip.
     frames: int | None = None
+    first_frame: int = 0
+    #: A chunk after the first: its bytes are the first chunk's upload (a link to its file, not a
+    #: copy); ``stream`` is None. ``size`` is its share of the clip's bytes.
+    same_as: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ class Claim:
     queue: str = ""
     #: The span of the request that made its job (its work is a span of that trace).
     trace: TraceContext | None = None
-    #: A clip's frame count when the item is a video (None: a photo).
+    #: A video item's frames and its first frame's place in the clip (None: a photo).
     frames: int | None = None
+    first_frame: int = 0
 
     @property
     def suffix(self) -> str:
@@ -147,6 +153,13 @@ class JobStore(Protocol):
     def progress(self, claim: Claim, frames_done: int) -> Job | None:
         """A running video item has written ``frames_done`` of its frames: recorded (never going back)
         while the claim holds the item; the job, or None if it is gone."""
+        ...
+
+    def join_clip(self, job: Job) -> Path:
+        """A video job whose chunks are all ``ok``: its whole clip, joined once (the chunks' results
+        with the clip's audio, written under a temporary name and renamed), after which the clip and
+        the chunks' files go; the path. Idempotent: the joined clip when it is there already.
+        Raises :class:`~serving.video.VideoEncodeError`."""
         ...
 
     def work_dir(self, job_id: str, index: int) -> Path:
@@ -257,6 +270,7 @@ def existing_or_needed(
     return None, needed, quota
 
 
-def accepted_streams(uploads: list[Upload]) -> list[BinaryIO | None]:
-    """Each upload's bytes to keep, None for those refused at acceptance (:meth:`JobFiles.write_photos`)."""
-    return [u.stream if u.error is None else None for u in uploads]
+def accepted_streams(uploads: list[Upload]) -> list[BinaryIO | int | None]:
+    """Each upload's bytes to keep, the index of the upload whose file it shares (a clip's chunk), or
+    None for those refused at acceptance (:meth:`JobFiles.write_photos`)."""
+    return [(u.stream if u.same_as is None else u.same_as) if u.error is None else None for u in uploads]

@@ -67,4 +67,5 @@ def build_jobs(settings: Settings, engine: Engine, flow: Flow, metrics: Metrics)
         streams=StreamSlots(per_client=settings.client_event_streams, total=settings.max_event_streams),
         etag_salt=settings.etag_salt,
         max_video_bytes=settings.max_video_bytes,
+        video_chunk_s=settings.video_chunk_s,
     )

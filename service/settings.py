@@ -27,8 +27,9 @@ from inference.constants import (
     MIN_PROCESSING_SIZE,
 )
 from inference.faces import available_detectors
-from inference.models import DEFAULT_DTYPE, DtypeSetting
+from inference.models import DEFAULT_DTYPE, DtypeSetting, describe_dtypes
 from inference.styles import STYLES
+from serving.clips import DEFAULT_CHUNK_S
 from serving.encoding import (
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_PNG_COMPRESSION,
@@ -70,16 +71,13 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", description="Interface to listen on.")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (CUDA when available).")
-    dtype: DtypeSetting = Field(
-        DEFAULT_DTYPE,
-        description="Generator precision: auto (the fastest accurate one on this device), float32 (exact "
-        "to the official model), bfloat16 or float16.",
-    )
+    dtype: DtypeSetting = Field(DEFAULT_DTYPE, description=f"Generator precision. {describe_dtypes()}")
     backend: BackendSetting = Field(
         "auto",
         description="Generator backend: onednn (fused CPU kernels), eager (plain PyTorch), onnxruntime "
-        "(ONNX Runtime's CPU provider on the exported graph, float32; the onnxruntime and onnx extras), or "
-        "auto (each style measures the candidates that run its precision here and keeps the fastest).",
+        "(ONNX Runtime's CPU provider on the exported graph, float32, or quantized for int8; the onnxruntime "
+        "and onnx extras), or auto (each style measures the candidates that run its precision here and "
+        "keeps the fastest).",
     )
     styles: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["anime"], description="Styles to load at start-up (comma-separated)."
@@ -138,6 +136,13 @@ class Settings(BaseSettings):
     max_video_frames: int = Field(DEFAULT_MAX_VIDEO_FRAMES, ge=1, description="Most frames in one video.")
     max_video_pixels: int = Field(
         DEFAULT_MAX_VIDEO_PIXELS, ge=64 * 64, description="Largest video frame (width × height)."
+    )
+    video_chunk_s: float = Field(
+        DEFAULT_CHUNK_S,
+        gt=0,
+        le=3600,
+        description="A video job's clip is cut into chunks of about this many seconds, run apart (by "
+        "every replica, and by several job slots of one) and joined at the end.",
     )
     max_video_bytes: int = Field(
         DEFAULT_MAX_VIDEO_BYTES,

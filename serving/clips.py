@@ -17,6 +17,13 @@ complete segments from an earlier run (a process killed mid-clip) starts after t
 its steadier primed with that segment's last frame, so it resumes rather than starts over. At the
 end the segments are joined by copying their packets, with the input's audio, into the output
 (:func:`serving.video.join_segments`), and the work folder is removed.
+
+A run may cover a *span* of the clip's frames (a chunk of a video job, which replicas share): it
+writes only those frames, and, unless it resumes from its own segments, starts
+:data:`WARMUP_FRAMES` frames earlier, running them through the models, the tracker and the steadier
+without writing them, so its first frames agree with the previous span's last ones as if the clip
+had run in one go (the steadier's memory of the frames before fades as 0.7 a frame: after 8 frames,
+6 % of it is left).
 """
 
 from __future__ import annotations
@@ -53,17 +60,24 @@ from serving.video import (
 
 #: About how long each crash-safe segment is: what a resumed clip does again at most.
 DEFAULT_SEGMENT_S: Final = 2.0
+#: About how long a video job's chunks are: the work one replica takes at a time. Ten seconds is 250
+#: frames at 25 fps, so the chunk's :data:`WARMUP_FRAMES` cost 3 %, and a five-minute clip is 30
+#: chunks that every replica (and every free slot of one) can share.
+DEFAULT_CHUNK_S: Final = 10.0
 #: Frames in flight at once between decode, the worker and the encoder.
 _IN_FLIGHT: Final = 3
+#: Frames run before a span that starts mid-clip (and does not resume from its own segments), so its
+#: tracker and steadier start where an uninterrupted run would be.
+WARMUP_FRAMES: Final = 8
 _SEGMENT_SUFFIX: Final = ".mp4"
 
 
 @dataclass(frozen=True)
 class ClipReport:
-    """What a clip run did: frames written (all of them, those of a resumed run's earlier segments
-    included), where it resumed (0: from the start), the output's size, what became of the audio, the
-    milliseconds spent per step in this run (decode, model: queue and pipeline, steady, resize,
-    encode) and its frames per second."""
+    """What a clip run did: frames written (all of its span, those of a resumed run's earlier segments
+    included), the frame it resumed from (its span's first frame: from the start), the output's size,
+    what became of the audio, the milliseconds spent per step in this run (decode, model: queue and
+    pipeline, steady, resize, encode) and its frames per second (warm-up frames not counted)."""
 
     frames: int
     resumed_from: int
@@ -74,12 +88,35 @@ class ClipReport:
     faces_max: int = 0
 
 
+@dataclass(frozen=True)
+class _Span:
+    """What one run reads and writes: frames from ``read_from`` are run, those from ``write_from``
+    to ``end`` (exclusive) written; progress counts from ``first`` (the span's first frame)."""
+
+    read_from: int
+    write_from: int
+    end: int
+    first: int
+
+
 @dataclass
 class _Totals:
     ms: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "model", "steady", "resize", "encode"), 0.0)
     )
     faces_max: int = 0
+
+
+def chunk_spans(frames: int, fps: float, chunk_s: float = DEFAULT_CHUNK_S) -> list[tuple[int, int]]:
+    """A clip's frames cut into chunks of about ``chunk_s`` seconds at ``fps`` (250 frames when the
+    rate is unknown): ``[(first, end), …]`` covering ``0…frames``; a last piece under half a chunk
+    joins the one before."""
+    size = max(1, round(fps * chunk_s)) if fps > 0 else 250
+    spans = [(first, min(first + size, frames)) for first in range(0, frames, size)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < size / 2:
+        last = spans.pop()
+        spans[-1] = (spans[-1][0], last[1])
+    return spans
 
 
 def _segments(work: Path) -> list[tuple[int, int, Path]]:
@@ -92,9 +129,9 @@ def _segments(work: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
-def _resumable(work: Path) -> list[tuple[int, int, Path]]:
-    """The segments that continue each other from frame 0 (a gap or an overlap ends them)."""
-    kept, at = [], 0
+def _resumable(work: Path, first: int = 0) -> list[tuple[int, int, Path]]:
+    """The segments that continue each other from frame ``first`` (a gap or an overlap ends them)."""
+    kept, at = [], first
     for start, end, path in _segments(work):
         if start != at or end <= start:
             break
@@ -136,19 +173,28 @@ class ClipFlow:
         background: bool = False,
         on_progress: Callable[[int, int], None] | None = None,
         watch: Callable[[Cancellable], Awaitable[None]] | None = None,
+        span: tuple[int, int] | None = None,
+        audio: bool = True,
     ) -> ClipReport:
         """Cartoonize the clip at ``source`` into the MP4 ``target`` with ``params`` (``quality`` is
         the video's; ``output_size`` its long side), resuming from the complete segments in ``work``
-        (default: a folder beside ``target``). ``on_progress(done, total)`` after each frame written;
-        ``watch`` as for a photo (:meth:`Flow.wait`)."""
+        (default: a folder beside ``target``). ``on_progress(done, total)`` after each frame written
+        (of the span); ``watch`` as for a photo (:meth:`Flow.wait`). ``span``: only frames
+        ``[first, end)`` (module docstring); ``audio``: the input's audio beside them (a span's
+        output is joined with the others, and the audio, later)."""
         started = time.perf_counter()
         info = await self.probe(source, client)
+        first, end = span if span is not None else (0, info.frames)
+        if not 0 <= first < end <= info.frames:
+            raise ValueError(f"span {first}–{end} is not within the clip's {info.frames} frames")
         work = work if work is not None else target.with_name(f".{target.name}.parts")
         work.mkdir(parents=True, exist_ok=True)
         for stale in work.glob("*.part"):  # what a killed run was writing
             stale.unlink()
-        done = _resumable(work)
-        resume = done[-1][1] if done else 0
+        done = _resumable(work, first)
+        resume = done[-1][1] if done else first
+        # A span that starts mid-clip warms up on the frames before it (a resumed one is primed).
+        warm_from = max(0, first - WARMUP_FRAMES) if resume == first else resume
         width, height = info.display_size
         out_hw = output_shape((height, width), params.output_size) or (height, width)
         processing = self.flow.processing_shape(params, (height, width))
@@ -156,26 +202,27 @@ class ClipFlow:
         totals = _Totals()
         steadier = Steadier() if self.steady else None
         tracker = FaceTracker() if self.steady else None
-        if resume and steadier is not None:
+        if resume > first and steadier is not None:
             await self._prime(steadier, source, done[-1][2], resume, processing, client)
         if on_progress is not None:
-            on_progress(resume, info.frames)
+            on_progress(resume - first, end - first)
         segments = [path for _, _, path in done]
-        if resume < info.frames:
+        if resume < end:
             segments += await self._frames(
-                source, info, params, work, resume, per_segment, processing, out_hw, steadier, tracker,
-                totals, client, background, on_progress, watch,
+                source, info, params, work, _Span(warm_from, resume, end, first), per_segment,
+                processing, out_hw, steadier, tracker, totals, client, background, on_progress, watch,
             )  # fmt: skip
-        audio = await self.flow.codec(lambda: join_segments(segments, target, source), client, 0.0)
+        with_audio = source if audio else None
+        outcome = await self.flow.codec(lambda: join_segments(segments, target, with_audio), client, 0.0)
         shutil.rmtree(work, ignore_errors=True)
         elapsed = time.perf_counter() - started
         return ClipReport(
-            frames=info.frames,
+            frames=end - first,
             resumed_from=resume,
             size=(out_hw[1], out_hw[0]),
-            audio=audio,
+            audio=outcome,
             timings_ms={k: round(v, 1) for k, v in totals.ms.items()},
-            frames_per_s=(info.frames - resume) / elapsed if elapsed > 0 else 0.0,
+            frames_per_s=(end - resume) / elapsed if elapsed > 0 else 0.0,
             faces_max=totals.faces_max,
         )
 
@@ -208,7 +255,7 @@ class ClipFlow:
         info: VideoInfo,
         params: ResolvedOptions,
         work: Path,
-        start: int,
+        span: _Span,
         per_segment: int,
         processing: tuple[int, int],
         out_hw: tuple[int, int],
@@ -220,13 +267,14 @@ class ClipFlow:
         on_progress: Callable[[int, int], None] | None,
         watch: Callable[[Cancellable], Awaitable[None]] | None,
     ) -> list[Path]:
-        """Frames ``start``… through the worker, steadied and encoded into segments; their paths."""
-        frames: Iterator[VideoFrame] = read_frames(source, start, limits=self.limits)
+        """The span's frames through the worker, steadied, and those to write encoded into segments;
+        their paths."""
+        frames: Iterator[VideoFrame] = read_frames(source, span.read_from, limits=self.limits)
         megapixels = info.width * info.height / 1e6
         size = (info.display_size[1], info.display_size[0])
         written: list[Path] = []
         writer: VideoWriter | None = None
-        segment_start = start
+        segment_start = span.write_from
         pending: deque[tuple[VideoFrame, np.ndarray, Ticket]] = deque()
         previous: np.ndarray | None = None
         shot = 0
@@ -234,7 +282,7 @@ class ClipFlow:
         def next_frame() -> tuple[VideoFrame, np.ndarray] | None:
             began = time.perf_counter()
             frame = next(frames, None)
-            if frame is None:
+            if frame is None or frame.index >= span.end:
                 return None
             small = np.ascontiguousarray(resize_rgb(frame.rgb, *processing))
             totals.ms["decode"] += (time.perf_counter() - began) * 1000
@@ -264,6 +312,8 @@ class ClipFlow:
                 out = steadier(stages.photo, out)
             now = time.perf_counter()
             totals.ms["steady"] += (now - began) * 1000
+            if frame.index < span.write_from:
+                return  # a warm-up frame: it went through the tracker and the steadier only
             if out.shape[:2] != out_hw:
                 out = np.ascontiguousarray(resize_rgb(out, *out_hw))
             began, now = now, time.perf_counter()
@@ -298,8 +348,8 @@ class ClipFlow:
                     totals.ms["model"] += (time.perf_counter() - began) * 1000
                     totals.faces_max = max(totals.faces_max, result.faces_stylized)
                     await self.flow.codec(functools.partial(emit, frame, result), client, megapixels)
-                    if on_progress is not None:
-                        on_progress(frame.index + 1, info.frames)
+                    if on_progress is not None and frame.index >= span.write_from:
+                        on_progress(frame.index + 1 - span.first, span.end - span.first)
                 if item is None and not pending:
                     break
             await self.flow.codec(finish_segment, client, 0.0)

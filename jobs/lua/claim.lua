@@ -1,6 +1,6 @@
 -- ARGV: prefix, consumer, lease (ms), now, then the styles this runner can serve. Returns
 -- {claim, dropped}: claim is {job id, index, filename, options, entry, queue, client,
--- traceparent, tracestate, frames ('' for a photo)} or
+-- traceparent, tracestate, frames ('' for a photo), first frame} or
 -- empty; dropped lists 'job id, index' pairs of items ended here (their photos can go).
 local consumer, lease, now = ARGV[2], ARGV[3], ARGV[4]
 local dropped = {}
@@ -33,11 +33,12 @@ local function take(queue, client, entry, fields)
   if status == 'queued' then set_status(id, 'queued', 'running', now, '') end
   -- A job stored before traces has no traceparent: '' (a false would cut the reply short); a
   -- photo has no frames: '' too.
-  local frames = ''
+  local frames, first = '', ''
   if type(item.frames) == 'number' then frames = tostring(item.frames) end
+  if type(item.first_frame) == 'number' then first = tostring(item.first_frame) end
   return {id, idx, item.filename, redis.call('HGET', jkey(id), 'options'), entry, queue, client,
     redis.call('HGET', jkey(id), 'traceparent') or '', redis.call('HGET', jkey(id), 'tracestate') or '',
-    frames}
+    frames, first}
 end
 
 -- The group's last delivered id of a stream (entries after it are new).

@@ -45,8 +45,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_test_clip(path, _frames(), fps=25, audio=True, quality=90)
 
 
-#: Small frames, and a frame limit the refused clip goes over.
-VIDEO_SETTINGS: dict[str, object] = {"processing_size": 128, "max_video_frames": 200}
+#: Small frames, a frame limit the refused clip goes over, and chunks of 5 frames at 25 fps (the
+#: 12-frame clip is two chunks: 0–4 and 5–11, the last piece of 2 joining the one before).
+VIDEO_SETTINGS: dict[str, object] = {"processing_size": 128, "max_video_frames": 200, "video_chunk_s": 0.2}
 
 
 @pytest.fixture
@@ -74,7 +75,8 @@ def test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio(
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["kind"] == "video" and (job["total"], job["done"]) == (FRAMES, 0)
-    assert job["items"][0]["frames"] == FRAMES and r.headers["location"] == f"/jobs/{job['id']}"
+    assert [(i["first_frame"], i["frames"]) for i in job["items"]] == [(0, 5), (5, 7)]
+    assert r.headers["location"] == f"/jobs/{job['id']}"
 
     with video_client.stream("GET", f"/jobs/{job['id']}/events") as events:
         seen = sse_events(events.iter_lines())
@@ -84,13 +86,15 @@ def test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio(
     assert dones == sorted(dones) and all(0 < d <= FRAMES for d in dones)
     job = seen[-1][1]
     assert job["status"] == "succeeded" and (job["total"], job["done"], job["failed"]) == (FRAMES, FRAMES, 0)
-    item = job["items"][0]
-    assert item["status"] == "ok" and item["frames_done"] == FRAMES and item["timings_ms"]["encode"] > 0
+    items = job["items"]
+    assert [(i["status"], i["frames_done"]) for i in items] == [("ok", 5), ("ok", 7)]
+    assert all(i["timings_ms"]["encode"] > 0 and i["result_url"] is None for i in items)
 
     result = video_client.get(f"/jobs/{job['id']}/result")
     assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
     assert result.headers["etag"] and 'filename="001-me.mp4"' in result.headers["content-disposition"]
-    assert video_client.get(item["result_url"]).content == result.content
+    chunk = video_client.get(f"/jobs/{job['id']}/items/1")
+    assert chunk.status_code == 409 and "frames 5–11 of a clip" in chunk.json()["error"]["message"]
     again = video_client.get(f"/jobs/{job['id']}/result", headers={"If-None-Match": result.headers["etag"]})
     assert again.status_code == 304
     part = video_client.get(f"/jobs/{job['id']}/result", headers={"Range": "bytes=0-99"})
@@ -106,14 +110,15 @@ def test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio(
     toon_frames = [f.rgb.astype(int) for f in read_frames(out)]
     assert all(np.abs(t - p).mean() > 5 for t, p in zip(toon_frames, photo_frames, strict=True))
 
-    # The job's folder holds the result only: the clip and the segments went once it ended.
+    # The job's folder holds the joined clip only: the upload, the chunks' results and their segments
+    # went once it was joined.
     data = Path(video_client.app.state.toonserve.jobs.store.data_dir)  # type: ignore[attr-defined]
     left = sorted(
         p.relative_to(data / "jobs" / job["id"]).as_posix()
         for p in (data / "jobs" / job["id"]).rglob("*")
         if p.is_file()
     )
-    assert left == ["out/0000.mp4"], left
+    assert left == ["out/clip.mp4"], left
 
 
 def test_refused_clips_get_their_code_before_anything_is_stored(

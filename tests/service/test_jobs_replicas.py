@@ -1,5 +1,6 @@
 """Two replicas on one Redis and one data directory: a job posted to one is followed, run and served by
-the other, which also finishes the items of the first after it is killed (``kill -9``)."""
+the other, which also finishes the items of the first after it is killed (``kill -9``); a clip's
+chunks are shared by both and its clip served by either."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import pytest
 from PIL import Image
 
 from devkit import photos
+from devkit.clips import write_test_clip
 from devkit.redis_server import RedisServer
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
+from serving.video import probe_video, read_frames
 from tests.service.test_jobs_live import _photo_set, _post
 
 pytestmark = pytest.mark.live
@@ -47,6 +50,8 @@ def replicas(
             TOONSERVE_JOB_LEASE_S=str(LEASE_S),
             # Smaller than the default 720: the same code path at a fraction of the time.
             TOONSERVE_PROCESSING_SIZE="320",
+            # A clip's chunks of half a second: a short clip is many items for both replicas.
+            TOONSERVE_VIDEO_CHUNK_S="0.5",
         )
         services.append(LiveService(env, tmp_path / f"server-{name}.log"))
     starting = [threading.Thread(target=s.start) for s in services]
@@ -150,3 +155,34 @@ def test_a_job_survives_the_replica_that_took_it(
         ours = np.asarray(Image.open(io.BytesIO(results[name.rsplit(".", 1)[0]])))
         theirs = np.asarray(Image.open(io.BytesIO(expected)))
         np.testing.assert_array_equal(ours, theirs, err_msg=name)
+
+
+def _frames_written(service: LiveService) -> float:
+    status, body = service.get("/metrics")
+    assert status == 200
+    line = next(x for x in body.decode().splitlines() if x.startswith("toonserve_video_frames_total "))
+    return float(line.split()[1])
+
+
+def test_two_replicas_share_one_clip(replicas: list[LiveService], tmp_path: Path) -> None:
+    a, b = replicas
+    big = np.asarray(Image.fromarray(photos.astronaut()).resize((260, 200)))
+    frames = [np.ascontiguousarray(big[20:180, 2 * i : 2 * i + 160]) for i in range(50)]
+    clip = write_test_clip(tmp_path / "walk.mp4", frames, fps=10, audio=True, quality=90)
+    r = httpx.post(a.url + "/jobs", files={"video": ("walk.mp4", clip.read_bytes())}, timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert [(i["first_frame"], i["frames"]) for i in job["items"]] == [(k, 5) for k in range(0, 50, 5)]
+    deadline = time.monotonic() + 300
+    while (job := b.job(job["id"]))["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["status"] == "succeeded" and job["done"] == job["total"] == 50, job
+    written = (_frames_written(a), _frames_written(b))
+    assert sum(written) == 50 and min(written) > 0, written  # each replica ran some of the chunks
+    status, body = b.get(f"/jobs/{job['id']}/result", timeout=60)
+    assert status == 200
+    (tmp_path / "toon.mp4").write_bytes(body)
+    info = probe_video(tmp_path / "toon.mp4")
+    assert (info.frames, info.has_audio) == (50, True)
+    assert [f.pts for f in read_frames(tmp_path / "toon.mp4")] == [f.pts for f in read_frames(clip)]

@@ -14,11 +14,11 @@ from PIL import Image
 from devkit import photos
 from devkit.clips import write_test_clip
 from inference.pipeline import Cartoonizer
-from serving.clips import ClipFlow, ClipReport
+from serving.clips import ClipFlow, ClipReport, chunk_spans
 from serving.flow import Flow, Limits
 from serving.options import RequestOptions, ResolvedOptions
 from serving.scheduler import Scheduler
-from serving.video import DEFAULT_LIMITS, NotAVideoError, probe_video, read_frames
+from serving.video import DEFAULT_LIMITS, NotAVideoError, join_segments, probe_video, read_frames
 from tests.serving.engines import bare_engine
 
 DEFAULTS = ResolvedOptions(style="anime", processing_size=192, format="png", quality=100)
@@ -121,3 +121,51 @@ def test_what_is_not_a_video_is_refused_before_any_work(flow: Flow, tmp_path: Pa
     with pytest.raises(NotAVideoError):
         _run(ClipFlow(flow, DEFAULT_LIMITS), photo, tmp_path / "out.mp4")
     assert not (tmp_path / ".out.mp4.parts").exists()
+
+
+@pytest.mark.slow  # a clip of 24 frames run whole and in two spans: about 8 s
+def test_spans_run_apart_join_into_the_clip_run_whole(flow: Flow, tmp_path: Path) -> None:
+    """Two spans (a video job's chunks, which two replicas may run) joined with the audio: every
+    frame and timestamp, and the frames after the seam close to those of one run (the second span
+    warmed up on the frames before it)."""
+    frames = 24
+    source = write_test_clip(tmp_path / "in.mp4", _frames(frames), fps=25, audio=True, quality=100)
+    clips = ClipFlow(flow, DEFAULT_LIMITS)
+    _run(clips, source, tmp_path / "whole.mp4")
+    seam = 13
+    progress: list[tuple[int, int]] = []
+    first = _run(clips, source, tmp_path / "a.mp4", span=(0, seam), audio=False)
+    second = _run(
+        clips, source, tmp_path / "b.mp4", span=(seam, frames), audio=False,
+        on_progress=lambda d, t: progress.append((d, t)),
+    )  # fmt: skip
+    assert (first.frames, second.frames, second.resumed_from) == (seam, frames - seam, seam)
+    assert progress[0] == (0, frames - seam) and progress[-1] == (frames - seam, frames - seam)
+    assert not probe_video(tmp_path / "b.mp4").has_audio
+    join_segments([tmp_path / "a.mp4", tmp_path / "b.mp4"], tmp_path / "joined.mp4", source)
+    joined = probe_video(tmp_path / "joined.mp4")
+    assert (joined.frames, joined.has_audio) == (frames, True)
+    assert [f.pts for f in read_frames(tmp_path / "joined.mp4")] == [f.pts for f in read_frames(source)]
+    apart = [f.rgb.astype(np.int16) for f in read_frames(tmp_path / "joined.mp4")]
+    together = [f.rgb.astype(np.int16) for f in read_frames(tmp_path / "whole.mp4")]
+    assert all(np.array_equal(a, b) for a, b in zip(apart[:seam], together[:seam], strict=True))
+    after = [float(np.abs(a - b).mean()) for a, b in zip(apart[seam:], together[seam:], strict=True)]
+    print("mean level difference after the seam:", [round(x, 2) for x in after])
+    assert max(after) < 1.0, after
+
+
+@pytest.mark.parametrize(
+    ("frames", "fps", "chunk_s", "expected"),
+    [
+        (12, 25.0, 0.2, [(0, 5), (5, 12)]),  # a last piece of 2 joins the one before
+        (15, 25.0, 0.2, [(0, 5), (5, 10), (10, 15)]),
+        (13, 25.0, 0.2, [(0, 5), (5, 10), (10, 13)]),  # 3 ≥ half a chunk: a chunk of its own
+        (4, 25.0, 10.0, [(0, 4)]),
+        (600, 0.0, 10.0, [(0, 250), (250, 600)]),  # no rate: 250 frames; 100 left join the last
+        (1, 30.0, 0.01, [(0, 1)]),
+    ],
+)
+def test_a_clip_is_cut_into_chunks_of_about_the_chunk_time(
+    frames: int, fps: float, chunk_s: float, expected: list[tuple[int, int]]
+) -> None:
+    assert chunk_spans(frames, fps, chunk_s) == expected
