@@ -49,7 +49,7 @@ dev: venv
 # The README's screenshots of the web page: the browser tests that take them, writing into docs/.
 screenshots: dev
 	TOONSERVE_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/python -m pytest -q -m browser \
-		-k "one_photo_end_to_end or batch_with_one_bad_file"
+		-k "one_photo_end_to_end or batch_with_one_bad_file or a_video_end_to_end"
 
 # No ModelScope within reach: demo weights (random, in the official architecture; every answer says
 # source: demo) for the styles in TOONSERVE_STYLES, then the service.

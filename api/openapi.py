@@ -4,7 +4,7 @@ multipart form, optional rather than nullable form fields)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from api.errors import CODES, ErrorBody
@@ -134,6 +134,18 @@ SECURITY_SCHEMES: Final[dict[str, dict[str, Any]]] = {
 MAX_BODY_BYTES_KEY = "x-max-body-bytes"
 
 
+def video_limits_extensions(
+    max_bytes: int, max_seconds: float, max_frames: int, max_pixels: int
+) -> dict[str, Any]:
+    """What a video part says of the limits it is checked against (413 ``video_too_large`` beyond)."""
+    return {
+        "x-max-bytes": max_bytes,
+        "x-max-seconds": max_seconds,
+        "x-max-frames": max_frames,
+        "x-max-pixels": max_pixels,
+    }
+
+
 def exact_schema(
     schema: dict[str, Any],
     *,
@@ -142,6 +154,7 @@ def exact_schema(
     most_bytes: dict[str, int],
     default_bytes: int,
     is_open: Callable[[str], bool] | None = None,
+    part_limits: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """FastAPI's generated ``schema``, made exact where it is not:
 
@@ -154,6 +167,8 @@ def exact_schema(
     * ``style`` takes the styles this server is configured with (``styles``);
     * each multipart body says its byte limit in ``x-max-body-bytes`` (clients, the web page among
       them, can refuse a choice before sending it): ``most_bytes`` by route, else ``default_bytes``;
+      and a part with limits of its own says them as extensions of its property (``part_limits``:
+      route → part → ``{"x-max-…": value}``, e.g. a video job's clip);
     * with API keys configured (``is_open`` tells the routes that need none), the two ways of sending
       one as security schemes, required by every other route (Swagger's Authorize button).
     """
@@ -171,7 +186,17 @@ def exact_schema(
             if body:
                 _exact_form(schema, body["schema"], styles, most_files.get(route))
                 body[MAX_BODY_BYTES_KEY] = most_bytes.get(route, default_bytes)
+                _part_limits(schema, body["schema"], (part_limits or {}).get(route, {}))
     return schema
+
+
+def _part_limits(
+    schema: dict[str, Any], form: dict[str, Any], limits: Mapping[str, Mapping[str, Any]]
+) -> None:
+    ref = form.get("$ref", "")
+    target = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]] if ref else form
+    for part, extensions in limits.items():
+        target.get("properties", {}).get(part, {}).update(extensions)
 
 
 def _exact_form(schema: dict[str, Any], form: dict[str, Any], styles: list[str], most: int | None) -> None:

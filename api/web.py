@@ -27,12 +27,14 @@ ASSETS_PATH: Final = "/ui"
 #: The files of the page, inside the ``api`` package (``package-data`` in pyproject ships them).
 STATIC: Final = ("api", "static")
 
-#: The browser enforces what the page promises: scripts, styles, images and API calls from this origin
-#: only (plus the object URLs the page makes for results), no plugins, not framed elsewhere.
+#: The browser enforces what the page promises: scripts, styles, images, video and API calls from this
+#: origin only (plus the object URLs the page makes for results, and for the clip it previews), no
+#: plugins, not framed elsewhere.
 CONTENT_SECURITY_POLICY: Final = "; ".join(
     (
         "default-src 'self'",
         "img-src 'self' blob:",
+        "media-src 'self' blob:",
         "connect-src 'self' blob:",
         "object-src 'none'",
         "base-uri 'none'",

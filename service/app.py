@@ -19,7 +19,7 @@ from api import jobs as jobs_api
 from api import metrics as metrics_api
 from api.clients import Clients, load_keys, parse_networks
 from api.metrics import Metrics
-from api.openapi import exact_schema
+from api.openapi import exact_schema, video_limits_extensions
 from api.state import ServiceState
 from service import memory
 from service.factory import build_engine, build_flow
@@ -65,6 +65,16 @@ def _openapi(app: FastAPI, settings: Settings, clients: Clients) -> dict[str, An
             most_bytes={"/jobs": settings.max_job_bytes},
             default_bytes=settings.max_upload_bytes,
             is_open=middleware.is_open if clients.auth else None,
+            part_limits={
+                "/jobs": {
+                    "video": video_limits_extensions(
+                        settings.max_video_bytes,
+                        settings.max_video_seconds,
+                        settings.max_video_frames,
+                        settings.max_video_pixels,
+                    )
+                }
+            },
         )
     return app.openapi_schema
 

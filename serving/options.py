@@ -91,7 +91,7 @@ class RequestOptions(BaseModel):
         None,
         ge=MIN_QUALITY,
         le=MAX_QUALITY,
-        description="JPEG/WebP quality; default: TOONSERVE_QUALITY",
+        description="JPEG/WebP quality, and a video job's (100: lossless); default: TOONSERVE_QUALITY",
         examples=[85],
     )
     no_face: NoFacePolicy = Field(
@@ -127,7 +127,9 @@ class ResolvedOptions(RequestOptions):
         ge=MIN_PROCESSING_SIZE, le=MAX_PROCESSING_SIZE, description="short side the photos are processed at"
     )
     format: OutputFormat = Field(description="the results' format")
-    quality: int = Field(ge=MIN_QUALITY, le=MAX_QUALITY, description="JPEG/WebP quality")
+    quality: int = Field(
+        ge=MIN_QUALITY, le=MAX_QUALITY, description="JPEG/WebP quality, and a video job's (100: lossless)"
+    )
 
     @classmethod
     def load(cls, data: Any) -> ResolvedOptions:

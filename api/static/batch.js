@@ -1,31 +1,25 @@
 // A batch: a job of several photos, followed through its events stream (resumed after a reload),
 // each result shown as it ends (and downloadable alone), cancelled, downloaded whole.
 
-import { api, apiKey, sleep } from "./api.js";
-import { batchLimits, settingsForm } from "./settings.js";
-import { $, byteSize, dropObjectUrls, fail, objectUrl, plural, say, stemOf, suffixOf, waiting } from "./util.js";
+import { api, apiKey } from "./api.js";
+import { cancelJob, submitJob, watchJob } from "./jobs.js";
+import { jobLimits, settingsForm } from "./settings.js";
+import { $, byteSize, dropObjectUrls, fail, objectUrl, plural, say, stemOf, suffixOf } from "./util.js";
 
 export const JOB_STORE = "toonserve.job"; // localStorage: the last batch, found again after a reload
-const STREAM_RETRY_MS = 2000; // pause before reconnecting an events stream that broke off
 
 let follower = null; // AbortController of the events stream followed now
 let batch = null; // { id, total, done, failed }
 
-function randomKey() {
-  // crypto.randomUUID needs a secure context; plain http on a LAN address is not one.
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
 // Why the chosen photos cannot go as one batch (over the service's limits), or "" when they can.
 function overLimits(files, bytes) {
-  if (files.length > batchLimits.files)
-    return `${plural(files.length, "photo")} chosen; this service takes at most ${batchLimits.files} in one batch. Choose fewer, or send them as several batches.`;
-  if (bytes > batchLimits.bytes)
-    return `The chosen photos come to ${byteSize(bytes)}; this service takes at most ${byteSize(batchLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
-  const large = files.find((f) => f.size > batchLimits.photoBytes);
+  if (files.length > jobLimits.files)
+    return `${plural(files.length, "photo")} chosen; this service takes at most ${jobLimits.files} in one batch. Choose fewer, or send them as several batches.`;
+  if (bytes > jobLimits.bytes)
+    return `The chosen photos come to ${byteSize(bytes)}; this service takes at most ${byteSize(jobLimits.bytes)} in one batch. Choose fewer, or send them as several batches.`;
+  const large = files.find((f) => f.size > jobLimits.photoBytes);
   if (large)
-    return `${large.name} is ${byteSize(large.size)}; this service takes photos of at most ${byteSize(batchLimits.photoBytes)}. Leave it out, or make it smaller.`;
+    return `${large.name} is ${byteSize(large.size)}; this service takes photos of at most ${byteSize(jobLimits.photoBytes)}. Leave it out, or make it smaller.`;
   return "";
 }
 
@@ -48,14 +42,7 @@ export async function startBatch(event) {
   fail("batch", "");
   say("batch", `Sending ${plural(files.length, "photo")}…`);
   try {
-    // One idempotency key per press: a retry (after a 401 or a 503) never makes a second job.
-    const response = await api("/jobs", {
-      method: "POST",
-      body: form,
-      headers: { "Idempotency-Key": randomKey() },
-      onWait: waiting("batch"),
-    });
-    const job = await response.json();
+    const job = await submitJob(form, "batch");
     localStorage.setItem(JOB_STORE, job.id);
     follow(job.id);
   } catch (err) {
@@ -64,35 +51,7 @@ export async function startBatch(event) {
   }
 }
 
-// Server-Sent Events from a fetch() body (EventSource cannot send the API key header).
-async function* serverEvents(body) {
-  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) return;
-    buffer = (buffer + value).replace(/\r\n?/g, "\n");
-    let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      let name = "message";
-      const data = [];
-      for (const line of block.split("\n")) {
-        if (!line || line.startsWith(":")) continue; // a keep-alive comment
-        const colon = line.indexOf(":");
-        const field = colon < 0 ? line : line.slice(0, colon);
-        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-        if (field === "event") name = text;
-        else if (field === "data") data.push(text);
-      }
-      if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
-    }
-  }
-}
-
-// Follow a job's events until it ends, reconnecting if the stream breaks off (the first event of
-// every connection is the whole job, so nothing is missed).
+// Follow the batch until it ends (jobs.js reconnects its events stream, and reads the job meanwhile).
 export async function follow(id, { resumed = false } = {}) {
   follower?.abort();
   const run = new AbortController();
@@ -104,35 +63,24 @@ export async function follow(id, { resumed = false } = {}) {
   $("cancel").hidden = false;
   $("batch-job").hidden = false;
   if (!resumed) say("batch", "Batch started.");
-  for (;;) {
-    try {
-      const response = await api(`/jobs/${id}/events`, { signal: run.signal, onWait: waiting("batch") });
-      for await (const event of serverEvents(response.body)) {
-        if (event.name === "job") showJob(event.data, resumed);
-        else if (event.name === "item") showItem(event.data, true);
-        else if (event.name === "end") return await ended(event.data);
-      }
-    } catch (err) {
-      if (run.signal.aborted) return;
-      if (err.status === 404) {
-        localStorage.removeItem(JOB_STORE);
-        $("batch-job").hidden = true;
-        if (!resumed) fail("batch", err.message);
-        return;
-      }
-      if (err.status) {
-        fail("batch", err.message);
-        return;
-      }
-    }
-    if (run.signal.aborted) return;
-    say("batch", "The connection was lost; reconnecting…");
-    try {
-      await sleep(STREAM_RETRY_MS, run.signal);
-    } catch (_) {
-      return;
-    }
-  }
+  await watchJob(id, run.signal, {
+    job: (job) => showJob(job, resumed),
+    item: (item) => showItem(item, true),
+    end: ended,
+    gone: (err) => {
+      localStorage.removeItem(JOB_STORE);
+      $("batch-job").hidden = true;
+      if (!resumed) fail("batch", err.message);
+    },
+    error: (err) => fail("batch", err.message),
+    lost: (refused) =>
+      say(
+        "batch",
+        refused
+          ? "The service follows too many jobs at once right now; checking this batch every second meanwhile…"
+          : "The connection was lost; reconnecting…",
+      ),
+  });
 }
 
 function showJob(job, resumed) {
@@ -256,12 +204,6 @@ async function offerZip(id) {
   link.hidden = false;
 }
 
-export async function cancelBatch() {
-  if (!batch) return;
-  say("batch", "Cancelling…"); // the events stream then reports the end
-  try {
-    await api(`/jobs/${batch.id}`, { method: "DELETE" });
-  } catch (err) {
-    fail("batch", err.message);
-  }
+export function cancelBatch() {
+  if (batch) return cancelJob(batch.id, "batch");
 }

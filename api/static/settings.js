@@ -1,10 +1,12 @@
-// The settings both sides share (style, strength, format, sizes, quality), remembered across visits;
-// their bounds and choices come from the API's own schema. (describeChoice, from batch.js, is called
-// once the bounds are known: the two modules import each other, inside functions only.)
+// The settings every side shares (style, strength, format, sizes, quality), remembered across visits;
+// their bounds and choices come from the API's own schema. (describeChoice, from batch.js, and
+// describeClip, from video.js, are called once the bounds are known: those modules import this one
+// too, and each uses the other's names inside functions only.)
 
 import { api, sleep } from "./api.js";
 import { describeChoice } from "./batch.js";
 import { $, byteSize, plural, say, waiting } from "./util.js";
+import { describeClip } from "./video.js";
 
 const SETTINGS_STORE = "toonserve.settings"; // localStorage: remembered across visits
 
@@ -35,33 +37,51 @@ export function showStrength() {
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
 }
 
-// The form fields every request shares. Empty fields are left out: the service's defaults apply.
-export function settingsForm() {
+// The form fields every request shares, but those in `leftOut` (the fields that do not apply to
+// it). Empty fields are left out too: the service's defaults apply.
+export function settingsForm(leftOut = []) {
   const form = new FormData();
   for (const { id, field } of SETTINGS) {
     const value = $(id).value.trim();
-    if (value) form.append(field, value);
+    if (value && !leftOut.includes(field)) form.append(field, value);
   }
   return form;
 }
 
-// What one batch (a job) may hold, and one photo in it, from the API's schema; unknown until it is read.
-export const batchLimits = { files: Infinity, bytes: Infinity, photoBytes: Infinity };
+// What one job may hold (a batch's photos, or one clip), and one photo in a batch, from the API's
+// schema; unknown until it is read.
+export const jobLimits = {
+  files: Infinity,
+  bytes: Infinity,
+  photoBytes: Infinity,
+  clipBytes: Infinity,
+  clipSeconds: Infinity,
+};
 
 // Bounds and choices come from the API's own schema, so the page never disagrees with the service.
 export async function loadBounds() {
   const spec = await (await api("/openapi.json")).json();
   const jobBody = spec.paths["/jobs"].post.requestBody.content["multipart/form-data"];
   const jobProps = spec.components.schemas[jobBody.schema.$ref.split("/").pop()].properties;
-  batchLimits.files = jobProps.images.maxItems ?? Infinity;
-  batchLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
+  jobLimits.files = jobProps.images.maxItems ?? Infinity;
+  jobLimits.bytes = jobBody["x-max-body-bytes"] ?? Infinity;
   // A photo in a job may be as large as the body /cartoonize takes, no larger.
   const oneBody = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"];
-  batchLimits.photoBytes = oneBody["x-max-body-bytes"] ?? Infinity;
-  $("photos-limit").textContent = Number.isFinite(batchLimits.files)
-    ? ` At most ${plural(batchLimits.files, "photo")} and ${byteSize(batchLimits.bytes)} in one batch.`
+  jobLimits.photoBytes = oneBody["x-max-body-bytes"] ?? Infinity;
+  // A clip is checked against its own limits too (the service says them on the `video` part).
+  jobLimits.clipBytes = Math.min(jobLimits.bytes, jobProps.video?.["x-max-bytes"] ?? Infinity);
+  jobLimits.clipSeconds = jobProps.video?.["x-max-seconds"] ?? Infinity;
+  $("photos-limit").textContent = Number.isFinite(jobLimits.files)
+    ? ` At most ${plural(jobLimits.files, "photo")} and ${byteSize(jobLimits.bytes)} in one batch.`
+    : "";
+  const minutes = jobLimits.clipSeconds / 60;
+  const duration = minutes >= 1 ? `${+minutes.toFixed(1)} min` : `${jobLimits.clipSeconds} s`;
+  const length = Number.isFinite(minutes) ? `, ${duration} long` : "";
+  $("clip-limit").textContent = Number.isFinite(jobLimits.clipBytes)
+    ? ` At most ${byteSize(jobLimits.clipBytes)}${length}.`
     : "";
   if ($("photos").files.length) describeChoice();
+  if ($("clip").files.length) describeClip();
   const body = spec.paths["/cartoonize"].post.requestBody.content["multipart/form-data"].schema;
   const props = spec.components.schemas[body.$ref.split("/").pop()].properties;
   // Optional fields are `anyOf: [{the type}, {null}]`.
@@ -81,7 +101,8 @@ export async function loadBounds() {
   $("output-hint").textContent =
     `The result's long side, ${bound("output-size", "output_size")} pixels. Empty: the photo's own size.`;
   $("quality-hint").textContent =
-    `JPEG and WebP only, ${bound("quality", "quality")}: more is finer and larger. Empty: the service's default.`;
+    `JPEG, WebP and videos, ${bound("quality", "quality")}: more is finer and larger; a video at 100 is ` +
+    "lossless (large, for editing). Empty: the service's default.";
   const format = $("format");
   for (const name of typed(props.format).enum) {
     const option = new Option(name === "jpeg" ? "JPEG" : name === "webp" ? "WebP" : name.toUpperCase(), name);

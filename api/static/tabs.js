@@ -1,9 +1,9 @@
-// The two sides' tabs (keyboard too) and the drop zones of their file inputs.
+// The sides' tabs (keyboard too) and the drop zones of their file inputs.
 
 import { $ } from "./util.js";
 
 
-export const tabs = () => [$("tab-single"), $("tab-batch")];
+export const tabs = () => [$("tab-single"), $("tab-batch"), $("tab-video")];
 
 export function selectTab(tab, focus = false) {
   for (const t of tabs()) {

@@ -32,12 +32,20 @@ export function base64Blob(data, type) {
 // The same suffixes as the service's own file names (ZIP entries).
 const SUFFIXES = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" };
 export const suffixOf = (type) => SUFFIXES[type] ?? type.split("/").pop();
-export const stemOf = (name) => name.replace(/\.[^.]*$/, "") || "photo";
+export const stemOf = (name, fallback = "photo") => name.replace(/\.[^.]*$/, "") || fallback;
 export const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 // A byte count as people read it: "0.4 MB", "35 MB", "1.1 GB".
 export const byteSize = (bytes) =>
   bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
+
+// A time to wait as people say it: "8 s", "2 min", "1 h 5 min".
+export function lasting(seconds) {
+  const s = Math.max(1, Math.round(seconds));
+  if (s < 90) return `${s} s`;
+  const min = Math.round(s / 60);
+  return min < 90 ? `${min} min` : `${Math.floor(min / 60)} h ${min % 60} min`;
+}
 
 export function say(side, text) {
   $(`${side}-status`).textContent = text;

@@ -162,6 +162,13 @@ def test_openapi_states_this_servers_file_and_byte_limits(client: TestClient) ->
         assert body["x-max-body-bytes"] == body_bytes, route
         if files is not None:
             assert props["images"]["minItems"] == 1 and props["images"]["maxItems"] == files, route
+        if route == "/jobs":  # a video job's clip: the limits it is checked against
+            assert {k: v for k, v in props["video"].items() if k.startswith("x-")} == {
+                "x-max-bytes": defaults["max_video_bytes"],
+                "x-max-seconds": defaults["max_video_seconds"],
+                "x-max-frames": defaults["max_video_frames"],
+                "x-max-pixels": defaults["max_video_pixels"],
+            }
 
 
 def test_readme_form_table_states_the_constants() -> None:

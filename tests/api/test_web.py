@@ -21,7 +21,17 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The page's modules (app.js imports the others); every file of the page.
-MODULES = ("app.js", "api.js", "util.js", "settings.js", "tabs.js", "single.js", "batch.js")
+MODULES = (
+    "app.js",
+    "api.js",
+    "util.js",
+    "settings.js",
+    "tabs.js",
+    "jobs.js",
+    "single.js",
+    "batch.js",
+    "video.js",
+)
 PAGE_FILES = ("index.html", *MODULES, "app.css", "icon.svg")
 TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
 
@@ -46,6 +56,8 @@ def test_the_page_and_its_assets_are_served(tmp_path: Path) -> None:
         assert page.headers["content-type"].startswith("text/html")
         csp = page.headers["content-security-policy"]
         assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+        # The video side plays the cartoon clip (and previews the chosen one) from object URLs.
+        assert "media-src 'self' blob:" in csp
         assets = re.findall(r"""(?:src|href)=["']([^"'#]+)["']""", page.text)
         linked = {a for a in assets if a.startswith(ASSETS_PATH + "/")}
         assert linked == {f"{ASSETS_PATH}/{name}" for name in ("app.js", "app.css", "icon.svg")}
@@ -74,6 +86,36 @@ def test_the_modules_import_only_each_other() -> None:
             assert source.startswith("./") and source[2:] in MODULES, (module, source)
             missing = {n.strip() for n in names.split(",")} - exported[source[2:]]
             assert not missing, f"{module} imports {missing} that {source} does not export"
+
+
+def test_the_page_has_three_sides_and_the_video_one_takes_a_clip(tmp_path: Path) -> None:
+    """One photo, a batch, a video: each a tab with its panel. The video side takes a clip (any video,
+    or a GIF) by its labelled file input and its drop zone, says its progress to screen readers, and
+    has a player and a download link for the cartoon clip; its module is imported by the page."""
+    with _client(tmp_path) as client:
+        page = client.get("/").text
+        app = client.get(f"{ASSETS_PATH}/app.js").text
+    tabs = re.findall(
+        r'<button type="button" role="tab" id="(tab-\w+)"[^>]*aria-controls="(panel-\w+)"', page
+    )
+    assert tabs == [
+        ("tab-single", "panel-single"),
+        ("tab-batch", "panel-batch"),
+        ("tab-video", "panel-video"),
+    ]
+    for _, panel in tabs:
+        assert re.search(rf'<section [^>]*role="tabpanel" id="{panel}"', page), panel
+    clip = re.search(r"<input [^>]*id=\"clip\"[^>]*>", page)
+    assert clip is not None and 'type="file"' in clip.group() and 'accept="video/*,.gif"' in clip.group()
+    assert '<label for="clip">' in page and 'id="video-drop"' in page
+    assert re.search(r'<progress id="video-progress"', page) and '<label for="video-progress">' in page
+    assert re.search(r'id="video-status" role="status" aria-live="polite"', page)
+    assert re.search(r'id="video-told" aria-live="polite"', page)
+    assert re.search(r'id="video-error" role="alert"', page)
+    assert re.search(r'<video id="toon" controls[^>]*aria-label="Cartoon clip"', page)
+    assert re.search(r'<a [^>]*id="video-download"[^>]*download', page)
+    assert re.search(r'<button type="button" id="video-cancel">Cancel</button>', page)
+    assert 'from "./video.js";' in app and 'dropZone($("video-drop"), $("clip"));' in app
 
 
 def test_nothing_comes_from_another_origin() -> None:

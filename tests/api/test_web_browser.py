@@ -1,7 +1,7 @@
 """The web page in a real browser: headless Chromium (Playwright) against a live ``toonserve serve``.
 
 Every test records each request the page makes and fails if one goes anywhere but the service, and
-fails on a script error or an unexpected console error. The single-photo and batch tests write
+fails on a script error or an unexpected console error. The single-photo, batch and video tests write
 screenshots (desktop and 360 px wide) into build/screenshots/, or where TOONSERVE_SCREENSHOTS says:
 `make screenshots` points it at docs/screenshots/ to refresh the README's, so `make test` leaves the
 tree as it found it.
@@ -37,10 +37,12 @@ from playwright.sync_api import (
 )
 
 from devkit import photos
+from devkit.clips import write_test_clip
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
 from inference.constants import MAX_OUTPUT_SIDE
 from serving.encoding import MAX_QUALITY, MIN_QUALITY
+from serving.video import probe_video
 
 pytestmark = [pytest.mark.browser, pytest.mark.live]
 
@@ -285,8 +287,8 @@ def _batch_tab(page: Page) -> None:
     expect(page.get_by_label("Photos", exact=True)).to_be_visible()
 
 
-def _job(srv: LiveService, page: Page) -> dict[str, Any]:
-    job_id = page.evaluate("localStorage.getItem('toonserve.job')")
+def _job(srv: LiveService, page: Page, store: str = "toonserve.job") -> dict[str, Any]:
+    job_id = page.evaluate(f"localStorage.getItem('{store}')")
     status, body = srv.get(f"/jobs/{job_id}")
     assert status == 200, body
     job: dict[str, Any] = json.loads(body)
@@ -658,10 +660,219 @@ def test_too_many_photos_for_a_job_are_refused_before_sending(web: Session) -> N
     assert page.evaluate("localStorage.getItem('toonserve.job')") is None
 
 
+# -- a video ---------------------------------------------------------------------------------------
+
+#: The test clip's frames: a portrait panning two pixels a frame, small enough to run in a few seconds.
+CLIP_FRAMES = 12
+CLIP_SIDE = 144
+#: Four times the clip's side (the most the service enlarges): each frame takes a moment, so progress
+#: shows between the first frame and the last (and the speed, which needs two counts a moment apart
+#: before the last; counts are recorded twice a second), even on a fast machine.
+SLOW_PROCESSING_SIZE = "576"
+
+
+def _clip_frames(count: int) -> list[np.ndarray]:
+    wide = np.asarray(Image.fromarray(photos.astronaut()).resize((CLIP_SIDE + 2 * count, CLIP_SIDE)))
+    return [np.ascontiguousarray(wide[:, 2 * i : 2 * i + CLIP_SIDE]) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> FilePayload:
+    path = write_test_clip(
+        tmp_path_factory.mktemp("clip") / "clip.mp4", _clip_frames(CLIP_FRAMES), fps=10, quality=90
+    )
+    return _file("portrait.mp4", path.read_bytes(), "video/mp4")
+
+
+#: Keeps every text the frame count and the speed line show, as ``window.seen`` (the page changes them
+#: faster than a test could look).
+SEEN_SCRIPT = """
+window.seen = { count: [], speed: [] };
+document.addEventListener("DOMContentLoaded", () => {
+  for (const [key, id] of [["count", "video-count"], ["speed", "video-speed"]]) {
+    const node = document.getElementById(id);
+    const keep = () => window.seen[key].push(node.textContent);
+    new MutationObserver(keep).observe(node, { childList: true, characterData: true, subtree: true });
+  }
+});
+"""
+
+
+def _video_tab(page: Page) -> None:
+    page.get_by_role("tab", name="A video").click()
+    expect(page.get_by_label("Clip", exact=True)).to_be_visible()
+
+
+def _slow_frames(page: Page) -> None:
+    """:data:`SLOW_PROCESSING_SIZE`, under "More settings"."""
+    page.get_by_text("More settings", exact=True).click()
+    page.get_by_label("Processing size").fill(SLOW_PROCESSING_SIZE)
+
+
+def _player_ready(page: Page, element_id: str) -> None:
+    """The <video> has read the clip: its size and duration known, its first frame drawn."""
+    _until(page, f"document.getElementById('{element_id}').readyState >= 2")
+    duration = page.evaluate(f"document.getElementById('{element_id}').duration")
+    assert duration > 0, duration
+
+
+def _still(page: Page, selector: str) -> None:
+    """Wait until ``selector`` looks the same twice in a row: a player shows a spinner for a moment
+    after its clip has loaded, which a screenshot must not catch."""
+    deadline = time.monotonic() + STEP_S
+    last = b""
+    while (shot := page.locator(selector).screenshot()) != last:
+        assert time.monotonic() < deadline, f"{selector} still moves after {STEP_S} s"
+        last = shot
+        time.sleep(0.25)
+
+
+def _check_clip(data: bytes, tmp: Path) -> None:
+    """An H.264 MP4 with every frame of the test clip, at its size."""
+    path = tmp / "cartoon.mp4"
+    path.write_bytes(data)
+    info = probe_video(path)
+    assert "mp4" in info.format and info.codec == "h264"
+    assert (info.frames, info.width, info.height) == (CLIP_FRAMES, CLIP_SIDE, CLIP_SIDE)
+
+
+def test_a_video_end_to_end(web: Session, server: LiveService, clip: FilePayload, tmp_path: Path) -> None:
+    page = web.page
+    page.add_init_script(SEEN_SCRIPT)
+    page.add_init_script(SENT_FIELDS_SCRIPT)
+    web.open()
+    # A photo's setting that does not apply to a video: not sent with it.
+    page.get_by_label("Format").select_option("webp")
+    _slow_frames(page)
+    _video_tab(page)
+    expect(page.locator("#quality-hint")).to_contain_text("a video at 100 is lossless")
+    # The clip's limits, from /openapi.json: the job body (smaller here than the clip's own) and its length.
+    expect(page.locator("#clip-hint")).to_contain_text("At most 4.0 MB, 5 min long.")
+    page.get_by_label("Clip", exact=True).set_input_files([clip])
+    expect(page.locator("#video-status")).to_have_text("portrait.mp4 chosen (0.0 MB).")
+    expect(page.get_by_label("Your clip")).to_be_visible()  # the browser plays it: shown before it goes
+    page.get_by_role("button", name="Cartoonize clip").click()
+
+    status = page.locator("#video-status")
+    expect(status).to_have_text(
+        f"Done: {CLIP_FRAMES} frames cartoonized. The cartoon clip plays below, ready to download."
+    )
+    expect(page.locator("#video-count")).to_have_text(f"{CLIP_FRAMES} of {CLIP_FRAMES} frames")
+    assert page.get_by_label("Frames").evaluate("p => [p.value, p.max]") == [CLIP_FRAMES, CLIP_FRAMES]
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    # Progress was shown as the frames were written: counts between none and all, in order, and the
+    # speed with the time left.
+    seen = page.evaluate("window.seen")
+    counts = [int(text.split()[0]) for text in seen["count"]]
+    assert counts == sorted(counts) and any(0 < n < CLIP_FRAMES for n in counts), seen
+    speed = re.compile(r"\d+\.\d frames/s, about \d+ (s|min) left")
+    assert any(speed.fullmatch(text) for text in seen["speed"]), seen
+    assert page.evaluate("window.sentFields") == {
+        "style": "anime",
+        "strength": "1",
+        "processing_size": SLOW_PROCESSING_SIZE,
+    }
+    job = _job(server, page, "toonserve.video")
+    assert job["kind"] == "video" and job["status"] == "succeeded"
+
+    # The cartoon plays in the page, from the same bytes the download gives.
+    player = page.get_by_label("Cartoon clip")
+    expect(player).to_be_visible()
+    _player_ready(page, "toon")
+    assert player.evaluate("v => [v.videoWidth, v.videoHeight]") == [CLIP_SIDE, CLIP_SIDE]
+    expect(page.locator("#toon-caption")).to_have_text(
+        re.compile(r"^The cartoon of portrait\.mp4 \(0\.\d MB\)$")
+    )
+    name, data = _download(page, "Download clip")
+    assert name == "portrait-anime.mp4"
+    _check_clip(data, tmp_path)
+    assert _blob_type(page, "Download clip") == "video/mp4"
+
+    page.get_by_label("Format").select_option("")  # as the other screenshots show it
+    _player_ready(page, "clip-preview")
+    _still(page, "#video-result")
+    _screenshot(page, "video-desktop", varying="#video-speed")
+    page.set_viewport_size(PHONE)
+    _fits(page, PHONE["width"])
+    _still(page, "#video-result")
+    _screenshot(page, "video-phone", varying="#video-speed")
+
+
+def test_a_file_that_is_not_a_video_gets_the_apis_415(web: Session, server: LiveService) -> None:
+    web.allow_status(415)
+    page = web.open()
+    _video_tab(page)
+    page.get_by_label("Clip", exact=True).set_input_files([NOT_AN_IMAGE])
+    # The browser cannot play it: not shown, and the page says so in words.
+    expect(page.locator("#video-status")).to_have_text(
+        "notes.txt chosen (0.0 MB). This browser cannot preview it; the service may still read it."
+    )
+    expect(page.get_by_label("Your clip")).to_be_hidden()
+    page.get_by_role("button", name="Cartoonize clip").click()
+    r = httpx.post(server.url + "/jobs", files=[("video", ("notes.txt", NOT_AN_IMAGE["buffer"]))], timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_video", r.text
+    expected = r.json()["error"]["message"]
+    expect(page.get_by_role("alert").filter(has_text=expected)).to_have_text(expected)
+    expect(page.locator("#video-status")).to_have_text("")
+    expect(page.get_by_label("Frames")).to_be_hidden()
+    expect(page.get_by_role("link", name="Download clip", exact=True)).to_be_hidden()
+    assert page.evaluate("localStorage.getItem('toonserve.video')") is None
+
+
+def test_a_reload_finds_the_running_video_and_reads_it_without_its_events_stream(
+    web: Session, server: LiveService, clip: FilePayload, tmp_path: Path
+) -> None:
+    """After a reload the page follows the video job again, on its side; when its events stream
+    cannot be had (here every attempt fails), it reads the job every second instead."""
+    page = web.open()
+    _slow_frames(page)
+    _video_tab(page)
+    page.get_by_label("Clip", exact=True).set_input_files([clip])
+    page.get_by_role("button", name="Cartoonize clip").click()
+    _until(page, "parseInt(document.getElementById('video-count').textContent) >= 1")
+    assert _job(server, page, "toonserve.video")["status"] in ("queued", "running")
+
+    page.route("**/jobs/*/events", lambda route: route.abort())
+    web.allowed.append("net::ERR_FAILED")  # the browser logs every aborted request
+    page.reload()
+    page.wait_for_selector("body[data-ready]")
+    expect(page.get_by_role("tab", name="A video")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#video-status")).to_have_text(
+        f"Done: {CLIP_FRAMES} frames cartoonized. The cartoon clip plays below, ready to download."
+    )
+    job_id = page.evaluate("localStorage.getItem('toonserve.video')")
+    reads = [url for url in web.requests if url == f"{server.url}/jobs/{job_id}"]
+    assert reads, web.requests
+    _player_ready(page, "toon")
+    _, data = _download(page, "Download clip")
+    _check_clip(data, tmp_path)
+
+
+def test_cancel_during_a_video(web: Session, server: LiveService, tmp_path: Path) -> None:
+    long_clip = write_test_clip(tmp_path / "long.mp4", _clip_frames(40), fps=10, quality=90)
+    page = web.open()
+    _slow_frames(page)
+    _video_tab(page)
+    page.get_by_label("Clip", exact=True).set_input_files(
+        [_file("long.mp4", long_clip.read_bytes(), "video/mp4")]
+    )
+    page.get_by_role("button", name="Cartoonize clip").click()
+    _until(page, "parseInt(document.getElementById('video-count').textContent) >= 1")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#video-status")).to_have_text(re.compile(r"^Cancelled after \d+ of 40 frames\.$"))
+    expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
+    expect(page.get_by_role("link", name="Download clip", exact=True)).to_be_hidden()
+    job = _job(server, page, "toonserve.video")
+    assert job["status"] == "cancelled" and 1 <= job["done"] < 40, job
+    expect(page.locator("#video-status")).to_have_text(f"Cancelled after {job['done']} of 40 frames.")
+
+
 # -- with an API key -------------------------------------------------------------------------------
 
 
-def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(keyed_web: Session) -> None:
+def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(
+    keyed_web: Session, clip: FilePayload, tmp_path: Path
+) -> None:
     keyed_web.allow_status(401)
     page = keyed_web.page
     page.goto(keyed_web.origin + "/")
@@ -695,6 +906,14 @@ def test_with_an_api_key_the_page_asks_once_and_keeps_it_in_the_tab(keyed_web: S
     _, data = _download(page, "Download all")
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         assert sorted(zf.namelist()) == ["001-photo-01.png", "002-photo-02.png", "results.json"]
+
+    # A video job, its events and its clip, with the key too (a <video> cannot send it: the page does).
+    _video_tab(page)
+    page.get_by_label("Clip", exact=True).set_input_files([clip])
+    page.get_by_role("button", name="Cartoonize clip").click()
+    expect(page.locator("#video-status")).to_contain_text(f"Done: {CLIP_FRAMES} frames cartoonized.")
+    _player_ready(page, "toon")
+    _check_clip(_download(page, "Download clip")[1], tmp_path)
     assert not dialog.is_visible()  # asked once only
 
 
