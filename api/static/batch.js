@@ -2,7 +2,7 @@
 // each result shown as it ends (and downloadable alone), cancelled, downloaded whole.
 
 import { api, apiKey } from "./api.js";
-import { cancelJob, submitJob, watchJob } from "./jobs.js";
+import { cancelJob, commonHandlers, submitJob, watchJob } from "./jobs.js";
 import { jobLimits, settingsForm } from "./settings.js";
 import { $, byteSize, dropObjectUrls, fail, objectUrl, plural, say, stemOf, suffixOf } from "./util.js";
 
@@ -67,19 +67,7 @@ export async function follow(id, { resumed = false } = {}) {
     job: (job) => showJob(job, resumed),
     item: (item) => showItem(item, true),
     end: ended,
-    gone: (err) => {
-      localStorage.removeItem(JOB_STORE);
-      $("batch-job").hidden = true;
-      if (!resumed) fail("batch", err.message);
-    },
-    error: (err) => fail("batch", err.message),
-    lost: (refused) =>
-      say(
-        "batch",
-        refused
-          ? "The service follows too many jobs at once right now; checking this batch every second meanwhile…"
-          : "The connection was lost; reconnecting…",
-      ),
+    ...commonHandlers("batch", JOB_STORE, "batch-job", resumed, "this batch"),
   });
 }
 

@@ -3,7 +3,7 @@
 // again after a reload.
 
 import { api } from "./api.js";
-import { cancelJob, submitJob, TERMINAL, watchJob } from "./jobs.js";
+import { cancelJob, commonHandlers, submitJob, TERMINAL, watchJob } from "./jobs.js";
 import { jobLimits, settingsForm } from "./settings.js";
 import { $, byteSize, dropObjectUrls, fail, lasting, objectUrl, plural, say, stemOf, waiting } from "./util.js";
 
@@ -107,19 +107,7 @@ export async function followVideo(id, { resumed = false } = {}) {
     job: (job) => showJob(job, resumed),
     progress: showFrames,
     end: ended,
-    gone: (err) => {
-      localStorage.removeItem(VIDEO_STORE);
-      $("video-job").hidden = true;
-      if (!resumed) fail("video", err.message);
-    },
-    error: (err) => fail("video", err.message),
-    lost: (refused) =>
-      say(
-        "video",
-        refused
-          ? "The service follows too many jobs at once right now; checking this one every second meanwhile…"
-          : "The connection was lost; reconnecting…",
-      ),
+    ...commonHandlers("video", VIDEO_STORE, "video-job", resumed, "this one"),
   });
 }
 
