@@ -40,6 +40,7 @@ from inference.export import ExportError
 from inference.faces import FaceDetectorError
 from inference.models import StyleNotLoadedError
 from inference.pipeline import AbandonedError, NoFaceError, PipelineError
+from inference.quantize import QuantizationError
 from inference.reference import ReferenceEngineError
 from jobs.errors import (
     JobNotFoundError,
@@ -156,6 +157,8 @@ ERROR_CODES: Final[dict[type[ToonserveError], str]] = {
     VideoEncodeError: "internal_error",
     # Only the CLI exports; a server whose engine needs an export and cannot make one is misconfigured.
     ExportError: "configuration_error",
+    # int8 graphs that cannot be made on this server (a missing package, an old ONNX Runtime).
+    QuantizationError: "configuration_error",
     UnsupportedImageError: "unsupported_image",
     ImageTooLargeError: "image_too_large",
     CorruptImageError: "corrupt_image",

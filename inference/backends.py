@@ -6,7 +6,8 @@ A backend runs a style's two generators behind one interface (:class:`Runner`, t
 * ``onednn``: torch, fused oneDNN primitives (CPU; float32, and bfloat16/float16 where oneDNN has them);
 * ``eager``: torch, the module's own ops (any device, any dtype; the reference);
 * ``onnxruntime``: ONNX Runtime's CPU provider on the exported official graph (:mod:`inference.ort`;
-  float32 only, needs the ``onnxruntime`` extra, and the ``onnx`` extra to export).
+  float32, needs the ``onnxruntime`` extra, and the ``onnx`` extra to export), or in int8 on that
+  graph quantized (:mod:`inference.quantize`, docs/int8.md; the only backend that runs int8).
 
 ``auto`` decides when a style loads (:func:`build_runners`), for the precision already chosen: every
 candidate that can run here is held to that precision's accuracy bound against the ``eager``
@@ -67,6 +68,9 @@ FP32_MAX_LEVELS: Final = 1
 #: The fast modes' bound against float32 (``test_bf16_close_to_fp32``, docs/model.md §2.4).
 REDUCED_MAX_MEAN: Final = 1.0
 REDUCED_MAX_LEVELS: Final = 16
+#: int8's bound against float32 (docs/int8.md): a mean *under* one level, and the fast modes' max.
+#: ``auto`` never picks int8 off it (:func:`inference.models.choose_dtype`).
+INT8_MAX_MEAN: Final = 1.0
 
 
 class Runner(Protocol):
@@ -99,6 +103,10 @@ class Accuracy:
             if self.identical >= FP32_MIN_IDENTICAL and self.max_levels <= FP32_MAX_LEVELS:
                 return None
             bound = f"float32 needs ≥ {FP32_MIN_IDENTICAL:.1%} identical and at most {FP32_MAX_LEVELS} level"
+        elif dtype == torch.int8:
+            if self.mean_levels < INT8_MAX_MEAN and self.max_levels <= REDUCED_MAX_LEVELS:
+                return None
+            bound = f"int8 needs a mean under {INT8_MAX_MEAN:g} and a max ≤ {REDUCED_MAX_LEVELS} levels"
         else:
             if self.mean_levels <= REDUCED_MAX_MEAN and self.max_levels <= REDUCED_MAX_LEVELS:
                 return None
@@ -174,6 +182,8 @@ def _name(dtype: torch.dtype) -> str:
 def unavailable(name: BackendName, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why backend ``name`` cannot run ``dtype`` on ``device`` here, or None when it can (the
     ``onnx`` extra, needed only when no graph is cached, is checked when the graph is made)."""
+    if dtype == torch.int8 and name != "onnxruntime":
+        return "int8 runs on ONNX Runtime's quantized graph only (docs/int8.md), not on torch"
     if name == "onednn" and not onednn_usable(device, dtype):
         if device.type != "cpu":
             return "oneDNN runs on the CPU only"
@@ -181,10 +191,10 @@ def unavailable(name: BackendName, device: torch.device, dtype: torch.dtype) -> 
     if name == "onnxruntime":
         if device.type != "cpu":
             return "toonserve runs ONNX Runtime on its CPU provider only"
-        if dtype != torch.float32:
+        if dtype not in (torch.float32, torch.int8):
             return (
-                f"ONNX Runtime runs float32 only here, not {_name(dtype)}: its CPU provider has no "
-                "bfloat16 kernels, and its float16 was slower than float32 (docs/model.md §8.5)"
+                f"ONNX Runtime runs float32 and int8 only here, not {_name(dtype)}: its CPU provider has "
+                "no bfloat16 kernels, and its float16 was slower than float32 (docs/model.md §8.5)"
             )
         from inference.ort import missing_runtime
 
@@ -193,8 +203,13 @@ def unavailable(name: BackendName, device: torch.device, dtype: torch.dtype) -> 
 
 
 def check_setting(setting: BackendSetting, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise :class:`ConfigurationError` when the backend named by ``setting`` cannot run here."""
+    """Raise :class:`ConfigurationError` when the backend named by ``setting`` cannot run here, or
+    when ``auto`` has no candidate for ``dtype`` (int8 without ONNX Runtime)."""
     if setting == "auto":
+        if dtype == torch.int8:
+            why = unavailable("onnxruntime", device, dtype)
+            if why is not None:
+                raise ConfigurationError(f"TOONSERVE_DTYPE=int8 cannot run on {device}: {why}")
         return
     if setting not in BACKEND_SETTINGS:
         raise ConfigurationError(f"invalid backend {setting!r}: use one of {', '.join(BACKEND_SETTINGS)}")
@@ -203,9 +218,13 @@ def check_setting(setting: BackendSetting, device: torch.device, dtype: torch.dt
         raise ConfigurationError(f"TOONSERVE_BACKEND={setting} cannot run {_name(dtype)} on {device}: {why}")
 
 
-def _build(
-    name: BackendName, weights: StyleWeights, device: torch.device, dtype: torch.dtype, cache: bool
+def build(
+    name: BackendName, weights: StyleWeights, device: torch.device, dtype: torch.dtype, cache: bool = True
 ) -> Candidate:
+    """Backend ``name``'s runners for ``weights`` in ``dtype`` (no accuracy check: see :func:`build_runners`).
+    ``cache``: ONNX Runtime's graphs may be read from and written beside the converted weights."""
+    if name == "onnxruntime" and dtype == torch.int8:
+        return Candidate(name, _int8_runner(weights.head, cache), _int8_runner(weights.bg, cache))
     if name == "onnxruntime":
         return Candidate(name, _ort_runner(weights.head, cache), _ort_runner(weights.bg, cache))
     return Candidate(
@@ -228,6 +247,29 @@ def _ort_runner(weights: Path, cache: bool) -> Runner:
         log.warning("the %s graph does not load; exporting it again", origin, exc_info=True)
         forget(weights)
         return OnnxRuntimeRunner(graph(weights, cache=cache)[0])
+
+
+def _int8_runner(weights: Path, cache: bool) -> Runner:
+    """ONNX Runtime on the int8 graph of ``weights`` (:func:`inference.quantize.int8_graph`); a cached
+    graph that does not load is made again. What cannot be made here (no ONNX Runtime, no ``onnx``
+    to export and edit the graph, no calibration photos) is a :class:`ConfigurationError` that says
+    what to install."""
+    from inference.ort import INT8_KEEP_PIXELS, OnnxRuntimeRunner
+    from inference.quantize import QuantizationError, forget, int8_graph
+
+    try:
+        data, origin = int8_graph(weights, cache=cache)
+    except QuantizationError as exc:
+        raise ConfigurationError(f"TOONSERVE_DTYPE=int8: {exc}") from exc
+    try:
+        return OnnxRuntimeRunner(data, dtype=torch.int8, keep_pixels=INT8_KEEP_PIXELS)
+    except Exception:
+        if not origin.startswith("cached"):
+            raise
+        log.warning("the %s int8 graph does not load; quantizing it again", origin, exc_info=True)
+        forget(weights)
+        data = int8_graph(weights, cache=cache)[0]
+        return OnnxRuntimeRunner(data, dtype=torch.int8, keep_pixels=INT8_KEEP_PIXELS)
 
 
 def measure_image(side: int = MEASURE_SIDE) -> Tensor:
@@ -416,7 +458,7 @@ def _measure(
         why = unavailable(name, device, dtype)
         if why is None:
             try:
-                candidates.append(_build(name, weights, device, dtype, cache))
+                candidates.append(build(name, weights, device, dtype, cache))
             except Exception as exc:  # an export or a session that fails: not a candidate
                 why = f"failed: {type(exc).__name__}: {_first_line(exc)}"
                 if not isinstance(exc, ToonserveError):
@@ -425,10 +467,10 @@ def _measure(
             excluded[name] = why
     reference = next((c for c in candidates if c.name == "eager" and dtype == torch.float32), None)
     if reference is None:
-        reference = _build("eager", weights, device, torch.float32, cache)
+        reference = build("eager", weights, device, torch.float32, cache)
     chosen, decision = choose(candidates, reference, dtype, excluded=excluded)
     if "onnxruntime" in decision.excluded and "onnxruntime" in decision.accuracy and cache:
-        _forget_graphs(weights)  # a cached graph that fails its check is exported again next time
+        _forget_graphs(weights, dtype)  # a cached graph that fails its check is exported again next time
     return chosen, decision
 
 
@@ -445,14 +487,14 @@ def _reuse(
     not seen yet) meets the bound on them; None to measure in full."""
     name = known.decision.backend
     try:
-        chosen = _build(name, weights, device, dtype, cache)
+        chosen = build(name, weights, device, dtype, cache)
     except Exception:  # gone since (a file removed, an extra uninstalled): measure again
         log.warning("backend %s no longer builds; measuring again", name, exc_info=True)
         return None
     decision = known.by_version.get(version)
     if decision is None:
         exact = name == "eager" and dtype == torch.float32  # the reference itself
-        reference = chosen if exact else _build("eager", weights, device, torch.float32, cache)
+        reference = chosen if exact else build("eager", weights, device, torch.float32, cache)
         accuracy = _check(chosen, reference)
         why = accuracy.failure(dtype)
         if why is not None:
@@ -486,7 +528,7 @@ def _explicit(
     """The backend named by the setting. torch's two are the reference implementation and run as
     they are; ONNX Runtime's graph is derived (and maybe cached), so it is checked first."""
     try:
-        chosen = _build(setting, weights, device, dtype, cache)
+        chosen = build(setting, weights, device, dtype, cache)
     except ToonserveError:
         raise
     except Exception as exc:
@@ -496,11 +538,15 @@ def _explicit(
     reason = "set by TOONSERVE_BACKEND"
     if setting != "onnxruntime":
         return StyleRunners(chosen.head, chosen.bg, BackendDecision(setting, reason))
-    accuracy = _check(chosen, _build("eager", weights, device, torch.float32, cache))
+    accuracy = _check(chosen, build("eager", weights, device, torch.float32, cache))
     why = accuracy.failure(dtype)
     if why is not None:
         if cache:
-            _forget_graphs(weights)
+            _forget_graphs(weights, dtype)
+        if dtype == torch.int8:
+            raise ConfigurationError(
+                f"TOONSERVE_DTYPE=int8: the quantized graph is {why}; bfloat16 or float32 serve these weights"
+            )
         raise ConfigurationError(f"TOONSERVE_BACKEND=onnxruntime: the ONNX graph is {why}")
     size = (MEASURE_SIDE, MEASURE_SIDE)
     decision = _with_cost(BackendDecision(setting, reason, accuracy={setting: accuracy}, size=size), start)
@@ -512,8 +558,10 @@ def _with_cost(decision: BackendDecision, start: float) -> BackendDecision:
     return replace(decision, cost_ms=round((time.perf_counter() - start) * 1000, 1))
 
 
-def _forget_graphs(weights: StyleWeights) -> None:
-    from inference.ort import forget
+def _forget_graphs(weights: StyleWeights, dtype: torch.dtype) -> None:
+    """Remove the cached graphs ONNX Runtime ran in ``dtype`` (made again at the next start)."""
+    from inference import ort, quantize
 
+    forget = quantize.forget if dtype == torch.int8 else ort.forget
     for path in (weights.head, weights.bg):
         forget(path)

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inference.backends import BackendDecision, BackendSetting, Runner, build_runners
+from inference.backends import (
+    INT8_MAX_MEAN,
+    WIN_MARGIN,
+    BackendDecision,
+    BackendSetting,
+    Runner,
+    build_runners,
+)
 from inference.errors import ConfigurationError, ToonserveError
 from inference.styles import get_style
 from inference.weights import StyleWeights, local_fingerprint, resolve, weights_version
@@ -82,18 +89,36 @@ def parse_device(spec: str) -> torch.device:
     return device
 
 
-DtypeName = Literal["float32", "bfloat16", "float16"]
+DtypeName = Literal["float32", "bfloat16", "float16", "int8"]
 #: Generator precisions by name: float32 is exact to the official graphs; the others are faster.
+#: ``int8`` is the U-Net in 8-bit integers, statically quantized (:mod:`inference.quantize`), run by
+#: ONNX Runtime; the other three are torch dtypes of the convolutions (:mod:`inference.dctnet`).
 DTYPES: Final[dict[DtypeName, torch.dtype]] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,
 }
 
 
 #: The dtype setting: a precision by name, or ``auto`` (:func:`choose_dtype`).
-DtypeSetting = Literal["auto", "float32", "bfloat16", "float16"]
+DtypeSetting = Literal["auto", DtypeName]
 DEFAULT_DTYPE: Final[DtypeSetting] = "auto"
+#: What each value of the setting means, for the settings' description (and so the README's table
+#: and ``toonserve --help``): one place says it.
+DTYPE_MEANINGS: Final[dict[DtypeSetting, str]] = {
+    "auto": "the fastest accurate one on this device (never int8 unless measured under one level "
+    "on average and faster)",
+    "float32": "exact to the official model",
+    "bfloat16": "CPUs with bfloat16 hardware and GPUs, within about a level",
+    "float16": "GPUs with tensor cores, within about a level",
+    "int8": "8-bit integers on ONNX Runtime, opt in, CPU only, needs the onnxruntime extra (docs/int8.md)",
+}
+
+
+def describe_dtypes() -> str:
+    """The dtype setting's choices and what each means, in one sentence (the settings' description)."""
+    return "; ".join(f"{name}: {meaning}" for name, meaning in DTYPE_MEANINGS.items()) + "."
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -126,12 +151,86 @@ def native_bf16_cpu() -> bool:
         return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
 
 
-def choose_dtype(setting: str, device: torch.device, backend: str = "auto") -> DtypeChoice:
+def int8_cpu() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), on
+    which ONNX Runtime's int8 convolutions are fast; elsewhere they run on slower instruction pairs."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(caps.get("avx512_vnni") or caps.get("avx_vnni") or caps.get("amx_int8"))
+
+
+@dataclass(frozen=True)
+class Int8Evidence:
+    """What ``auto`` must know before it may pick int8: on these weights and this machine, its mean
+    deviation from float32 (levels 0–255, over both networks) and its pass against the pass of the
+    precision ``auto`` picks otherwise, on the same image (:func:`inference.quantize.measure`)."""
+
+    mean_levels: float
+    int8_ms: float
+    other_ms: float
+    #: What was measured, for the reason (photos, sizes).
+    measured_on: str = ""
+
+
+def choose_dtype(
+    setting: str, device: torch.device, backend: str = "auto", int8: Int8Evidence | None = None
+) -> DtypeChoice:
     """The precision for ``setting`` on ``device``: the one named, or for ``auto`` the fastest one
     that is accurate there (measurements in docs/model.md §2.4 and the README's Performance), float32
-    when ``backend`` is ``onnxruntime`` (the only precision toonserve runs it in)."""
+    when ``backend`` is ``onnxruntime`` (the only float precision toonserve runs it in).
+
+    int8 is opt in: ``auto`` picks it only given ``int8`` evidence with a mean deviation under
+    :data:`~inference.backends.INT8_MAX_MEAN` level and a pass faster than the other choice's by
+    :data:`~inference.backends.WIN_MARGIN`, on a CPU, where ONNX Runtime can run it (docs/int8.md).
+    """
+    if setting == "int8":
+        dtype = parse_dtype(setting)
+        if device.type != "cpu":
+            raise ConfigurationError(
+                f"TOONSERVE_DTYPE=int8 runs on the CPU only (ONNX Runtime's CPU provider), not on {device}"
+            )
+        why = "8-bit integers on ONNX Runtime's quantized graph, docs/int8.md"
+        if not int8_cpu():
+            why += "; this CPU has no VNNI or AMX-INT8, where int8 may be no faster than float32"
+        return DtypeChoice(dtype, f"set by TOONSERVE_DTYPE ({why})")
+    choice = _choose_float(setting, device, backend)
+    if setting != "auto" or int8 is None or device.type != "cpu" or backend not in ("auto", "onnxruntime"):
+        return choice
+    return _with_int8(choice, int8)
+
+
+def _with_int8(choice: DtypeChoice, int8: Int8Evidence) -> DtypeChoice:
+    """``auto``'s choice once int8 has been measured: int8 only under one level and faster."""
+    where = f" on {int8.measured_on}" if int8.measured_on else ""
+    if int8.mean_levels >= INT8_MAX_MEAN:
+        return DtypeChoice(
+            choice.dtype,
+            f"{choice.reason}; int8 not picked: mean deviation {int8.mean_levels:.2f} level{where}, "
+            f"not under {INT8_MAX_MEAN:g}",
+        )
+    gain = 1 - int8.int8_ms / int8.other_ms if int8.other_ms > 0 else 0.0
+    if gain < WIN_MARGIN:
+        return DtypeChoice(
+            choice.dtype,
+            f"{choice.reason}; int8 not picked: {int8.int8_ms:.0f} ms against {int8.other_ms:.0f} ms for "
+            f"{choice.name}, not {WIN_MARGIN:.0%} faster",
+        )
+    return DtypeChoice(
+        torch.int8,
+        f"auto: int8 measured within {int8.mean_levels:.2f} level of float32 on average{where} and "
+        f"{gain:.0%} faster than {choice.name} ({int8.int8_ms:.0f} against {int8.other_ms:.0f} ms)",
+    )
+
+
+def _choose_float(setting: str, device: torch.device, backend: str) -> DtypeChoice:
     if setting == "auto" and backend == "onnxruntime":
-        return DtypeChoice(torch.float32, "auto: TOONSERVE_BACKEND=onnxruntime runs float32 only (exact)")
+        return DtypeChoice(
+            torch.float32,
+            "auto: TOONSERVE_BACKEND=onnxruntime runs float32 only (exact), unless TOONSERVE_DTYPE=int8 asks "
+            "for its quantized graph",
+        )
     if setting != "auto":
         dtype = parse_dtype(setting)
         why = "exact to the official graphs" if dtype == torch.float32 else "faster, within about a level"
