@@ -175,11 +175,16 @@ def _probe_clip(stream: BinaryIO, jobs: JobsState) -> VideoInfo:
     """The clip's header checked (:func:`serving.video.probe_video`, which reads files): the upload is
     copied to a temporary file first (the system's temporary directory); blocking."""
     assert jobs.runner.clips is not None
-    with tempfile.NamedTemporaryFile(prefix="toonserve-probe-", suffix=".tmp") as copy:
-        shutil.copyfileobj(stream, copy, _CHUNK)
-        copy.flush()
-        stream.seek(0)
-        return probe_video(FilePath(copy.name), jobs.runner.clips.limits)
+    try:
+        with tempfile.NamedTemporaryFile(prefix="toonserve-probe-", suffix=".tmp") as copy:
+            shutil.copyfileobj(stream, copy, _CHUNK)
+            copy.flush()
+            stream.seek(0)
+            return probe_video(FilePath(copy.name), jobs.runner.clips.limits)
+    except OSError as exc:  # the temporary directory full or failing: the server's, not the clip's
+        raise APIError(
+            "insufficient_storage", f"the clip cannot be looked at: no room for a copy of it ({exc.strerror})"
+        ) from exc
 
 
 async def _accept_video(upload: UploadFile, params: ResolvedOptions, jobs: JobsState) -> list[Upload]:
@@ -723,6 +728,9 @@ async def delete_job(
         return Response(status_code=204)
     cancelled = await asyncio.to_thread(jobs.store.cancel, job_id, jobs.ttl_s)
     jobs.runner.cancel_running(job_id)
+    if cancelled is not None and cancelled.kind == "video" and cancelled.settled:
+        # No chunk running to let the clip go when it stops: it goes now.
+        await asyncio.to_thread(jobs.store.drop_clip, cancelled)
     jobs.runner.changed(cancelled, job_id)
     if cancelled is None:
         raise JobNotFoundError(f"no job {job_id}: deleted meanwhile")

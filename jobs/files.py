@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import BinaryIO
 
 from jobs.errors import JobStoreError
 from jobs.model import VIDEO_SUFFIX
-from serving.video import join_segments
+from serving.video import VideoError, join_segments
 
 _CHUNK = 1 << 20
 
@@ -111,6 +112,8 @@ class JobFiles:
             raise JobStoreError(f"the job data directory {data_dir} cannot be used: {exc}") from exc
         #: Temporary files found by :meth:`sweep` and left (too recent to be a dead process's).
         self._strays: list[Path] = []
+        #: The clips being joined in this process, by job.
+        self._joining: dict[str, threading.Lock] = {}
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -185,28 +188,54 @@ class JobFiles:
     def join_clip(self, job_id: str, chunks: int) -> Path:
         """:meth:`JobStore.join_clip` on the files: the chunks' results (``out/NNNN.mp4``) joined with
         the audio of the clip (``in/0000``) into :meth:`clip_path`, durably; then the clip's links
-        and the chunks' results are removed. Two joins at once (replicas) write the same file."""
-        final = self.clip_path(job_id)
-        if final.exists():
-            return final
+        and the chunks' results are removed. One join at a time in this process (a player's several
+        Range requests wait for the first); two replicas joining at once write the same file. Audio
+        that cannot be read (damaged while the video is not) is left out, with a warning, rather than
+        costing the clip."""
+        with self._joining.setdefault(job_id, threading.Lock()):
+            final = self.clip_path(job_id)
+            if not final.exists():
+                self._join(job_id, chunks, final)
+            self._drop_chunks(job_id, chunks)  # also after a crash between the rename and this
+        self._joining.pop(job_id, None)
+        return final
+
+    def _join(self, job_id: str, chunks: int, final: Path) -> None:
         chunks_out = [self.result_path(job_id, i, VIDEO_SUFFIX) for i in range(chunks)]
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         try:
-            join_segments(chunks_out, tmp, self.input_path(job_id, 0))
+            try:
+                join_segments(chunks_out, tmp, self.input_path(job_id, 0))
+            except VideoError as exc:  # the clip's audio, not our chunks: join them without it
+                log.warning("jobs: the clip of job %s is joined without its audio: %s", job_id, exc)
+                tmp.unlink(missing_ok=True)
+                join_segments(chunks_out, tmp, None)
             with tmp.open("rb") as done:
                 os.fsync(done.fileno())
             tmp.replace(final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             if final.exists():  # another replica joined it meanwhile (and removed the chunks)
-                return final
+                return
             raise
         fsync_dir(final.parent)
+
+    def _drop_chunks(self, job_id: str, chunks: int) -> None:
         for index in range(chunks):
             self.input_path(job_id, index).unlink(missing_ok=True)
             self.result_path(job_id, index, VIDEO_SUFFIX).unlink(missing_ok=True)
-        fsync_dir(final.parent)
-        return final
+        remove_tree(self.job_dir(job_id) / "work")
+        out = self.job_dir(job_id) / "out"
+        if out.exists():
+            fsync_dir(out)
+
+    def drop_clip(self, job_id: str, chunks: int) -> None:
+        """A video job that ended without its clip (cancelled, failed, a chunk in error): the clip's
+        links and the chunks' work folders go now (they count nowhere once the chunks have ended);
+        the chunks' results stay, counted, until the job expires."""
+        for index in range(chunks):
+            self.drop_input(job_id, index)
+        remove_tree(self.job_dir(job_id) / "work")
 
     def drop_input(self, job_id: str, index: int, *, keep_input: bool = False) -> None:
         """An item's photo (or clip, unless ``keep_input``), and its work folder, once its item has

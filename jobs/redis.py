@@ -358,6 +358,9 @@ class RedisJobStore:
     def join_clip(self, job: Job) -> Path:
         return self.files.join_clip(job.id, len(job.items))
 
+    def drop_clip(self, job: Job) -> None:
+        self.files.drop_clip(job.id, len(job.items))
+
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         now = time.time()
         if not self._run("CANCEL", job_id, repr(now), repr(now + ttl_s)):

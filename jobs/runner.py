@@ -95,10 +95,13 @@ class _ClipGuard:
             ticket.cancel()
 
     async def watch(self, watching: Awaitable[None]) -> None:
-        """Run the clip's watch; a lost lease is handed to the frames."""
+        """Run the clip's watch; what ends it (a lost lease, or a failure of its own, which would
+        leave the lease unrenewed) is handed to the frames."""
         try:
             await watching
-        except _LeaseLost as exc:
+        except Exception as exc:
+            if not isinstance(exc, _LeaseLost):
+                log.error("jobs: the watch of a clip failed; the clip stops: %r", exc)
             if not self._failure.done():
                 self._failure.set_exception(exc)
 
@@ -413,6 +416,7 @@ class JobRunner:
             client = Client(claim.client, claim.client)
             if claim.frames is not None:
                 job = await self._run_clip(claim, params, client)
+                await self._settle_clip(job)
                 self.changed(job, claim.job_id)
                 return
             data = await asyncio.to_thread(claim.input_path.read_bytes)
@@ -443,12 +447,23 @@ class JobRunner:
             job = await self._finish(claim, "error", error=error)
             self._on_item("error")
         except OSError as exc:
+            what = "clip" if claim.frames is not None else "photo"
             job = await self._finish(
                 claim,
                 "error",
-                error={"code": "internal_error", "message": f"the job's photo cannot be read: {exc}"},
+                error={"code": "internal_error", "message": f"the job's {what} cannot be read: {exc}"},
             )
             self._on_item("error")
+        except Exception as exc:
+            if claim.frames is None:
+                raise  # a photo's item stays claimed and runs again (the store's lease or a restart)
+            # A chunk that fails this way would fail the same way every time it is taken again.
+            log.exception("jobs: frames of the clip of job %s failed", claim.job_id)
+            message = f"the clip's frames {claim.first_frame}… could not be cartoonized: {type(exc).__name__}"
+            job = await self._finish(claim, "error", error={"code": "internal_error", "message": message})
+            self._on_item("error")
+        if claim.frames is not None:
+            await self._settle_clip(job)
         else:
             job = await self._finish(
                 claim,
@@ -509,12 +524,20 @@ class JobRunner:
         )
         ended = job.items[claim.index].status if job is not None else "ok"
         self._on_item("error" if ended == "error" else "ok")
-        if job is not None and job.settled and all(item.status == "ok" for item in job.items):
-            try:
-                await asyncio.to_thread(self.store.join_clip, job)
-            except (ToonserveError, OSError) as exc:  # GET /jobs/{id}/result tries again
-                log.error("jobs: the clip of job %s could not be joined: %s", claim.job_id, exc)
         return job
+
+    async def _settle_clip(self, job: Job | None) -> None:
+        """After a video item ended: once its job has settled, the chunks joined into its clip (every
+        chunk ok), or the clip's file and work folders removed (it ended without one)."""
+        if job is None or not job.settled:
+            return
+        try:
+            if all(item.status == "ok" for item in job.items):
+                await asyncio.to_thread(self.store.join_clip, job)
+            else:
+                await asyncio.to_thread(self.store.drop_clip, job)
+        except (ToonserveError, OSError) as exc:  # GET /jobs/{id}/result tries the join again
+            log.error("jobs: the clip of job %s could not be joined or let go: %s", job.id, exc)
 
     async def _finish(self, claim: Claim, status: ItemStatus, **fields: Any) -> Job | None:
         """``store.finish``, tried again a few times while the store cannot be used (the outcome is

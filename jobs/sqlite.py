@@ -400,6 +400,9 @@ class SQLiteJobStore:
     def join_clip(self, job: Job) -> Path:
         return self.files.join_clip(job.id, len(job.items))
 
+    def drop_clip(self, job: Job) -> None:
+        self.files.drop_clip(job.id, len(job.items))
+
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:
         with self._tx() as db:
             job = self._load(db, job_id)

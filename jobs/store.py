@@ -162,6 +162,11 @@ class JobStore(Protocol):
         Raises :class:`~serving.video.VideoEncodeError`."""
         ...
 
+    def drop_clip(self, job: Job) -> None:
+        """A video job that has ended without its clip (cancelled, failed, a chunk in error): the
+        clip's file and the chunks' work folders are removed."""
+        ...
+
     def work_dir(self, job_id: str, index: int) -> Path:
         """Where a video item keeps its finished segments while it runs (a run that was stopped
         resumes from them; shared by replicas with the data directory)."""

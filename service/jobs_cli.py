@@ -87,7 +87,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             unit = "frames of a clip" if video else "photos"
             print(f"job {job['id']}: {job['total']} {unit}", file=sys.stderr)
             job = _follow(client, job)
-            if job["status"] != "succeeded" and video:
+            if video and (job["status"] != "succeeded" or job["failed"]):
                 return _video_failed(job)
             output = Path(args.output or f"toonserve-{job['id']}.{'mp4' if video else 'zip'}")
             with client.stream("GET", f"/jobs/{job['id']}/result") as zipped:
@@ -112,7 +112,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _video_failed(job: dict[str, Any]) -> int:
-    item = job["items"][0]
+    # The items are chunks of the clip: the first that did not end ok says why.
+    item = next((i for i in job["items"] if i["status"] != "ok"), job["items"][0])
     why = item["error"]["message"] if item["error"] else job["error"] or item["status"]
     print(f"{job['status']}: the clip was not cartoonized: {why}", file=sys.stderr)
     return 1

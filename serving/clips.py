@@ -28,6 +28,7 @@ had run in one go (the steadier's memory of the frames before fades as 0.7 a fra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import shutil
@@ -362,5 +363,7 @@ class ClipFlow:
         finally:
             close = getattr(frames, "close", None)
             if close is not None:
-                close()
+                # Cancelled while a codec thread is inside the generator: it is left to be collected.
+                with contextlib.suppress(ValueError):
+                    close()
         return written

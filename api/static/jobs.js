@@ -78,27 +78,6 @@ async function* serverEvents(body) {
 // connection is the whole job, so a reconnection misses nothing. While there is no stream (it broke
 // off: `on.lost(false)`; the service holds no more: `on.lost(true)`), the job is read every second,
 // and `on.job` or `on.end` told, before the stream is asked for again.
-// The handlers of watchJob that both sides share: the job gone (forgotten, its panel hidden, said
-// unless it was only found again after a reload), an error, and a lost stream (said while the page
-// polls). `what` names the job in the messages ("this batch", "this one").
-export function commonHandlers(side, store, panel, resumed, what) {
-  return {
-    gone: (err) => {
-      localStorage.removeItem(store);
-      $(panel).hidden = true;
-      if (!resumed) fail(side, err.message);
-    },
-    error: (err) => fail(side, err.message),
-    lost: (refused) =>
-      say(
-        side,
-        refused
-          ? `The service follows too many jobs at once right now; checking ${what} every second meanwhile…`
-          : "The connection was lost; reconnecting…",
-      ),
-  };
-}
-
 export async function watchJob(id, signal, on) {
   for (;;) {
     let refused = false;
@@ -134,4 +113,25 @@ export async function watchJob(id, signal, on) {
       }
     } while (Date.now() < until);
   }
+}
+
+// The handlers of watchJob (above) that both sides share: the job gone (forgotten, its panel hidden, said
+// unless it was only found again after a reload), an error, and a lost stream (said while the page
+// polls). `what` names the job in the messages ("this batch", "this one").
+export function commonHandlers(side, store, panel, resumed, what) {
+  return {
+    gone: (err) => {
+      localStorage.removeItem(store);
+      $(panel).hidden = true;
+      if (!resumed) fail(side, err.message);
+    },
+    error: (err) => fail(side, err.message),
+    lost: (refused) =>
+      say(
+        side,
+        refused
+          ? `The service follows too many jobs at once right now; checking ${what} every second meanwhile…`
+          : "The connection was lost; reconnecting…",
+      ),
+  };
 }

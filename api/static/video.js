@@ -162,13 +162,14 @@ async function ended(job) {
     return;
   }
   showFrames(job);
-  const item = job.items[0];
-  if (job.status === "failed" || item.status === "error") {
+  // The job's items are chunks of the clip: every one must be done for the clip to be.
+  const failed = job.items.find((item) => item.status === "error");
+  if (job.status === "failed" || failed) {
     say("video", "");
-    fail("video", job.error ?? item.error?.message ?? `${item.filename} could not be cartoonized.`);
+    fail("video", job.error ?? failed?.error?.message ?? `${job.items[0].filename} could not be cartoonized.`);
     return;
   }
-  if (job.status === "cancelled" || item.status !== "ok") {
+  if (job.status === "cancelled" || job.items.some((item) => item.status !== "ok")) {
     say("video", `Cancelled after ${job.done} of ${plural(job.total, "frame")}.`);
     return;
   }
@@ -203,5 +204,8 @@ export function toonNotPlayable() {
 }
 
 export function cancelVideo() {
-  if (clip) return cancelJob(clip.id, "video");
+  if (!clip) return;
+  // Once: a second DELETE while a chunk is stopping would delete the (already cancelled) job.
+  $("video-cancel").hidden = true;
+  return cancelJob(clip.id, "video");
 }

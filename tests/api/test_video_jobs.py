@@ -170,6 +170,11 @@ def test_a_cancelled_video_job_stops_and_keeps_no_result(video_client: TestClien
     assert ended["done"] < 100
     r = video_client.get(f"/jobs/{job['id']}/result")
     assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
+    # The clip (one file, linked by every chunk) and the work folders went with the job's end: what
+    # is left (the chunks done) counts in the storage as their results.
+    data = Path(video_client.app.state.toonserve.jobs.store.data_dir)  # type: ignore[attr-defined]
+    folder = data / "jobs" / job["id"]
+    assert not [p for p in (folder / "in").glob("*")] and not (folder / "work").exists()
 
 
 def test_metrics_count_the_frames_written(video_client: TestClient, clip: Path) -> None:
