@@ -97,6 +97,7 @@ class JobItemOut(BaseModel):
     timings_ms: dict[str, float] | None = Field(description="milliseconds per stage (status ok)")
     result_url: str | None = Field(description="where its result is (status ok)")
     frames: int | None = Field(None, description="a video item's frames (null: a photo)")
+    first_frame: int | None = Field(None, description="a video item's first frame in the clip, from 0")
     frames_done: int = Field(0, description="a video item's frames written so far")
 
 

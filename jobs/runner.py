@@ -40,6 +40,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final
 
 from inference.errors import ConfigurationError, StyleUnavailableError, ToonserveError
@@ -52,7 +53,7 @@ from jobs.webhooks import WebhookSender
 from serving import tracing
 from serving.clips import ClipFlow, ClipReport
 from serving.engine import Engine
-from serving.flow import Flow
+from serving.flow import Flow, Outcome
 from serving.log_context import task_context, trace_var
 from serving.options import ResolvedOptions
 from serving.retry import backoff_s
@@ -415,19 +416,17 @@ class JobRunner:
             # The job's client takes its turn with other clients' work (codec threads, background lines).
             client = Client(claim.client, claim.client)
             if claim.frames is not None:
-                job = await self._run_clip(claim, params, client)
-                await self._settle_clip(job)
-                self.changed(job, claim.job_id)
-                return
-            data = await asyncio.to_thread(claim.input_path.read_bytes)
-            outcome = await self.flow.run(
-                data,
-                params,
-                math.inf,
-                client,
-                background=True,
-                watch=lambda ticket: self._watch(claim, ticket),
-            )
+                clip = await self._run_clip(claim, params, client)
+            else:
+                data = await asyncio.to_thread(claim.input_path.read_bytes)
+                outcome = await self.flow.run(
+                    data,
+                    params,
+                    math.inf,
+                    client,
+                    background=True,
+                    watch=lambda ticket: self._watch(claim, ticket),
+                )
         except _LeaseLost:
             # Another runner holds it now and records it; this one's work is dropped unrecorded.
             log.warning(
@@ -444,42 +443,59 @@ class JobRunner:
             raise  # shutting down: stop() hands the item back
         except ToonserveError as exc:
             error = {"code": self._error_code(exc), "message": str(exc)}
-            job = await self._finish(claim, "error", error=error)
-            self._on_item("error")
+            job = await self._failed(claim, error)
         except OSError as exc:
             what = "clip" if claim.frames is not None else "photo"
-            job = await self._finish(
-                claim,
-                "error",
-                error={"code": "internal_error", "message": f"the job's {what} cannot be read: {exc}"},
-            )
-            self._on_item("error")
+            error = {"code": "internal_error", "message": f"the job's {what} cannot be read: {exc}"}
+            job = await self._failed(claim, error)
         except Exception as exc:
             if claim.frames is None:
                 raise  # a photo's item stays claimed and runs again (the store's lease or a restart)
             # A chunk that fails this way would fail the same way every time it is taken again.
             log.exception("jobs: frames of the clip of job %s failed", claim.job_id)
-            message = f"the clip's frames {claim.first_frame}… could not be cartoonized: {type(exc).__name__}"
-            job = await self._finish(claim, "error", error={"code": "internal_error", "message": message})
-            self._on_item("error")
+            message = f"its frames could not be cartoonized ({type(exc).__name__})"
+            job = await self._failed(claim, {"code": "internal_error", "message": message})
+        else:
+            # Recorded out of the try above: a store that cannot record it now leaves the item
+            # claimed, to run again (a chunk resumes from its segments), not in error.
+            if claim.frames is not None:
+                job = await self._finish_clip(claim, *clip)
+            else:
+                job = await self._finish_photo(claim, outcome)
         if claim.frames is not None:
             await self._settle_clip(job)
-        else:
-            job = await self._finish(
-                claim,
-                "ok",
-                result=outcome.data,
-                faces_stylized=outcome.result.faces_stylized,
-                timings_ms=outcome.timings_ms,
-            )
-            # "error" when its result could not be written (a full or failing disk).
-            ended = job.items[claim.index].status if job is not None else "ok"
-            self._on_item("error" if ended == "error" else "ok")
         self.changed(job, claim.job_id)
 
-    async def _run_clip(self, claim: Claim, params: ResolvedOptions, client: Client) -> Job | None:
+    async def _failed(self, claim: Claim, error: dict[str, str]) -> Job | None:
+        """An item that failed: in error; a chunk of a clip fails its job (no clip can be made of
+        the others), which ends the other chunks and stops those running here."""
+        self._on_item("error")
+        if claim.frames is None:
+            return await self._finish(claim, "error", error=error)
+        last = claim.first_frame + claim.frames - 1
+        message = f"frames {claim.first_frame}–{last} of the clip: {error['code']}: {error['message']}"
+        job = await asyncio.to_thread(self.store.fail, claim.job_id, message, self.ttl_s)
+        self.cancel_running(claim.job_id)
+        return job
+
+    async def _finish_photo(self, claim: Claim, outcome: Outcome) -> Job | None:
+        job = await self._finish(
+            claim,
+            "ok",
+            result=outcome.data,
+            faces_stylized=outcome.result.faces_stylized,
+            timings_ms=outcome.timings_ms,
+        )
+        # "error" when its result could not be written (a full or failing disk).
+        ended = job.items[claim.index].status if job is not None else "ok"
+        self._on_item("error" if ended == "error" else "ok")
+        return job
+
+    async def _run_clip(
+        self, claim: Claim, params: ResolvedOptions, client: Client
+    ) -> tuple[Path, ClipReport]:
         """A video item through :attr:`clips`, resuming from the segments in its work folder; its
-        frame count recorded as it goes; the job once the item is recorded. Raises what
+        frame count recorded as it goes; its frames' file and the report. Raises what
         :meth:`_run_item` handles (a refused clip, a cancel, a lost lease)."""
         if self.clips is None:
             raise ConfigurationError("this server was started without video jobs (no ClipFlow)")
@@ -518,6 +534,9 @@ class JobRunner:
             resumed,
             report.frames_per_s,
         )
+        return target, report
+
+    async def _finish_clip(self, claim: Claim, target: Path, report: ClipReport) -> Job | None:
         timings = {**report.timings_ms, "frames_per_s": round(report.frames_per_s, 2)}
         job = await self._finish(
             claim, "ok", result=target, faces_stylized=report.faces_max, timings_ms=timings
@@ -570,8 +589,8 @@ class JobRunner:
                     # Cannot check now (Redis away): keep working; the next poll checks again.
                     log.debug("jobs: cannot check item %d of job %s: %s", claim.index, claim.job_id, exc)
                     continue
-                if gone:
-                    ticket.cancel()
+                if gone or (job is not None and job.status == "failed"):
+                    ticket.cancel()  # a failed job's running items stop too
                     return
                 if not held:
                     raise _LeaseLost

@@ -162,11 +162,13 @@ def test_a_cancelled_video_job_stops_and_keeps_no_result(video_client: TestClien
     assert cancelled.status_code == 200
     ended = _wait(video_client, job["id"])
     deadline = time.monotonic() + 60
-    while ended["items"][0]["status"] == "running":
+    while any(item["status"] == "running" for item in ended["items"]):
         assert time.monotonic() < deadline
         time.sleep(0.1)
         ended = video_client.get(f"/jobs/{job['id']}").json()
-    assert ended["status"] == "cancelled" and ended["items"][0]["status"] == "cancelled"
+    # Chunks run apart: those done stay ok, the others (running or queued) are cancelled.
+    statuses = [item["status"] for item in ended["items"]]
+    assert ended["status"] == "cancelled" and "cancelled" in statuses and "running" not in statuses, statuses
     assert ended["done"] < 100
     r = video_client.get(f"/jobs/{job['id']}/result")
     assert r.status_code == 409 and r.json()["error"]["code"] == "result_not_ready"
