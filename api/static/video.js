@@ -185,6 +185,7 @@ async function ended(job) {
     return;
   }
   if (clip?.id !== job.id) return; // another job replaced this one meanwhile
+  const item = job.items[0]; // every chunk names the clip
   const url = objectUrl("video:toon", blob);
   $("toon").src = url;
   const link = $("video-download");
