@@ -22,8 +22,14 @@ In one run, on this machine:
    too (the same upload from four clients at once would be shared while in flight).
 
 Also PNG encode time and size at every level for the result (the ``TOONSERVE_PNG_COMPRESSION``
-choice), ours (:mod:`serving.encoding`, libvips) beside Pillow's at the same zlib level. Prints a
-table, writes JSON.
+choice), ours (:mod:`serving.encoding`, libvips) beside Pillow's at the same zlib level; and the
+pieces of the request outside the generator passes that issue 20 part 6 changed, timed the previous
+way and the current way side by side in this process, calls alternating (:func:`pieces`): the
+upload decoded and brought to the processing size (Pillow's box filter then, OpenCV's area filter
+now), the result brought to the output size (Pillow's bilinear then, OpenCV's now), and the
+paste-back's sampling grid (``affine_grid`` over the whole crop's footprint then; the same values,
+computed point by point over the mask's footprint only, now), and the model's output rounded to
+uint8 RGB (torch's passes then, OpenCV's two now). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -43,18 +49,21 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from bench.report import write_report
 from devkit.photos import one_face_1024x768
 from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_model_dir
 from devkit.serve import LiveService, server_timing, service_env
-from inference.geometry import resize_rgb
+from inference import align
+from inference.geometry import resize_rgb, to_rgb_array
 from inference.models import choose_dtype
-from inference.pipeline import Options
+from inference.pipeline import Cartoonizer, Options, _rgb_hwc_uint8, _rgb_hwc_uint8_host, mask_support
 from service.factory import loaded_engine
 from service.settings import Settings
 from serving.encoding import MAX_PNG_COMPRESSION, MIN_PNG_COMPRESSION, PNG_WRITES, encode
+from serving.images import DEFAULT_MAX_PIXELS, decode
 
 #: write_fast_model_dir draws the background generator's weights from this seed (its default).
 BG_SEED = 2
@@ -97,6 +106,75 @@ def median_ms(fn: Any, n: int) -> float:
     return statistics.median(times)
 
 
+def paired_ms(before: Any, now: Any, n: int) -> tuple[float, float]:
+    """Medians of ``n`` calls of each, alternating (a shared machine's load falls on both alike)."""
+    before(), now()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(n):
+        for fn, out in ((before, times[0]), (now, times[1])):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def pieces(
+    rgb: np.ndarray, processing: np.ndarray, cartoon: np.ndarray, cartoonizer: Cartoonizer, n: int
+) -> dict[str, Any]:
+    """The changed pieces of a request outside the generator passes, the previous way and now, on
+    the bench's photo (``processing``: at the processing size; ``cartoon``: its result there): decode
+    to the processing size, the result to the output size, the paste-back's sampling grid for its
+    face and the cartoon rounded to uint8 (module docstring)."""
+    data = distinct_jpegs(rgb, 1)[0]
+    (h, w), (oh, ow) = cartoon.shape[:2], rgb.shape[:2]
+
+    def decoded() -> np.ndarray:
+        return to_rgb_array(decode(data, max_pixels=DEFAULT_MAX_PIXELS, needed=(2 * h, 2 * w)).pixels)
+
+    out: dict[str, Any] = {}
+    out["decode to the processing size"] = paired_ms(
+        lambda: np.array(Image.fromarray(decoded()).resize((w, h), Image.Resampling.BOX)),
+        lambda: np.ascontiguousarray(resize_rgb(decoded(), h, w)),
+        n,
+    )
+    out["result to the output size"] = paired_ms(
+        lambda: np.array(Image.fromarray(cartoon).resize((ow, oh), Image.Resampling.BILINEAR)),
+        lambda: np.ascontiguousarray(resize_rgb(cartoon, oh, ow)),
+        n,
+    )
+    face = cartoonizer.detector.detect(torch.from_numpy(processing).permute(2, 0, 1))[0]
+    _, inverse = align.crop_matrices(face.landmarks)
+    to_crop = align.invert_affine(inverse[None])[0]
+    whole = align.footprint_box(inverse, (h, w))
+    masked = align.footprint_box(inverse, (h, w), mask_support(cartoonizer.style.mask))
+
+    offset = np.array([[1.0, 0.0, whole.left], [0.0, 1.0, whole.top]])
+    theta = align._theta(
+        align._compose(to_crop, offset)[None],
+        (whole.height, whole.width),
+        (align.CROP_SIZE, align.CROP_SIZE),
+        torch.device("cpu"),
+    )
+    rows = slice(masked.top - whole.top, masked.bottom - whole.top)
+    cols = slice(masked.left - whole.left, masked.right - whole.left)
+    out["paste-back grid of the face"] = paired_ms(
+        lambda: F.affine_grid(theta, [1, 4, whole.height, whole.width], align_corners=False),
+        lambda: align._affine_grid(theta, (whole.height, whole.width), rows, cols),
+        n,
+    )
+    out["paste-back pixels"] = (whole.height * whole.width, masked.height * masked.width)
+    # The model's output (float32 BGR, channels last, as the background pass leaves it) to uint8 RGB.
+    # Both rounds start from a fresh copy (the stage rounds the model's output in place).
+    bgr = torch.from_numpy(np.ascontiguousarray(cartoon[:, :, ::-1]).astype(np.float32)).permute(2, 0, 1)
+    scratch = bgr.clone()
+    out["the cartoon to uint8 (strength)"] = paired_ms(
+        lambda: _rgb_hwc_uint8(scratch.copy_(bgr).round_().clamp_(0, 255)),
+        lambda: _rgb_hwc_uint8_host(scratch.copy_(bgr)),
+        n,
+    )
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=12)
@@ -127,6 +205,9 @@ def main() -> int:
     runs = [cartoonizer.run(processing, options) for _ in range(n)]
     stages = {s: statistics.median(r.timings_ms[s] for r in runs) for s in runs[0].timings_ms}
     result = runs[-1].image
+    later = cartoonizer.run(processing, Options(input_size=(768, 1024), min_face_size=settings.min_face_size,
+                                                resize_later=True))  # fmt: skip
+    before_now = pieces(rgb, processing, later.image, cartoonizer, 3 * n)
     engine.close()
     png: dict[int, dict[str, Any]] = {}
     sizes: dict[str, int] = {}
@@ -195,6 +276,10 @@ def main() -> int:
     print(f"concurrency 4: {concurrent:.2f} photos/s ({concurrent * sequential / 1000:.2f}x one at a time)")
     print("server timing (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in served.items()))
     print(f"outside the generator passes: {outside_ms:.1f} ms (median; target ≤ 65 ms)")
+    print("changed pieces, the previous way → now (median ms, calls alternating in this process):")
+    for label, (before, now) in before_now.items():
+        unit = "px" if label.endswith("pixels") else "ms"
+        print(f"  {label:40} {before:9.1f} → {now:9.1f} {unit}  ({now / before:.2f}x)")
     print("PNG of the result, ours (libvips: zlib level, row filter) against Pillow's zlib level:")
     for k, v in png.items():
         zlib_level, row_filter = v["written_as"]
@@ -205,7 +290,7 @@ def main() -> int:
     report = dict(environment=env_info, reference_ms=reference, bare_ms=bare, stages_ms=stages,
                   request_ms=sequential, latencies_ms=latencies, server_timing_ms=served,
                   outside_generators_ms=outside_ms,
-                  concurrency4_photos_per_s=concurrent, png=png)  # fmt: skip
+                  concurrency4_photos_per_s=concurrent, png=png, changed_pieces=before_now)  # fmt: skip
     write_report(args.json, report)
     return 0
 

@@ -1,6 +1,6 @@
 """Image sizes and the resizes between them, as upstream does them: the processing size a photo is
 brought to, the padding of the background pass, RGB arrays from any channel layout, and the resizes
-on the host (Pillow) and on the device (the same bytes).
+on the host (OpenCV) and on the device (the same bytes).
 """
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import math
 from typing import Final
 
 import numpy as np
-from PIL import Image
 from torch import Tensor
 
 from inference.constants import BACKGROUND_MULTIPLE
-from inference.device_image import resize_like_host, shrinks
+from inference.device_image import resize_array, resize_like_host
 from inference.errors import OptionsError
 
 
@@ -72,13 +71,12 @@ def processing_shape(height: int, width: int, size: int, max_pixels: int | None 
 
 
 def resize_rgb(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W, 3) uint8 → (height, width, 3): area filter when shrinking (cv2 INTER_AREA's averaging),
-    bilinear when enlarging."""
-    if rgb.shape[:2] == (height, width):
-        return rgb
-    shrink = shrinks((rgb.shape[0], rgb.shape[1]), height, width)
-    resample = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
-    return np.array(Image.fromarray(rgb).resize((width, height), resample))
+    """(H, W, 3) uint8 → (height, width, 3) uint8 with OpenCV's ``cv2.resize``, as upstream resizes:
+    the area filter (``INTER_AREA``: each output pixel the mean of the source area it covers) where
+    a side shrinks, bilinear (``INTER_LINEAR``) where a side grows; a side that shrinks while the
+    other grows is resized first, on its own (:func:`inference.device_image.resize_steps`). The
+    array itself when it has that size already."""
+    return resize_array(rgb, height, width)
 
 
 def upstream_pad16(height: int, width: int) -> tuple[int, int]:

@@ -22,7 +22,7 @@ checked from the header as for every upload. If nvJPEG fails anyway, the upload 
 
 On the device the picture is decoded at full size (nvJPEG has no reduced-scale decode, so the
 flow's 1/2–1/8 DCT-scaled decode does not apply), turned upright, and brought to the processing
-size with Pillow's arithmetic (:func:`inference.device_image.resize_like_host`); the pixels stay
+size with the host's arithmetic (OpenCV's, :func:`inference.device_image.resize_like_host`); the pixels stay
 on the device for the pipeline. They differ from the Pillow path's by the two decoders' IDCT and
 chroma upsampling, and by the reduced-scale decode the Pillow path may use: ``bench/gpu.sh``
 measures it.

@@ -8,12 +8,13 @@
 Sections, in this order, each timed and guarded (a failing section records its error in the JSON and
 the next one runs; a section that would overrun the time budget is skipped and says so):
 
-``env``        torch, CUDA, cuDNN, torchvision, triton, Pillow, the GPU codec's status, ``nvidia-smi``.
+``env``        torch, CUDA, cuDNN, torchvision, triton, Pillow, OpenCV, the GPU codec's status,
+               ``nvidia-smi``.
 ``exactness``  the generator on the device against CPU float32 (oneDNN) on real photo content, at
                720×960 and 288×288: share of identical bytes and largest difference in float32
                (and in float32 with TF32 allowed, what PyTorch does by default), mean and largest in
-               float16 and bfloat16; the device resizes and turns against Pillow; the whole pipeline
-               on the device in float32 against the CPU's, on a one-face photo.
+               float16 and bfloat16; the device resizes against OpenCV and turns against Pillow; the
+               whole pipeline on the device in float32 against the CPU's, on a one-face photo.
 ``generator``  passes/s at 720×960 and 288×288, batch 1, 8 and 32, float32/16, bfloat16; eager,
                channels-last, ``cudnn.benchmark``; peak memory.
 ``graphs``     the same with the whole generator captured as a CUDA graph per shape.
@@ -52,7 +53,7 @@ torchvision (``devkit/pillow_tvio.py``), a 128×96 clip of 6 frames for ``video`
 the skip (TensorRT builds for a GPU). Its figures only show the script works.
 
 Exit status: 0; 1 if a section failed, including a claim it checks that does not hold (float32 on
-the device within a level of the CPU's, the device's resizes and turns giving Pillow's bytes, every
-HTTP answer like the in-process run of the same upload, at least one request served); 3 if CUDA was
-wanted and is not there. The JSON says which, with tracebacks.
+the device within a level of the CPU's, the device's resizes giving OpenCV's bytes and turns
+Pillow's, every HTTP answer like the in-process run of the same upload, at least one request
+served); 3 if CUDA was wanted and is not there. The JSON says which, with tracebacks.
 """

@@ -6,6 +6,7 @@ import os
 import platform
 from typing import Any
 
+import cv2
 import PIL
 import torch
 
@@ -25,7 +26,8 @@ def section_env(ctx: Context, deadline: float) -> dict[str, Any]:
         cpus=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         pillow=PIL.__version__,
-        pillow_pass_order=device_image.pillow_pass_order(),
+        opencv=cv2.__version__,
+        opencv_agrees=device_image.opencv_agrees(),
         budget_s=ctx.plan.budget_s,
     )
     if ctx.device.type == "cuda":

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from devkit.photos import astronaut
@@ -30,6 +31,7 @@ from inference.align import (
     CROP_SIZE,
     REFERENCE_POINTS_112,
     AlignmentError,
+    Box,
     crop_matrices,
     footprint_box,
     invert_affine,
@@ -415,6 +417,71 @@ def test_paste_back_regions_equal_full_frame(
         assert patch.box.is_empty == (index == len(patches) - 1)
     # The boxes are tight: a face fully inside the frame needs a fraction of it.
     assert patches[0].box.height * patches[0].box.width < 0.25 * size[0] * size[1]
+
+
+def test_a_support_only_narrows_the_boxes_and_leaves_every_blend_as_it_was(
+    photo_matrices: tuple[np.ndarray, np.ndarray], head_crops: np.ndarray
+) -> None:
+    _, tfm_inv = photo_matrices
+    crops = torch.from_numpy(head_crops).permute(0, 3, 1, 2).contiguous()
+    crops[:, 3] /= 255.0
+    support = Box(top=20, left=40, bottom=270, right=250)
+    crops[:, 3, : support.top] = 0  # the mask is 0 outside the support, as the blend's
+    crops[:, 3, support.bottom :] = 0
+    crops[:, 3, :, : support.left] = 0
+    crops[:, 3, :, support.right :] = 0
+    size = (480, 512)
+    rng = np.random.default_rng(3)
+    blended = []
+    whole = paste_back_regions(crops, tfm_inv, size)
+    narrow = paste_back_regions(crops, tfm_inv, size, support)
+    for patches in (whole, narrow):
+        result = torch.from_numpy(rng.uniform(0, 255, (3, *size)).astype(np.float32))
+        rng = np.random.default_rng(3)  # the same starting image both times
+        for patch in patches:
+            region = result[(slice(None), *patch.box.slices)]
+            region.mul_(1.0 - patch.values[3:]).add_(patch.values[:3] * patch.values[3:])
+        blended.append(result)
+    for full, part in zip(whole, narrow, strict=True):
+        inner = part.box
+        assert full.box.top <= inner.top and inner.bottom <= full.box.bottom
+        assert full.box.left <= inner.left and inner.right <= full.box.right
+        assert inner.height * inner.width < full.box.height * full.box.width
+        rows = slice(inner.top - full.box.top, inner.bottom - full.box.top)
+        cols = slice(inner.left - full.box.left, inner.right - full.box.left)
+        assert torch.equal(full.values[:, rows, cols], part.values)  # the same samples, whatever the box
+    assert torch.equal(blended[0], blended[1])
+    assert footprint_box(tfm_inv[0], size, Box(0, 0, CROP_SIZE, CROP_SIZE)) == footprint_box(tfm_inv[0], size)
+    assert footprint_box(tfm_inv[0], size, Box(5, 5, 5, 9)).is_empty
+
+
+def test_the_pointwise_grid_is_affine_grids_to_the_bit() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n = int(rng.integers(1, 4))
+        height, width = (int(v) for v in rng.integers(1, 300, 2))
+        spread = float(rng.choice([0.1, 1.0, 10.0]))
+        theta = torch.from_numpy(rng.normal(0, spread, (n, 2, 3)).astype(np.float32))
+        expected = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+        assert torch.equal(align._affine_grid(theta, (height, width)), expected)
+        rows = slice(int(rng.integers(0, height)), height)
+        cols = slice(0, int(rng.integers(1, width + 1)))
+        assert torch.equal(align._affine_grid(theta, (height, width), rows, cols), expected[:, rows, cols])
+
+
+def test_crops_read_only_what_they_sample_and_give_the_whole_images_bytes(photo: np.ndarray) -> None:
+    """warp_crops converts only the pixels its crops read: the bytes of converting the whole image
+    (with affine_grid's grid), for faces inside, partly outside and wholly outside the photo."""
+    height, width = photo.shape[:2]
+    points = np.array([[-0.35, -0.3], [0.35, -0.3], [0.0, 0.05], [-0.25, 0.35], [0.25, 0.35]]) * 90
+    centres = [(width / 2, height / 2), (5.0, 30.0), (width - 2.0, height + 20.0), (-400.0, 100.0)]
+    tfm = np.stack([crop_matrices(points + centre)[0] for centre in centres])
+    for image in (_chw(photo), _chw(photo).float(), _chw(photo).contiguous()):
+        theta = align._theta(invert_affine(tfm), (CROP_SIZE, CROP_SIZE), (height, width), image.device)
+        grid = F.affine_grid(theta, [len(tfm), 3, CROP_SIZE, CROP_SIZE], align_corners=False)
+        whole = image.to(torch.float32, copy=True).sub_(255.0).unsqueeze(0).expand(len(tfm), -1, -1, -1)
+        expected = F.grid_sample(whole, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        assert torch.equal(warp_crops(image, tfm), expected.add_(255.0))
 
 
 def test_empty_batches(photo: np.ndarray) -> None:
