@@ -84,13 +84,14 @@ WORKDIR /src
 
 # Dependencies first, from pyproject.toml alone, so code changes reuse this (large) layer. torch comes
 # from the variant's index; the rest from PyPI, where the installed torch already satisfies the range.
+# With the int8 extra, so that TOONSERVE_DTYPE=auto can weigh int8 on CPUs with VNNI (docs/int8.md).
 COPY pyproject.toml ./
 RUN case "${VARIANT}" in \
         cpu) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
         cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" ;; \
         *) echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
     esac \
-    && python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' > /tmp/requirements.txt \
+    && python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print(*p["dependencies"], *p["optional-dependencies"]["int8"], sep="\n")' > /tmp/requirements.txt \
     && grep -E '^torch([<>=!~ ]|$)' /tmp/requirements.txt > /tmp/torch.txt \
     && pip install --no-cache-dir --index-url "${index}" -r /tmp/torch.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \

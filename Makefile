@@ -14,8 +14,9 @@ venv:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The int8 extra lets TOONSERVE_DTYPE=auto weigh int8 on CPUs with 8-bit dot products (docs/int8.md).
 serve: venv
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[int8]'
 	$(BIN)/toonserve serve
 
 lint:
@@ -54,7 +55,7 @@ screenshots: dev
 # No ModelScope within reach: demo weights (random, in the official architecture; every answer says
 # source: demo) for the styles in TOONSERVE_STYLES, then the service.
 demo: venv
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[int8]'
 	$(BIN)/toonserve demo-weights
 	$(BIN)/toonserve serve
 

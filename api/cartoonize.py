@@ -322,7 +322,7 @@ async def cartoonize(
         **rate_headers,
     }
     if response == "json":
-        body = _json(outcome, state.engine.store.dtype_reason)
+        body = _json(outcome, state.engine.store.precision_of(outcome.result.style).reason)
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
     headers["X-Faces-Stylized"] = str(outcome.result.faces_stylized)
     etag = etag or etags.quoted(flow.tag(params, outcome.photo_sha256, "image"))
@@ -394,7 +394,11 @@ async def cartoonize_batch(
         for stage, ms in outcome.timings_ms.items():
             totals[stage] += ms
         # In the ZIP the image is a file of its own; its report carries no base64 copy.
-        report = _json(outcome, state.engine.store.dtype_reason, with_image=response == "json")
+        report = _json(
+            outcome,
+            state.engine.store.precision_of(outcome.result.style).reason,
+            with_image=response == "json",
+        )
         if response == "image":
             zip_name = _zip_name(i, name, params.format)
             files.append((zip_name, outcome.data))

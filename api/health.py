@@ -14,11 +14,16 @@ from api.openapi import (
     BACKEND_EXCLUDED_DESCRIPTION,
     BACKEND_REASON_DESCRIPTION,
     BACKEND_TIMES_DESCRIPTION,
+    SERVICE_DTYPE_DESCRIPTION,
+    SERVICE_DTYPE_REASON_DESCRIPTION,
     SOURCE_DESCRIPTION,
+    STYLE_DTYPE_DESCRIPTION,
+    STYLE_DTYPE_REASON_DESCRIPTION,
     responses,
 )
 from api.state import ServiceState, get_state
 from inference.backends import BackendDecision, BackendName
+from inference.models import DtypeChoice
 from inference.weights import WeightsKind
 from serving.engine import Engine, StyleState
 
@@ -38,6 +43,21 @@ class StyleReadiness(BaseModel):
     backend_reason: str | None = Field(None, description=BACKEND_REASON_DESCRIPTION)
     backend_times_ms: dict[str, float] | None = Field(None, description=BACKEND_TIMES_DESCRIPTION)
     backend_excluded: dict[str, str] | None = Field(None, description=BACKEND_EXCLUDED_DESCRIPTION)
+    dtype: str | None = Field(None, description=STYLE_DTYPE_DESCRIPTION)
+    dtype_reason: str | None = Field(None, description=STYLE_DTYPE_REASON_DESCRIPTION)
+
+
+def precision_fields(precision: DtypeChoice | None) -> dict[str, Any]:
+    """A style's ``dtype`` fields (None until it is loaded)."""
+    if precision is None:
+        return {"dtype": None, "dtype_reason": None}
+    return {"dtype": precision.name, "dtype_reason": precision.reason}
+
+
+def service_precision(engine: Engine) -> DtypeChoice:
+    """The service's precision as /readyz and /styles report it: the default style's once loaded
+    (``auto`` may pick int8 per style), the store's before."""
+    return engine.store.precision_of(engine.default_style)
 
 
 def backend_fields(decision: BackendDecision | None) -> dict[str, Any]:
@@ -55,8 +75,8 @@ def backend_fields(decision: BackendDecision | None) -> dict[str, Any]:
 class Ready(BaseModel):
     status: str = Field(description="ready")
     device: str = Field(description="where the models run, e.g. cpu or cuda:0")
-    dtype: str = Field(description="the generators' precision")
-    dtype_reason: str = Field(description="why that precision (TOONSERVE_DTYPE=auto picks per device)")
+    dtype: str = Field(description=SERVICE_DTYPE_DESCRIPTION)
+    dtype_reason: str = Field(description=SERVICE_DTYPE_REASON_DESCRIPTION)
     default_style: str = Field(description="the style a request gets when it names none")
     styles: dict[str, StyleReadiness] = Field(description="every configured style and its state")
 
@@ -71,6 +91,7 @@ def style_readiness(engine: Engine) -> dict[str, StyleReadiness]:
             next_attempt_in_s=None if wait is None else round(wait, 1),
             source=status.weights,
             **backend_fields(status.backend if status.state == "loaded" else None),
+            **precision_fields(status.precision if status.state == "loaded" else None),
         )
     return out
 
@@ -93,12 +114,12 @@ async def readyz(state: Annotated[ServiceState, Depends(get_state)]) -> Ready | 
         return error_response(
             "not_ready", engine.not_ready_reason(), headers={"Retry-After": str(engine.retry_after())}
         )
-    store = engine.store
+    precision = service_precision(engine)
     return Ready(
         status="ready",
-        device=str(store.device),
-        dtype=str(store.dtype).removeprefix("torch."),
-        dtype_reason=store.dtype_reason,
+        device=str(engine.store.device),
+        dtype=precision.name,
+        dtype_reason=precision.reason,
         default_style=engine.default_style,
         styles=style_readiness(engine),
     )

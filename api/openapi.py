@@ -105,6 +105,20 @@ BACKEND_DESCRIPTION: Final = (
     "(TOONSERVE_BACKEND; with `auto`, measured when the style loaded)"
 )
 BACKEND_REASON_DESCRIPTION: Final = "why that backend: set by TOONSERVE_BACKEND, or what auto measured"
+#: A loaded style's precision, in /readyz and /styles: the service's, or int8 where auto picked it for
+#: that style's weights (docs/int8.md).
+STYLE_DTYPE_DESCRIPTION: Final = (
+    "the style's generator precision, once loaded: the service's (TOONSERVE_DTYPE), or int8 where "
+    "auto measured that style's int8 graphs under one level from float32 on average, and faster"
+)
+STYLE_DTYPE_REASON_DESCRIPTION: Final = "why that precision for this style (what auto measured)"
+#: The service's ``dtype`` field in /readyz and /styles.
+SERVICE_DTYPE_DESCRIPTION: Final = (
+    "the generators' precision: the default style's once it is loaded (each style's under `styles`)"
+)
+SERVICE_DTYPE_REASON_DESCRIPTION: Final = (
+    "why that precision (TOONSERVE_DTYPE=auto picks per device, and per style for int8)"
+)
 BACKEND_TIMES_DESCRIPTION: Final = (
     "what decided it under TOONSERVE_BACKEND=auto: the median ms of one background-network pass on a "
     "288×288 image per candidate that met the precision's accuracy bound (empty when there was "

@@ -7,14 +7,18 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from api.health import backend_fields
+from api.health import backend_fields, precision_fields, service_precision
 from api.openapi import (
     BACKEND_DESCRIPTION,
     BACKEND_EXCLUDED_DESCRIPTION,
     BACKEND_REASON_DESCRIPTION,
     BACKEND_TIMES_DESCRIPTION,
     COMMON_CODES,
+    SERVICE_DTYPE_DESCRIPTION,
+    SERVICE_DTYPE_REASON_DESCRIPTION,
     SOURCE_DESCRIPTION,
+    STYLE_DTYPE_DESCRIPTION,
+    STYLE_DTYPE_REASON_DESCRIPTION,
     responses,
 )
 from api.state import ServiceState, get_state
@@ -46,6 +50,8 @@ class StyleInfo(BaseModel):
     backend_reason: str | None = Field(description=BACKEND_REASON_DESCRIPTION)
     backend_times_ms: dict[str, float] | None = Field(description=BACKEND_TIMES_DESCRIPTION)
     backend_excluded: dict[str, str] | None = Field(description=BACKEND_EXCLUDED_DESCRIPTION)
+    dtype: str | None = Field(description=STYLE_DTYPE_DESCRIPTION)
+    dtype_reason: str | None = Field(description=STYLE_DTYPE_REASON_DESCRIPTION)
     error: str | None = Field(description="why it failed to load, and how to fix it")
     next_attempt_in_s: float | None = Field(description="seconds until the next attempt to load it")
 
@@ -53,8 +59,8 @@ class StyleInfo(BaseModel):
 class StyleList(BaseModel):
     styles: list[StyleInfo] = Field(description="all seven styles")
     device: str = Field(description="where the models run, e.g. cpu or cuda:0")
-    dtype: str = Field(description="the generators' precision")
-    dtype_reason: str = Field(description="why that precision (TOONSERVE_DTYPE=auto picks per device)")
+    dtype: str = Field(description=SERVICE_DTYPE_DESCRIPTION)
+    dtype_reason: str = Field(description=SERVICE_DTYPE_REASON_DESCRIPTION)
 
 
 @router.get(
@@ -84,14 +90,12 @@ async def list_styles(state: Annotated[ServiceState, Depends(get_state)]) -> Sty
                 source=status.weights if status else None,
                 version=status.version if status else None,
                 **backend_fields(status.backend if status and status.state == "loaded" else None),
+                **precision_fields(status.precision if status and status.state == "loaded" else None),
                 error=status.error if status else None,
                 next_attempt_in_s=None if wait is None else round(wait, 1),
             )
         )
-    store = engine.store
+    precision = service_precision(engine)
     return StyleList(
-        styles=out,
-        device=str(store.device),
-        dtype=str(store.dtype).removeprefix("torch."),
-        dtype_reason=store.dtype_reason,
+        styles=out, device=str(engine.store.device), dtype=precision.name, dtype_reason=precision.reason
     )

@@ -58,7 +58,6 @@ from devkit.reference_graphs import TFGenerator, build_generator_pb, write_fast_
 from devkit.serve import LiveService, server_timing, service_env
 from inference import align
 from inference.geometry import resize_rgb, to_rgb_array
-from inference.models import choose_dtype
 from inference.pipeline import Cartoonizer, Options, _rgb_hwc_uint8, _rgb_hwc_uint8_host, mask_support
 from service.factory import loaded_engine
 from service.settings import Settings
@@ -193,10 +192,12 @@ def main() -> int:
     reference = median_ms(lambda: tf_bg(bgr), n)
     tf_bg.close()
 
-    # 2. Our bare background pass and the pipeline's stages, in the dtype the service picks.
-    auto = choose_dtype("auto", torch.device("cpu"))
+    # 2. Our bare background pass and the pipeline's stages, in the dtype the service picks (auto
+    # may pick int8 for the style, as the server below does: it shares the cache, so the int8 graphs
+    # and their measured deviation are made once).
     settings = Settings(model_dir=tmp / "models", cache_dir=tmp / "cache", allow_download=False, device="cpu")
     engine = loaded_engine(settings)
+    auto = engine.store.precision_of("anime")
     cartoonizer = engine.cartoonizer("anime")
     tensor = torch.from_numpy(bgr).permute(2, 0, 1)[None].contiguous()
     bare = median_ms(lambda: cartoonizer.style.bg(tensor), n)
@@ -232,6 +233,7 @@ def main() -> int:
     url = server.url
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
+            served_dtype = client.get("/readyz").json()["styles"]["anime"]["dtype"]
             latencies, timings, outside, untimed = [], [], [], []
             for i, body in enumerate(distinct_jpegs(rgb, n + 1)):
                 start = time.perf_counter()
@@ -258,7 +260,7 @@ def main() -> int:
 
     env_info = dict(python=platform.python_version(), torch=torch.__version__,
                     threads=torch.get_num_threads(), dtype=auto.name, dtype_reason=auto.reason,
-                    requests=n)  # fmt: skip
+                    served_dtype=served_dtype, requests=n)  # fmt: skip
     print(f"# request benchmark  {json.dumps(env_info)}")
     print(f"{'what':58} {'ms':>8} {'vs TF bg':>9}")
     rows = [
@@ -266,13 +268,13 @@ def main() -> int:
         (f"our bare background pass, 720×960, {auto.name}", bare),
         ("pipeline background stage, same photo", stages["background"]),
         ("pipeline detect stage", stages["detect"]),
-        ("one request through HTTP, 1024×768 JPEG → PNG (median)", sequential),
+        (f"one request through HTTP, 1024×768 JPEG → PNG, {served_dtype} (median)", sequential),
     ]
     for label, ms in rows:
         print(f"{label:58} {ms:8.1f} {ms / reference:8.2f}x")
     print(f"background stage / bare pass: {stages['background'] / bare:.2f}x (target ≤ 1.10x)")
     print(f"detect: {stages['detect']:.1f} ms (target ≤ 25 ms)")
-    print(f"request / TF reference: {sequential / reference:.2f}x (target ≤ 0.50x)")
+    print(f"request / TF reference: {sequential / reference:.2f}x (target ≤ 0.60x, moonshot 0.50x)")
     print(f"concurrency 4: {concurrent:.2f} photos/s ({concurrent * sequential / 1000:.2f}x one at a time)")
     print("server timing (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in served.items()))
     print(f"outside the generator passes: {outside_ms:.1f} ms (median; target ≤ 65 ms)")

@@ -130,7 +130,7 @@ def main() -> int:
         engine.close(drain=False)
 
     info = dict(python=platform.python_version(), torch=torch.__version__, frames=args.frames,
-                dtype=str(engine.store.dtype).removeprefix("torch."))  # fmt: skip
+                dtype=engine.store.precision_of(engine.default_style).name)  # fmt: skip
     print(f"# video benchmark  {json.dumps(info)}")
     head = f"{'clip':6} {'pipeline alone':>15} {'clip flow':>10} {'machinery':>10}"
     print(f"{head}   clip flow ms (decode, model, steady, resize, encode)")

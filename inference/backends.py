@@ -346,15 +346,18 @@ def choose(
         only = passing[0]
         reason = f"auto: the only candidate that runs {_name(dtype)} here within its accuracy bound"
         return only, BackendDecision(only.name, reason, {}, left_out, accuracy, size)
-    times = _time(passing, inputs[0], rounds, clock)
+    times = time_passes(passing, inputs[0], rounds, clock)
     incumbent = passing[0].name
     winner, reason = decide(times, incumbent, margin)
     chosen = next(c for c in passing if c.name == winner)
     return chosen, BackendDecision(chosen.name, reason, times, left_out, accuracy, size)
 
 
-def _time(
-    passing: Sequence[Candidate], image: Tensor, rounds: int, clock: Callable[[], float]
+def time_passes(
+    passing: Sequence[Candidate],
+    image: Tensor,
+    rounds: int = MEASURE_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median ms of each candidate's background pass on ``image``. The candidates take turns, each
     round starting with the next one, so that a slow spell of the machine (other processes, clock

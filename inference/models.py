@@ -65,6 +65,10 @@ class LoadedStyle:
     version: str = ""
     #: Which backend runs the generators, and what decided it (:mod:`inference.backends`).
     backend: BackendDecision | None = None
+    #: The generators' precision and why: the store's, or int8 where ``auto`` weighed it for these
+    #: weights and picked it (:attr:`ModelStore.consider_int8`). None: the store's (callers that build
+    #: a style by hand).
+    precision: DtypeChoice | None = None
 
 
 def parse_device(spec: str) -> torch.device:
@@ -107,12 +111,13 @@ DEFAULT_DTYPE: Final[DtypeSetting] = "auto"
 #: What each value of the setting means, for the settings' description (and so the README's table
 #: and ``toonserve --help``): one place says it.
 DTYPE_MEANINGS: Final[dict[DtypeSetting, str]] = {
-    "auto": "the fastest accurate one on this device (never int8 unless measured under one level "
-    "on average and faster)",
+    "auto": "the fastest accurate one on this device; on a CPU with 8-bit dot products and the "
+    "onnxruntime extra, int8 for a style whose int8 graphs measure under one level from float32 on "
+    "average and faster (docs/int8.md)",
     "float32": "exact to the official model",
     "bfloat16": "CPUs with bfloat16 hardware and GPUs, within about a level",
     "float16": "GPUs with tensor cores, within about a level",
-    "int8": "8-bit integers on ONNX Runtime, opt in, CPU only, needs the onnxruntime extra (docs/int8.md)",
+    "int8": "8-bit integers on ONNX Runtime, CPU only, needs the onnxruntime extra (docs/int8.md)",
 }
 
 
@@ -201,9 +206,26 @@ def choose_dtype(
     return _with_int8(choice, int8)
 
 
+def int8_unconsidered(setting: str, device: torch.device, backend: str) -> str | None:
+    """Why ``auto`` does not weigh int8 for the styles it loads here; None when it does
+    (:attr:`ModelStore.consider_int8`): the precision is ``auto``, on a CPU with 8-bit dot products
+    (:func:`int8_cpu`), the backend ``auto`` and ONNX Runtime installed."""
+    from inference.ort import missing_runtime
+
+    if setting != "auto":
+        return f"TOONSERVE_DTYPE={setting}"
+    if device.type != "cpu":
+        return "int8 runs on the CPU only"
+    if backend != "auto":
+        return f"TOONSERVE_BACKEND={backend}"
+    if not int8_cpu():
+        return "this CPU has no VNNI or AMX-INT8, where int8 is no faster than float32"
+    return missing_runtime()
+
+
 def _with_int8(choice: DtypeChoice, int8: Int8Evidence) -> DtypeChoice:
     """``auto``'s choice once int8 has been measured: int8 only under one level and faster."""
-    where = f" on {int8.measured_on}" if int8.measured_on else ""
+    where = f" ({int8.measured_on})" if int8.measured_on else ""
     if int8.mean_levels >= INT8_MAX_MEAN:
         return DtypeChoice(
             choice.dtype,
@@ -219,7 +241,7 @@ def _with_int8(choice: DtypeChoice, int8: Int8Evidence) -> DtypeChoice:
         )
     return DtypeChoice(
         torch.int8,
-        f"auto: int8 measured within {int8.mean_levels:.2f} level of float32 on average{where} and "
+        f"auto: int8 measured within {int8.mean_levels:.2f} level of float32 on average{where}, "
         f"{gain:.0%} faster than {choice.name} ({int8.int8_ms:.0f} against {int8.other_ms:.0f} ms)",
     )
 
@@ -272,6 +294,10 @@ class ModelStore:
     backend: BackendSetting = "auto"
     #: Why this precision (see :func:`choose_dtype`).
     dtype_reason: str = "set by the caller"
+    #: ``auto`` weighs int8 for each style as it loads (:func:`int8_unconsidered` is None): measured
+    #: on its weights (:func:`inference.quantize.evidence`), picked under :func:`choose_dtype`'s rule,
+    #: the store's precision kept otherwise. That style's :attr:`LoadedStyle.precision` says which.
+    consider_int8: bool = False
     styles: dict[str, LoadedStyle] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -284,20 +310,47 @@ class ModelStore:
             start = time.perf_counter()
             weights = resolve(name, self.cache_dir, self.model_dir, self.allow_download)
             version = weights_version(weights)
-            runners = build_runners(weights, self.device, self.dtype, self.backend, version=version)
+            precision = self._precision(weights)
+            runners = build_runners(weights, self.device, precision.dtype, self.backend, version=version)
             head, bg = runners.head, runners.bg
             mask = torch.from_numpy(load_mask(weights.mask)).to(self.device)
             for runner in (head, bg):
                 runner(torch.full((1, 3, _WARMUP_SIZE, _WARMUP_SIZE), 128, dtype=torch.uint8))
             ms = (time.perf_counter() - start) * 1000
-            loaded = LoadedStyle(name, head, bg, mask, weights, ms, version, runners.decision)
+            loaded = LoadedStyle(name, head, bg, mask, weights, ms, version, runners.decision, precision)
             self.styles[name] = loaded
             log.info(
                 "style %s loaded on %s (%s, %s backend) from %s in %.0f ms",
-                name, self.device, str(self.dtype).removeprefix("torch."), head.backend, weights.source,
-                loaded.load_ms,
+                name, self.device, precision.name, head.backend, weights.source, loaded.load_ms,
             )  # fmt: skip
             return loaded
+
+    def _precision(self, weights: StyleWeights) -> DtypeChoice:
+        """The store's precision, or int8 for these weights where ``auto`` weighs it and its rule
+        holds (:attr:`consider_int8`). A measurement that cannot be made (a package missing, an
+        export failing) keeps the store's precision and says why."""
+        chosen = DtypeChoice(self.dtype, self.dtype_reason)
+        if not self.consider_int8:
+            return chosen
+        from inference import quantize
+
+        try:
+            found = quantize.evidence(weights, self.dtype)
+        except Exception as exc:  # any engine's or exporter's error: int8 is out, not the style
+            if not isinstance(exc, ToonserveError):
+                log.warning("style %s: int8 could not be measured", weights.style, exc_info=True)
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.info("style %s: int8 not considered: %s", weights.style, why)
+            return DtypeChoice(self.dtype, f"{self.dtype_reason}; int8 not considered: {why}")
+        return _with_int8(chosen, found)
+
+    def precision_of(self, name: str) -> DtypeChoice:
+        """The precision a loaded style runs in, and why (the store's unless ``auto`` picked int8 for
+        it); the store's for a style not loaded."""
+        loaded = self.styles.get(name)
+        if loaded is not None and loaded.precision is not None:
+            return loaded.precision
+        return DtypeChoice(self.dtype, self.dtype_reason)
 
     def weights_on_disk(self, name: str) -> tuple[object, ...] | None:
         """A cheap fingerprint of ``name``'s weights on disk (:func:`local_fingerprint`), None if none."""

@@ -44,12 +44,13 @@ import contextlib
 import hashlib
 import importlib.util
 import inspect
+import json
 import logging
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -614,14 +615,11 @@ def measure(
     cpu = torch.device("cpu")
     int8 = build("onnxruntime", weights, cpu, torch.int8, cache)
     exact = build("eager", weights, cpu, torch.float32, cache)
-    bg_in = [background_input(photo.read(), side) for photo in photos]
-    head_in = [crop for photo in photos if photo.portrait for crop in head_inputs(photo.read())]
-    bg = ([_out(int8.bg, x) for x in bg_in], [_out(exact.bg, x) for x in bg_in])
-    head = ([_out(int8.head, x) for x in head_in], [_out(exact.head, x) for x in head_in])
+    bg, head, both, n_photos, n_crops = _deviations(int8, exact, photos, side)
     fast = build(
         "onednn" if unavailable("onednn", cpu, other) is None else "eager", weights, cpu, other, cache
     )
-    image = _tensor(bg_in[0]).to(torch.uint8)
+    image = _tensor(background_input(photos[0].read(), side)).to(torch.uint8)
     times: dict[str, list[float]] = {"int8": [], "other": []}
     for runner in (int8.bg, fast.bg):
         runner(image)  # warm-up at this size
@@ -631,13 +629,125 @@ def measure(
             runner(image)
             times[name].append((time.perf_counter() - start) * 1000)
     return Measurement(
-        bg=Deviation.of(*bg),
-        head=Deviation.of(*head),
-        both=Deviation.of(bg[0] + head[0], bg[1] + head[1]),
+        bg=bg,
+        head=head,
+        both=both,
         int8_ms=float(np.median(times["int8"])),
         other_ms=float(np.median(times["other"])),
         other=str(other).removeprefix("torch."),
         size=(int(image.shape[-2]), int(image.shape[-1])),
-        photos=len(bg_in),
-        crops=len(head_in),
+        photos=n_photos,
+        crops=n_crops,
     )
+
+
+# --- What auto measures when a style loads ----------------------------------------------------------------
+
+#: The cached deviation of a style's two int8 graphs (:func:`deviation_path`).
+DEVIATION_SUFFIX: Final = ".deviation.json"
+#: Timed passes of each precision when ``auto`` weighs int8 (:func:`inference.backends.time_passes`).
+EVIDENCE_ROUNDS: Final = 5
+
+_timed_lock = threading.Lock()
+#: The passes timed in this process, by the other precision and thread count: every style has the
+#: same two networks, so the times do not depend on the style.
+_timed: dict[tuple[str, int], tuple[float, float]] = {}
+
+
+def deviation_path(weights: StyleWeights) -> Path:
+    """Where the deviation of ``weights``' int8 graphs from float32 is cached: beside them, named
+    after both graphs' names (so new weights, a new recipe or new photos measure again) and the
+    processing size it is measured at (``int8.<16 hex>.deviation.json``)."""
+    from inference.ort import DIGEST_CHARS
+
+    names = f"{int8_path(weights.head).name}|{int8_path(weights.bg).name}|{DEFAULT_PROCESSING_SIZE}"
+    digest = hashlib.sha256(names.encode()).hexdigest()[:DIGEST_CHARS]
+    return weights.bg.with_name(f"int8.{digest}{DEVIATION_SUFFIX}")
+
+
+def _deviations(
+    int8: Any, exact: Any, photos: Sequence[CalibrationPhoto], side: int
+) -> tuple[Deviation, Deviation, Deviation, int, int]:
+    """bg, head and both of ``int8``'s runners against ``exact``'s on ``photos``; the counts."""
+    bg_in = [background_input(photo.read(), side) for photo in photos]
+    head_in = [crop for photo in photos if photo.portrait for crop in head_inputs(photo.read())]
+    bg = ([_out(int8.bg, x) for x in bg_in], [_out(exact.bg, x) for x in bg_in])
+    head = ([_out(int8.head, x) for x in head_in], [_out(exact.head, x) for x in head_in])
+    both = Deviation.of(bg[0] + head[0], bg[1] + head[1])
+    return Deviation.of(*bg), Deviation.of(*head), both, len(bg_in), len(head_in)
+
+
+def _cached_deviation(path: Path) -> tuple[Deviation, int, int] | None:
+    try:
+        data = json.loads(path.read_text())
+        found = Deviation(**data["both"])
+        return found, int(data["photos"]), int(data["crops"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s cannot be read; measuring the int8 deviation again", path, exc_info=True)
+        return None
+
+
+def evidence(weights: StyleWeights, other: torch.dtype, *, cache: bool = True) -> Int8Evidence:
+    """What ``auto`` weighs before it picks int8 for ``weights`` (:func:`inference.models.choose_dtype`):
+
+    * the deviation of both int8 generators from eager float32 on the calibration photos at the
+      default processing size (the background network) and on their face crops (the head network),
+      over all values together; measured once per weights, recipe and photos, and with ``cache``
+      kept beside the int8 graphs (:func:`deviation_path`): a few seconds, after the graphs are
+      made (:func:`int8_graph`);
+    * the int8 background pass against ``other``'s (torch: ``onednn`` where it runs) on the
+      backends' measurement image (:func:`inference.backends.measure_image`), the two taking turns,
+      medians of :data:`EVIDENCE_ROUNDS`; timed once per process (every style has the same networks).
+
+    Raises what building the int8 graphs raises (:class:`QuantizationError` for what is missing and
+    how to install it, wrapped in :class:`~inference.errors.ConfigurationError` by the backend).
+    """
+    from inference.backends import build, measure_image, time_passes, unavailable
+    from inference.models import Int8Evidence
+    from inference.ort import store
+
+    cpu = torch.device("cpu")
+    int8 = build("onnxruntime", weights, cpu, torch.int8, cache)
+    path = deviation_path(weights) if cache else None
+    known = _cached_deviation(path) if path is not None else None
+    if known is None:
+        exact = build("eager", weights, cpu, torch.float32, cache)
+        start = time.perf_counter()
+        bg, head, both, photos, crops = _deviations(int8, exact, CALIBRATION_PHOTOS, DEFAULT_PROCESSING_SIZE)
+        log.info(
+            "style %s: int8 against float32 measured in %.1f s: %s (background %s; head %s)",
+            weights.style, time.perf_counter() - start, both.describe(), bg.describe(), head.describe(),
+        )  # fmt: skip
+        if path is not None:
+            record = {
+                "both": asdict(both),
+                "bg": asdict(bg),
+                "head": asdict(head),
+                "photos": photos,
+                "crops": crops,
+            }
+            store(path, json.dumps(record, indent=1).encode())
+        known = both, photos, crops
+    both, photos, crops = known
+    key = (str(other), torch.get_num_threads())
+    with _timed_lock:
+        times = _timed.get(key)
+    if times is None:
+        fast = build(
+            "onednn" if unavailable("onednn", cpu, other) is None else "eager", weights, cpu, other, cache
+        )
+        image = measure_image()
+        for runner in (int8.bg, fast.bg):
+            runner(image)  # warm-up at this size
+        timed = time_passes([int8, fast], image, EVIDENCE_ROUNDS)
+        times = timed[int8.name], timed[fast.name]
+        with _timed_lock:
+            _timed[key] = times
+    side = int(measure_image().shape[-1])
+    where = (
+        f"{photos} calibration photos at short side {DEFAULT_PROCESSING_SIZE} and {crops} face crops; "
+        f"passes timed at {side}×{side}"
+    )
+    return Int8Evidence(both.mean, times[0], times[1], where)

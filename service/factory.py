@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from inference.backends import check_setting
 from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnavailableError
-from inference.models import ModelStore, choose_dtype, parse_device
+from inference.models import ModelStore, choose_dtype, int8_unconsidered, parse_device
 from inference.pipeline import Result
 from service.settings import Settings
 from serving.engine import Engine
@@ -64,10 +64,22 @@ def build_engine(
     # A backend named that cannot run here (ONNX Runtime not installed, on a GPU, or in bfloat16)
     # stops the start with the fix, rather than failing every style.
     check_setting(settings.backend, device, precision.dtype)
+    # auto weighs int8 per style as it loads, where it can run fast (inference.models.int8_unconsidered);
+    # where only the CPU or a missing extra stops it, the reason says so (the extra is the fix).
+    int8_why_not = int8_unconsidered(settings.dtype, device, settings.backend)
+    reason = precision.reason
+    if (
+        int8_why_not is not None
+        and settings.dtype == "auto"
+        and device.type == "cpu"
+        and settings.backend == "auto"
+    ):
+        reason = f"{reason}; int8 not considered: {int8_why_not}"
     store = ModelStore(
         device=device,
         dtype=precision.dtype,
-        dtype_reason=precision.reason,
+        dtype_reason=reason,
+        consider_int8=int8_why_not is None,
         cache_dir=settings.cache_dir,
         model_dir=settings.model_dir,
         allow_download=settings.allow_download,

@@ -36,7 +36,7 @@ from inference.backends import BackendDecision
 from inference.constants import DEFAULT_HEAD_BATCH
 from inference.errors import StyleLoadingError, StyleUnavailableError, ToonserveError
 from inference.faces import FaceDetector, create_detector
-from inference.models import ModelStore, StyleNotLoadedError
+from inference.models import DtypeChoice, ModelStore, StyleNotLoadedError
 from inference.pipeline import Cartoonizer, Options
 from inference.styles import get_style
 from inference.weights import WeightsKind
@@ -91,6 +91,8 @@ class StyleStatus:
     #: Which generator backend runs it once loaded, and what decided it (``TOONSERVE_BACKEND=auto``
     #: measures; :mod:`inference.backends`).
     backend: BackendDecision | None = None
+    #: Its generators' precision once loaded, and why (:attr:`inference.models.LoadedStyle.precision`).
+    precision: DtypeChoice | None = None
 
     def next_attempt_in(self, now: float | None = None) -> float | None:
         """Seconds until the next attempt (0 when due), or None when none is planned."""
@@ -298,7 +300,7 @@ class Engine:
         store = self.store
         style = cartoonizer.style
         backend = style.backend.backend if style.backend is not None else str(store.backend)
-        hardware = (str(store.device), str(store.dtype), backend)
+        hardware = (str(store.device), str(style.bg.dtype), backend)
         anchors = _ANCHORS.get(hardware)
         if anchors is None:
             anchors = [
@@ -414,6 +416,7 @@ class Engine:
             weights=loaded.weights.kind,
             version=loaded.version,
             backend=loaded.backend,
+            precision=self.store.precision_of(name),
         )
         if loaded.weights.demo:
             log.warning(

@@ -344,7 +344,7 @@ class Flow:
             version=store.get(params.style).version,
             processing_size=params.processing_size,
             device=str(store.device),
-            dtype=str(store.dtype).removeprefix("torch."),
+            dtype=store.precision_of(params.style).name,
         )
 
     def tag(self, params: ResolvedOptions, digest: str, *parts: str) -> str:
@@ -360,7 +360,7 @@ class Flow:
             params.model_dump_json(),
             store.get(params.style).version,
             str(store.device),
-            str(store.dtype),
+            str(store.precision_of(params.style).dtype),
             f"{lim.max_processing_pixels}/{lim.min_face_size}/{lim.max_faces}/{lim.png_compression}",
             *parts,
         ]

@@ -58,7 +58,7 @@ def section_video(ctx: Context, deadline: float) -> dict[str, Any]:
     setting = "float32" if plan.dry else "auto"
     engine = ctx.engine(ctx.device.type, setting)
     settings = ctx.settings(ctx.device.type, setting)
-    result["dtype"] = str(engine.store.dtype).removeprefix("torch.")
+    result["dtype"] = engine.store.precision_of(engine.default_style).name
 
     start = time.perf_counter()
     frames = pan_clip(width, height, plan.video_frames)

@@ -7,6 +7,7 @@ module's fixture quantizes the demo weights once and the others reuse its cache.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from devkit.reference_graphs import ReferenceModelDir
-from inference import backends, ort, quantize
+from inference import backends, models, ort, quantize
 from inference.backends import (
     INT8_MAX_MEAN,
     REDUCED_MAX_LEVELS,
@@ -28,7 +29,15 @@ from inference.backends import (
 )
 from inference.errors import ConfigurationError, InputShapeError
 from inference.export import check_image
-from inference.models import DTYPES, DtypeSetting, Int8Evidence, ModelStore, choose_dtype, describe_dtypes
+from inference.models import (
+    DTYPES,
+    DtypeSetting,
+    Int8Evidence,
+    ModelStore,
+    choose_dtype,
+    describe_dtypes,
+    int8_unconsidered,
+)
 from inference.quantize import CALIBRATION_PHOTOS, Deviation, QuantizationError
 from inference.weights import StyleWeights
 
@@ -146,6 +155,34 @@ def test_auto_without_a_measurement_of_int8_never_picks_it() -> None:
     evidence = Int8Evidence(0.1, 10.0, 570.0)
     assert choose_dtype("auto", CPU, "onednn", evidence).dtype != torch.int8  # torch runs no int8
     assert choose_dtype("float32", CPU, "auto", evidence).dtype == torch.float32  # set, not auto
+
+
+def test_auto_weighs_int8_only_where_it_can_run_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store weighs int8 (makes and measures it as a style loads) only for ``auto`` on a CPU with
+    8-bit dot products, the backend left to ``auto`` and ONNX Runtime installed; otherwise it says why."""
+    assert int8_unconsidered("bfloat16", CPU, "auto") == "TOONSERVE_DTYPE=bfloat16"
+    assert int8_unconsidered("auto", torch.device("cuda"), "auto") == "int8 runs on the CPU only"
+    assert int8_unconsidered("auto", CPU, "onednn") == "TOONSERVE_BACKEND=onednn"
+    assert int8_unconsidered("auto", CPU, "onnxruntime") == "TOONSERVE_BACKEND=onnxruntime"
+    monkeypatch.setattr(models, "int8_cpu", lambda: True)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the import fails, as when not installed
+    assert "pip install 'toonserve[onnxruntime]'" in str(int8_unconsidered("auto", CPU, "auto"))
+    monkeypatch.setattr(models, "int8_cpu", lambda: False)
+    assert "no VNNI or AMX-INT8" in str(int8_unconsidered("auto", CPU, "auto"))
+
+
+def test_a_service_left_to_auto_says_why_it_does_not_weigh_int8(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from service.factory import build_engine
+    from service.settings import Settings
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    engine = build_engine(Settings(backend="auto", device="cpu", cache_dir=tmp_path, allow_download=False))
+    assert not engine.store.consider_int8
+    assert engine.store.dtype_reason.endswith("; int8 not considered: " + str(ort.missing_runtime()))
+    pinned = build_engine(Settings(backend="onednn", device="cpu", cache_dir=tmp_path, allow_download=False))
+    assert not pinned.store.consider_int8 and "int8" not in pinned.store.dtype_reason
 
 
 # --- The rewrites -------------------------------------------------------------------------------------------
@@ -332,6 +369,56 @@ def test_a_service_on_int8_says_so(model_dir: ReferenceModelDir, tmp_path: Path)
             anime["backend"] == "onnxruntime" and "only candidate that runs int8" in anime["backend_reason"]
         )
     assert list(tmp_path.glob("converted/anime/*.int8.onnx"))
+
+
+@_SLOW
+@needs_ort
+def test_auto_measures_int8_as_a_style_loads_and_keeps_the_measurement(
+    model_dir: ReferenceModelDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With int8 weighed, the style's int8 graphs are made and measured against float32 on the
+    calibration photos as it loads; under one level and faster, it runs int8 and says what was
+    measured. The deviation is kept beside the graphs and read at the next start; a deviation over
+    the bound keeps the store's precision; a record that cannot be read is measured again."""
+    monkeypatch.setattr(quantize, "_timed", {})
+
+    def load() -> tuple[ModelStore, models.DtypeChoice]:
+        store = ModelStore(
+            CPU, torch.bfloat16, tmp_path, model_dir.path.parent, False, backend="auto",
+            dtype_reason="auto: bfloat16 here", consider_int8=True,
+        )  # fmt: skip
+        store.load("anime")
+        return store, store.precision_of("anime")
+
+    store, first = load()
+    assert first.dtype == torch.int8 and store.get("anime").bg.dtype == torch.int8
+    assert first.reason.startswith("auto: int8 measured within 0.") and "faster than bfloat16" in first.reason
+    assert "4 calibration photos at short side 720 and 4 face crops" in first.reason
+    assert store.dtype == torch.bfloat16  # the store's precision, for styles that do not take int8
+    records = list(tmp_path.glob(f"converted/anime/int8.*{quantize.DEVIATION_SUFFIX}"))
+    assert len(records) == 1 and records[0] == quantize.deviation_path(store.get("anime").weights)
+    record = json.loads(records[0].read_text())
+    assert 0 < record["both"]["mean"] < INT8_MAX_MEAN and record["photos"] == 4 and record["crops"] == 4
+    measured = record["both"]["mean"]
+    mean = f"{measured:.2f}"
+    assert f"within {mean} level" in first.reason
+
+    _, again = load()  # read back, not measured again: the same mean
+    assert again.dtype == torch.int8 and f"within {mean} level" in again.reason
+
+    record["both"]["mean"] = 1.5  # as weights whose int8 graphs are too far off would measure
+    records[0].write_text(json.dumps(record))
+    store, kept = load()
+    assert kept.dtype == torch.bfloat16 and store.get("anime").bg.dtype == torch.bfloat16
+    assert kept.reason == (
+        "auto: bfloat16 here; int8 not picked: mean deviation 1.50 level (4 calibration photos at short "
+        "side 720 and 4 face crops; passes timed at 288×288), not under 1"
+    )
+
+    records[0].write_text("{not json")
+    _, remeasured = load()
+    assert remeasured.dtype == torch.int8 and f"within {mean} level" in remeasured.reason
+    assert json.loads(records[0].read_text())["both"]["mean"] == pytest.approx(measured, abs=0.005)
 
 
 def test_the_int8_store_measures_nothing_on_torch(model_dir: ReferenceModelDir, tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from devkit.reference_graphs import ReferenceModelDir
-from inference.models import choose_dtype
+from inference.models import choose_dtype, int8_unconsidered
 from service.app import create_app
 from service.settings import Settings
 
@@ -25,6 +26,7 @@ def wait_ready(client: TestClient, timeout: float = 60.0) -> dict[str, object]:
     raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
 
 
+@pytest.mark.slow  # the defaults measure the backends, and on a CPU with VNNI make and measure int8: ~20 s
 def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tmp_path: Path) -> None:
     # The defaults (the tests' other services pin the backend: tests/conftest.py).
     settings = Settings(
@@ -37,17 +39,29 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = wait_ready(client)
-        auto = choose_dtype("auto", torch.device("cpu"))  # TOONSERVE_DTYPE is auto by default
+        cpu = torch.device("cpu")
+        auto = choose_dtype("auto", cpu)  # TOONSERVE_DTYPE is auto by default
         readiness: dict[str, dict[str, object]] = ready["styles"]  # type: ignore[assignment]
         anime = readiness["anime"]
         backend = {k: anime.pop(k) for k in list(anime) if k.startswith("backend")}
         assert backend["backend"] in ("onednn", "eager", "onnxruntime")
         assert str(backend["backend_reason"]).startswith("auto: ")  # TOONSERVE_BACKEND is auto by default
+        precision = {k: anime.pop(k) for k in ("dtype", "dtype_reason")}
+        reason = str(precision["dtype_reason"])
+        if int8_unconsidered("auto", cpu, "auto") is None:  # int8 weighed for the style as it loaded
+            if precision["dtype"] == "int8":
+                assert (
+                    reason.startswith("auto: int8 measured within ") and backend["backend"] == "onnxruntime"
+                )
+            else:
+                assert precision["dtype"] == auto.name and reason.startswith(f"{auto.reason}; int8 not ")
+        else:
+            assert precision["dtype"] == auto.name and "int8 not considered: " in reason
         assert ready == {
             "status": "ready",
             "device": "cpu",
-            "dtype": auto.name,
-            "dtype_reason": auto.reason,
+            "dtype": precision["dtype"],  # the default style's
+            "dtype_reason": reason,
             "default_style": "anime",
             "styles": {
                 "anime": {"state": "loaded", "error": None, "next_attempt_in_s": None, "source": "demo"}
@@ -62,6 +76,10 @@ def test_ready_after_loading_and_styles_listing(model_dir: ReferenceModelDir, tm
         assert styles["anime"]["weights_source"].startswith("converted from")
         assert not styles["3d"]["loaded"] and not styles["3d"]["configured"]
         assert styles["3d"]["state"] == "not_configured"
+        assert (styles["anime"]["dtype"], styles["anime"]["dtype_reason"]) == (precision["dtype"], reason)
+        assert styles["3d"]["dtype"] is None and styles["3d"]["dtype_reason"] is None
+        listing = client.get("/styles").json()
+        assert (listing["dtype"], listing["dtype_reason"]) == (precision["dtype"], reason)
 
 
 def test_not_ready_says_why(tmp_path: Path) -> None:

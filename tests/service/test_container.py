@@ -396,6 +396,29 @@ def test_dockerfile_selects_cpu_or_cuda_by_build_argument(dockerfile: list[tuple
     assert "download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()
 
 
+def test_the_image_and_the_quick_start_carry_what_auto_needs_to_weigh_int8(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    """TOONSERVE_DTYPE=auto weighs int8 only where ONNX Runtime is installed, and making the graphs
+    needs onnx and the calibration photos' packages: the int8 extra holds them all, and the image,
+    `make serve` and `make demo` install it."""
+    import tomllib
+
+    from inference.quantize import CALIBRATION_PHOTOS
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["int8"]
+    names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in extra}
+    assert {"onnxruntime", "onnx", "onnxscript"} | {
+        photo.distribution for photo in CALIBRATION_PHOTOS
+    } <= names
+    installs = [v for k, v in dockerfile if k == "RUN" and "requirements.txt" in v]
+    assert installs and '["optional-dependencies"]["int8"]' in installs[0]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("serve", "demo"):
+        recipe = makefile.split(f"\n{target}: ", 1)[1].split("\n\n", 1)[0]
+        assert "pip install --quiet -e '.[int8]'" in recipe, target
+
+
 def test_dockerfile_runtime_runs_toonserve_as_non_root(dockerfile: list[tuple[str, str]]) -> None:
     runtime = _stages(dockerfile)[-1]
     users = [v for k, v in runtime if k == "USER"]
