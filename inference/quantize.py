@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 QUANT_VERSION: Final = "toonserve-int8-1"
 #: Suffix of a cached quantized graph beside the converted weights (``bg.<digest>.int8.onnx``).
 INT8_SUFFIX: Final = ".int8.onnx"
+#: The first ONNX Runtime whose quantizer takes a calibration cache (``calibration_cache_path``,
+#: ``save_tensors_data``), how :func:`quantize_graph` hands it the ranges; the int8 extra requires it.
+MIN_QUANTIZER_ORT: Final = "1.27"
 #: Output blocking of the first (3 → 32) and last (32 → 3) 7×7 convolutions (module docstring).
 FIRST_CONV_BLOCK: Final = 2
 LAST_CONV_BLOCK: Final = 4
@@ -418,17 +421,24 @@ def quantize_graph(float_graph: bytes, inputs: Sequence[np.ndarray]) -> bytes:
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.calibrate import (  # type: ignore[import-untyped]
-        TensorsData,
-        save_tensors_data,
-    )
 
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+    try:
+        from onnxruntime.quantization.calibrate import (  # type: ignore[import-untyped]
+            TensorsData,
+            save_tensors_data,
+        )
+    except ImportError:
+        save_tensors_data = None
+    if (
+        save_tensors_data is None
+        or "calibration_cache_path" not in inspect.signature(quantize_static).parameters
+    ):
         import onnxruntime  # type: ignore[import-untyped]
 
         raise QuantizationError(
             f"ONNX Runtime {onnxruntime.__version__}'s quantizer takes no calibration cache, which "
-            "toonserve hands it its ranges in: pip install --upgrade onnxruntime"
+            f"toonserve hands it its ranges in (from {MIN_QUANTIZER_ORT}): pip install --upgrade "
+            f"'onnxruntime>={MIN_QUANTIZER_ORT}'"
         )
     model = prepare(onnx.load_from_string(float_graph))
     nodes = unet_nodes(model)

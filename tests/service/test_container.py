@@ -404,13 +404,14 @@ def test_the_image_and_the_quick_start_carry_what_auto_needs_to_weigh_int8(
     `make serve` and `make demo` install it."""
     import tomllib
 
-    from inference.quantize import CALIBRATION_PHOTOS
+    from inference.quantize import CALIBRATION_PHOTOS, MIN_QUANTIZER_ORT
 
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["int8"]
     names = {re.split(r"[<>=!~ \[]", requirement)[0] for requirement in extra}
     assert {"onnxruntime", "onnx", "onnxscript"} | {
         photo.distribution for photo in CALIBRATION_PHOTOS
     } <= names
+    assert f"onnxruntime>={MIN_QUANTIZER_ORT}" in extra  # the first whose quantizer takes the ranges
     installs = [v for k, v in dockerfile if k == "RUN" and "requirements.txt" in v]
     assert installs and '["optional-dependencies"]["int8"]' in installs[0]
     makefile = (ROOT / "Makefile").read_text()
