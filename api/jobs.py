@@ -581,6 +581,9 @@ async def get_item(
 
 async def _clip_file(request: Request, jobs: JobsState, job: Job) -> Response:
     """A video job's clip, joined from its chunks (here, if the runner that ended the job did not)."""
+    if job.status == "failed":
+        # Its chunks may read cancelled or in error: the job's own error says what went wrong.
+        raise ResultNotReadyError(f"the job failed and has no clip: {job.error}")
     for item in job.items:
         if item.status != "ok":
             detail = f": {item.error['message']}" if item.error else ""

@@ -128,6 +128,23 @@ def write_test_clip(
     return path
 
 
+def damage_packet(path: Path, index: int, out: Path, seed: int = 0) -> Path:
+    """A copy of the clip at ``path`` whose video packet ``index`` (in decode order) has its payload
+    overwritten with noise, written to ``out``; returns ``out``. The container is intact (its index,
+    every packet's place, size and time), so reading the packets finds nothing wrong; decoding fails
+    at that frame, as it does for an upload damaged in transit or on disk."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pos, p.size) for p in container.demux(stream) if p.size and p.pos is not None]
+    if not 0 <= index < len(packets):
+        raise ValueError(f"the clip has {len(packets)} video packets; there is no packet {index}")
+    pos, size = packets[index]
+    data = bytearray(path.read_bytes())
+    data[pos : pos + size] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    out.write_bytes(bytes(data))
+    return out
+
+
 def _video_stream(
     output: OutputContainer, container: ClipContainer, quality: int, fps: int | Fraction
 ) -> tuple[av.VideoStream, str]:

@@ -16,13 +16,17 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from jobs.errors import JobStoreError
 from jobs.model import VIDEO_SUFFIX
+from serving.clips import resumable_segments
 from serving.video import VideoError, join_segments
 
 _CHUNK = 1 << 20
+#: The folder of a video item's claim that holds its segments (:class:`~serving.clips.ClipFlow`'s
+#: work folder), beside the claim's result.
+SEGMENTS: Final = "segments"
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,25 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """``target`` made the same complete file as ``source``: a hard link, or (a file system without
+    them) a durable copy; False if ``source`` is gone."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # EPERM, EXDEV, EMLINK, ENOTSUP: no hard link here
+        log.debug("jobs: %s cannot be linked (%s); copied", source, exc)
+        try:
+            with source.open("rb") as data:
+                write_durable(target, data)
+        except FileNotFoundError:
+            return False
+    return True
+
+
 def newest_mtime(path: Path) -> float:
     """The latest modification time in a directory tree (0 if it vanished meanwhile)."""
     newest = 0.0
@@ -91,8 +114,10 @@ class JobFiles:
 
     * ``jobs/<id>/in/NNNN``: a job's photos, each until its item ends;
     * ``jobs/<id>/out/NNNN.<suffix>``: the results;
-    * ``jobs/<id>/work/NNNN/``: a video item's finished segments while it runs (what a run that
-      stops resumes from), and its result before it is moved to ``out/``;
+    * ``jobs/<id>/work/NNNN/<claim>/``: a video item's finished segments while a claim of it runs
+      (``segments/``: what a later claim resumes from, if this one stops), and its result before it
+      is moved to ``out/``; one folder per claim (:attr:`~jobs.store.Claim.attempt`), so a runner
+      that lost its claim and the one that took it over never write or remove each other's files;
     * ``staging/<id>/`` (``staging/<replica>/<id>/`` for a shared directory): a job being accepted,
       renamed into ``jobs/`` whole once every photo is on disk.
 
@@ -126,6 +151,33 @@ class JobFiles:
 
     def work_dir(self, job_id: str, index: int) -> Path:
         return self.job_dir(job_id) / "work" / f"{index:04d}"
+
+    def claim_dir(self, job_id: str, index: int, attempt: str, first_frame: int) -> Path:
+        """:meth:`JobStore.claim_dir`: the folder ``work/NNNN/<attempt>/``, made, holding hard links
+        to the complete segments of the item's earlier claims from frame ``first_frame`` on (the
+        longest run of them that one earlier claim left, by the rule a run resumes by:
+        :func:`~serving.clips.resumable_segments`); a copy where the file system cannot link. A claim
+        that let its folder go meanwhile (it lost its lease) ends what is taken from it there: what
+        was linked before stays, as a link outlives the name it was made from. Raises OSError
+        (FileNotFoundError when the job's folder is gone: nothing is made for a deleted job)."""
+        chunk = self.work_dir(job_id, index)
+        chunk.parent.mkdir(exist_ok=True)  # never ``parents``: a deleted job's folder stays gone
+        chunk.mkdir(exist_ok=True)
+        own = chunk / attempt
+        own.mkdir(exist_ok=True)
+        # Earlier claims' folders, and the one folder of the item from before claims had their own.
+        earlier = [p / SEGMENTS for p in chunk.iterdir() if p.is_dir() and p.name not in (attempt, SEGMENTS)]
+        chains = [resumable_segments(folder, first_frame) for folder in [*earlier, chunk / SEGMENTS]]
+        chain = max(chains, key=lambda c: c[-1][1] if c else first_frame, default=[])
+        if chain:
+            segments = own / SEGMENTS
+            segments.mkdir(exist_ok=True)
+            for _, _, path in chain:
+                if not _link_or_copy(path, segments / path.name):
+                    break
+            fsync_dir(segments)
+        fsync_dir(chunk)
+        return own
 
     def clip_path(self, job_id: str) -> Path:
         """A video job's whole clip, joined from its chunks' results."""
@@ -238,8 +290,8 @@ class JobFiles:
         remove_tree(self.job_dir(job_id) / "work")
 
     def drop_input(self, job_id: str, index: int, *, keep_input: bool = False) -> None:
-        """An item's photo (or clip, unless ``keep_input``), and its work folder, once its item has
-        ended (its record says so first)."""
+        """An item's photo (or clip, unless ``keep_input``), and its work folder (every claim's in
+        it), once its item has ended (its record says so first)."""
         if not keep_input:
             self.input_path(job_id, index).unlink(missing_ok=True)
         work = self.work_dir(job_id, index)

@@ -18,8 +18,10 @@ Besides running items, the runner:
 
 A video item (a chunk of a clip) goes through :class:`~serving.clips.ClipFlow` instead: its frames
 (and a few before them, to warm up) are the engine's background work one by one, its finished
-segments are kept in the item's work folder (a run stopped by a crash or a shutdown resumes after the
-last of them, on this replica or another one that mounts the data directory), its progress is
+segments are kept in its claim's own work folder (:meth:`JobStore.claim_dir`: a later claim of the
+item, after a crash, a shutdown or a lost lease, on this replica or another one that mounts the data
+directory, takes the complete ones and resumes after the last of them; a runner that finds it lost its
+claim removes its own folder only, the one that records the item's end all of them), its progress is
 recorded at most every :data:`PROGRESS_S` (and the job's listeners told), and its result, the
 chunk's frames, is moved into place when the item is recorded. The runner whose item ends the job
 joins the chunks into the job's clip, with the audio (:meth:`JobStore.join_clip`; the result route
@@ -47,6 +49,7 @@ from inference.errors import ConfigurationError, StyleUnavailableError, Toonserv
 from inference.pipeline import AbandonedError
 from jobs.errors import JobStoreError
 from jobs.events import EventHub
+from jobs.files import SEGMENTS, remove_tree
 from jobs.model import VIDEO_SUFFIX, ItemStatus, Job
 from jobs.store import Claim, JobStore
 from jobs.webhooks import WebhookSender
@@ -431,7 +434,7 @@ class JobRunner:
             # Another runner holds it now and records it; this one's work is dropped unrecorded.
             log.warning(
                 "jobs: item %d of job %s is no longer this runner's (taken over after its lease, or its "
-                "job failed); its work here is dropped",
+                "job failed or was deleted); its work here is dropped",
                 claim.index,
                 claim.job_id,
             )
@@ -499,7 +502,8 @@ class JobRunner:
         :meth:`_run_item` handles (a refused clip, a cancel, a lost lease)."""
         if self.clips is None:
             raise ConfigurationError("this server was started without video jobs (no ClipFlow)")
-        work = await asyncio.to_thread(self.store.work_dir, claim.job_id, claim.index)
+        # This claim's own folder, with the complete segments of the chunk's earlier claims in it.
+        work = await asyncio.to_thread(self.store.claim_dir, claim)
         target = work / f"result.{VIDEO_SUFFIX}"
         progress = _Progress(self, claim)
         assert claim.frames is not None
@@ -507,22 +511,34 @@ class JobRunner:
         guard = _ClipGuard()
         watching = asyncio.create_task(guard.watch(self._watch(claim, guard)))
         try:
-            report: ClipReport = await self.clips.run(
-                claim.input_path,
-                target,
-                params,
-                work=work / "segments",
-                client=client,
-                background=True,
-                on_progress=progress.frames,
-                watch=guard.frame,
-                span=span,
-                audio=False,  # the job's clip gets it when the chunks are joined
-            )
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
-            guard.close()
+            try:
+                report: ClipReport = await self.clips.run(
+                    claim.input_path,
+                    target,
+                    params,
+                    work=work / SEGMENTS,
+                    client=client,
+                    background=True,
+                    on_progress=progress.frames,
+                    watch=guard.frame,
+                    span=span,
+                    audio=False,  # the job's clip gets it when the chunks are joined
+                )
+            finally:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+                guard.close()
+        except Exception as exc:
+            # A claim lost meanwhile: what stopped the run is no longer this runner's to record (the
+            # holder that records the chunk may have let its folders go under it). Only this claim's
+            # own folder goes; a stopped run that still holds its claim (a shutdown, a cancel) leaves
+            # its segments for the next claim.
+            if isinstance(exc, _LeaseLost) or not await self._holds(claim):
+                await asyncio.to_thread(remove_tree, work)
+                if isinstance(exc, _LeaseLost):
+                    raise
+                raise _LeaseLost from exc
+            raise
         await progress.settle()
         self._on_frames(progress.pending_frames())
         resumed = f", resumed from frame {report.resumed_from}" if report.resumed_from > span[0] else ""
@@ -541,6 +557,9 @@ class JobRunner:
         job = await self._finish(
             claim, "ok", result=target, faces_stylized=report.faces_max, timings_ms=timings
         )
+        # Recorded, the chunk's folders went with it; a result left here was not this claim's to
+        # record (another runner took the chunk over, or the job was deleted): its folder goes.
+        await asyncio.to_thread(remove_tree, target.parent)
         ended = job.items[claim.index].status if job is not None else "ok"
         self._on_item("error" if ended == "error" else "ok")
         return job
@@ -571,6 +590,14 @@ class JobRunner:
                 _store_trouble(exc, f"recording item {claim.index} of job {claim.job_id}", delay)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _holds(self, claim: Claim) -> bool:
+        """Whether this runner still holds ``claim`` (True when the store cannot say now: the outcome
+        is then recorded as usual, or not at all if the store is still away)."""
+        try:
+            return await asyncio.to_thread(self.store.renew, claim)
+        except JobStoreError:
+            return True
 
     async def _watch(self, claim: Claim, ticket: Cancellable) -> None:
         """Beside an item's wait (:meth:`Flow.wait`): its ticket is cancelled when its job is cancelled

@@ -397,6 +397,9 @@ class SQLiteJobStore:
     def work_dir(self, job_id: str, index: int) -> Path:
         return self.files.work_dir(job_id, index)
 
+    def claim_dir(self, claim: Claim) -> Path:
+        return self.files.claim_dir(claim.job_id, claim.index, claim.attempt, claim.first_frame)
+
     def join_clip(self, job: Job) -> Path:
         return self.files.join_clip(job.id, len(job.items))
 

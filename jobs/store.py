@@ -25,8 +25,9 @@ failing disk) ends its item in error (:meth:`JobFiles.try_write_result`), and th
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -80,6 +81,10 @@ class Claim:
     #: A video item's frames and its first frame's place in the clip (None: a photo).
     frames: int | None = None
     first_frame: int = 0
+    #: This hand-out of the item, unique (a new one each time it is handed out, even to the same
+    #: runner again): a video item's claim works in a folder of its own (:meth:`JobStore.claim_dir`),
+    #: so two holders of one chunk (one that lost its lease and one that took it over) never share one.
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def suffix(self) -> str:
@@ -147,7 +152,7 @@ class JobStore(Protocol):
     ) -> Job | None:
         """Record how an item ended (``ok`` with its result, ``error``, ``cancelled``), ending the job
         when it was the last; the job, or None if it is gone (deleted meanwhile). ``result``: the
-        bytes, or a complete file (a clip's, in its :meth:`work_dir`) moved into place."""
+        bytes, or a complete file (a clip's, in its :meth:`claim_dir`) moved into place."""
         ...
 
     def progress(self, claim: Claim, frames_done: int) -> Job | None:
@@ -168,8 +173,17 @@ class JobStore(Protocol):
         ...
 
     def work_dir(self, job_id: str, index: int) -> Path:
-        """Where a video item keeps its finished segments while it runs (a run that was stopped
-        resumes from them; shared by replicas with the data directory)."""
+        """Where a video item's claims keep their finished segments while they run, each in a folder
+        of its own (:meth:`claim_dir`); shared by replicas with the data directory. It goes when the
+        item ends (the holder that records its end removes it) or its job is let go."""
+        ...
+
+    def claim_dir(self, claim: Claim) -> Path:
+        """A video item's claim's own folder in the item's :meth:`work_dir`, made: its run keeps its
+        segments in ``segments/`` (:data:`jobs.files.SEGMENTS`) and writes its result beside them. The
+        complete segments that earlier claims of the item left in theirs (a run stopped by ``kill -9``,
+        a shutdown, a lost lease) are linked into it first, so the run resumes after the last of them.
+        Raises OSError (FileNotFoundError when the job's folder is gone)."""
         ...
 
     def cancel(self, job_id: str, ttl_s: float) -> Job | None:

@@ -121,7 +121,8 @@ def chunk_spans(frames: int, fps: float, chunk_s: float = DEFAULT_CHUNK_S) -> li
 
 
 def _segments(work: Path) -> list[tuple[int, int, Path]]:
-    """The complete segments in ``work``: (first frame, end frame, path), in order."""
+    """The complete segments in ``work``: (first frame, end frame, path), in order. A segment is
+    complete once it has its final name (``seg-<first>-<end>.mp4``, renamed from a ``.part``)."""
     found = []
     for path in work.glob(f"seg-*{_SEGMENT_SUFFIX}"):
         parts = path.stem.split("-")
@@ -130,8 +131,11 @@ def _segments(work: Path) -> list[tuple[int, int, Path]]:
     return sorted(found)
 
 
-def _resumable(work: Path, first: int = 0) -> list[tuple[int, int, Path]]:
-    """The segments that continue each other from frame ``first`` (a gap or an overlap ends them)."""
+def resumable_segments(work: Path, first: int = 0) -> list[tuple[int, int, Path]]:
+    """The complete segments in ``work`` that continue each other from frame ``first`` (a gap or an
+    overlap ends them): (first frame, end frame, path), in order. A run over ``work`` resumes after
+    the last of them; a video job's new claim of a chunk takes them from its earlier claims' folders
+    by the same rule (:meth:`jobs.files.JobFiles.claim_dir`)."""
     kept, at = [], first
     for start, end, path in _segments(work):
         if start != at or end <= start:
@@ -192,7 +196,7 @@ class ClipFlow:
         work.mkdir(parents=True, exist_ok=True)
         for stale in work.glob("*.part"):  # what a killed run was writing
             stale.unlink()
-        done = _resumable(work, first)
+        done = resumable_segments(work, first)
         resume = done[-1][1] if done else first
         # A span that starts mid-clip warms up on the frames before it (a resumed one is primed).
         warm_from = max(0, first - WARMUP_FRAMES) if resume == first else resume

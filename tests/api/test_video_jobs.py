@@ -1,6 +1,6 @@
 """Video jobs through the app: a clip in, its cartoon clip out (frames, timing, size, audio kept),
-frames counted as they are written, progress events, cancel, and clips refused before anything is
-stored."""
+frames counted as they are written, progress events, cancel, a chunk that fails, and clips refused
+before anything is stored."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from devkit import photos
-from devkit.clips import write_test_clip
+from devkit.clips import damage_packet, pattern_frames, write_test_clip
 from devkit.reference_graphs import ReferenceModelDir
 from service.app import create_app
 from serving.video import probe_video, read_frames
-from tests.api.conftest import jobs_settings, small_jpeg, sse_events, wait_ready
+from tests.api.conftest import jobs_settings, service_state, small_jpeg, sse_events, wait_ready
 
 pytestmark = pytest.mark.slow  # each test runs a clip through the models
 
@@ -53,6 +53,18 @@ VIDEO_SETTINGS: dict[str, object] = {"processing_size": 128, "max_video_frames":
 @pytest.fixture
 def video_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
     settings = jobs_settings(model_dir, tmp_path, **VIDEO_SETTINGS)
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+#: Chunks of 50 frames (2 s at 25 fps), two of them running side by side.
+SIDE_BY_SIDE_SETTINGS: dict[str, object] = {**VIDEO_SETTINGS, "video_chunk_s": 2.0, "job_concurrency": 2}
+
+
+@pytest.fixture
+def side_by_side_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
+    settings = jobs_settings(model_dir, tmp_path, **SIDE_BY_SIDE_SETTINGS)
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         yield client
@@ -177,6 +189,62 @@ def test_a_cancelled_video_job_stops_and_keeps_no_result(video_client: TestClien
     data = Path(video_client.app.state.toonserve.jobs.store.data_dir)  # type: ignore[attr-defined]
     folder = data / "jobs" / job["id"]
     assert not [p for p in (folder / "in").glob("*")] and not (folder / "work").exists()
+
+
+def test_a_chunk_that_fails_fails_its_job_and_keeps_nothing(
+    side_by_side_client: TestClient, tmp_path: Path
+) -> None:
+    """A clip damaged in transit: one frame of its second chunk cannot be decoded. The probe at
+    acceptance reads every packet but decodes only the first frame, so the job is accepted; the
+    second chunk fails when it reaches that frame, which fails the job (no clip can be made of the
+    other chunk), stops the first chunk running beside it, and lets go of everything the job held:
+    its clip, its work folders, the storage reserved for its chunks' results."""
+    client = side_by_side_client
+    clip = write_test_clip(tmp_path / "walk.mp4", pattern_frames(100, 128, 96), fps=25, quality=90)
+    # Packet 60 in decode order is frame 58 on screen: 16 frames into the second chunk's run (it
+    # starts 8 frames early, at 42), long before the first chunk's 50 frames are done.
+    damaged = damage_packet(clip, 60, tmp_path / "damaged.mp4")
+    r = client.post("/jobs", files={"video": ("walk.mp4", damaged.read_bytes())})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert [(i["first_frame"], i["frames"]) for i in job["items"]] == [(0, 50), (50, 50)]
+
+    ended = _wait(client, job["id"])
+    assert ended["status"] == "failed", ended
+    assert ended["error"] == (
+        "frames 50–99 of the clip: corrupt_video: the video is damaged at frame 58: "
+        "Invalid data found when processing input"
+    ), ended["error"]
+    first, second = ended["items"]
+    assert second["status"] == "error"
+    assert second["error"] == {"code": "job_failed", "message": ended["error"]}
+
+    # Everything the job held goes: its clip (linked by both chunks), the work folders of both (the
+    # first chunk's too, stopped mid-way), the bytes reserved for the chunks' results.
+    store = service_state(client).jobs.store
+    folder = Path(store.data_dir) / "jobs" / job["id"]
+
+    def held() -> tuple[list[str], int]:
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        return files, store.usage()
+
+    deadline = time.monotonic() + 60
+    while held() != ([], 0) or (folder / "work").exists():
+        assert time.monotonic() < deadline, held()
+        time.sleep(0.05)
+    assert not (folder / "out" / "clip.mp4").exists()
+
+    ended = client.get(f"/jobs/{job['id']}").json()
+    first = ended["items"][0]
+    # Stopped by the failure (in error with it, or cancelled where it stopped), never a result.
+    assert ended["status"] == "failed" and first["status"] in ("error", "cancelled"), first
+    assert first["frames_done"] < 50
+    assert (ended["total"], ended["failed"]) == (100, 2 if first["status"] == "error" else 1)
+    r = client.get(f"/jobs/{job['id']}/result")
+    assert r.status_code == 409 and r.json()["error"] == {
+        "code": "result_not_ready",
+        "message": f"the job failed and has no clip: {ended['error']}",
+    }
 
 
 def test_metrics_count_the_frames_written(video_client: TestClient, clip: Path) -> None:

@@ -20,6 +20,7 @@ from devkit import photos
 from devkit.clips import write_test_clip
 from devkit.reference_graphs import ReferenceModelDir
 from devkit.serve import LiveService, service_env
+from jobs.files import SEGMENTS
 from serving.video import probe_video
 
 pytestmark = pytest.mark.live
@@ -44,14 +45,15 @@ def test_kill_9_mid_clip_resumes_from_the_last_segment(service: LiveService, tmp
     r = httpx.post(service.url + "/jobs", files={"video": ("walk.mp4", clip.read_bytes())}, timeout=60)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    work = Path(service.env["TOONSERVE_DATA_DIR"]) / "jobs" / job_id / "work" / "0000" / "segments"
-    # Segments are about 2 s of the clip (20 frames here): kill once one is complete.
+    chunk = Path(service.env["TOONSERVE_DATA_DIR"]) / "jobs" / job_id / "work" / "0000"
+    # Segments are about 2 s of the clip (20 frames here), in the claim's own folder: kill once one
+    # is complete.
     deadline = time.monotonic() + 180
-    while not list(work.glob("seg-*.mp4")):
+    while not list(chunk.glob(f"*/{SEGMENTS}/seg-*.mp4")):
         assert time.monotonic() < deadline, service.job(job_id)
         time.sleep(0.05)
     service.kill()
-    kept = sorted(p.name for p in work.glob("seg-*.mp4"))
+    kept = sorted(p.name for p in chunk.glob(f"*/{SEGMENTS}/seg-*.mp4"))
     assert kept and kept[0].startswith("seg-0000000-"), kept
     resume_at = int(kept[-1].split("-")[2].split(".")[0])
     assert 0 < resume_at < FRAMES
