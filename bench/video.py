@@ -62,6 +62,7 @@ def main() -> int:
     engine = loaded_engine(settings)
     flow = build_flow(settings, engine)
     cartoonizer = engine.cartoonizer("anime")
+    precision = engine.store.precision_of(engine.default_style)  # while loaded: auto may pick int8
     speed: list[dict[str, Any]] = []
     steadiness: list[dict[str, Any]] = []
     ok = True
@@ -130,7 +131,7 @@ def main() -> int:
         engine.close(drain=False)
 
     info = dict(python=platform.python_version(), torch=torch.__version__, frames=args.frames,
-                dtype=engine.store.precision_of(engine.default_style).name)  # fmt: skip
+                dtype=precision.name, dtype_reason=precision.reason)  # fmt: skip
     print(f"# video benchmark  {json.dumps(info)}")
     head = f"{'clip':6} {'pipeline alone':>15} {'clip flow':>10} {'machinery':>10}"
     print(f"{head}   clip flow ms (decode, model, steady, resize, encode)")

@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         memory.limit_arenas(settings.malloc_arenas)
+        memory.keep_buffers(settings.malloc_keep_mib)
         # Spans go to an OpenTelemetry collector when OTEL_EXPORTER_OTLP_ENDPOINT is set and the
         # toonserve[otel] extra is installed (service/otel.py); otherwise nothing is exported.
         exporter = build_exporter()

@@ -9,6 +9,15 @@ longer uses, spread over arenas no single ``free`` returns. Two measures, both m
 * fewer arenas (``mallopt(M_ARENA_MAX, n)``, set before the threads start; like the
   ``MALLOC_ARENA_MAX`` environment variable) — less memory stranded in idle arenas, for a little more
   lock contention in malloc, which this service hardly feels: its hot loops are in oneDNN and zlib;
+* buffers up to 32 MiB kept for reuse (``mallopt(M_MMAP_THRESHOLD)``, and ``M_TRIM_THRESHOLD`` twice
+  that): the state glibc's sliding thresholds reach by themselves once a large mapped buffer has been
+  freed, made fixed from the start. Without it the service's speed depended on which engine allocated
+  first: with the int8 graphs on ONNX Runtime the thresholds stayed low, freed buffers went back to
+  the kernel and came back as fresh zeroed pages, and the face detector's memory-bound steps (the
+  pyramid's running sums, copies) took twice as long (``bench/request.py``: detect 65–79 ms in the
+  server against 20–38 ms kept; a request 0.46–0.49× the TensorFlow pass against 0.42–0.46×), for
+  2–3 % more peak memory under decompression bombs (``bench/soak.py --bombs``); the trims below
+  still give the kept memory back;
 * ``malloc_trim(0)`` whenever the device's worker has been idle for a moment after work, and at least
   every 10 s while it works without a pause (under steady load it is never idle, and the
   arenas' high-water mark would ratchet up with each mix of large requests) — returns the free pages
@@ -28,8 +37,13 @@ from typing import Final
 
 log = logging.getLogger(__name__)
 
-#: glibc's mallopt parameter number for the arena limit (malloc.h: M_ARENA_MAX).
+#: glibc's mallopt parameter numbers (malloc.h): the arena limit, the size from which a buffer is
+#: mapped on its own (and unmapped when freed), the free top of the heap kept before it is given back.
 _M_ARENA_MAX: Final = -8
+_M_MMAP_THRESHOLD: Final = -3
+_M_TRIM_THRESHOLD: Final = -1
+#: The largest mmap threshold glibc takes on 64-bit (its sliding threshold stops there too).
+MAX_MMAP_THRESHOLD_MIB: Final = 32
 
 #: Seconds between trims while the worker works without a pause.
 TRIM_BUSY_EVERY_S: Final = 10.0
@@ -74,6 +88,21 @@ def limit_arenas(arenas: int) -> bool:
     ok = bool(libc.mallopt(ctypes.c_int(_M_ARENA_MAX), ctypes.c_int(arenas)))
     if ok:
         log.debug("malloc arenas capped at %d", arenas)
+    return ok
+
+
+def keep_buffers(mib: int) -> bool:
+    """Serve buffers under ``mib`` MiB from the arenas, reused after they are freed, and keep up to
+    twice that free at the top of a heap between trims (call early, as :func:`limit_arenas`); False
+    where unsupported. 0 leaves glibc's sliding thresholds."""
+    libc = _libc()
+    if libc is None or mib <= 0:
+        return False
+    size = min(mib, MAX_MMAP_THRESHOLD_MIB) << 20
+    ok = bool(libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(size)))
+    ok = ok and bool(libc.mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(2 * size)))
+    if ok:
+        log.debug("malloc keeps buffers under %d MiB for reuse", mib)
     return ok
 
 

@@ -29,6 +29,7 @@ from inference.constants import (
 from inference.faces import available_detectors
 from inference.models import DEFAULT_DTYPE, DtypeSetting, describe_dtypes
 from inference.styles import STYLES
+from service.memory import MAX_MMAP_THRESHOLD_MIB
 from serving.clips import DEFAULT_CHUNK_S
 from serving.encoding import (
     DEFAULT_OUTPUT_FORMAT,
@@ -237,6 +238,14 @@ class Settings(BaseSettings):
         le=64,
         description="glibc malloc arenas (0: glibc's default of 8 per core); fewer strand less memory "
         "after bursts.",
+    )
+    malloc_keep_mib: int = Field(
+        MAX_MMAP_THRESHOLD_MIB,
+        ge=0,
+        le=MAX_MMAP_THRESHOLD_MIB,
+        description="glibc malloc: buffers under this many MiB are reused rather than given back to the "
+        "system and faulted in again at each request (0: glibc's sliding default); the idle trims "
+        "still return them.",
     )
     codec_threads: int | None = Field(
         None,
