@@ -97,7 +97,9 @@ def section_http(ctx: Context, deadline: float) -> dict[str, Any]:
         server.stop()
     bodies = load.pop("bodies")
     result.update(load)
-    result["check"] = _http_check(ctx, body, bodies)
+    result["check"] = _http_check(
+        ctx, body, bodies, result.get("readyz", {}).get("styles", {}).get("anime", {})
+    )
     target = "dry run" if ctx.plan.dry else f"≥ {TARGET_PHOTOS_PER_S:.0f}"
     readyz = result.get("readyz", {})
     table(
@@ -136,13 +138,16 @@ def _util(summary: dict[str, Any] | None) -> str | None:
     return None if summary is None else f"{summary['util_mean_pct']}/{summary['util_max_pct']}"
 
 
-def _http_check(ctx: Context, body: bytes, bodies: list[bytes]) -> dict[str, Any]:
-    """Responses from under load against the same upload through an in-process flow (same device,
-    dtype auto): a race between threads or streams would show as large differences."""
+def _http_check(ctx: Context, body: bytes, bodies: list[bytes], served: dict[str, Any]) -> dict[str, Any]:
+    """Responses from under load against the same upload through an in-process flow on the same
+    device, in the precision and on the generator backend the server reported for the style
+    (``served``: its ``/readyz`` entry; ``auto`` may give a style int8, and the backend setting
+    comes from the environment): a race between threads or streams would show as large differences."""
     if not bodies:
         return dict(error="no successful response to check")
-    settings = ctx.settings(ctx.device.type, "auto")
-    engine = ctx.engine(ctx.device.type, "auto")
+    dtype, backend = served.get("dtype", "auto"), served.get("backend", "auto")
+    settings = ctx.settings(ctx.device.type, dtype, backend=backend)
+    engine = ctx.engine(ctx.device.type, dtype, backend)
     flow = build_flow(settings, engine)
     try:
         outcome = asyncio.run(flow.run(body, flow.options(RequestOptions(format="jpeg"))))

@@ -78,6 +78,7 @@ def test_a_missing_style_does_not_block_the_others_and_recovers(
         assert client.post("/cartoonize", files=files, data={"style": "3d"}).status_code == 200
         readiness = client.get("/readyz").json()["styles"]["3d"]
         backend = {k: readiness.pop(k) for k in list(readiness) if k.startswith("backend")}
+        precision = {k: readiness.pop(k) for k in list(readiness) if k.startswith("dtype")}
         assert readiness == {
             "state": "loaded",
             "error": None,
@@ -86,6 +87,8 @@ def test_a_missing_style_does_not_block_the_others_and_recovers(
         }
         # Which generator backend runs it (tests/api/test_backend_report.py checks the rest).
         assert backend["backend"] in ("onednn", "eager", "onnxruntime") and backend["backend_reason"]
+        # And in which precision, and why (tests/service/test_app.py checks them against /styles).
+        assert precision["dtype"] in ("float32", "bfloat16", "float16", "int8") and precision["dtype_reason"]
 
 
 def test_a_failed_default_style_is_not_ready_with_its_reason(tmp_path: Path) -> None:
