@@ -3,7 +3,7 @@
 Decoding, encoding and the pipeline allocate and free large buffers from several threads. glibc gives
 each thread that allocates concurrently its own arena (up to 8 per core) and keeps freed memory in
 them for reuse, so after a burst of large requests the process can hold hundreds of megabytes it no
-longer uses, spread over arenas no single ``free`` returns. Two measures, both measured in
+longer uses, spread over arenas no single ``free`` returns. Three measures, measured in
 ``bench/soak.py``:
 
 * fewer arenas (``mallopt(M_ARENA_MAX, n)``, set before the threads start; like the
