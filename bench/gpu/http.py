@@ -97,11 +97,9 @@ def section_http(ctx: Context, deadline: float) -> dict[str, Any]:
         server.stop()
     bodies = load.pop("bodies")
     result.update(load)
-    result["check"] = _http_check(
-        ctx, body, bodies, result.get("readyz", {}).get("styles", {}).get("anime", {})
-    )
-    target = "dry run" if ctx.plan.dry else f"≥ {TARGET_PHOTOS_PER_S:.0f}"
     readyz = result.get("readyz", {})
+    result["check"] = _http_check(ctx, body, bodies, readyz.get("styles", {}).get("anime", {}))
+    target = "dry run" if ctx.plan.dry else f"≥ {TARGET_PHOTOS_PER_S:.0f}"
     table(
         f"HTTP POST /cartoonize: one-face JPEG in, JPEG out, {plan.http_concurrency} clients, "
         f"dtype {readyz.get('dtype')} (auto), max_batch default",

@@ -33,15 +33,22 @@ from tests.api.conftest import jobs_settings, service_state, small_jpeg, wait_re
 pytestmark = pytest.mark.live
 
 
-@pytest.fixture
-def jobs_client(
-    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest, redis_server: RedisServer
+def _redis_client(
+    model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer, settings: dict[str, object]
 ) -> Iterator[TestClient]:
-    overrides = {**getattr(request, "param", {}), "jobs_backend": "redis", "redis_url": redis_server.url}
+    """The app with ``settings`` on the Redis backend, ready: every client fixture of this module."""
+    overrides = {**settings, "jobs_backend": "redis", "redis_url": redis_server.url}
     with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
         wait_ready(client)
         assert isinstance(service_state(client).jobs.store, RedisJobStore)
         yield client
+
+
+@pytest.fixture
+def jobs_client(
+    model_dir: ReferenceModelDir, tmp_path: Path, request: pytest.FixtureRequest, redis_server: RedisServer
+) -> Iterator[TestClient]:
+    yield from _redis_client(model_dir, tmp_path, redis_server, getattr(request, "param", {}))
 
 
 receiver = cases.receiver
@@ -61,11 +68,7 @@ test_metrics_count_jobs_and_items = cases.test_metrics_count_jobs_and_items
 def video_client(
     model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer
 ) -> Iterator[TestClient]:
-    overrides = {"jobs_backend": "redis", "redis_url": redis_server.url, **video_cases.VIDEO_SETTINGS}
-    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
-        wait_ready(client)
-        assert isinstance(service_state(client).jobs.store, RedisJobStore)
-        yield client
+    yield from _redis_client(model_dir, tmp_path, redis_server, video_cases.VIDEO_SETTINGS)
 
 
 clip = video_cases.clip
@@ -81,11 +84,7 @@ test_a_cancelled_video_job_stops = video_cases.test_a_cancelled_video_job_stops_
 def side_by_side_client(
     model_dir: ReferenceModelDir, tmp_path: Path, redis_server: RedisServer
 ) -> Iterator[TestClient]:
-    overrides = {"jobs_backend": "redis", "redis_url": redis_server.url, **video_cases.SIDE_BY_SIDE_SETTINGS}
-    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **overrides))) as client:
-        wait_ready(client)
-        assert isinstance(service_state(client).jobs.store, RedisJobStore)
-        yield client
+    yield from _redis_client(model_dir, tmp_path, redis_server, video_cases.SIDE_BY_SIDE_SETTINGS)
 
 
 # A chunk that fails on the shared store: the FAIL script ends the chunk running beside it too (its

@@ -50,12 +50,17 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 VIDEO_SETTINGS: dict[str, object] = {"processing_size": 128, "max_video_frames": 200, "video_chunk_s": 0.2}
 
 
-@pytest.fixture
-def video_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
-    settings = jobs_settings(model_dir, tmp_path, **VIDEO_SETTINGS)
-    with TestClient(create_app(settings)) as client:
+def _client(
+    model_dir: ReferenceModelDir, tmp_path: Path, settings: dict[str, object]
+) -> Iterator[TestClient]:
+    with TestClient(create_app(jobs_settings(model_dir, tmp_path, **settings))) as client:
         wait_ready(client)
         yield client
+
+
+@pytest.fixture
+def video_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
+    yield from _client(model_dir, tmp_path, VIDEO_SETTINGS)
 
 
 #: Chunks of 50 frames (2 s at 25 fps), two of them running side by side.
@@ -64,10 +69,7 @@ SIDE_BY_SIDE_SETTINGS: dict[str, object] = {**VIDEO_SETTINGS, "video_chunk_s": 2
 
 @pytest.fixture
 def side_by_side_client(model_dir: ReferenceModelDir, tmp_path: Path) -> Iterator[TestClient]:
-    settings = jobs_settings(model_dir, tmp_path, **SIDE_BY_SIDE_SETTINGS)
-    with TestClient(create_app(settings)) as client:
-        wait_ready(client)
-        yield client
+    yield from _client(model_dir, tmp_path, SIDE_BY_SIDE_SETTINGS)
 
 
 def _wait(client: TestClient, job_id: str, timeout: float = 180) -> dict[str, Any]:
