@@ -22,7 +22,8 @@ In one run, on this machine:
    too (the same upload from four clients at once would be shared while in flight).
 
 Also PNG encode time and size at every level for the result (the ``TOONSERVE_PNG_COMPRESSION``
-choice), ours (:mod:`serving.encoding`, libvips) beside Pillow's at the same zlib level; and the
+choice), ours (:mod:`serving.encoding`: stripes on the server's default PNG threads, or libvips) beside
+Pillow's at the same zlib level; and the
 pieces of the request outside the generator passes that issue 20 part 6 changed, timed the previous
 way and the current way side by side in this process, calls alternating (:func:`pieces`): the
 upload decoded and brought to the processing size (Pillow's box filter then, OpenCV's area filter
@@ -61,7 +62,15 @@ from inference.geometry import resize_rgb, to_rgb_array
 from inference.pipeline import Cartoonizer, Options, _rgb_hwc_uint8, _rgb_hwc_uint8_host, mask_support
 from service.factory import loaded_engine
 from service.settings import Settings
-from serving.encoding import MAX_PNG_COMPRESSION, MIN_PNG_COMPRESSION, PNG_WRITES, encode
+from serving.encoding import (
+    MAX_PNG_COMPRESSION,
+    MIN_PNG_COMPRESSION,
+    PNG_WRITES,
+    default_png_threads,
+    encode,
+    png_writer,
+    write_png,
+)
 from serving.images import DEFAULT_MAX_PIXELS, decode
 
 #: write_fast_model_dir draws the background generator's weights from this seed (its default).
@@ -211,11 +220,15 @@ def main() -> int:
     before_now = pieces(rgb, processing, later.image, cartoonizer, 3 * n)
     engine.close()
     png: dict[int, dict[str, Any]] = {}
+    png_threads = default_png_threads()
     sizes: dict[str, int] = {}
     for level in range(MIN_PNG_COMPRESSION, MAX_PNG_COMPRESSION + 1):
 
         def ours(level: int = level) -> None:
-            sizes["ours"] = len(encode(result, "png", png_compression=level))
+            sizes["ours"] = len(encode(result, "png", png_compression=level, png_threads=png_threads))
+
+        def libvips(level: int = level) -> None:
+            sizes["libvips"] = len(write_png(result, level, writer="libvips"))
 
         def pillows(level: int = level) -> None:
             out = io.BytesIO()
@@ -224,8 +237,9 @@ def main() -> int:
 
         repeat = max(3, n // 3)
         png[level] = {"ms": median_ms(ours, repeat), "kib": sizes["ours"] / 1024,
+                      "libvips_ms": median_ms(libvips, repeat), "libvips_kib": sizes["libvips"] / 1024,
                       "pillow_ms": median_ms(pillows, repeat), "pillow_kib": sizes["pillow"] / 1024,
-                      "written_as": PNG_WRITES[level]}  # fmt: skip
+                      "written_as": PNG_WRITES[level], "writer": png_writer(level)}  # fmt: skip
 
     # 3–4. Through HTTP with the default settings.
     env = service_env(tmp / "models", tmp)
@@ -282,12 +296,14 @@ def main() -> int:
     for label, (before, now) in before_now.items():
         unit = "px" if label.endswith("pixels") else "ms"
         print(f"  {label:40} {before:9.1f} → {now:9.1f} {unit}  ({now / before:.2f}x)")
-    print("PNG of the result, ours (libvips: zlib level, row filter) against Pillow's zlib level:")
+    print(f"PNG of the result: ours (its writer; {png_threads} threads), libvips and Pillow at each level:")
     for k, v in png.items():
         zlib_level, row_filter = v["written_as"]
         print(
-            f"  level {k}: {v['ms']:6.0f} ms {v['kib']:5.0f} KiB (zlib {zlib_level}, {row_filter:5})"
-            f"   Pillow {v['pillow_ms']:6.0f} ms {v['pillow_kib']:5.0f} KiB"
+            f"  level {k} (zlib {zlib_level}, {row_filter:5}): ours {v['ms']:6.1f} ms {v['kib']:5.0f} KiB"
+            f" ({v['writer']}, {v['ms'] / v['libvips_ms']:.2f}x libvips)"
+            f"   libvips {v['libvips_ms']:6.1f} ms {v['libvips_kib']:5.0f} KiB"
+            f"   Pillow {v['pillow_ms']:6.1f} ms {v['pillow_kib']:5.0f} KiB"
         )
     report = dict(environment=env_info, reference_ms=reference, bare_ms=bare, stages_ms=stages,
                   request_ms=sequential, latencies_ms=latencies, server_timing_ms=served,

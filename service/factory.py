@@ -16,6 +16,7 @@ from inference.errors import StyleUnavailableError, ToonserveError, WeightsUnava
 from inference.models import ModelStore, choose_dtype, int8_unconsidered, parse_device
 from inference.pipeline import Result
 from service.settings import Settings
+from serving.encoding import default_png_threads
 from serving.engine import Engine
 from serving.flow import Flow, Limits
 from serving.gpu_codec import GpuCodec
@@ -140,6 +141,7 @@ def build_flow(settings: Settings, engine: Engine, on_result: Callable[[Result],
         min_face_size=settings.min_face_size,
         max_faces=settings.max_faces,
         png_compression=settings.png_compression,
+        png_threads=settings.png_threads or default_png_threads(),
     )
     return Flow(
         engine,

@@ -36,6 +36,7 @@ from serving.encoding import (
     DEFAULT_PNG_COMPRESSION,
     DEFAULT_QUALITY,
     MAX_PNG_COMPRESSION,
+    MAX_PNG_THREADS,
     MAX_QUALITY,
     MIN_PNG_COMPRESSION,
     MIN_QUALITY,
@@ -252,6 +253,13 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Threads that decode uploads and encode results; unset: half the cores (1 to 4).",
+    )
+    png_threads: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_PNG_THREADS,
+        description="Most threads one PNG result is compressed on, in stripes side by side; unset: the "
+        "cores (1 to 4). The bytes written do not depend on it.",
     )
 
     # Jobs.

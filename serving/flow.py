@@ -56,7 +56,7 @@ from inference.pipeline import AbandonedError, Options, Result, Stages, finish_s
 from serving import tracing
 from serving.codec_pool import CodecPool
 from serving.cost import cost_pixels
-from serving.encoding import DEFAULT_PNG_COMPRESSION, encode
+from serving.encoding import DEFAULT_PNG_COMPRESSION, encode, png_writer
 from serving.engine import Engine
 from serving.gpu_codec import GpuCodec
 from serving.images import (
@@ -153,8 +153,9 @@ class Limits:
     #: Smallest face box side (processing pixels) stylised, and most faces stylised per photo.
     min_face_size: float = DEFAULT_MIN_FACE_SIZE
     max_faces: int = DEFAULT_MAX_FACES
-    #: PNG's zlib level (0–9).
+    #: PNG's zlib level (0–9), and the most threads one PNG is compressed on.
     png_compression: int = DEFAULT_PNG_COMPRESSION
+    png_threads: int = 1
 
 
 class _PixelBudget:
@@ -362,6 +363,7 @@ class Flow:
             str(store.device),
             str(store.precision_of(params.style).dtype),
             f"{lim.max_processing_pixels}/{lim.min_face_size}/{lim.max_faces}/{lim.png_compression}",
+            png_writer(lim.png_compression),
             *parts,
         ]
         return opaque_tag(*fields)
@@ -551,7 +553,8 @@ class Flow:
             start = time.perf_counter()
             image = np.ascontiguousarray(resize_rgb(image, *result.output_size))
             resize_ms = (time.perf_counter() - start) * 1000
-        return encode(image, params.format, params.quality, self.limits.png_compression), resize_ms
+        lim = self.limits
+        return encode(image, params.format, params.quality, lim.png_compression, lim.png_threads), resize_ms
 
     async def finish(
         self, result: Result, params: ResolvedOptions, decoded: Decoded, ticket: Ticket, digest: str = ""
