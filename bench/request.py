@@ -307,6 +307,7 @@ def main() -> int:
         )
     report = dict(environment=env_info, reference_ms=reference, bare_ms=bare, stages_ms=stages,
                   request_ms=sequential, latencies_ms=latencies, server_timing_ms=served,
+                  server_timings_ms=timings,
                   outside_generators_ms=outside_ms,
                   concurrency4_photos_per_s=concurrent, png=png, changed_pieces=before_now)  # fmt: skip
     write_report(args.json, report)
