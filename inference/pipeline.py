@@ -333,6 +333,14 @@ class Cartoonizer:
             work.timings[stage] = work.timings.get(stage, 0.0) + elapsed
             work.stage_times.append((stage, start_ns, end_ns))
 
+    @torch.inference_mode()
+    def warm_up(self, height: int, width: int) -> None:
+        """A blank ``height × width`` photo through the pipeline (background pass, detector), then a
+        blank face crop through the head network: what the first photos of that size would otherwise
+        pay for (their buffers touched for the first time, kernels chosen for their shapes)."""
+        self.run(np.full((height, width, 3), 128, dtype=np.uint8), Options(no_face="background"))
+        self.style.head(torch.full((1, 3, CROP_SIZE, CROP_SIZE), 128.0, device=self.device))
+
     def run(self, image: np.ndarray | Tensor, options: Options | None = None) -> Result:
         """(H, W[, C]) uint8 image (RGB, grey or with alpha; or an (H, W, 3) uint8 RGB tensor) →
         :class:`Result`; raises domain errors."""

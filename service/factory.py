@@ -59,7 +59,8 @@ def build_engine(
     on_outcome: Callable[[str, str], None] | None = None,
 ) -> Engine:
     """The engine the settings describe (not started). ``styles``/``default_style`` narrow it (the
-    CLI loads only the style it uses); ``retry=False`` for one-shot tools."""
+    CLI loads only the style it uses); ``retry=False`` for one-shot tools, which also skip the
+    warm-up at the processing size (``TOONSERVE_WARMUP``: their first photo pays for it once)."""
     device = parse_device(settings.device)
     precision = choose_dtype(settings.dtype, device, settings.backend)
     # A backend named that cannot run here (ONNX Runtime not installed, on a GPU, or in bfloat16)
@@ -104,6 +105,12 @@ def build_engine(
         retry=retry,
         on_outcome=on_outcome,
         explain=explain_weights_error(settings),
+        # A 3:4 photo at the processing size, the shape of most phone and camera photos.
+        warmup_size=(
+            (settings.processing_size, round(settings.processing_size * 4 / 3))
+            if settings.warmup and retry
+            else None
+        ),
     )
 
 

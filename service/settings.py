@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="Optional directory of ModelScope model folders (<dir>/<style>/ or <dir>/<model id>/).",
     )
     allow_download: bool = Field(True, description="Fetch missing weights from ModelScope at start-up.")
+    warmup: bool = Field(
+        True,
+        description="Before the service is ready, run the default style twice on a blank photo of the "
+        "processing size, so that the first requests do not pay for setting that size up.",
+    )
     weights_retry_max_s: float = Field(
         DEFAULT_RETRY_MAX_S,
         gt=0,

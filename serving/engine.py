@@ -59,6 +59,11 @@ RETRY_INITIAL_S: Final = 5.0
 DEFAULT_RETRY_MAX_S: Final = 300.0
 #: Side of the blank photo pushed through a style's whole pipeline before it serves.
 WARMUP_SIDE: Final = 128
+#: How many times the default style runs a blank photo of ``warmup_size`` before the engine is ready:
+#: with int8 on ONNX Runtime the first run at a new size touched about 150 MB of new memory and the
+#: second 210 MB more (its memory plan), and a first touch could cost 0.9 s of kernel time; after two
+#: runs a request touches under 5,000 new pages.
+WARMUP_RUNS: Final = 2
 #: Sides of the small and large blank photos whose times anchor the worker's cost model, measured
 #: (twice each, the faster kept: a first run at a new size pays one-off set-up) when the first style
 #: loads: 64 px costs about the fixed part alone, 512 px mostly the per-pixel part.
@@ -135,12 +140,16 @@ class Engine:
         retry: bool = True,
         on_outcome: Callable[[str, str], None] | None = None,
         explain: Callable[[str, ToonserveError], str] | None = None,
+        warmup_size: tuple[int, int] | None = None,
     ) -> None:
         """``styles``: the styles to load (``default_style`` among them, loaded first).
         ``retry``: try failed styles again with backoff (False for one-shot tools such as the CLI).
         ``explain(style, error)``: the message shown for a failed style (the service adds the
         settings that fix it); default ``str(error)``. ``smallest_face``: faces smaller than this
-        (processing pixels) are not stylised, so the detector need not look for them."""
+        (processing pixels) are not stylised, so the detector need not look for them.
+        ``warmup_size``: the (height, width) most photos are processed at; the default style runs
+        blank ones of that size (:data:`WARMUP_RUNS`) before the engine is ready, so that the first
+        requests are not the ones that set up that size (None: only the small warm-up)."""
         for name in styles:
             get_style(name)
         if default_style not in styles:
@@ -159,6 +168,7 @@ class Engine:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.retry = retry
+        self.warmup_size = warmup_size
         self._explain = explain or (lambda _style, exc: str(exc))
         self.scheduler = Scheduler(
             {},
@@ -383,6 +393,16 @@ class Engine:
                 loaded, self.detector, bg_batch=self.max_batch, head_batch=self.head_batch
             )
             _run_blank(cartoonizer, WARMUP_SIDE)
+            if name == self.default_style and self.warmup_size is not None:
+                start = time.perf_counter()
+                for _ in range(WARMUP_RUNS):
+                    cartoonizer.warm_up(*self.warmup_size)
+                log.info(
+                    "style %s: warmed up at %d×%d in %.0f ms",
+                    name,
+                    *self.warmup_size,
+                    (time.perf_counter() - start) * 1000,
+                )
             if not self.scheduler.cost.calibrated:
                 self._calibrate(cartoonizer)
         except ToonserveError as exc:

@@ -147,8 +147,10 @@ def _one_backend() -> None:
     """Every service the tests start, in this process or as a server process, runs the generators on
     oneDNN unless a test asks otherwise: ``auto`` measures at start-up, and on a busy machine two
     services could choose differently, a level apart in a few pixels, where tests compare their
-    outputs. The tests of ``auto`` itself set it explicitly."""
+    outputs. The tests of ``auto`` itself set it explicitly. Nor do they warm up at the processing
+    size (a second or more per start, each test's service started afresh); its own test asks for it."""
     os.environ.setdefault("TOONSERVE_BACKEND", "onednn")
+    os.environ.setdefault("TOONSERVE_WARMUP", "false")
 
 
 @pytest.fixture

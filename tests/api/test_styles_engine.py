@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -159,3 +160,31 @@ def test_admin_reload_tries_failed_styles_now(
         _wait(client, lambda s: bool(s["anime"]["loaded"]), headers=key)
         r = client.post("/admin/reload", headers=key)
         assert r.status_code == 202 and r.json()["retrying"] == []
+
+
+def test_the_service_warms_up_at_the_processing_size_and_one_shot_tools_do_not(tmp_path: Path) -> None:
+    from service.factory import build_engine
+
+    settings = _settings(tmp_path / "models", tmp_path / "cache", warmup=True, processing_size=720)
+    assert build_engine(settings).warmup_size == (720, 960)  # a 3:4 photo
+    assert build_engine(settings, retry=False).warmup_size is None  # the CLI, benchmarks
+    assert build_engine(settings.model_copy(update={"warmup": False})).warmup_size is None
+
+
+@pytest.mark.slow
+def test_the_default_style_warms_up_before_the_service_is_ready(
+    model_dir: ReferenceModelDir, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Blank photos of the processing size go through the default style before /readyz says ready:
+    the detector has its pyramid for that size, and the log says so before "ready"."""
+    models = tmp_path / "models"
+    shutil.copytree(model_dir.path, models / "anime")
+    settings = _settings(models, tmp_path / "cache", warmup=True, processing_size=256)
+    with caplog.at_level(logging.INFO, logger="serving.engine"), TestClient(create_app(settings)) as client:
+        _wait(client, lambda s: bool(s["anime"]["loaded"]))
+        assert client.get("/readyz").status_code == 200
+        detector = client.app.state.toonserve.engine.detector  # type: ignore[attr-defined]
+        assert (256, 341) in detector._layouts
+    messages = [r.getMessage() for r in caplog.records if r.name == "serving.engine"]
+    warmed = next(i for i, m in enumerate(messages) if m.startswith("style anime: warmed up at 256×341 in "))
+    assert warmed < messages.index("style anime ready on cpu")

@@ -80,10 +80,12 @@ def test_a_cache_of_zero_bytes_holds_nothing() -> None:
     "options",
     [
         Options(processing_size=256, strength=0.37),
-        Options(processing_size=256, strength=0.0),
         Options(processing_size=256, output_size=(123, 77)),
         Options(processing_size=256, strength=0.5, resize_later=True, output_size=(300, 300)),
-        Options(processing_size=256, output_size=(600, 200)),  # one side grows, the other shrinks
+        # In the full suite only (make check stays under a minute).
+        pytest.param(Options(processing_size=256, strength=0.0), marks=pytest.mark.slow),
+        # One side grows, the other shrinks.
+        pytest.param(Options(processing_size=256, output_size=(600, 200)), marks=pytest.mark.slow),
     ],
 )
 def test_finishing_kept_stages_gives_the_bytes_of_a_full_run(
