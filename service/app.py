@@ -79,8 +79,8 @@ def _openapi(app: FastAPI, settings: Settings, clients: Clients) -> dict[str, An
     return app.openapi_schema
 
 
-#: How often the worker is looked at; memory is given back once it has been idle that long after work
-#: (and every memory.TRIM_BUSY_EVERY_S while it works without a pause).
+#: How often the worker is looked at; memory is given back once it has finished nothing for that long
+#: after work (and every memory.TRIM_BUSY_EVERY_S while it works without such a pause).
 _TRIM_EVERY_S = 5.0
 
 

@@ -80,12 +80,15 @@ def test_kept_buffers_are_reused_instead_of_faulted_in_again() -> None:
 
 def test_trim_policy() -> None:
     policy = memory.TrimPolicy(last_trim=0.0, busy_every_s=30.0)
-    assert not policy.due(10.0, idle=True, batches_done=0)  # no work since the start: nothing to give back
-    assert policy.due(11.0, idle=True, batches_done=3)  # idle after work
-    assert not policy.due(12.0, idle=True, batches_done=3)  # and not again without work
-    # Working without a pause: every busy_every_s, not on every look.
-    assert not policy.due(20.0, idle=False, batches_done=9)
-    assert not policy.due(40.0, idle=False, batches_done=20)
-    assert policy.due(41.0, idle=False, batches_done=21)
-    assert not policy.due(60.0, idle=False, batches_done=30)
-    assert policy.due(61.0, idle=True, batches_done=31)  # the pause comes: trimmed at once
+    assert not policy.due(5.0, idle=True, batches_done=0)  # no work since the start: nothing to give back
+    # Idle at this look, but batches finished since the last: photo after photo, caught between two.
+    assert not policy.due(10.0, idle=True, batches_done=3)
+    assert policy.due(15.0, idle=True, batches_done=3)  # a whole look without work: the pause
+    assert not policy.due(20.0, idle=True, batches_done=3)  # and not again without work
+    # Working without a pause, idle or not at the looks: every busy_every_s, not on every look.
+    assert not policy.due(25.0, idle=False, batches_done=9)
+    assert not policy.due(30.0, idle=True, batches_done=14)
+    assert not policy.due(40.0, idle=True, batches_done=20)
+    assert policy.due(46.0, idle=False, batches_done=21)
+    assert not policy.due(50.0, idle=True, batches_done=30)
+    assert policy.due(55.0, idle=True, batches_done=30)  # the pause comes: trimmed at the next look
