@@ -8,8 +8,8 @@ lossless. The levels that filter by ``up`` (or not at all), the default among th
 (:func:`_png_striped`): the rows are filtered with numpy and deflated by zlib-ng in horizontal stripes
 side by side, on up to ``png_threads`` threads, each stripe starting from the 32 KiB of rows before it
 as its dictionary, so the file is one ordinary zlib stream of about the size one pass writes (a few
-hundred bytes more). At the default level a 1024×768 result takes about 11 ms on two threads, where
-libvips took 19 and Pillow 44. The ``paeth`` levels are written by libvips (libpng and zlib-ng, from
+hundred bytes more). At the default level a 1024×768 result takes 8–11 ms on two threads, where
+libvips took 17–19 and Pillow 44. The ``paeth`` levels are written by libvips (libpng and zlib-ng, from
 the ``pyvips-binary`` wheel): numpy's Paeth filter alone costs as much as libvips's whole write.
 Without zlib-ng, libvips writes every level; without libvips, Pillow.
 """
@@ -287,7 +287,7 @@ def _png_striped(rgb: np.ndarray, zlib_level: int, row_filter: str, threads: int
     horizontal stripes (:data:`MIN_STRIPE_BYTES`), one ``IDAT`` chunk each, deflated in runs of
     neighbouring stripes on up to ``threads`` threads (this one and the stripe workers).
 
-    The stripes' deflate blocks, each run but the last ended by a sync flush, make one zlib stream;
+    The stripes' deflate blocks, each stripe but the last ended by a sync flush, make one zlib stream;
     its Adler-32 is joined from the stripes'. A stripe starts with the 32 KiB before it as its
     dictionary, so it can refer back across the seam as one pass would.
     """

@@ -62,7 +62,8 @@ WARMUP_SIDE: Final = 128
 #: How many times the default style runs a blank photo of ``warmup_size`` before the engine is ready:
 #: with int8 on ONNX Runtime the first run at a new size touched about 150 MB of new memory and the
 #: second 210 MB more (its memory plan), and a first touch could cost 0.9 s of kernel time; after two
-#: runs a request touches under 5,000 new pages.
+#: runs the first requests touch under 10,000 new pages, most of them in the detector's later stages,
+#: which a blank photo does not reach.
 WARMUP_RUNS: Final = 2
 #: Sides of the small and large blank photos whose times anchor the worker's cost model, measured
 #: (twice each, the faster kept: a first run at a new size pays one-off set-up) when the first style
