@@ -528,17 +528,18 @@ class JobRunner:
                 watching.cancel()
                 await asyncio.gather(watching, return_exceptions=True)
                 guard.close()
-        except Exception as exc:
-            # A claim lost meanwhile: what stopped the run is no longer this runner's to record (the
-            # holder that records the chunk may have let its folders go under it). Only this claim's
-            # own folder goes; a stopped run that still holds its claim (a shutdown, a cancel) leaves
-            # its segments for the next claim.
-            if isinstance(exc, _LeaseLost) or not await self._holds(claim):
-                await asyncio.to_thread(remove_tree, work)
-                if isinstance(exc, _LeaseLost):
-                    raise
-                raise _LeaseLost from exc
+        # A claim lost meanwhile: what stopped the run is no longer this runner's to record (the holder
+        # that records the chunk may have let its folders go under it). Only this claim's own folder
+        # goes; a stopped run that still holds its claim (a shutdown, a cancel) leaves its segments
+        # for the next claim.
+        except _LeaseLost:
+            await asyncio.to_thread(remove_tree, work)
             raise
+        except Exception as exc:
+            if await self._holds(claim):
+                raise
+            await asyncio.to_thread(remove_tree, work)
+            raise _LeaseLost from exc
         await progress.settle()
         self._on_frames(progress.pending_frames())
         resumed = f", resumed from frame {report.resumed_from}" if report.resumed_from > span[0] else ""

@@ -26,7 +26,7 @@ longer uses, spread over arenas no single ``free`` returns. Three measures, meas
   at whichever look found the worker idle for an instant (as before) was followed by 500–3,700 page
   faults per request and face detection spikes of 30–60 ms, where without it requests faulted 0–10.
 
-On other platforms or C libraries both are no-ops.
+On other platforms or C libraries all three are no-ops.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Final
 
@@ -60,12 +60,15 @@ class TrimPolicy:
 
     last_trim: float
     busy_every_s: float = TRIM_BUSY_EVERY_S
-    #: Batches done at the last trim, and at the previous look.
+    #: Batches done at the last trim, and at the previous look (at first, the same).
     seen: int = 0
-    looked: int | None = None
+    looked: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.looked = self.seen
 
     def due(self, now: float, idle: bool, batches_done: int) -> bool:
-        paused = idle and batches_done == (self.seen if self.looked is None else self.looked)
+        paused = idle and batches_done == self.looked
         self.looked = batches_done
         if batches_done == self.seen:
             return False
