@@ -5,6 +5,7 @@ before anything is stored."""
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Iterator
 from fractions import Fraction
@@ -127,12 +128,19 @@ def test_a_clip_becomes_a_cartoon_clip_with_its_frames_timing_and_audio(
     # The job's folder holds the joined clip only: the upload, the chunks' results and their segments
     # went once it was joined.
     data = Path(video_client.app.state.toonserve.jobs.store.data_dir)  # type: ignore[attr-defined]
-    left = sorted(
-        p.relative_to(data / "jobs" / job["id"]).as_posix()
-        for p in (data / "jobs" / job["id"]).rglob("*")
-        if p.is_file()
-    )
+    left = _files_under(data / "jobs" / job["id"])
     assert left == ["out/clip.mp4"], left
+
+
+def _files_under(folder: Path) -> list[str]:
+    """The files under a job's folder, relative to it, while the service may be deleting them: a
+    folder that goes between being listed and being read is skipped (os.walk ignores it; rglob would
+    raise FileNotFoundError)."""
+    return sorted(
+        (Path(top) / name).relative_to(folder).as_posix()
+        for top, _, names in os.walk(folder)
+        for name in names
+    )
 
 
 def test_refused_clips_get_their_code_before_anything_is_stored(
@@ -227,8 +235,7 @@ def test_a_chunk_that_fails_fails_its_job_and_keeps_nothing(
     folder = Path(store.data_dir) / "jobs" / job["id"]
 
     def held() -> tuple[list[str], int]:
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        return files, store.usage()
+        return _files_under(folder), store.usage()
 
     deadline = time.monotonic() + 60
     while held() != ([], 0) or (folder / "work").exists():
