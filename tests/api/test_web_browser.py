@@ -799,7 +799,7 @@ def test_a_video_end_to_end(web: Session, server: LiveService, clip: FilePayload
     assert page.get_by_label("Frames").evaluate("p => [p.value, p.max]") == [CLIP_FRAMES, CLIP_FRAMES]
     expect(page.get_by_role("button", name="Cancel")).to_be_hidden()
     # Progress was shown as the frames were written: counts between none and all, in order, and the
-    # speed with the time left.
+    # speed (with the time left while frames remained) once a second of counts was known.
     seen = page.evaluate("window.seen")
     counts = [int(text.split()[0]) for _, key, text in seen if key == "count"]
     assert counts == sorted(counts) and any(0 < n < CLIP_FRAMES for n in counts), seen
