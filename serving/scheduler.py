@@ -116,7 +116,8 @@ class Scheduler:
         #: Background work is not started before this (time.monotonic()): interactive work was just
         #: admitted or finished.
         self._background_after = 0.0
-        #: Interactive batches finished while background work waited, since background work last ran.
+        #: Interactive batches that started while background work waited, since background work last
+        #: ran (one that started before the work came did not hold it back).
         self._passed_over = 0
         self.name = name
         self._on_outcome = on_outcome or (lambda _outcome, _client: None)
@@ -131,6 +132,8 @@ class Scheduler:
         self._running_cost_s = 0.0
         self._running_since = 0.0
         self._running_interactive = False
+        #: Whether background work waited when the running (interactive) batch started.
+        self._running_passes_over = False
         #: Batches processed so far (to notice that work happened since some moment).
         self.batches_done = 0
         self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
@@ -376,6 +379,7 @@ class Scheduler:
                 self._cond.wait(remaining)
             self._running = len(batch)
             self._running_interactive = interactive
+            self._running_passes_over = interactive and bool(self._background)
             if not interactive:
                 self._passed_over = 0
             self._running_cost_s = sum(t.cost_s for t in batch)
@@ -401,7 +405,7 @@ class Scheduler:
                     self.batches_done += 1
                     if self._running_interactive:
                         self._background_after = time.monotonic() + self.interactive_grace
-                        if self._background:
+                        if self._running_passes_over:
                             self._passed_over += 1
 
     def _process(self, batch: list[Ticket]) -> None:

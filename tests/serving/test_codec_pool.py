@@ -11,12 +11,23 @@ import pytest
 from serving.codec_pool import CodecPool
 
 
+def _hold(pool: CodecPool, gate: threading.Event, key: str) -> None:
+    """Occupy the pool's one worker with a task of ``key`` until ``gate`` opens: returns once it runs."""
+    running = threading.Event()
+
+    def held() -> None:
+        running.set()
+        gate.wait(30)
+
+    pool.submit(held, key=key, megapixels=1, finishing=False)
+    assert running.wait(30)
+
+
 def test_a_client_with_many_tasks_does_not_hold_back_another() -> None:
     pool = CodecPool(1)
     gate = threading.Event()
     order: list[str] = []
-    pool.submit(gate.wait, key="flood", megapixels=1, finishing=False)  # running, held at the gate
-    time.sleep(0.05)
+    _hold(pool, gate, "flood")
     futures = [
         pool.submit(functools.partial(order.append, f"f{i}"), key="flood", megapixels=1, finishing=False)
         for i in range(5)
@@ -33,8 +44,7 @@ def test_within_a_client_finishing_work_goes_first() -> None:
     pool = CodecPool(1)
     gate = threading.Event()
     order: list[str] = []
-    pool.submit(gate.wait, key="a", megapixels=1, finishing=False)
-    time.sleep(0.05)
+    _hold(pool, gate, "a")
     decodes = [
         pool.submit(functools.partial(order.append, f"decode{i}"), key="a", megapixels=1, finishing=False)
         for i in range(2)
