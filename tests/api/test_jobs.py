@@ -121,18 +121,19 @@ def test_cancel_stops_a_running_item_between_stages(
     from inference.pipeline import Cartoonizer
 
     real_detect = Cartoonizer.detect
-    started = threading.Event()
+    started, cancelled = threading.Event(), threading.Event()
 
-    def slow_detect(self: Cartoonizer, job: Any) -> None:
+    def held_detect(self: Cartoonizer, job: Any) -> None:
         started.set()
-        time.sleep(0.8)
+        cancelled.wait(30)  # the first item is in its detection stage until the job is cancelled
         real_detect(self, job)
 
-    monkeypatch.setattr(Cartoonizer, "detect", slow_detect)
+    monkeypatch.setattr(Cartoonizer, "detect", held_detect)
     files = [("images", (f"{i}.jpg", small_jpeg(photos.grace_hopper()))) for i in range(5)]
     job = jobs_client.post("/jobs", files=files).json()
     assert started.wait(30)
     r = jobs_client.delete(f"/jobs/{job['id']}")
+    cancelled.set()
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     job = _wait_job(jobs_client, job["id"])
     deadline = time.monotonic() + 30
