@@ -65,7 +65,7 @@ check:
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-fast
 
 # pytest keeps the test modules it rewrites (for its assertion messages) in __pycache__, as Python
-# keeps every module: 5 s of each run here when PYTHONDONTWRITEBYTECODE is set (it is, on CI's
-# machines), so it is unset for the inner loop.
+# keeps every module: 5 s of each run here when PYTHONDONTWRITEBYTECODE is set (this machine sets
+# it), so it is unset for the inner loop.
 test-fast:
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -m "$(FAST_TESTS)"
