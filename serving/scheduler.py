@@ -132,8 +132,6 @@ class Scheduler:
         self._running_cost_s = 0.0
         self._running_since = 0.0
         self._running_interactive = False
-        #: Whether background work waited when the running (interactive) batch started.
-        self._running_passes_over = False
         #: Batches processed so far (to notice that work happened since some moment).
         self.batches_done = 0
         self._thread = threading.Thread(target=self._loop, name=f"toonserve-worker-{name}", daemon=True)
@@ -379,9 +377,10 @@ class Scheduler:
                 self._cond.wait(remaining)
             self._running = len(batch)
             self._running_interactive = interactive
-            self._running_passes_over = interactive and bool(self._background)
             if not interactive:
                 self._passed_over = 0
+            elif self._background:
+                self._passed_over += 1  # this batch holds the waiting background work back
             self._running_cost_s = sum(t.cost_s for t in batch)
             self._running_since = time.monotonic()
             return batch
@@ -405,8 +404,6 @@ class Scheduler:
                     self.batches_done += 1
                     if self._running_interactive:
                         self._background_after = time.monotonic() + self.interactive_grace
-                        if self._running_passes_over:
-                            self._passed_over += 1
 
     def _process(self, batch: list[Ticket]) -> None:
         now = time.monotonic()
